@@ -1,0 +1,22 @@
+"""slimsd: distilled Stable Diffusion. Compress a U-Net by block removal, distill it from its teacher, run it."""
+
+__version__ = "0.1.0"
+
+from slimsd.presets import PRESETS, RECIPES, get_preset  # noqa: E402
+
+
+def compress(*args, **kwargs):
+    """See :func:`slimsd.compress.compress`."""
+    from slimsd.compress import compress as _compress
+
+    return _compress(*args, **kwargs)
+
+
+def load(*args, **kwargs):
+    """A ready diffusers pipeline for a preset, local folder or hub id. See :func:`slimsd.generate.load`."""
+    from slimsd.generate import load as _load
+
+    return _load(*args, **kwargs)
+
+
+__all__ = ["PRESETS", "RECIPES", "__version__", "compress", "get_preset", "load"]

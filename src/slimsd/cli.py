@@ -1,0 +1,83 @@
+"""The ``slimsd`` command: one sub-command per stage, each thin over its module (``slimsd/commands/``).
+
+Sub-commands load lazily, so ``slimsd presets`` does not pay for importing torch. Every user error ends the
+same way: one line on stderr naming the bad value and what is allowed, and exit code 2.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import sys
+
+import click
+
+from slimsd import __version__
+
+# name -> "module:attribute" of the click command
+COMMANDS = {
+    "presets": "slimsd.commands.presets:presets",
+    "inspect": "slimsd.commands.inspect:inspect",
+    "compress": "slimsd.commands.compress:compress",
+    "distill": "slimsd.commands.distill:distill",
+    "cache": "slimsd.commands.cache:cache",
+    "generate": "slimsd.commands.generate:generate",
+    "ui": "slimsd.commands.ui:ui",
+    "bench": "slimsd.commands.bench:bench",
+    "eval": "slimsd.commands.eval:eval_",
+    "demo": "slimsd.commands.demo:demo",
+}
+
+
+class LazyGroup(click.Group):
+    def list_commands(self, ctx):
+        return [name for name in COMMANDS if self._available(name)]
+
+    @staticmethod
+    def _available(name: str) -> bool:
+        module = COMMANDS[name].split(":")[0]
+        return importlib.util.find_spec(module) is not None
+
+    def get_command(self, ctx, name):
+        if name not in COMMANDS or not self._available(name):
+            return None
+        module, attr = COMMANDS[name].split(":")
+        return getattr(importlib.import_module(module), attr)
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="slimsd")
+def cli():
+    """slimsd: distilled Stable Diffusion. Compress, distill, generate, benchmark, evaluate."""
+
+
+def fail(message: str) -> None:
+    """One line on stderr, exit code 2."""
+    click.echo(f"slimsd: error: {message}", err=True)
+    sys.exit(2)
+
+
+def main(argv: list[str] | None = None) -> None:
+    from slimsd.errors import SlimsdError
+
+    try:
+        cli.main(args=argv, prog_name="slimsd", standalone_mode=False)
+    except click.exceptions.Abort:
+        fail("aborted")
+    except click.exceptions.NoArgsIsHelpError as e:
+        click.echo(e.ctx.get_help() if e.ctx else str(e))
+        sys.exit(2)
+    except click.UsageError as e:
+        cmd = e.ctx.command_path if e.ctx else "slimsd"
+        click.echo(f"{cmd}: error: {e.format_message()}", err=True)
+        sys.exit(2)
+    except click.ClickException as e:
+        fail(e.format_message())
+    except SlimsdError as e:
+        fail(str(e))
+    except click.exceptions.Exit as e:
+        sys.exit(e.exit_code)
+
+
+if __name__ == "__main__":
+    main()

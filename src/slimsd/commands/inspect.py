@@ -1,0 +1,31 @@
+import json
+
+import click
+
+
+def _g(n: float) -> str:
+    return f"{n / 1e9:.1f}G" if n >= 1e9 else f"{n / 1e6:.1f}M"
+
+
+@click.command()
+@click.argument("model")
+@click.option("--resolution", type=click.IntRange(64, 4096), default=None,
+              help="Image size in pixels for the MAC count (default: the model's own).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def inspect(model: str, resolution: int | None, as_json: bool):
+    """Parameters and U-Net MACs of MODEL (preset, local folder or hub id), counted on the meta device."""
+    from slimsd.counting import summarize
+
+    s = summarize(model, resolution)
+    if as_json:
+        click.echo(json.dumps(s, indent=1))
+        return
+    click.echo(f"{model} ({s['kind']}) at {s['resolution']} px")
+    click.echo(f"  U-Net         {s['unet_params']:>15,} params  {_g(s['unet_macs'])} MACs")
+    b = s["unet_blocks"]
+    click.echo(f"    down {_g(b['down'])}  mid {_g(b['mid'])}  up {_g(b['up'])}")
+    click.echo(f"  text encoder  {s['text_encoder_params']:>15,} params")
+    click.echo(f"  VAE           {s['vae_params']:>15,} params")
+    click.echo(f"  total         {s['total_params']:>15,} params")
+    if s.get("published"):
+        click.echo(f"  published: {s['published']}")
