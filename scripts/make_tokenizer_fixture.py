@@ -6,23 +6,118 @@ words of the toy world and common prompt words. Run once; the output is committe
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
-WORDS = """
-a an the of and with on in at to is are photo picture image drawing painting render of
-red green blue yellow orange purple pink white black gray grey brown cyan magenta
-circle square triangle star cross ring diamond heart rectangle disk dot shape shapes
-small large big tiny huge medium left right top bottom center middle upper lower corner
-background foreground bright dark light plain simple one two three single
-cat dog house tree car sky sunset mountain city portrait landscape astronaut horse
-high quality detailed blurry ugly bad low resolution watermark beautiful style art
-""".split()
+WORDS = [
+    "a",
+    "an",
+    "the",
+    "of",
+    "and",
+    "with",
+    "on",
+    "in",
+    "at",
+    "to",
+    "is",
+    "are",
+    "photo",
+    "picture",
+    "image",
+    "drawing",
+    "painting",
+    "render",
+    "of",
+    "red",
+    "green",
+    "blue",
+    "yellow",
+    "orange",
+    "purple",
+    "pink",
+    "white",
+    "black",
+    "gray",
+    "grey",
+    "brown",
+    "cyan",
+    "magenta",
+    "circle",
+    "square",
+    "triangle",
+    "star",
+    "cross",
+    "ring",
+    "diamond",
+    "heart",
+    "rectangle",
+    "disk",
+    "dot",
+    "shape",
+    "shapes",
+    "small",
+    "large",
+    "big",
+    "tiny",
+    "huge",
+    "medium",
+    "left",
+    "right",
+    "top",
+    "bottom",
+    "center",
+    "middle",
+    "upper",
+    "lower",
+    "corner",
+    "background",
+    "foreground",
+    "bright",
+    "dark",
+    "light",
+    "plain",
+    "simple",
+    "one",
+    "two",
+    "three",
+    "single",
+    "cat",
+    "dog",
+    "house",
+    "tree",
+    "car",
+    "sky",
+    "sunset",
+    "mountain",
+    "city",
+    "portrait",
+    "landscape",
+    "astronaut",
+    "horse",
+    "high",
+    "quality",
+    "detailed",
+    "blurry",
+    "ugly",
+    "bad",
+    "low",
+    "resolution",
+    "watermark",
+    "beautiful",
+    "style",
+    "art",
+]
 
 
 def bytes_to_unicode() -> dict[int, str]:
     """CLIP's reversible byte -> printable-unicode table (bytes that print stay as they are)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    bs = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
     cs = bs[:]
     n = 0
     for b in range(256):
@@ -36,9 +131,9 @@ def bytes_to_unicode() -> dict[int, str]:
 def apply_bpe(word: str, merges: list[str]) -> list[str]:
     """Plain BPE: repeatedly join the adjacent pair with the lowest merge rank."""
     ranks = {tuple(m.split(" ")): i for i, m in enumerate(merges)}
-    parts = list(word[:-1]) + [word[-1] + "</w>"]
+    parts = [*list(word[:-1]), word[-1] + "</w>"]
     while len(parts) > 1:
-        pairs = [(ranks.get((a, b), 1 << 30), i) for i, (a, b) in enumerate(zip(parts, parts[1:]))]
+        pairs = [(ranks.get((a, b), 1 << 30), i) for i, (a, b) in enumerate(itertools.pairwise(parts))]
         rank, i = min(pairs)
         if rank == 1 << 30:
             break

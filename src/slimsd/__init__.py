@@ -2,7 +2,7 @@
 
 __version__ = "0.1.0"
 
-from slimsd.presets import PRESETS, RECIPES, get_preset  # noqa: E402
+from slimsd.presets import PRESETS, RECIPES, get_preset
 
 
 def compress(*args, **kwargs):

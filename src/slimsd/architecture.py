@@ -99,7 +99,9 @@ def _parse_stage(raw, where: str) -> Stage:
         raise SlimsdError(f"recipe {where}: expected 'drop' or a mapping with 'keep', got {raw!r}")
     allowed = {"keep", "transformers", "transformer_sources", "attention"}
     if set(raw) - allowed:
-        raise SlimsdError(f"recipe {where}: unknown keys {sorted(set(raw) - allowed)}; allowed: {sorted(allowed)}")
+        raise SlimsdError(
+            f"recipe {where}: unknown keys {sorted(set(raw) - allowed)}; allowed: {sorted(allowed)}"
+        )
     keep = _int_list(raw["keep"], f"{where}.keep")
     if not keep or keep != sorted(set(keep)) or keep[0] < 0:
         raise SlimsdError(f"recipe {where}.keep: indices must be distinct, increasing and >= 0, got {keep}")
@@ -107,14 +109,20 @@ def _parse_stage(raw, where: str) -> Stage:
     if transformers is not None:
         transformers = _int_list(transformers, f"{where}.transformers")
         if len(transformers) != len(keep):
-            raise SlimsdError(f"recipe {where}.transformers: one count per kept layer ({len(keep)}), got {transformers}")
+            raise SlimsdError(
+                f"recipe {where}.transformers: one count per kept layer ({len(keep)}), got {transformers}"
+            )
     sources = raw.get("transformer_sources")
     if sources is not None:
         if not isinstance(sources, list) or len(sources) != len(keep):
             raise SlimsdError(f"recipe {where}.transformer_sources: one list per kept layer, got {sources!r}")
         sources = [_int_list(s, f"{where}.transformer_sources") for s in sources]
-    return Stage(keep=keep, transformers=transformers, transformer_sources=sources,
-                 attention=bool(raw.get("attention", True)))
+    return Stage(
+        keep=keep,
+        transformers=transformers,
+        transformer_sources=sources,
+        attention=bool(raw.get("attention", True)),
+    )
 
 
 def parse_recipe(data: dict, name: str | None = None) -> Recipe:
@@ -187,8 +195,11 @@ def _teacher_transformers(teacher: dict) -> tuple[list[list[int]], list[list[int
     tl = _expand(teacher.get("transformer_layers_per_block", 1), n)
     down = [_expand(tl[i], lpb[i]) for i in range(n)]
     rev = teacher.get("reverse_transformer_layers_per_block")
-    up_src = list(rev) if rev is not None else [tl[n - 1 - j] if not isinstance(tl[n - 1 - j], list)
-                                                else tl[n - 1 - j][0] for j in range(n)]
+    up_src = (
+        list(rev)
+        if rev is not None
+        else [tl[n - 1 - j] if not isinstance(tl[n - 1 - j], list) else tl[n - 1 - j][0] for j in range(n)]
+    )
     up = [_expand(up_src[j], lpb[n - 1 - j] + 1) for j in range(n)]
     return down, up
 
@@ -231,16 +242,22 @@ def plan(teacher: dict, recipe: Recipe) -> tuple[dict, Plan]:
     lpb = _expand(teacher["layers_per_block"], n)
     t_down_tl, t_up_tl = _teacher_transformers(teacher)
 
-    def resolve(stage: Stage, t_layers: int, t_tl: list[int], attn: bool, label: str) -> tuple[list[int], list]:
+    def resolve(
+        stage: Stage, t_layers: int, t_tl: list[int], attn: bool, label: str
+    ) -> tuple[list[int], list]:
         if stage.keep[-1] >= t_layers:
-            raise SlimsdError(f"{where} {label}: keeps layer {stage.keep[-1]} but the teacher has {t_layers} layers")
+            raise SlimsdError(
+                f"{where} {label}: keeps layer {stage.keep[-1]} but the teacher has {t_layers} layers"
+            )
         if not attn or not stage.attention:
             return [], [[] for _ in stage.keep]
         counts = stage.transformers or [t_tl[i] for i in stage.keep]
         sources = stage.transformer_sources or [list(range(c)) for c in counts]
         for layer, c, src in zip(stage.keep, counts, sources, strict=True):
             if len(src) != c or c < 1:
-                raise SlimsdError(f"{where} {label}: layer {layer} keeps {c} transformers but names sources {src}")
+                raise SlimsdError(
+                    f"{where} {label}: layer {layer} keeps {c} transformers but names sources {src}"
+                )
             if max(src) >= t_tl[layer] or min(src) < 0 or len(set(src)) != len(src):
                 raise SlimsdError(
                     f"{where} {label}: layer {layer} takes transformer layers {src}; the teacher has {t_tl[layer]}"
@@ -284,8 +301,11 @@ def plan(teacher: dict, recipe: Recipe) -> tuple[dict, Plan]:
     cfg["down_block_types"] = down_types
     cfg["up_block_types"] = up_types
     cfg["layers_per_block"] = layers[0] if len(set(layers)) == 1 else layers
-    cfg["mid_block_type"] = {"keep": teacher.get("mid_block_type", "UNetMidBlock2DCrossAttn"), "drop": None,
-                             "resnet": "UNetMidBlock2D"}[recipe.mid]
+    cfg["mid_block_type"] = {
+        "keep": teacher.get("mid_block_type", "UNetMidBlock2DCrossAttn"),
+        "drop": None,
+        "resnet": "UNetMidBlock2D",
+    }[recipe.mid]
 
     def compact(counts: list[int]):
         return counts[0] if len(set(counts)) == 1 else counts
@@ -297,8 +317,9 @@ def plan(teacher: dict, recipe: Recipe) -> tuple[dict, Plan]:
     if isinstance(teacher.get("transformer_layers_per_block"), list) or changed:
         cfg["transformer_layers_per_block"] = down_tl
         if up_tl != default_up or teacher.get("reverse_transformer_layers_per_block") is not None:
-            cfg["reverse_transformer_layers_per_block"] = [_expand(c, len(recipe.up[j].keep))
-                                                           for c, j in zip(up_tl, kept_up, strict=True)]
+            cfg["reverse_transformer_layers_per_block"] = [
+                _expand(c, len(recipe.up[j].keep)) for c, j in zip(up_tl, kept_up, strict=True)
+            ]
     elif "transformer_layers_per_block" in cfg and not changed:
         cfg["transformer_layers_per_block"] = teacher["transformer_layers_per_block"]
 
@@ -317,7 +338,9 @@ def student_config(teacher: dict, recipe: Recipe) -> dict:
     return plan(teacher, recipe)[0]
 
 
-_BLOCK_RE = re.compile(r"^(down_blocks|up_blocks)\.(\d+)\.(resnets|attentions|downsamplers|upsamplers)\.(\d+)\.(.*)$")
+_BLOCK_RE = re.compile(
+    r"^(down_blocks|up_blocks)\.(\d+)\.(resnets|attentions|downsamplers|upsamplers)\.(\d+)\.(.*)$"
+)
 _TRANSFORMER_RE = re.compile(r"^transformer_blocks\.(\d+)\.(.*)$")
 _MID_RE = re.compile(r"^mid_block\.(resnets|attentions)\.(\d+)\.(.*)$")
 
@@ -348,8 +371,10 @@ def weight_map(student_keys, p: Plan) -> dict[str, str]:
 def check_map(mapping: dict[str, str], student_shapes: dict, teacher_shapes: dict, recipe_name: str) -> None:
     for s, t in mapping.items():
         if t not in teacher_shapes:
-            raise SlimsdError(f"recipe {recipe_name!r} does not fit this teacher: {s} would come from {t}, "
-                              "which the teacher does not have")
+            raise SlimsdError(
+                f"recipe {recipe_name!r} does not fit this teacher: {s} would come from {t}, "
+                "which the teacher does not have"
+            )
         if tuple(student_shapes[s]) != tuple(teacher_shapes[t]):
             raise SlimsdError(
                 f"recipe {recipe_name!r} does not fit this teacher: {s} {tuple(student_shapes[s])} cannot be "

@@ -50,10 +50,16 @@ def compress_pipeline(teacher_pipe, recipe) -> CompressResult:
     if "requires_safety_checker" in inspect.signature(cls.__init__).parameters:
         components["requires_safety_checker"] = teacher_pipe.config.get("requires_safety_checker", False)
     student_pipe = cls(**components)
-    student_pipe.register_to_config(**{k: copy.deepcopy(v) for k, v in teacher_pipe.config.items()
-                                       if not k.startswith("_") and k not in components})
-    return CompressResult(None, recipe, mapping, count_params(teacher_pipe.unet), count_params(student_unet),
-                          student_pipe)
+    student_pipe.register_to_config(
+        **{
+            k: copy.deepcopy(v)
+            for k, v in teacher_pipe.config.items()
+            if not k.startswith("_") and k not in components
+        }
+    )
+    return CompressResult(
+        None, recipe, mapping, count_params(teacher_pipe.unet), count_params(student_unet), student_pipe
+    )
 
 
 def save_student(result: CompressResult, out: str | Path, teacher: str, overwrite: bool = False) -> Path:
@@ -72,8 +78,15 @@ def save_student(result: CompressResult, out: str | Path, teacher: str, overwrit
     return result.path
 
 
-def compress(teacher: str, recipe, out: str | Path | None = None, *, random_weights: bool = False,
-             overwrite: bool = False, allow_pickle: bool = False) -> CompressResult:
+def compress(
+    teacher: str,
+    recipe,
+    out: str | Path | None = None,
+    *,
+    random_weights: bool = False,
+    overwrite: bool = False,
+    allow_pickle: bool = False,
+) -> CompressResult:
     """Build the student of ``teacher`` by ``recipe``; write it to ``out`` when given.
 
     ``teacher``: a preset name, a micro model, a local diffusers folder or a hub id.

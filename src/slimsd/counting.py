@@ -22,7 +22,9 @@ def build_unet_meta(config: dict):
         return UNet2DConditionModel.from_config(config)
 
 
-def unet_dummy_inputs(unet, resolution: int, batch: int = 1, device="meta", dtype=torch.float32, vae_factor: int = 8):
+def unet_dummy_inputs(
+    unet, resolution: int, batch: int = 1, device="meta", dtype=torch.float32, vae_factor: int = 8
+):
     """Inputs of one U-Net forward at ``resolution`` pixels (latents at resolution / vae_factor)."""
     cfg = unet.config
     side = resolution // vae_factor
@@ -126,20 +128,30 @@ def _arch_from_preset(name: str) -> tuple[dict, list[dict], dict, int]:
 
 def _arch_from_configs(source: str) -> tuple[dict, list[dict], dict, int]:
     """Architecture from a local pipeline folder or a hub repo: configs only, no weights."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers import AutoencoderKL, DiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig
 
+    index = DiffusionPipeline.load_config(source)  # model_index.json: which components the pipeline has
     unet = dict(UNet2DConditionModel.load_config(source, subfolder="unet"))
     vae = dict(AutoencoderKL.load_config(source, subfolder="vae"))
     encoders = []
     for sub in ("text_encoder", "text_encoder_2"):
-        try:
-            cfg = CLIPTextConfig.from_pretrained(source, subfolder=sub)
-        except OSError:
+        if not isinstance(index.get(sub), list | tuple) or index[sub][0] is None:
             continue
-        d = {k: getattr(cfg, k) for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                                          "num_attention_heads", "max_position_embeddings", "hidden_act",
-                                          "projection_dim")}
+        cfg = CLIPTextConfig.from_pretrained(source, subfolder=sub)
+        d = {
+            k: getattr(cfg, k)
+            for k in (
+                "vocab_size",
+                "hidden_size",
+                "intermediate_size",
+                "num_hidden_layers",
+                "num_attention_heads",
+                "max_position_embeddings",
+                "hidden_act",
+                "projection_dim",
+            )
+        }
         d["with_projection"] = "CLIPTextModelWithProjection" in (cfg.architectures or [])
         encoders.append(d)
     res = int(unet.get("sample_size", 64)) * 2 ** (len(vae.get("block_out_channels", [0] * 4)) - 1)
@@ -159,7 +171,9 @@ def summarize(model: str, resolution: int | None = None) -> dict:
         try:
             unet_cfg, encoders, vae_cfg, default_res = _arch_from_configs(model)
         except (OSError, ValueError) as e:
-            raise SlimsdError(f"could not read the configs of {model!r}: {str(e).strip().splitlines()[0]}") from None
+            raise SlimsdError(
+                f"could not read the configs of {model!r}: {str(e).strip().splitlines()[0]}"
+            ) from None
     resolution = resolution or default_res
     vae_factor = 2 ** (len(vae_cfg["block_out_channels"]) - 1)
     if resolution % vae_factor:

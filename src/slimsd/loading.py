@@ -40,15 +40,23 @@ def describe_model(model: str) -> str:
 
 def _looks_like_hub_id(model: str) -> bool:
     parts = model.split("/")
-    return len(parts) == 2 and all(p and not p.startswith(".") for p in parts) and not model.startswith(("/", "."))
+    return (
+        len(parts) == 2
+        and all(p and not p.startswith(".") for p in parts)
+        and not model.startswith(("/", "."))
+    )
 
 
 def check_local_folder(folder: Path, allow_pickle: bool) -> None:
     """Refuse a folder that is not a diffusers pipeline, or whose weights are pickle-only."""
     if not folder.is_dir():
-        raise SlimsdError(f"model path {str(folder)!r} is not a folder; a diffusers pipeline folder is expected")
+        raise SlimsdError(
+            f"model path {str(folder)!r} is not a folder; a diffusers pipeline folder is expected"
+        )
     if not (folder / "model_index.json").is_file():
-        raise SlimsdError(f"model folder {str(folder)!r} has no model_index.json: not a diffusers pipeline folder")
+        raise SlimsdError(
+            f"model folder {str(folder)!r} has no model_index.json: not a diffusers pipeline folder"
+        )
     for sub in sorted(p for p in folder.iterdir() if p.is_dir()):
         files = [f for f in sub.iterdir() if f.is_file()]
         has_safe = any(f.suffix == ".safetensors" for f in files)
@@ -93,20 +101,42 @@ def build_random_pipeline(preset: Preset, seed: int = 0):
         cls = CLIPTextModelWithProjection if cfg.pop("with_projection", False) else CLIPTextModel
         encoders.append(cls(CLIPTextConfig(**cfg)))
     sched_cfg = dict(teacher.scheduler)
-    sched_cls = {"PNDMScheduler": PNDMScheduler, "DDIMScheduler": DDIMScheduler,
-                 "EulerDiscreteScheduler": EulerDiscreteScheduler}[sched_cfg.pop("_class_name")]
+    sched_cls = {
+        "PNDMScheduler": PNDMScheduler,
+        "DDIMScheduler": DDIMScheduler,
+        "EulerDiscreteScheduler": EulerDiscreteScheduler,
+    }[sched_cfg.pop("_class_name")]
     scheduler = sched_cls.from_config(sched_cfg)
     if teacher.family == "sdxl":
-        return StableDiffusionXLPipeline(vae=vae, text_encoder=encoders[0], text_encoder_2=encoders[1],
-                                         tokenizer=load_tokenizer(), tokenizer_2=load_tokenizer(), unet=unet,
-                                         scheduler=scheduler)
-    return StableDiffusionPipeline(vae=vae, text_encoder=encoders[0], tokenizer=load_tokenizer(), unet=unet,
-                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
+        return StableDiffusionXLPipeline(
+            vae=vae,
+            text_encoder=encoders[0],
+            text_encoder_2=encoders[1],
+            tokenizer=load_tokenizer(),
+            tokenizer_2=load_tokenizer(),
+            unet=unet,
+            scheduler=scheduler,
+        )
+    return StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=encoders[0],
+        tokenizer=load_tokenizer(),
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
 
 
-def load_pipeline(model: str, *, random_weights: bool = False, allow_pickle: bool = False,
-                  torch_dtype: torch.dtype | None = None, variant: str | None = None):
+def load_pipeline(
+    model: str,
+    *,
+    random_weights: bool = False,
+    allow_pickle: bool = False,
+    torch_dtype: torch.dtype | None = None,
+    variant: str | None = None,
+):
     """A diffusers pipeline for MODEL (see the module docstring)."""
     kind = describe_model(model)
     if kind == "micro":
@@ -150,8 +180,10 @@ def _from_pretrained(source: str, allow_pickle: bool, torch_dtype, variant):
     except ValueError as e:  # diffusers: safetensors requested but only pickle weights in the repo
         msg = str(e).strip().splitlines()[0]
         if "safetensors" in msg.lower() and not allow_pickle:
-            raise SlimsdError(f"{source!r} has no safetensors weights; pass --allow-pickle to load pickle files "
-                              "(pickle can run code)") from None
+            raise SlimsdError(
+                f"{source!r} has no safetensors weights; pass --allow-pickle to load pickle files "
+                "(pickle can run code)"
+            ) from None
         raise SlimsdError(f"could not load {source!r}: {msg}") from None
 
 

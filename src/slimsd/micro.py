@@ -20,7 +20,12 @@ MICRO_SD_UNET = {
     "in_channels": 4,
     "out_channels": 4,
     "block_out_channels": [32, 64, 64, 64],
-    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    "down_block_types": [
+        "CrossAttnDownBlock2D",
+        "CrossAttnDownBlock2D",
+        "CrossAttnDownBlock2D",
+        "DownBlock2D",
+    ],
     "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
     "mid_block_type": "UNetMidBlock2DCrossAttn",
     "layers_per_block": 2,
@@ -44,7 +49,8 @@ MICRO_SDXL_UNET = {
     "use_linear_projection": True,
     "addition_embed_type": "text_time",
     "addition_time_embed_dim": 8,
-    "projection_class_embeddings_input_dim": 32 + 6 * 8,  # pooled text (text_encoder_2 projection) + 6 time ids
+    "projection_class_embeddings_input_dim": 32
+    + 6 * 8,  # pooled text (text_encoder_2 projection) + 6 time ids
     "norm_num_groups": 16,
 }
 
@@ -82,8 +88,13 @@ def load_tokenizer():
 
 def micro_text_config(tokenizer) -> dict:
     """The micro text encoder config, sized to the fixture tokenizer."""
-    return {**MICRO_TEXT, "vocab_size": len(tokenizer), "bos_token_id": tokenizer.bos_token_id,
-            "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
+    return {
+        **MICRO_TEXT,
+        "vocab_size": len(tokenizer),
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
 
 
 def _seeded(seed: int, build):
@@ -117,16 +128,29 @@ def build_micro(name: str):
         text_encoder = _seeded(2, lambda: CLIPTextModel(text_config))
         scheduler = PNDMScheduler.from_config({k: v for k, v in SD_SCHEDULER.items() if k != "_class_name"})
         return StableDiffusionPipeline(
-            vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
-            safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+            vae=vae,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            unet=unet,
+            scheduler=scheduler,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
         )
     unet = _seeded(0, lambda: UNet2DConditionModel(**MICRO_SDXL_UNET))
     text_encoder = _seeded(2, lambda: CLIPTextModel(text_config))
     text_encoder_2 = _seeded(3, lambda: CLIPTextModelWithProjection(text_config))
-    scheduler = EulerDiscreteScheduler.from_config({k: v for k, v in SDXL_SCHEDULER.items() if k != "_class_name"})
+    scheduler = EulerDiscreteScheduler.from_config(
+        {k: v for k, v in SDXL_SCHEDULER.items() if k != "_class_name"}
+    )
     return StableDiffusionXLPipeline(
-        vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
-        tokenizer_2=load_tokenizer(), unet=unet, scheduler=scheduler,
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=load_tokenizer(),
+        unet=unet,
+        scheduler=scheduler,
     )
 
 

@@ -20,7 +20,12 @@ SD1_UNET = {
     "in_channels": 4,
     "out_channels": 4,
     "block_out_channels": [320, 640, 1280, 1280],
-    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    "down_block_types": [
+        "CrossAttnDownBlock2D",
+        "CrossAttnDownBlock2D",
+        "CrossAttnDownBlock2D",
+        "DownBlock2D",
+    ],
     "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
     "mid_block_type": "UNetMidBlock2DCrossAttn",
     "layers_per_block": 2,
@@ -155,66 +160,236 @@ def _add(p: Preset) -> None:
 
 
 # Teachers ------------------------------------------------------------------------------------------------------
-_add(Preset("sd-v1.4", "teacher", "sd", "CompVis/stable-diffusion-v1-4", unet=SD1_UNET,
-            text_encoders=(CLIP_L_TEXT,), vae=SD_VAE, scheduler=SD_SCHEDULER,
-            published={"unet_params": 859_520_964, "unet_macs_512": 338.7e9, "source": _BK_SRC}))
-_add(Preset("sd-v1.5", "teacher", "sd", "stable-diffusion-v1-5/stable-diffusion-v1-5", unet=SD1_UNET,
-            text_encoders=(CLIP_L_TEXT,), vae=SD_VAE, scheduler=SD_SCHEDULER,
-            published={"unet_params": 859_520_964, "source": "same architecture as sd-v1.4"}))
-_add(Preset("sd-v2.1-base", "teacher", "sd", "stabilityai/stable-diffusion-2-1-base", unet=SD2_BASE_UNET,
-            text_encoders=(OPENCLIP_H_TEXT,), vae=SD_VAE, scheduler=SD2_BASE_SCHEDULER,
-            published={"unet_params": 865_910_724, "source": "stabilityai/stable-diffusion-2-1-base unet"}))
-_add(Preset("sdxl-base-1.0", "teacher", "sdxl", "stabilityai/stable-diffusion-xl-base-1.0", unet=SDXL_UNET,
-            text_encoders=(CLIP_L_TEXT, {**OPENCLIP_BIGG_TEXT, "with_projection": True}), vae=SDXL_VAE, scheduler=SDXL_SCHEDULER,
-            resolution=1024,
-            published={"unet_params": 2_567_463_684, "source": "stabilityai/stable-diffusion-xl-base-1.0 unet"}))
+_add(
+    Preset(
+        "sd-v1.4",
+        "teacher",
+        "sd",
+        "CompVis/stable-diffusion-v1-4",
+        unet=SD1_UNET,
+        text_encoders=(CLIP_L_TEXT,),
+        vae=SD_VAE,
+        scheduler=SD_SCHEDULER,
+        published={"unet_params": 859_520_964, "unet_macs_512": 338.7e9, "source": _BK_SRC},
+    )
+)
+_add(
+    Preset(
+        "sd-v1.5",
+        "teacher",
+        "sd",
+        "stable-diffusion-v1-5/stable-diffusion-v1-5",
+        unet=SD1_UNET,
+        text_encoders=(CLIP_L_TEXT,),
+        vae=SD_VAE,
+        scheduler=SD_SCHEDULER,
+        published={"unet_params": 859_520_964, "source": "same architecture as sd-v1.4"},
+    )
+)
+_add(
+    Preset(
+        "sd-v2.1-base",
+        "teacher",
+        "sd",
+        "stabilityai/stable-diffusion-2-1-base",
+        unet=SD2_BASE_UNET,
+        text_encoders=(OPENCLIP_H_TEXT,),
+        vae=SD_VAE,
+        scheduler=SD2_BASE_SCHEDULER,
+        published={"unet_params": 865_910_724, "source": "stabilityai/stable-diffusion-2-1-base unet"},
+    )
+)
+_add(
+    Preset(
+        "sdxl-base-1.0",
+        "teacher",
+        "sdxl",
+        "stabilityai/stable-diffusion-xl-base-1.0",
+        unet=SDXL_UNET,
+        text_encoders=(CLIP_L_TEXT, {**OPENCLIP_BIGG_TEXT, "with_projection": True}),
+        vae=SDXL_VAE,
+        scheduler=SDXL_SCHEDULER,
+        resolution=1024,
+        published={"unet_params": 2_567_463_684, "source": "stabilityai/stable-diffusion-xl-base-1.0 unet"},
+    )
+)
 
 # Students ------------------------------------------------------------------------------------------------------
-_BK_BASE = {"layers_per_block": 1, "mid_block_type": "UNetMidBlock2DCrossAttn",
-            "block_out_channels": [320, 640, 1280, 1280]}
+_BK_BASE = {
+    "layers_per_block": 1,
+    "mid_block_type": "UNetMidBlock2DCrossAttn",
+    "block_out_channels": [320, 640, 1280, 1280],
+}
 _BK_SMALL = {"layers_per_block": 1, "mid_block_type": None, "block_out_channels": [320, 640, 1280, 1280]}
-_BK_TINY = {"layers_per_block": 1, "mid_block_type": None, "block_out_channels": [320, 640, 1280],
-            "down_block_types": ["CrossAttnDownBlock2D"] * 3, "up_block_types": ["CrossAttnUpBlock2D"] * 3}
+_BK_TINY = {
+    "layers_per_block": 1,
+    "mid_block_type": None,
+    "block_out_channels": [320, 640, 1280],
+    "down_block_types": ["CrossAttnDownBlock2D"] * 3,
+    "up_block_types": ["CrossAttnUpBlock2D"] * 3,
+}
 
-_add(Preset("bk-sdm-base", "student", "sd", "nota-ai/bk-sdm-base", teacher="sd-v1.4", recipe="bk-base",
-            released=_BK_BASE, published={"unet_params": 579_384_964, "unet_macs_512": 223.8e9, "source": _BK_SRC}))
-_add(Preset("bk-sdm-small", "student", "sd", "nota-ai/bk-sdm-small", teacher="sd-v1.4", recipe="bk-small",
-            released=_BK_SMALL,
-            published={"unet_params": 482_346_884, "unet_macs_512": 217.7e9, "source": _BK_SRC}))
-_add(Preset("bk-sdm-tiny", "student", "sd", "nota-ai/bk-sdm-tiny", teacher="sd-v1.4", recipe="bk-tiny",
-            released=_BK_TINY, published={"unet_params": 323_384_964, "unet_macs_512": 205.0e9, "source": _BK_SRC}))
-_add(Preset("bk-sdm-v2-base", "student", "sd", "nota-ai/bk-sdm-v2-base", teacher="sd-v2.1-base",
-            recipe="bk-base", released=_BK_BASE))
-_add(Preset("bk-sdm-v2-small", "student", "sd", "nota-ai/bk-sdm-v2-small", teacher="sd-v2.1-base",
-            recipe="bk-small", released=_BK_SMALL))
-_add(Preset("bk-sdm-v2-tiny", "student", "sd", "nota-ai/bk-sdm-v2-tiny", teacher="sd-v2.1-base",
-            recipe="bk-tiny", released={**_BK_TINY, "attention_head_dim": [5, 10, 20]}))
+_add(
+    Preset(
+        "bk-sdm-base",
+        "student",
+        "sd",
+        "nota-ai/bk-sdm-base",
+        teacher="sd-v1.4",
+        recipe="bk-base",
+        released=_BK_BASE,
+        published={"unet_params": 579_384_964, "unet_macs_512": 223.8e9, "source": _BK_SRC},
+    )
+)
+_add(
+    Preset(
+        "bk-sdm-small",
+        "student",
+        "sd",
+        "nota-ai/bk-sdm-small",
+        teacher="sd-v1.4",
+        recipe="bk-small",
+        released=_BK_SMALL,
+        published={"unet_params": 482_346_884, "unet_macs_512": 217.7e9, "source": _BK_SRC},
+    )
+)
+_add(
+    Preset(
+        "bk-sdm-tiny",
+        "student",
+        "sd",
+        "nota-ai/bk-sdm-tiny",
+        teacher="sd-v1.4",
+        recipe="bk-tiny",
+        released=_BK_TINY,
+        published={"unet_params": 323_384_964, "unet_macs_512": 205.0e9, "source": _BK_SRC},
+    )
+)
+_add(
+    Preset(
+        "bk-sdm-v2-base",
+        "student",
+        "sd",
+        "nota-ai/bk-sdm-v2-base",
+        teacher="sd-v2.1-base",
+        recipe="bk-base",
+        released=_BK_BASE,
+    )
+)
+_add(
+    Preset(
+        "bk-sdm-v2-small",
+        "student",
+        "sd",
+        "nota-ai/bk-sdm-v2-small",
+        teacher="sd-v2.1-base",
+        recipe="bk-small",
+        released=_BK_SMALL,
+    )
+)
+_add(
+    Preset(
+        "bk-sdm-v2-tiny",
+        "student",
+        "sd",
+        "nota-ai/bk-sdm-v2-tiny",
+        teacher="sd-v2.1-base",
+        recipe="bk-tiny",
+        released={**_BK_TINY, "attention_head_dim": [5, 10, 20]},
+    )
+)
 # Segmind's SD-Small / SD-Tiny (distill-sd, teacher Realistic Vision 4.0, an SD 1.5 fine-tune) use the
 # BK-SDM base and tiny block layouts; their published config.json files say so.
-_add(Preset("segmind-small-sd", "student", "sd", "segmind/small-sd", teacher="sd-v1.5", recipe="bk-base",
-            released=_BK_BASE, published={"unet_params": 579_384_964, "source": "segmind/small-sd unet/config.json"},
-            note="teacher: SG161222/Realistic_Vision_V4.0 (SD 1.5 architecture)"))
-_add(Preset("segmind-tiny-sd", "student", "sd", "segmind/tiny-sd", teacher="sd-v1.5", recipe="bk-tiny",
-            released=_BK_TINY, published={"unet_params": 323_384_964, "source": "segmind/tiny-sd unet/config.json"},
-            note="teacher: SG161222/Realistic_Vision_V4.0 (SD 1.5 architecture)"))
-_add(Preset("ssd-1b", "student", "sdxl", "segmind/SSD-1B", teacher="sdxl-base-1.0", recipe="ssd-1b", resolution=1024,
-            released={"layers_per_block": 2, "mid_block_type": "UNetMidBlock2D",
-                      "transformer_layers_per_block": [1, 2, 4],
-                      "reverse_transformer_layers_per_block": [[4, 4, 10], [2, 1, 1], [1, 1, 1]]},
-            published={"unet_params_approx": 1.3e9, "source": "segmind/SSD-1B model card (1.3B U-Net)"}))
-_add(Preset("segmind-vega", "student", "sdxl", "segmind/Segmind-Vega", teacher="sdxl-base-1.0", recipe="vega",
-            resolution=1024,
-            released={"layers_per_block": 2, "mid_block_type": "UNetMidBlock2D",
-                      "transformer_layers_per_block": [1, 1, 2],
-                      "reverse_transformer_layers_per_block": [[2, 2, 2], [1, 1, 1], [1, 1, 1]]},
-            published={"unet_params_approx": 745e6, "down_params_approx": 247e6, "mid_params_approx": 31e6,
-                       "up_params_approx": 460e6, "source": "Segmind-Vega model card"}))
+_add(
+    Preset(
+        "segmind-small-sd",
+        "student",
+        "sd",
+        "segmind/small-sd",
+        teacher="sd-v1.5",
+        recipe="bk-base",
+        released=_BK_BASE,
+        published={"unet_params": 579_384_964, "source": "segmind/small-sd unet/config.json"},
+        note="teacher: SG161222/Realistic_Vision_V4.0 (SD 1.5 architecture)",
+    )
+)
+_add(
+    Preset(
+        "segmind-tiny-sd",
+        "student",
+        "sd",
+        "segmind/tiny-sd",
+        teacher="sd-v1.5",
+        recipe="bk-tiny",
+        released=_BK_TINY,
+        published={"unet_params": 323_384_964, "source": "segmind/tiny-sd unet/config.json"},
+        note="teacher: SG161222/Realistic_Vision_V4.0 (SD 1.5 architecture)",
+    )
+)
+_add(
+    Preset(
+        "ssd-1b",
+        "student",
+        "sdxl",
+        "segmind/SSD-1B",
+        teacher="sdxl-base-1.0",
+        recipe="ssd-1b",
+        resolution=1024,
+        released={
+            "layers_per_block": 2,
+            "mid_block_type": "UNetMidBlock2D",
+            "transformer_layers_per_block": [1, 2, 4],
+            "reverse_transformer_layers_per_block": [[4, 4, 10], [2, 1, 1], [1, 1, 1]],
+        },
+        published={"unet_params_approx": 1.3e9, "source": "segmind/SSD-1B model card (1.3B U-Net)"},
+    )
+)
+_add(
+    Preset(
+        "segmind-vega",
+        "student",
+        "sdxl",
+        "segmind/Segmind-Vega",
+        teacher="sdxl-base-1.0",
+        recipe="vega",
+        resolution=1024,
+        released={
+            "layers_per_block": 2,
+            "mid_block_type": "UNetMidBlock2D",
+            "transformer_layers_per_block": [1, 1, 2],
+            "reverse_transformer_layers_per_block": [[2, 2, 2], [1, 1, 1], [1, 1, 1]],
+        },
+        published={
+            "unet_params_approx": 745e6,
+            "down_params_approx": 247e6,
+            "mid_params_approx": 31e6,
+            "up_params_approx": 460e6,
+            "source": "Segmind-Vega model card",
+        },
+    )
+)
 
 # Offline micro models (built by slimsd.micro; no download) -------------------------------------------------------
-_add(Preset("micro-sd", "micro", "sd", None, resolution=64,
-            note="tiny random-weight SD 1.x layout (4 stages), built offline by slimsd.micro"))
-_add(Preset("micro-sdxl", "micro", "sdxl", None, resolution=64,
-            note="tiny random-weight SDXL layout (3 stages, two text encoders), built offline by slimsd.micro"))
+_add(
+    Preset(
+        "micro-sd",
+        "micro",
+        "sd",
+        None,
+        resolution=64,
+        note="tiny random-weight SD 1.x layout (4 stages), built offline by slimsd.micro",
+    )
+)
+_add(
+    Preset(
+        "micro-sdxl",
+        "micro",
+        "sdxl",
+        None,
+        resolution=64,
+        note="tiny random-weight SDXL layout (3 stages, two text encoders), built offline by slimsd.micro",
+    )
+)
 
 RECIPES: dict[str, str] = {  # recipe name -> the teacher family it applies to
     "bk-base": "sd",

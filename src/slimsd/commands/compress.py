@@ -5,19 +5,24 @@ import click
 
 @click.command()
 @click.option("--teacher", required=True, help="Preset name, micro model, local diffusers folder or hub id.")
-@click.option("--recipe", required=True, help="bk-base | bk-small | bk-tiny | ssd-1b | vega | identity | FILE.yaml")
+@click.option(
+    "--recipe", required=True, help="bk-base | bk-small | bk-tiny | ssd-1b | vega | identity | FILE.yaml"
+)
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Output pipeline folder.")
 @click.option("--random-weights", is_flag=True, help="Build a preset teacher with random weights (offline).")
 @click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
-@click.option("--allow-pickle", is_flag=True, help="Allow loading pickle (.bin/.ckpt) weights: they can run code.")
+@click.option(
+    "--allow-pickle", is_flag=True, help="Allow loading pickle (.bin/.ckpt) weights: they can run code."
+)
 @click.option("--show-map", is_flag=True, help="Print the student <- teacher tensor map.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary.")
 def compress(teacher, recipe, out, random_weights, overwrite, allow_pickle, show_map, as_json):
     """Build a student U-Net from TEACHER by RECIPE and write a full diffusers pipeline folder."""
     from slimsd.compress import compress as run
 
-    result = run(teacher, recipe, out, random_weights=random_weights, overwrite=overwrite,
-                 allow_pickle=allow_pickle)
+    result = run(
+        teacher, recipe, out, random_weights=random_weights, overwrite=overwrite, allow_pickle=allow_pickle
+    )
     if show_map:
         for s, t in result.weight_map.items():
             click.echo(f"{s} <- {t}")

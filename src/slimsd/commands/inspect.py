@@ -9,8 +9,12 @@ def _g(n: float) -> str:
 
 @click.command()
 @click.argument("model")
-@click.option("--resolution", type=click.IntRange(64, 4096), default=None,
-              help="Image size in pixels for the MAC count (default: the model's own).")
+@click.option(
+    "--resolution",
+    type=click.IntRange(64, 4096),
+    default=None,
+    help="Image size in pixels for the MAC count (default: the model's own).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def inspect(model: str, resolution: int | None, as_json: bool):
     """Parameters and U-Net MACs of MODEL (preset, local folder or hub id), counted on the meta device."""

@@ -10,14 +10,43 @@ def presets(as_json: bool):
     from slimsd.presets import PRESETS, RECIPES
 
     rows = [
-        {"name": p.name, "kind": p.kind, "family": p.family, "hub_id": p.hub_id, "teacher": p.teacher,
-         "recipe": p.recipe, "published": p.published or None, "note": p.note or None}
+        {
+            "name": p.name,
+            "kind": p.kind,
+            "family": p.family,
+            "hub_id": p.hub_id,
+            "teacher": p.teacher,
+            "recipe": p.recipe,
+            "published": p.published or None,
+            "note": p.note or None,
+        }
         for p in PRESETS.values()
     ]
-    rows += [{"name": "toy-sd", "kind": "micro", "family": "sd", "hub_id": None, "teacher": None, "recipe": None,
-              "published": None, "note": "micro-sd trained on the shapes world (committed weights)"}]
-    rows += [{"name": r, "kind": "recipe", "family": fam, "hub_id": None, "teacher": None, "recipe": None,
-              "published": None, "note": None} for r, fam in RECIPES.items()]
+    rows += [
+        {
+            "name": "toy-sd",
+            "kind": "micro",
+            "family": "sd",
+            "hub_id": None,
+            "teacher": None,
+            "recipe": None,
+            "published": None,
+            "note": "micro-sd trained on the shapes world (committed weights)",
+        }
+    ]
+    rows += [
+        {
+            "name": r,
+            "kind": "recipe",
+            "family": fam,
+            "hub_id": None,
+            "teacher": None,
+            "recipe": None,
+            "published": None,
+            "note": None,
+        }
+        for r, fam in RECIPES.items()
+    ]
     if as_json:
         click.echo(json.dumps(rows, indent=1))
         return
