@@ -1,0 +1,40 @@
+import json
+
+import click
+
+
+@click.command(context_settings={"ignore_unknown_options": False})
+@click.option(
+    "--config",
+    "config_file",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="YAML config (see configs/); keys as in slimsd.distill.DistillConfig.",
+)
+@click.argument("overrides", nargs=-1)
+@click.option("--dry-run", is_flag=True, help="Print the resolved config and exit.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON summary at the end.")
+def distill(config_file, overrides, dry_run, as_json):
+    """Distill a student U-Net from its frozen teacher: task + output-KD + feature-KD.
+
+    OVERRIDES are key=value pairs on top of the config file, e.g. max_steps=10 mixed_precision=bf16.
+    Runs unchanged under `accelerate launch`.
+    """
+    from slimsd.distill import config_yaml, load_config, train
+
+    cfg = load_config(config_file, overrides)
+    if dry_run:
+        click.echo(config_yaml(cfg), nl=False)
+        return
+    result = train(cfg)
+    summary = {k: result[k] for k in ("final_dir", "steps", "skipped", "resumed_from", "images_per_second")}
+    summary["last"] = result["losses"][-1] if result["losses"] else None
+    if as_json:
+        click.echo(json.dumps(summary, indent=1))
+    else:
+        last = summary["last"] or {}
+        click.echo(
+            f"wrote {summary['final_dir']} after {summary['steps']} steps; last loss "
+            f"{last.get('loss', float('nan')):.4f} (task {last.get('task', float('nan')):.4f}, "
+            f"out {last.get('out', float('nan')):.4f}, feat {last.get('feat', float('nan')):.4f})"
+        )
