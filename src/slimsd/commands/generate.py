@@ -1,0 +1,191 @@
+import json
+from pathlib import Path
+
+import click
+
+# Options that --from-png fills from the file unless given on the command line.
+FROM_PNG_KEYS = {
+    "negative": "negative_prompt",
+    "steps": "steps",
+    "guidance": "guidance",
+    "seed": "seed",
+    "width": "width",
+    "height": "height",
+    "scheduler": "scheduler",
+    "batch_size": "batch_size",
+}
+
+
+def _read_prompts(path: str) -> list[str]:
+    lines = Path(path).read_text(encoding="utf-8").splitlines()
+    return [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+
+
+@click.command()
+@click.argument("model", required=False)
+@click.argument("prompt", required=False)
+@click.option(
+    "--prompts",
+    "prompts_file",
+    type=click.Path(exists=True, dir_okay=False),
+    help="A text file with one prompt per line (blank lines and # comments skipped).",
+)
+@click.option("--negative", default=None, help="Negative prompt.")
+@click.option("--steps", type=int, default=None, help="Denoising steps (1-200; default 25).")
+@click.option(
+    "--guidance", type=float, default=None, help="Classifier-free guidance scale (0-50; default 7.5)."
+)
+@click.option(
+    "--seed", type=int, default=None, help="Seed of image 0; image i uses seed+i; -1 draws one (default)."
+)
+@click.option("--num-images", type=int, default=1, show_default=True, help="Images per prompt.")
+@click.option("--batch-size", type=int, default=None, help="Images per forward pass (default 1).")
+@click.option("--width", type=int, default=None, help="Multiple of 8, 64-2048 (default: the model's own).")
+@click.option("--height", type=int, default=None, help="Multiple of 8, 64-2048 (default: the model's own).")
+@click.option(
+    "--scheduler",
+    default=None,
+    help="ddim | pndm | euler | euler-ancestral | dpm++2m | dpm++2m-karras | unipc | lcm "
+    "(default: the model's own).",
+)
+@click.option(
+    "--out",
+    default="outputs",
+    show_default=True,
+    type=click.Path(file_okay=False),
+    help="Output folder (existing files are never overwritten).",
+)
+@click.option(
+    "--from-png",
+    "from_png",
+    type=click.Path(exists=True, dir_okay=False),
+    help="Regenerate the image from this PNG's own metadata (options given here override it).",
+)
+@click.option("--no-grid", is_flag=True, help="Do not write a grid image.")
+@click.option("--device", default=None, help="cpu | cuda | cuda:N | mps (default: cuda if available).")
+@click.option("--dtype", default=None, help="fp32 | fp16 | bf16 (default: fp16 on GPU, fp32 on CPU).")
+@click.option(
+    "--allow-pickle", is_flag=True, help="Allow loading pickle (.bin/.ckpt) weights: they can run code."
+)
+@click.option("--random-weights", is_flag=True, help="A preset with random weights (offline smoke runs).")
+@click.option("--json", "as_json", is_flag=True, help="Print paths, seeds and timings as JSON.")
+def generate(
+    model,
+    prompt,
+    prompts_file,
+    negative,
+    steps,
+    guidance,
+    seed,
+    num_images,
+    batch_size,
+    width,
+    height,
+    scheduler,
+    out,
+    from_png,
+    no_grid,
+    device,
+    dtype,
+    allow_pickle,
+    random_weights,
+    as_json,
+):
+    """Generate images for PROMPT (or --prompts FILE) with MODEL; each PNG carries its parameters.
+
+    MODEL is a preset, micro-sd, micro-sdxl, toy-sd, a local diffusers folder or a hub id. With --from-png,
+    MODEL and PROMPT default to those stored in the file.
+    """
+    from slimsd import generate as g
+    from slimsd.errors import SlimsdError
+
+    given = dict(
+        negative=negative,
+        steps=steps,
+        guidance=guidance,
+        seed=seed,
+        width=width,
+        height=height,
+        scheduler=scheduler,
+        batch_size=batch_size,
+    )
+    if from_png:
+        stored = g.settings_from_png(from_png)
+        for opt, key in FROM_PNG_KEYS.items():
+            if given[opt] is None and stored.get(key) is not None:
+                given[opt] = stored[key]
+        if given["scheduler"] not in g.SCHEDULERS:
+            given["scheduler"] = None  # the model's own, as when the image was made
+        model = model or g.model_to_reload(stored)
+        prompts = [prompt] if prompt else [stored.get("prompt", "")]
+    else:
+        if not model:
+            raise SlimsdError("missing MODEL: a preset, micro-sd, micro-sdxl, toy-sd, a folder or a hub id")
+        if prompt and prompts_file:
+            raise SlimsdError("give either PROMPT or --prompts FILE, not both")
+        prompts = [prompt] if prompt else _read_prompts(prompts_file) if prompts_file else []
+        if not prompts:
+            raise SlimsdError("missing PROMPT: give a prompt, or --prompts FILE with one prompt per line")
+    opts = {"negative": "", "steps": 25, "guidance": 7.5, "seed": -1, "batch_size": 1} | {
+        k: v for k, v in given.items() if v is not None
+    }
+    g.validate(
+        steps=opts["steps"],
+        guidance=opts["guidance"],
+        width=opts.get("width") or 64,
+        height=opts.get("height") or 64,
+        seed=opts["seed"],
+        num_images=num_images,
+        batch_size=opts["batch_size"],
+        scheduler=opts.get("scheduler"),
+    )  # before minutes of loading
+
+    pipe = g.load(model, device=device, dtype=dtype, allow_pickle=allow_pickle, random_weights=random_weights)
+    if as_json:
+        pipe.set_progress_bar_config(disable=True)
+
+    def warn(message: str) -> None:
+        click.echo(f"slimsd: warning: {message}", err=True)
+
+    results = g.generate(
+        pipe,
+        prompts,
+        negative=opts["negative"],
+        steps=opts["steps"],
+        guidance=opts["guidance"],
+        width=opts.get("width"),
+        height=opts.get("height"),
+        seed=opts["seed"],
+        num_images=num_images,
+        batch_size=opts["batch_size"],
+        scheduler=opts.get("scheduler"),
+        on_warning=warn,
+    )
+    paths = g.save_images(results, out)
+    grid = g.save_grid(results, out) if len(results) > 1 and not no_grid else None
+    if as_json:
+        click.echo(
+            json.dumps(
+                {
+                    "model": model,
+                    "images": [
+                        {"path": str(r.path), "prompt": r.settings.prompt, "seed": r.seed, "time_s": r.time_s}
+                        for r in results
+                    ],
+                    "grid": str(grid) if grid else None,
+                    "seeds": [r.seed for r in results],
+                    "total_time_s": round(sum(r.time_s for r in results), 4),
+                    "settings": {
+                        k: v
+                        for k, v in vars(results[0].settings).items()
+                        if k not in ("prompt", "seed", "time_s", "extra")
+                    },
+                },
+                indent=1,
+            )
+        )
+        return
+    for r, p in zip(results, paths, strict=True):
+        click.echo(f"{p}  seed {r.seed}  {r.time_s:.2f} s")
+    if grid:
+        click.echo(f"{grid}  (grid)")

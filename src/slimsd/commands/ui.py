@@ -1,0 +1,68 @@
+import click
+
+
+@click.command()
+@click.option(
+    "--models",
+    "models",
+    multiple=True,
+    help="Models offered (repeat, or comma-separate): presets, micro-sd, micro-sdxl, toy-sd, folders, "
+    "hub ids. Default: the micro models, toy-sd and every preset.",
+)
+@click.option("--host", default="127.0.0.1", show_default=True, help="Interface to listen on.")
+@click.option("--port", type=click.IntRange(1, 65535), default=7860, show_default=True)
+@click.option("--share", is_flag=True, help="Also open a public gradio.live link (off by default).")
+@click.option(
+    "--out",
+    default="outputs/ui",
+    show_default=True,
+    type=click.Path(file_okay=False),
+    help="Where generated PNGs are written.",
+)
+@click.option("--device", default=None, help="cpu | cuda | cuda:N | mps (default: cuda if available).")
+@click.option("--dtype", default=None, help="fp32 | fp16 | bf16 (default: fp16 on GPU, fp32 on CPU).")
+@click.option(
+    "--max-loaded",
+    type=click.IntRange(1, 16),
+    default=2,
+    show_default=True,
+    help="Models kept in memory at once.",
+)
+@click.option(
+    "--concurrency",
+    type=click.IntRange(1, 64),
+    default=1,
+    show_default=True,
+    help="Generations running at once.",
+)
+@click.option(
+    "--max-queue",
+    type=click.IntRange(1, 10_000),
+    default=16,
+    show_default=True,
+    help="Requests waiting beyond this are refused.",
+)
+@click.option(
+    "--allow-pickle", is_flag=True, help="Allow loading pickle (.bin/.ckpt) weights: they can run code."
+)
+def ui(models, host, port, share, out, device, dtype, max_loaded, concurrency, max_queue, allow_pickle):
+    """The web UI: generate with any model, and compare models side by side (endpoint /generate)."""
+    from pathlib import Path
+
+    from slimsd.generate import resolve_device, resolve_dtype
+    from slimsd.ui import UIConfig, default_models, launch
+
+    resolve_dtype(dtype, resolve_device(device))  # bad --device/--dtype: one line now, not per request
+    names = [m.strip() for arg in models for m in arg.split(",") if m.strip()] or default_models()
+    config = UIConfig(
+        models=names,
+        out_dir=Path(out),
+        device=device,
+        dtype=dtype,
+        allow_pickle=allow_pickle,
+        max_loaded=max_loaded,
+        concurrency=concurrency,
+        max_queue=max_queue,
+    )
+    click.echo(f"slimsd ui on http://{host}:{port} (models: {', '.join(names)}; images to {out})", err=True)
+    launch(config, host=host, port=port, share=share)
