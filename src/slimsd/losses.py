@@ -37,6 +37,15 @@ def default_taps(student_config: dict, teacher_config: dict, plan=None) -> list[
     down = plan.down_stages if plan is not None else list(range(n_s))
     up = plan.up_stages if plan is not None else list(range(n_t - n_s, n_t))
     taps = [(f"down_blocks.{i}", f"down_blocks.{down[i]}") for i in range(n_s)]
+    if n_s < n_t:
+        # The student's last down stage lost the downsampler it had in the teacher (BK-SDM-Tiny): compare the
+        # stage's last layer (attention if it has one, else residual), before any down-sampling.
+        i, ti = n_s - 1, down[-1]
+        attn = student_config["down_block_types"][i].startswith("CrossAttn")
+        part = "attentions" if attn else "resnets"
+        s_last = _per_stage(student_config["layers_per_block"], n_s)[i] - 1
+        t_last = _per_stage(teacher_config["layers_per_block"], n_t)[ti] - 1
+        taps[i] = (f"down_blocks.{i}.{part}.{s_last}", f"down_blocks.{ti}.{part}.{t_last}")
     s_mid, t_mid = (
         student_config.get("mid_block_type"),
         teacher_config.get("mid_block_type", "UNetMidBlock2DCrossAttn"),
@@ -45,6 +54,10 @@ def default_taps(student_config: dict, teacher_config: dict, plan=None) -> list[
         taps.append(("mid_block", "mid_block"))
     taps += [(f"up_blocks.{i}", f"up_blocks.{up[i]}") for i in range(n_s)]
     return taps
+
+
+def _per_stage(value, n: int) -> list:
+    return list(value) if isinstance(value, list | tuple) else [value] * n
 
 
 def parse_taps(raw) -> list[tuple[str, str]]:
