@@ -31,16 +31,19 @@ def test_default_taps_follow_bk_sdm(micro_sd):
     _, s_small, t_cfg = _cfgs(micro_sd, "bk-small")
     taps = default_taps(s_small, t_cfg, plan(t_cfg, load_recipe("bk-small"))[1])
     assert taps == [(f"down_blocks.{i}", f"down_blocks.{i}") for i in range(4)] + [
-        (f"up_blocks.{i}", f"up_blocks.{i}") for i in range(4)]
+        (f"up_blocks.{i}", f"up_blocks.{i}") for i in range(4)
+    ]
     _, s_base, _ = _cfgs(micro_sd, "bk-base")
     assert ("mid_block", "mid_block") in default_taps(s_base, t_cfg, plan(t_cfg, load_recipe("bk-base"))[1])
     # BK-SDM-Tiny: the innermost stage is gone, the student's up blocks map to the teacher's shifted ones
     _, s_tiny, _ = _cfgs(micro_sd, "bk-tiny")
     tiny = default_taps(s_tiny, t_cfg, plan(t_cfg, load_recipe("bk-tiny"))[1])
     # and the last student down stage has no downsampler: its last layer meets the teacher stage's last layer
-    assert tiny == [("down_blocks.0", "down_blocks.0"), ("down_blocks.1", "down_blocks.1"),
-                    ("down_blocks.2.attentions.0", "down_blocks.2.attentions.1")] + [
-        (f"up_blocks.{i}", f"up_blocks.{i + 1}") for i in range(3)]
+    assert tiny == [
+        ("down_blocks.0", "down_blocks.0"),
+        ("down_blocks.1", "down_blocks.1"),
+        ("down_blocks.2.attentions.0", "down_blocks.2.attentions.1"),
+    ] + [(f"up_blocks.{i}", f"up_blocks.{i + 1}") for i in range(3)]
 
 
 def test_recipe_feature_taps(micro_sd):
@@ -56,10 +59,16 @@ def test_recipe_feature_taps(micro_sd):
 def test_tapped_shapes_match_between_student_and_teacher(micro_sd):
     student, s_cfg, t_cfg = _cfgs(micro_sd, "bk-tiny")
     recipe = load_recipe("bk-tiny")
-    for taps in (default_taps(s_cfg, t_cfg, plan(t_cfg, recipe)[1]), parse_taps(recipe.extra["feature_taps"])):
+    for taps in (
+        default_taps(s_cfg, t_cfg, plan(t_cfg, recipe)[1]),
+        parse_taps(recipe.extra["feature_taps"]),
+    ):
         x, t, c = torch.randn(2, 4, 8, 8), torch.tensor([10, 500]), torch.randn(2, 77, 32)
-        with torch.no_grad(), tapped(student, [s for s, _ in taps]) as st, \
-                tapped(micro_sd.unet, [t for _, t in taps]) as tt:
+        with (
+            torch.no_grad(),
+            tapped(student, [s for s, _ in taps]) as st,
+            tapped(micro_sd.unet, [t for _, t in taps]) as tt,
+        ):
             student(x, t, c)
             micro_sd.unet(x, t, c)
         for s, te in taps:
@@ -95,7 +104,7 @@ def test_taps_fire_through_wrappers_and_compile(micro_sd):
 
 
 def test_unknown_tap_is_one_line_error(micro_sd):
-    with pytest.raises(SlimsdError, match="up_blocks.9"):
+    with pytest.raises(SlimsdError, match=r"up_blocks\.9"):
         attach_taps(micro_sd.unet, ["up_blocks.9"])
     with pytest.raises(SlimsdError, match="feature_taps"):
         parse_taps("up_blocks.0")
