@@ -373,8 +373,6 @@ def generate(
         scheduler=scheduler,
     )
     scheduler = scheduler or info["default_scheduler"]
-    if scheduler is not None:
-        set_scheduler(pipe, scheduler)
     for w in prompt_warnings(pipe, prompts, negative):
         (on_warning or (lambda m: warnings.warn(m, stacklevel=3)))(w)
     base_seed = draw_seed() if seed == -1 else seed
@@ -384,50 +382,58 @@ def generate(
     total_steps = len(batches) * steps
     device = str(pipe.device)
     dtype_name = {v: k for k, v in DTYPES.items()}.get(pipe.unet.dtype, str(pipe.unet.dtype))
-    results: list[GeneratedImage] = []
-    for b, batch in enumerate(batches):
-        generators = [torch.Generator("cpu").manual_seed(s) for _, s in batch]
+    # The pipeline's own scheduler comes back afterwards: a call's choice must not leak into the next one.
+    original_scheduler = pipe.scheduler
+    try:
+        if scheduler is not None:
+            set_scheduler(pipe, scheduler)
+        results: list[GeneratedImage] = []
+        for b, batch in enumerate(batches):
+            generators = [torch.Generator("cpu").manual_seed(s) for _, s in batch]
 
-        def on_step(_pipe, step, _t, kwargs, _b=b):
-            if progress is not None:
-                progress(_b * steps + step + 1, total_steps)
-            return kwargs
+            def on_step(_pipe, step, _t, kwargs, _b=b):
+                if progress is not None:
+                    progress(_b * steps + step + 1, total_steps)
+                return kwargs
 
-        kwargs = {}
-        if negative:  # only when given: SDXL uses zero embeddings for "no negative prompt", not those of ""
-            kwargs["negative_prompt"] = [negative] * len(batch)
-        start = time.perf_counter()
-        images = pipe(
-            prompt=[p for p, _ in batch],
-            num_inference_steps=steps,
-            guidance_scale=guidance,
-            width=width,
-            height=height,
-            generator=generators,
-            callback_on_step_end=on_step,
-            output_type="pil",
-            **kwargs,
-        ).images
-        elapsed = time.perf_counter() - start
-        for (prompt, s), image in zip(batch, images, strict=True):
-            settings = Settings(
-                prompt=prompt,
-                negative_prompt=negative,
-                steps=steps,
-                guidance=float(guidance),
+            kwargs = {}
+            # Only when given: SDXL uses zero embeddings for "no negative prompt", not the embedding of "".
+            if negative:
+                kwargs["negative_prompt"] = [negative] * len(batch)
+            start = time.perf_counter()
+            images = pipe(
+                prompt=[p for p, _ in batch],
+                num_inference_steps=steps,
+                guidance_scale=guidance,
                 width=width,
                 height=height,
-                seed=s,
-                scheduler=scheduler or "default",
-                model=info["model"],
-                model_source=info["source"],
-                batch_size=batch_size,
-                dtype=dtype_name,
-                device=device,
-                slimsd_version=__version__,
-                time_s=round(elapsed / len(batch), 4),
-            )
-            results.append(GeneratedImage(image=image, settings=settings, index=len(results)))
+                generator=generators,
+                callback_on_step_end=on_step,
+                output_type="pil",
+                **kwargs,
+            ).images
+            elapsed = time.perf_counter() - start
+            for (prompt, s), image in zip(batch, images, strict=True):
+                settings = Settings(
+                    prompt=prompt,
+                    negative_prompt=negative,
+                    steps=steps,
+                    guidance=float(guidance),
+                    width=width,
+                    height=height,
+                    seed=s,
+                    scheduler=scheduler or "default",
+                    model=info["model"],
+                    model_source=info["source"],
+                    batch_size=batch_size,
+                    dtype=dtype_name,
+                    device=device,
+                    slimsd_version=__version__,
+                    time_s=round(elapsed / len(batch), 4),
+                )
+                results.append(GeneratedImage(image=image, settings=settings, index=len(results)))
+    finally:
+        pipe.scheduler = original_scheduler
     return results
 
 
