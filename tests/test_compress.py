@@ -167,3 +167,17 @@ def test_a_failure_while_saving_leaves_nothing_half_written(tmp_path, monkeypatc
     with pytest.raises(RuntimeError, match="disk full"):
         compress_module.compress("micro-sd", "bk-small", tmp_path / "out")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["compress", "--teacher", "nota-ai/bk-sdm-small", "--recipe", "bk-small"],
+        ["compress", "--teacher", "sd-v1.4", "--recipe", "bk-small"],
+    ],
+)
+def test_hub_models_offline_are_a_clear_error(args, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    code, _, err = run_cli([*args, "--out", str(tmp_path / "s")], capsys)
+    _assert_one_line_error(code, err, "HF_HUB_OFFLINE")
+    assert not (tmp_path / "s").exists()

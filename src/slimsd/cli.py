@@ -57,9 +57,24 @@ def fail(message: str) -> None:
     sys.exit(2)
 
 
+def quiet_libraries() -> None:
+    """Keep the libraries' info chatter and deprecation warnings off the user's terminal (errors still show)."""
+    import os
+    import warnings
+
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_VERBOSITY", "error")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    warnings.filterwarnings(
+        "ignore", module=r"(huggingface_hub|diffusers|transformers|torch|accelerate)(\.|$)"
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
     from slimsd.errors import SlimsdError
 
+    quiet_libraries()
     try:
         cli.main(args=argv, prog_name="slimsd", standalone_mode=False)
     except click.exceptions.Abort:

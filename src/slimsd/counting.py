@@ -171,9 +171,9 @@ def summarize(model: str, resolution: int | None = None) -> dict:
         try:
             unet_cfg, encoders, vae_cfg, default_res = _arch_from_configs(model)
         except (OSError, ValueError) as e:
-            raise SlimsdError(
-                f"could not read the configs of {model!r}: {str(e).strip().splitlines()[0]}"
-            ) from None
+            from slimsd.loading import hub_error_reason
+
+            raise SlimsdError(f"could not read the configs of {model!r}: {hub_error_reason(e)}") from None
     resolution = resolution or default_res
     vae_factor = 2 ** (len(vae_cfg["block_out_channels"]) - 1)
     if resolution % vae_factor:

@@ -174,9 +174,7 @@ def _from_pretrained(source: str, allow_pickle: bool, torch_dtype, variant):
     try:
         return DiffusionPipeline.from_pretrained(source, **kwargs)
     except OSError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        offline = " (HF_HUB_OFFLINE is set)" if os.environ.get("HF_HUB_OFFLINE") == "1" else ""
-        raise SlimsdError(f"could not load {source!r}{offline}: {first}") from None
+        raise SlimsdError(f"could not load {source!r}: {hub_error_reason(e)}") from None
     except ValueError as e:  # diffusers: safetensors requested but only pickle weights in the repo
         msg = str(e).strip().splitlines()[0]
         if "safetensors" in msg.lower() and not allow_pickle:
@@ -185,6 +183,14 @@ def _from_pretrained(source: str, allow_pickle: bool, torch_dtype, variant):
                 "(pickle can run code)"
             ) from None
         raise SlimsdError(f"could not load {source!r}: {msg}") from None
+
+
+def hub_error_reason(e: Exception) -> str:
+    """A short reason for a failed hub/local load (the libraries' messages run to several sentences)."""
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
+        return "not in the local cache, and HF_HUB_OFFLINE=1 forbids downloading it"
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return first if len(first) < 300 else first[:297] + "..."
 
 
 def _drop_safety_checker(pipe) -> None:
