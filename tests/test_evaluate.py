@@ -368,6 +368,8 @@ def test_eval_cli_end_to_end_on_micro_sd_and_resume(tmp_path, capsys, monkeypatc
         "cpu",
         "--save-reference-stats",
         str(tmp_path / "ref.npz"),
+        "--batch-size",
+        "2",
         "--json",
     ]
 
@@ -387,8 +389,10 @@ def test_eval_cli_end_to_end_on_micro_sd_and_resume(tmp_path, capsys, monkeypatc
     assert np.isfinite(row["fid"]) and row["fid"] > 0 and 0 <= row["clip_score"] <= 100
     assert result["generation"]["micro-sd"] == {"generated": 2, "skipped": 1, "in_shard": 3}
     assert (out / "images" / "micro-sd" / "g.png").read_bytes() == g_bytes  # kept, not regenerated
-    with Image.open(out / "images" / "micro-sd" / "r.png") as im:
-        assert im.size == (64, 64) and json.loads(im.text["slimsd"])["seed"] == 0
+    from slimsd.generate import settings_from_png
+
+    meta = settings_from_png(out / "images" / "micro-sd" / "b.png")  # prompt row 2: seed 0 + 2
+    assert (meta["seed"], meta["prompt"], meta["width"], meta["steps"]) == (2, "a blue triangle", 64, 2)
     cells = _parse((out / "report.html").read_text()).tables["scores"][0]
     assert float(cells["fid"]) == pytest.approx(row["fid"], abs=5e-4)
     assert float(cells["clip_score"]) == pytest.approx(row["clip_score"], abs=5e-4)

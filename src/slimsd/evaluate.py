@@ -26,6 +26,7 @@ import io
 import json
 import platform
 import re
+import time
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -350,32 +351,13 @@ def model_slug(model: str, taken: Iterable[str] = ()) -> str:
     return slug
 
 
-SCHEDULERS = {
-    "pndm": "PNDMScheduler",
-    "ddim": "DDIMScheduler",
-    "euler": "EulerDiscreteScheduler",
-    "euler-a": "EulerAncestralDiscreteScheduler",
-    "dpm++": "DPMSolverMultistepScheduler",
-}
-
-
-def set_scheduler(pipe, name: str | None) -> None:
-    if name is None:
-        return
-    import diffusers
-
-    if name not in SCHEDULERS:
-        raise unknown("scheduler", name, SCHEDULERS)
-    pipe.scheduler = getattr(diffusers, SCHEDULERS[name]).from_config(pipe.scheduler.config)
-
-
 @dataclass
 class GenSettings:
     steps: int = 25
     guidance: float = 7.5
     seed: int = 0
     resolution: int | None = None  # None: the model's own
-    scheduler: str | None = None  # None: the model's own
+    scheduler: str | None = None  # None: the model's own (names: slimsd.generate.SCHEDULERS)
     batch_size: int = 1
 
 
@@ -394,55 +376,74 @@ def generate_missing(
     """Generate the images of ``prompts`` in this shard that ``folder`` does not hold yet.
 
     Prompt i goes to shard i mod n and uses its own generator seeded S+i, so a run's images do not depend on
-    the sharding, the batch size, or what was generated before. Each PNG is written atomically and carries
-    its caption and settings, so a killed run leaves only whole images behind.
+    the sharding or on what was generated before (nor, beyond float rounding, on the batch size: see
+    slimsd.generate). Each PNG is written atomically with slimsd.generate's metadata (A1111 ``parameters``
+    and the ``slimsd`` JSON), so a killed run leaves only whole images, each reproducible from its file.
     """
+    from slimsd import __version__
+    from slimsd import generate as gen
+
     folder = Path(folder)
     k, n = shard
     mine = [p for p in prompts if p.index % n == k]
     todo = [p for p in mine if not image_path(folder, p).is_file()]
-    size = {"height": settings.resolution, "width": settings.resolution} if settings.resolution else {}
+    size = settings.resolution or gen.default_size(pipe)
+    gen.validate(
+        steps=settings.steps,
+        guidance=settings.guidance,
+        width=size,
+        height=size,
+        seed=settings.seed,
+        batch_size=settings.batch_size,
+        scheduler=settings.scheduler,
+    )
+    if prompts and settings.seed + prompts[-1].index > gen.MAX_SEED:
+        raise SlimsdError(
+            f"seed {settings.seed} + {prompts[-1].index} prompts passes {gen.MAX_SEED}; use a smaller --seed"
+        )
+    info = gen.model_info(pipe)
+    scheduler = settings.scheduler or info["default_scheduler"]
+    if settings.scheduler:
+        gen.set_scheduler(pipe, settings.scheduler)
+    dtype = {v: k for k, v in gen.DTYPES.items()}.get(pipe.unet.dtype, str(pipe.unet.dtype))
     done = 0
     for start in range(0, len(todo), settings.batch_size):
         batch = todo[start : start + settings.batch_size]
-        generators = [torch.Generator(device="cpu").manual_seed(settings.seed + p.index) for p in batch]
+        # One CPU generator per image, seeded by the prompt's row: the same noise on any device and shard.
+        generators = [torch.Generator("cpu").manual_seed(settings.seed + p.index) for p in batch]
+        t0 = time.perf_counter()
         images = pipe(
             prompt=[p.caption for p in batch],
             num_inference_steps=settings.steps,
             guidance_scale=settings.guidance,
+            width=size,
+            height=size,
             generator=generators,
-            **size,
+            output_type="pil",
         ).images
+        elapsed = time.perf_counter() - t0
         for p, image in zip(batch, images, strict=True):
-            atomic_write_bytes(image_path(folder, p), _png_bytes(image, p, settings))
+            meta = gen.Settings(
+                prompt=p.caption,
+                steps=settings.steps,
+                guidance=float(settings.guidance),
+                width=size,
+                height=size,
+                seed=settings.seed + p.index,
+                scheduler=scheduler or "default",
+                model=info["model"],
+                model_source=info["source"],
+                batch_size=settings.batch_size,
+                dtype=dtype,
+                device=str(pipe.device),
+                slimsd_version=__version__,
+                time_s=round(elapsed / len(batch), 4),
+            )
+            atomic_write_bytes(image_path(folder, p), gen.png_bytes(image, meta))
         done += len(batch)
         if progress:
             progress(done, len(todo))
     return {"generated": len(todo), "skipped": len(mine) - len(todo), "in_shard": len(mine)}
-
-
-def _png_bytes(image: Image.Image, prompt: Prompt, settings: GenSettings) -> bytes:
-    from PIL.PngImagePlugin import PngInfo
-
-    params = {
-        "prompt": prompt.caption,
-        "seed": settings.seed + prompt.index,
-        "steps": settings.steps,
-        "guidance": settings.guidance,
-        "scheduler": settings.scheduler,
-        "width": image.width,
-        "height": image.height,
-    }
-    info = PngInfo()
-    info.add_text(
-        "parameters",
-        f"{prompt.caption}\nSteps: {settings.steps}, CFG scale: {settings.guidance}, "
-        f"Seed: {settings.seed + prompt.index}, Size: {image.width}x{image.height}",
-    )
-    info.add_text("slimsd", json.dumps(params))
-    buf = io.BytesIO()
-    image.save(buf, format="PNG", pnginfo=info)
-    return buf.getvalue()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -566,14 +567,13 @@ def resolve(config: EvalConfig) -> EvalConfig:
     for key in ("steps", "guidance", "seed", "resolution", "score_resolution", "scheduler", "num_prompts"):
         if getattr(config, key) is None:
             setattr(config, key, preset.get(key, defaults.get(key)))
+    from slimsd.generate import DTYPES, SCHEDULERS, resolve_device, resolve_dtype
+
     if config.scheduler is not None and config.scheduler not in SCHEDULERS:
         raise unknown("scheduler", config.scheduler, SCHEDULERS)
-    if config.device is None:
-        config.device = "cuda" if torch.cuda.is_available() else "cpu"
-    if config.dtype is None:
-        config.dtype = "float16" if config.device.startswith("cuda") else "float32"
-    if config.dtype not in ("float32", "float16", "bfloat16"):
-        raise unknown("dtype", config.dtype, ("float32", "float16", "bfloat16"))
+    config.device = resolve_device(config.device)
+    dtype = resolve_dtype(config.dtype, config.device)
+    config.dtype = next(k for k, v in DTYPES.items() if v == dtype)
     if not config.models:
         raise SlimsdError("no models to evaluate: pass --models MODEL (repeat it to compare models)")
     return config
@@ -677,18 +677,13 @@ def run_eval(config: EvalConfig, log: Callable[[str], None] = print) -> dict:
 
 
 def _load(model: str, config: EvalConfig):
-    from slimsd.loading import load_pipeline
+    from slimsd.generate import load
 
-    dtype = getattr(torch, config.dtype)
-    pipe = load_pipeline(
-        model,
-        random_weights=config.random_weights,
-        allow_pickle=config.allow_pickle,
-        torch_dtype=dtype if dtype != torch.float32 else None,
+    pipe = load(
+        model, config.device, config.dtype, config.scheduler, config.allow_pickle, config.random_weights
     )
-    set_scheduler(pipe, config.scheduler)
     pipe.set_progress_bar_config(disable=True)
-    return pipe.to(config.device)
+    return pipe
 
 
 def _settings(config: EvalConfig, prompts, reference, extractor) -> dict:

@@ -2,7 +2,8 @@ import json
 
 import click
 
-from slimsd.evaluate import FID_EXTRACTORS, PROTOCOLS, SCHEDULERS
+from slimsd.evaluate import FID_EXTRACTORS, PROTOCOLS
+from slimsd.generate import DTYPES, SCHEDULERS
 
 
 def _models(ctx, param, value):
@@ -101,9 +102,9 @@ def _models(ctx, param, value):
 @click.option("--device", default=None, help="cpu, cuda, cuda:1 ... [cuda if available].")
 @click.option(
     "--dtype",
-    type=click.Choice(["float32", "float16", "bfloat16"]),
+    type=click.Choice(list(DTYPES)),
     default=None,
-    help="Generation dtype [float16 on CUDA, float32 on CPU].",
+    help="Generation dtype [fp16 on CUDA, fp32 on CPU].",
 )
 @click.option("--random-weights", is_flag=True, help="Presets with random weights (offline smoke runs).")
 @click.option(
