@@ -311,9 +311,9 @@ def build_app(config: UIConfig | None = None, cache: ModelCache | None = None):
                 unload = gr.Button("Unload model", scale=1)
             prompt = gr.Textbox(label="Prompt", lines=2, elem_id="prompt")
             negative = gr.Textbox(label="Negative prompt", lines=1, elem_id="negative")
-            with gr.Accordion("Advanced", open=False):
+            with gr.Accordion("Advanced", open=False, elem_id="advanced"):
                 with gr.Row():
-                    steps = gr.Slider(1, g.STEPS_RANGE[1], value=25, step=1, label="Steps")
+                    steps = gr.Slider(1, g.STEPS_RANGE[1], value=25, step=1, label="Steps", elem_id="steps")
                     guidance = gr.Slider(0, g.GUIDANCE_RANGE[1], value=7.5, step=0.5, label="Guidance (CFG)")
                 with gr.Row():
                     width = gr.Slider(0, g.SIZE_RANGE[1], value=0, step=8, label="Width (0: the model's own)")
@@ -323,7 +323,7 @@ def build_app(config: UIConfig | None = None, cache: ModelCache | None = None):
                 with gr.Row():
                     seed = gr.Number(value=0, precision=0, label="Seed (image i uses seed+i)")
                     randomize = gr.Checkbox(value=True, label="Randomize seed")
-                    num_images = gr.Slider(1, 8, value=2, step=1, label="Images")
+                    num_images = gr.Slider(1, 8, value=2, step=1, label="Images", elem_id="num-images")
                     scheduler = gr.Dropdown(schedulers, value=DEFAULT_SCHEDULER, label="Scheduler")
             run = gr.Button("Generate", variant="primary", elem_id="generate")
             gallery = gr.Gallery(
