@@ -196,6 +196,9 @@ def test_inception_architecture_matches_fid_weights_layout(tmp_path):
     with pytest.raises(SlimsdError, match="allow-pickle"):
         load_inception(tmp_path / "w.pth")
     assert load_inception(tmp_path / "w.pth", allow_pickle=True).fc.weight.shape == (1008, 2048)
+    (tmp_path / "bad.pth").write_bytes(b"not a pickle")
+    with pytest.raises(SlimsdError, match="could not load"):
+        load_inception(tmp_path / "bad.pth", allow_pickle=True)
     with torch.no_grad():  # smallest input the network takes: shapes of both heads
         features, logits = loaded(torch.rand(1, 3, 75, 75))
     assert features.shape == (1, 2048) and logits.shape == (1, 1008)

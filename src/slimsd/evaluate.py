@@ -598,6 +598,13 @@ def run_eval(config: EvalConfig, log: Callable[[str], None] = print) -> dict:
     if config.reference is not None and not Path(config.reference).exists():
         raise SlimsdError(f"reference {config.reference!r} does not exist (a folder of images or an .npz)")
 
+    extractor = clip = None
+    if (
+        shard[1] == 1
+    ):  # load the scorers first: a missing weights file should not wait for hours of generation
+        extractor = load_fid_extractor(config.fid_extractor, config.inception_weights, config.allow_pickle)
+        clip = load_clip(config.clip_model, config.device) if config.clip_model else None
+
     generation = {}
     for model, slug in zip(config.models, slugs, strict=True):
         folder = out / "images" / slug
@@ -627,8 +634,6 @@ def run_eval(config: EvalConfig, log: Callable[[str], None] = print) -> dict:
                 f"{absent[0]}.png); run without --score-only, or finish every shard"
             )
 
-    extractor = load_fid_extractor(config.fid_extractor, config.inception_weights, config.allow_pickle)
-    clip = load_clip(config.clip_model, config.device) if config.clip_model else None
     reference = None
     if config.reference is not None:
         log(f"reference statistics from {config.reference}")

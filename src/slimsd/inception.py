@@ -218,16 +218,31 @@ def read_weights(path: str | Path, allow_pickle: bool = False) -> dict[str, torc
     if not path.is_file():
         raise SlimsdError(f"Inception weights file {str(path)!r} does not exist")
     if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        return load_file(str(path))
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError) as e:
+            raise SlimsdError(
+                f"Inception weights {str(path)!r} are not a readable safetensors file: {e}"
+            ) from None
+    if path.suffix not in (".pth", ".pt", ".bin"):
+        raise SlimsdError(f"Inception weights {str(path)!r}: expected a .safetensors or .pth file")
     if not allow_pickle:
         raise SlimsdError(
             f"Inception weights {str(path)!r} are a pickle file, which can run code when loaded: pass "
             "--allow-pickle to load it (weights_only), or convert it once with `python -m slimsd.inception "
             "IN.pth OUT.safetensors`"
         )
-    state = torch.load(str(path), map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:  # unpickling errors come in many types; the user needs one line
+        raise SlimsdError(
+            f"could not load Inception weights {str(path)!r}: {str(e).splitlines()[0]}"
+        ) from None
+    if not isinstance(state, dict):
+        raise SlimsdError(f"Inception weights {str(path)!r} hold a {type(state).__name__}, not a state dict")
     return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
 
 
