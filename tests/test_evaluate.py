@@ -426,3 +426,22 @@ def test_eval_cli_errors_are_one_line(tmp_path, capsys):
         assert code == 2, (extra, err)
         assert needle in err and "Traceback" not in err
         assert len(err.strip().splitlines()) == 1, err
+
+
+def test_protocol_fills_unset_settings_and_explicit_options_win():
+    cfg = ev.resolve(
+        ev.EvalConfig(models=["m"], prompts="p.csv", out="o", protocol="bk-sdm-coco30k", steps=5)
+    )
+    assert (cfg.resolution, cfg.score_resolution, cfg.scheduler, cfg.guidance, cfg.seed, cfg.num_prompts) == (
+        512,
+        256,
+        "pndm",
+        7.5,
+        1234,
+        30000,
+    )
+    assert cfg.steps == 5 and cfg.device == "cpu" and cfg.dtype == "fp32"
+    plain = ev.resolve(ev.EvalConfig(models=["m"], prompts="p.csv", out="o"))
+    assert (plain.resolution, plain.score_resolution, plain.scheduler, plain.num_prompts) == (None,) * 4
+    with pytest.raises(SlimsdError, match="allowed"):
+        ev.resolve(ev.EvalConfig(models=["m"], prompts="p.csv", out="o", scheduler="magic"))
