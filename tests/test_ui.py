@@ -45,10 +45,14 @@ def test_ui_listens_on_localhost_and_share_is_opt_in(monkeypatch, tmp_path):
 
     calls = []
     monkeypatch.setattr(slimsd.ui, "launch", lambda config, **kw: calls.append((config, kw)))
-    main(["ui", "--models", "micro-sd, micro-sdxl", "--out", str(tmp_path)])
+    main(["ui", "--models", "micro-sd, micro-sdxl", "toy-sd", "--out", str(tmp_path)])
     config, kw = calls[0]
     assert kw == {"host": "127.0.0.1", "port": 7860, "share": False}
-    assert config.models == ["micro-sd", "micro-sdxl"] and config.max_queue > 0 and config.concurrency == 1
+    assert (
+        config.models == ["micro-sd", "micro-sdxl", "toy-sd"]
+        and config.max_queue > 0
+        and config.concurrency == 1
+    )
     with pytest.raises(SystemExit) as e:
         main(["ui", "--dtype", "fp8"])
     assert e.value.code == 2 and len(calls) == 1

@@ -273,6 +273,8 @@ def build_app(config: UIConfig | None = None, cache: ModelCache | None = None):
             )
         except SlimsdError as e:
             raise gr.Error(str(e)) from None
+        except Exception as e:  # e.g. a broken checkpoint: show it in the page; the app keeps serving
+            raise gr.Error(f"{type(e).__name__}: {e}") from e
 
     def on_compare(selected, prompt, negative, steps, guidance, seed, scheduler, progress=gr.Progress()):
         try:
@@ -290,6 +292,8 @@ def build_app(config: UIConfig | None = None, cache: ModelCache | None = None):
             )
         except SlimsdError as e:
             raise gr.Error(str(e)) from None
+        except Exception as e:  # e.g. a broken checkpoint: show it in the page; the app keeps serving
+            raise gr.Error(f"{type(e).__name__}: {e}") from e
 
     def on_unload(model):
         dropped = cache.drop((model or "").strip())

@@ -6,9 +6,10 @@ import click
     "--models",
     "models",
     multiple=True,
-    help="Models offered (repeat, or comma-separate): presets, micro-sd, micro-sdxl, toy-sd, folders, "
-    "hub ids. Default: the micro models, toy-sd and every preset.",
+    help="Models offered: `--models A B C`, repeated, or comma-separated; presets, micro-sd, micro-sdxl, "
+    "toy-sd, folders, hub ids. Default: the micro models, toy-sd and every preset.",
 )
+@click.argument("more_models", nargs=-1)
 @click.option("--host", default="127.0.0.1", show_default=True, help="Interface to listen on.")
 @click.option("--port", type=click.IntRange(1, 65535), default=7860, show_default=True)
 @click.option("--share", is_flag=True, help="Also open a public gradio.live link (off by default).")
@@ -45,7 +46,20 @@ import click
 @click.option(
     "--allow-pickle", is_flag=True, help="Allow loading pickle (.bin/.ckpt) weights: they can run code."
 )
-def ui(models, host, port, share, out, device, dtype, max_loaded, concurrency, max_queue, allow_pickle):
+def ui(
+    models,
+    more_models,
+    host,
+    port,
+    share,
+    out,
+    device,
+    dtype,
+    max_loaded,
+    concurrency,
+    max_queue,
+    allow_pickle,
+):
     """The web UI: generate with any model, and compare models side by side (endpoint /generate)."""
     from pathlib import Path
 
@@ -53,7 +67,9 @@ def ui(models, host, port, share, out, device, dtype, max_loaded, concurrency, m
     from slimsd.ui import UIConfig, default_models, launch
 
     resolve_dtype(dtype, resolve_device(device))  # bad --device/--dtype: one line now, not per request
-    names = [m.strip() for arg in models for m in arg.split(",") if m.strip()] or default_models()
+    names = [
+        m.strip() for arg in (*models, *more_models) for m in arg.split(",") if m.strip()
+    ] or default_models()
     config = UIConfig(
         models=names,
         out_dir=Path(out),
