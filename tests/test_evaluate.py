@@ -174,6 +174,7 @@ def test_stand_in_extractor_features_separate_image_sets():
         ev.load_fid_extractor("vgg")
 
 
+@pytest.mark.slow
 def test_inception_architecture_matches_fid_weights_layout(tmp_path):
     from safetensors.torch import save_file
 
