@@ -7,7 +7,7 @@ from slimsd.generate import DTYPES, SCHEDULERS
 
 
 def _models(ctx, param, value):
-    # --models A --models B, or --models A,B
+    # --models A --models B, or --models A,B (and --models A B: the extra names arrive as MORE_MODELS)
     return [m.strip() for v in value for m in v.split(",") if m.strip()]
 
 
@@ -111,10 +111,15 @@ def _models(ctx, param, value):
     "--allow-pickle", is_flag=True, help="Allow pickle weights (models, Inception .pth): they can run code."
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the scores as JSON.")
-def eval_(as_json, clip_model, **options):
-    """FID, IS and CLIP score of MODELS over a prompt set, with an HTML report (OUT/report.html)."""
+@click.argument("more_models", nargs=-1)
+def eval_(as_json, clip_model, more_models, **options):
+    """FID, IS and CLIP score of MODELS over a prompt set, with an HTML report (OUT/report.html).
+
+    Models: `--models A B C`, repeated `-m A -m B`, or comma-separated.
+    """
     from slimsd.evaluate import EvalConfig, run_eval
 
+    options["models"] = options["models"] + _models(None, None, more_models)
     config = EvalConfig(clip_model=None if clip_model.lower() == "none" else clip_model, **options)
     log = (lambda msg: click.echo(msg, err=True)) if as_json else click.echo
     result = run_eval(config, log=log)
