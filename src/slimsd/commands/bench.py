@@ -1,0 +1,163 @@
+import json
+from pathlib import Path
+
+import click
+
+from slimsd.runtime import DTYPE_CHOICES
+
+
+@click.command()
+@click.option(
+    "--models",
+    "models",
+    multiple=True,
+    required=True,
+    help="Models to compare (preset, micro, local folder or hub id); repeat the option or list them "
+    "after it: --models sd-v1.4 bk-sdm-small. The first is the reference of the ratios.",
+)
+@click.argument("more_models", nargs=-1)
+@click.option(
+    "--resolution",
+    type=click.IntRange(64, 4096),
+    default=None,
+    help="Image size in pixels (default: each model's own: 512 SD, 1024 SDXL, 64 micro).",
+)
+@click.option(
+    "--steps",
+    type=click.IntRange(1, 1000),
+    default=None,
+    help="Denoising steps of the end-to-end run (default: 25 on a GPU, 4 on CPU).",
+)
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N.")
+@click.option(
+    "--dtype",
+    type=click.Choice(DTYPE_CHOICES),
+    default="auto",
+    show_default=True,
+    help="auto: fp16 on a GPU, bf16 on a CPU with native bf16 (AVX512-BF16/AMX), else fp32.",
+)
+@click.option("--random-weights", is_flag=True, help="Build presets with random weights (no download).")
+@click.option(
+    "--baseline",
+    type=click.Choice(["diffusers"]),
+    default=None,
+    help="Also time plain diffusers eager (same weights and dtype), interleaved with slimsd.",
+)
+@click.option(
+    "--batch-sizes",
+    default=None,
+    help="Comma-separated batch sizes for images/s (default: 1 on CPU, 1,4 on a GPU).",
+)
+@click.option(
+    "--warmup",
+    type=click.IntRange(0, 100),
+    default=1,
+    show_default=True,
+    help="Untimed U-Net forwards per model before timing.",
+)
+@click.option(
+    "--repeats",
+    type=click.IntRange(1, 1000),
+    default=3,
+    show_default=True,
+    help="Timed U-Net forwards per model (the median is reported).",
+)
+@click.option(
+    "--e2e/--no-e2e",
+    default=True,
+    show_default=True,
+    help="Also run the whole pipeline (text encoding, denoising, VAE decoding).",
+)
+@click.option("--compile", "compile_", is_flag=True, help="torch.compile the U-Net (warm-up reported apart).")
+@click.option("--channels-last/--no-channels-last", default=True, show_default=True)
+@click.option("--fuse-qkv/--no-fuse-qkv", default=True, show_default=True)
+@click.option("--threads", type=click.IntRange(1, 1024), default=None, help="torch intra-op threads.")
+@click.option("--prompt", default=None, help="Prompt of the end-to-end runs.")
+@click.option("--allow-pickle", is_flag=True, help="Allow loading pickle weights (can run code).")
+@click.option(
+    "--json",
+    "json_path",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Write the rows (one per model) as JSON to this file.",
+)
+@click.option(
+    "--markdown",
+    "md_path",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Write the Markdown table to this file.",
+)
+@click.option(
+    "--chart",
+    "chart_path",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Write the bar chart (PNG) here (default: beside --json, same name, .png).",
+)
+def bench(
+    models,
+    more_models,
+    resolution,
+    steps,
+    device,
+    dtype,
+    random_weights,
+    baseline,
+    batch_sizes,
+    warmup,
+    repeats,
+    e2e,
+    compile_,
+    channels_last,
+    fuse_qkv,
+    threads,
+    prompt,
+    allow_pickle,
+    json_path,
+    md_path,
+    chart_path,
+):
+    """Latency, memory, parameters and MACs of MODELS, side by side (Markdown table, JSON, chart)."""
+    from slimsd import bench as b
+    from slimsd.atomic import atomic_write_bytes, atomic_write_text
+    from slimsd.errors import SlimsdError
+
+    sizes = None
+    if batch_sizes:
+        try:
+            sizes = [int(x) for x in batch_sizes.split(",") if x.strip()]
+        except ValueError:
+            raise SlimsdError(
+                f"--batch-sizes {batch_sizes!r} is not a comma-separated list of integers"
+            ) from None
+    cfg = b.BenchConfig(
+        models=[*models, *more_models],
+        resolution=resolution,
+        steps=steps,
+        device=device,
+        dtype=dtype,
+        random_weights=random_weights,
+        baseline=baseline,
+        batch_sizes=sizes,
+        warmup=warmup,
+        repeats=repeats,
+        e2e=e2e,
+        compile=compile_,
+        channels_last=channels_last,
+        fuse_qkv=fuse_qkv,
+        threads=threads,
+        prompt=prompt or b.DEFAULT_PROMPT,
+        allow_pickle=allow_pickle,
+    )
+    rows = b.run(cfg, log=lambda msg: click.echo(msg, err=True))
+    table = b.markdown_table(rows)
+    click.echo(table)
+    if md_path:
+        atomic_write_text(md_path, table)
+    if json_path:
+        atomic_write_text(json_path, json.dumps(rows, indent=1) + "\n")
+        chart_path = chart_path or str(Path(json_path).with_suffix(".png"))
+    if chart_path:
+        atomic_write_bytes(chart_path, b.chart_png(rows))
+        click.echo(f"chart: {chart_path}", err=True)
