@@ -1,0 +1,100 @@
+import contextlib
+import json
+import sys
+
+import click
+
+
+@click.command()
+@click.option(
+    "--out",
+    default="demo-out",
+    show_default=True,
+    type=click.Path(file_okay=False),
+    help="Output folder: students, sample grids, results.json.",
+)
+@click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
+@click.option(
+    "--steps",
+    default=300,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Training steps of each student.",
+)
+@click.option("--batch-size", default=16, show_default=True, type=click.IntRange(min=1))
+@click.option("--learning-rate", default=5e-4, show_default=True, type=click.FloatRange(min=0, min_open=True))
+@click.option(
+    "--data-images",
+    default=2048,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Shapes images in the training set.",
+)
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the data, noise and init.")
+@click.option(
+    "--eval-seeds",
+    default=3,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Evaluation seeds (fidelity is their mean).",
+)
+@click.option(
+    "--eval-prompts",
+    default=24,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Held-out captions sampled per evaluation seed.",
+)
+@click.option("--inference-steps", default=20, show_default=True, type=click.IntRange(min=1))
+@click.option("--guidance", default=5.0, show_default=True, type=click.FloatRange(min=0))
+@click.option(
+    "--threads",
+    default=None,
+    type=click.IntRange(min=1),
+    help="torch CPU threads (default: torch's choice; 1 is fastest on a busy machine).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the results as one JSON object.")
+def demo(
+    out,
+    overwrite,
+    steps,
+    batch_size,
+    learning_rate,
+    data_images,
+    seed,
+    eval_seeds,
+    eval_prompts,
+    inference_steps,
+    guidance,
+    threads,
+    as_json,
+):
+    """Compress the toy teacher (bk-small), distill it with KD, train a task-only twin, compare the three."""
+    from slimsd.demo import DemoConfig, format_table, run_demo
+
+    def log(msg):
+        click.echo(msg, err=as_json)
+
+    cfg = DemoConfig(
+        out=out,
+        overwrite=overwrite,
+        steps=steps,
+        batch_size=batch_size,
+        learning_rate=learning_rate,
+        data_images=data_images,
+        seed=seed,
+        eval_seeds=tuple(range(eval_seeds)),
+        eval_prompts=eval_prompts,
+        inference_steps=inference_steps,
+        guidance_scale=guidance,
+        threads=threads,
+        log=log,
+    )
+    # In --json mode stdout carries the JSON object alone: anything else a library prints goes to stderr.
+    with contextlib.redirect_stdout(sys.stderr) if as_json else contextlib.nullcontext():
+        summary = run_demo(cfg)
+    if as_json:
+        click.echo(json.dumps(summary, indent=1))
+    else:
+        click.echo(format_table(summary))
+        click.echo(f"sample grids and results.json in {summary['out']}")
