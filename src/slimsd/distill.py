@@ -65,6 +65,9 @@ class DistillConfig:
     checkpoint_every: int = 500  # 0: only at the end
     keep_last: int = 2
     resume: str | None = None  # "latest" or a checkpoint folder
+    stop_at_step: int | None = (
+        None  # end this run early after this step (checkpointed), for time-limited jobs
+    )
     mixed_precision: str = "no"
     seed: int = 0
     gradient_checkpointing: bool = False
@@ -105,6 +108,7 @@ RANGES: dict[str, tuple[float | None, float | None, bool]] = {
     "validation_steps": (1, None, True),
     "log_every": (1, None, True),
     "num_workers": (0, None, True),
+    "stop_at_step": (1, None, True),
 }
 CHOICES = {
     "mixed_precision": MIXED_PRECISION,
@@ -641,7 +645,8 @@ def train(cfg: DistillConfig) -> dict:
         )
 
     # 5. The loop: one optimizer step per `gradient_accumulation_steps` micro-batches.
-    while state["step"] < cfg.max_steps:
+    end = min(cfg.max_steps, cfg.stop_at_step or cfg.max_steps)
+    while state["step"] < end:
         step_terms = []
         for _ in range(cfg.gradient_accumulation_steps):
             batch = next(batches)
@@ -688,7 +693,7 @@ def train(cfg: DistillConfig) -> dict:
                 step=state["step"],
             )
 
-        last = state["step"] == cfg.max_steps
+        last = state["step"] == end
         if (cfg.checkpoint_every and state["step"] % cfg.checkpoint_every == 0) or last:
             state["skipped"] = dict(skipped)
             if accelerator.is_main_process:
@@ -723,14 +728,15 @@ def train(cfg: DistillConfig) -> dict:
             accelerator.wait_for_everyone()
     bar.close()
 
-    # 6. The final student: a plain diffusers pipeline folder (the EMA weights when EMA is on).
-    final_dir = None
+    # 6. The final student: a plain diffusers pipeline folder (the EMA weights when EMA is on). A run stopped
+    # early (stop_at_step) leaves only its checkpoint: resume=latest finishes it.
+    finished = state["step"] >= cfg.max_steps
     state["skipped"] = dict(skipped)
-    if accelerator.is_main_process:
+    if accelerator.is_main_process and finished:
         unet_state = ema if ema is not None else accelerator.unwrap_model(student).state_dict()
-        final_dir = save_final(models, unet_state, cfg, state, reuse_components=weight_dtype == torch.float32)
-        if skipped:
-            accelerator.print("skipped rows: " + ", ".join(f"{k} {v}" for k, v in sorted(skipped.items())))
+        save_final(models, unet_state, cfg, state, reuse_components=weight_dtype == torch.float32)
+    if skipped:
+        accelerator.print("skipped rows: " + ", ".join(f"{k} {v}" for k, v in sorted(skipped.items())))
     accelerator.wait_for_everyone()
     accelerator.end_training()
     for t in (s_taps, t_taps):
@@ -738,7 +744,7 @@ def train(cfg: DistillConfig) -> dict:
             t.remove()
     _release_accelerator(accelerator)
     return {
-        "final_dir": str(final_dir or Path(cfg.output_dir) / "final"),
+        "final_dir": str(Path(cfg.output_dir) / "final") if finished else None,
         "losses": losses,
         "skipped": dict(skipped),
         "steps": state["step"],
