@@ -141,6 +141,11 @@ def _coerce(key: str, value, hint):
             raise bad
         return value
     if origin is float:
+        if isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                raise bad from None
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise bad
         return float(value)
@@ -742,12 +747,15 @@ def train(cfg: DistillConfig) -> dict:
     for t in (s_taps, t_taps):
         if t is not None:
             t.remove()
+    num_processes, process_index = accelerator.num_processes, accelerator.process_index
     _release_accelerator(accelerator)
     return {
         "final_dir": str(Path(cfg.output_dir) / "final") if finished else None,
         "losses": losses,
         "skipped": dict(skipped),
         "steps": state["step"],
+        "num_processes": num_processes,
+        "process_index": process_index,
         "taps": models.taps,
         "images_per_second": images_seen / max(time.perf_counter() - t0, 1e-9),
         "resumed_from": str(resume_from) if resume_from else None,

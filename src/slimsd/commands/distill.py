@@ -27,8 +27,13 @@ def distill(config_file, overrides, dry_run, as_json):
         click.echo(config_yaml(cfg), nl=False)
         return
     result = train(cfg)
-    summary = {k: result[k] for k in ("final_dir", "steps", "skipped", "resumed_from", "images_per_second")}
+    summary = {
+        k: result[k]
+        for k in ("final_dir", "steps", "num_processes", "skipped", "resumed_from", "images_per_second")
+    }
     summary["last"] = result["losses"][-1] if result["losses"] else None
+    if result["process_index"] != 0:  # under accelerate launch / torchrun: one report, from the main process
+        return
     if as_json:
         click.echo(json.dumps(summary, indent=1))
     else:
