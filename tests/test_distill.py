@@ -73,6 +73,38 @@ def test_loss_goes_down_and_the_student_loads_in_diffusers(tmp_path):
     assert image.shape == (64, 64, 3)
 
 
+def test_bf16_with_checkpointing_ema_and_validation(tmp_path):
+    """Mixed precision: the fp32 student trains beside a bf16 teacher; validation grids are written; the final
+    pipeline is fp32 throughout (the frozen parts were only cast for compute)."""
+    from diffusers import DiffusionPipeline
+
+    from slimsd.micro import build_micro
+
+    result = train(
+        cfg(
+            tmp_path,
+            max_steps=2,
+            mixed_precision="bf16",
+            gradient_checkpointing=True,
+            ema=True,
+            validation_prompts=["a red circle", "a blue square"],
+            validation_every=2,
+            validation_steps=2,
+            tensorboard=True,
+        )
+    )
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in result["losses"])
+    grid = tmp_path / "run" / "validation" / "step-00000002.png"
+    from PIL import Image
+
+    assert Image.open(grid).size == (128, 64)  # two prompts side by side
+    assert list((tmp_path / "run" / "tensorboard").rglob("events.out.tfevents.*"))
+    pipe = DiffusionPipeline.from_pretrained(result["final_dir"])
+    assert {pipe.unet.dtype, pipe.vae.dtype, pipe.text_encoder.dtype} == {torch.float32}
+    ref = build_micro("micro-sd").vae.state_dict()
+    assert max_diff(pipe.vae.state_dict(), ref) == 0  # the VAE saved is the teacher's, not a bf16 round-trip
+
+
 def test_first_step_terms_equal_their_formulas(tmp_path):
     """Recompute step 1 by hand: the same examples, noise and timesteps, the BK-SDM formulas."""
     from slimsd.compress import compress_pipeline

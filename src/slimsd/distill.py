@@ -361,7 +361,9 @@ def _image_grid(images) -> object:
     return grid
 
 
-def save_validation(pipe_cls, teacher_pipe, student, cfg: DistillConfig, resolution: int, path: Path):
+def save_validation(
+    pipe_cls, teacher_pipe, student, cfg: DistillConfig, resolution: int, path: Path, autocast
+):
     """Images of the fixed prompts from the current student (same seeds every time), as one PNG grid."""
     import io
 
@@ -374,7 +376,7 @@ def save_validation(pipe_cls, teacher_pipe, student, cfg: DistillConfig, resolut
     images = []
     for i, prompt in enumerate(cfg.validation_prompts):
         g = torch.Generator().manual_seed(cfg.seed + i)
-        with torch.no_grad():
+        with torch.no_grad(), autocast():  # fp32 student, frozen parts in the compute dtype
             images.append(
                 pipe(
                     prompt,
@@ -723,6 +725,7 @@ def train(cfg: DistillConfig) -> dict:
                     cfg,
                     resolution,
                     output_dir / "validation" / f"step-{state['step']:08d}.png",
+                    accelerator.autocast,
                 )
                 if log_with:
                     import numpy as np
