@@ -66,8 +66,10 @@ def make_parquet(root):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    images = [{"bytes": png(c), "path": None} for c, _ in GOOD] + [{"bytes": CORRUPT, "path": None},
-                                                                  {"bytes": png("black"), "path": None}]
+    images = [{"bytes": png(c), "path": None} for c, _ in GOOD] + [
+        {"bytes": CORRUPT, "path": None},
+        {"bytes": png("black"), "path": None},
+    ]
     captions = [c for _, c in GOOD] + ["a broken image", None]
     path = root / "train.parquet"
     pq.write_table(pa.table({"image": images, "text": captions}), path, row_group_size=2)

@@ -297,3 +297,60 @@ def test_example_configs_resolve():
     assert {"micro-sd.yaml", "micro-sdxl.yaml", "bk-small.yaml", "bk-tiny.yaml", "ssd-1b.yaml"} <= names
     for p in root.glob("*.yaml"):
         load_config(p)
+
+
+def test_cache_command(tmp_path, capsys):
+    code, out, _ = run_cli(
+        [
+            "cache",
+            "--model",
+            "micro-sd",
+            "--data",
+            "shapes:4",
+            "--out",
+            str(tmp_path / "c"),
+            "--resolution",
+            "64",
+            "--flip",
+            "--json",
+        ],
+        capsys,
+    )
+    info = json.loads(out)
+    assert code == 0 and info["count"] == 4 and info["flip"] and info["family"] == "sd"
+    from slimsd.data import open_source
+
+    source = open_source(str(tmp_path / "c"))
+    row = source.read(source.rows[0])
+    assert row["latent_mean"].shape == (4, 8, 8) and row["prompt_embeds"].shape == (77, 32)
+    assert not torch.equal(row["latent_mean"], row["latent_mean_flip"])
+    code, _, err = run_cli(
+        [
+            "cache",
+            "--model",
+            "micro-sd",
+            "--data",
+            "shapes:4",
+            "--out",
+            str(tmp_path / "c"),
+            "--resolution",
+            "64",
+        ],
+        capsys,
+    )
+    assert code == 2 and "already exists" in err
+    code, _, err = run_cli(
+        [
+            "cache",
+            "--model",
+            "micro-sd",
+            "--data",
+            "shapes:4",
+            "--out",
+            str(tmp_path / "d"),
+            "--resolution",
+            "60",
+        ],
+        capsys,
+    )
+    assert code == 2 and "multiple of 8" in err
