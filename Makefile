@@ -21,8 +21,11 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/slimsd demo
 
+# One torch thread per process: the micro models are too small to gain from more, and the tests that start
+# servers or several ranks would otherwise oversubscribe the cores (measured: 8 micro-sd steps took 154 s
+# with default threads and 17 s with one, on a loaded 2-core machine).
 test: $(STAMP) browser
-	$(BIN)/python -m pytest -q -m "not gpu" $(PYTEST_ARGS)
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(BIN)/python -m pytest -q -m "not gpu" $(PYTEST_ARGS)
 
 # The web UI test drives Debian's Chromium (via Playwright); install it once, only where we may (root + apt).
 browser:

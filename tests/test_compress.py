@@ -55,10 +55,16 @@ def test_compressed_folder_loads_in_plain_diffusers_and_runs(teacher, recipe, tm
 def test_identity_compress_gives_the_teachers_output(tmp_path, micro_sd):
     compress("micro-sd", "identity", tmp_path / "same")
     pipe = DiffusionPipeline.from_pretrained(tmp_path / "same")
+    public = lambda cfg: {k: v for k, v in cfg.items() if not k.startswith("_")}  # noqa: E731
+    assert public(pipe.unet.config) == public(micro_sd.unet.config)
+    loaded, teacher = pipe.unet.state_dict(), micro_sd.unet.state_dict()
+    assert set(loaded) == set(teacher) and all(torch.equal(loaded[k], teacher[k]) for k in teacher)
     kwargs = {"num_inference_steps": 2, "height": 64, "width": 64, "output_type": "np"}
     a = pipe("a blue square", generator=torch.Generator().manual_seed(3), **kwargs).images
     b = micro_sd("a blue square", generator=torch.Generator().manual_seed(3), **kwargs).images
-    assert (a == b).all()
+    # Same weights, same config: the outputs agree to float rounding (the in-memory student is bit-exact, see
+    # test_architecture; tensors loaded from disk sit at other addresses, so CPU kernels may sum in another order).
+    assert abs(a - b).max() < 1e-5
 
 
 def test_cli_compress_and_show_map(tmp_path, capsys):
