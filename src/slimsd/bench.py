@@ -46,9 +46,8 @@ class BenchConfig:
     device: str = "auto"
     dtype: str = "auto"
     random_weights: bool = False
-    baseline: str | None = (
-        None  # "diffusers": plain diffusers eager, same weights, same dtype, timed alongside
-    )
+    baseline: str | None = None  # "diffusers": plain diffusers eager, same weights, timed alongside
+    baseline_dtype: str | None = None  # None: the dtype slimsd runs in; "float32": diffusers' default on CPU
     batch_sizes: list[int] | None = None  # None: [1] on CPU, [1, 4] on a GPU
     warmup: int = 1
     repeats: int = 3
@@ -308,6 +307,7 @@ def measure_step_latency(cfg: BenchConfig, rt: runtime.RuntimeConfig, resolution
     Returns model -> {"slimsd": timing, "baseline": timing or None, "max_abs_diff": vs baseline}.
     """
     fns, results, keep_alive = {}, {}, []
+    base_dtype = baseline_dtype(cfg, rt)
     for model in cfg.models:
         unet = build_unet(
             model,
@@ -318,23 +318,28 @@ def measure_step_latency(cfg: BenchConfig, rt: runtime.RuntimeConfig, resolution
         )
         base = None
         if cfg.baseline == "diffusers":
-            # Plain diffusers: the same weights in the same dtype, eager, its default layout and processors.
-            base = copy.deepcopy(unet).eval().requires_grad_(False).to(device=rt.device, dtype=rt.dtype)
+            # Plain diffusers: the same weights, eager, its default layout and attention processors.
+            base = copy.deepcopy(unet).eval().requires_grad_(False).to(device=rt.device, dtype=base_dtype)
         fast = runtime.optimize_unet(unet, rt)
         inputs = unet_inputs(fast, resolutions[model], 1, rt.device, rt.dtype, seed=cfg.seed)
         fns[(model, "slimsd")] = _caller(fast, inputs)
+        base_inputs = unet_inputs(fast, resolutions[model], 1, rt.device, base_dtype, seed=cfg.seed)
         if base is not None:
-            fns[(model, "baseline")] = _caller(base, inputs)
-        keep_alive.append((fast, base, inputs))
+            fns[(model, "baseline")] = _caller(base, base_inputs)
+        keep_alive.append((fast, base, inputs, base_inputs))
     timings = time_round_robin(fns, rt.device, cfg.warmup, cfg.repeats)
-    for model, (fast, base, inputs) in zip(cfg.models, keep_alive, strict=True):
+    for model, (fast, base, inputs, base_inputs) in zip(cfg.models, keep_alive, strict=True):
         r = {"slimsd": timings[(model, "slimsd")], "baseline": timings.get((model, "baseline"))}
         if base is not None:
             with torch.inference_mode():
-                a, b = fast(**inputs).sample.float(), base(**inputs).sample.float()
+                a, b = fast(**inputs).sample.float(), base(**base_inputs).sample.float()
             r["max_abs_diff"] = (a - b).abs().max().item()
         results[model] = r
     return results
+
+
+def baseline_dtype(cfg: BenchConfig, rt: runtime.RuntimeConfig) -> torch.dtype:
+    return runtime.resolve_dtype(cfg.baseline_dtype, rt.device) if cfg.baseline_dtype else rt.dtype
 
 
 def _caller(unet, inputs):
@@ -408,7 +413,7 @@ def measure_end_to_end(
     if optimized:
         runtime.optimize_pipeline(pipe, rt)
     else:
-        pipe.to(rt.device, rt.dtype)
+        pipe.to(rt.device, baseline_dtype(cfg, rt))
         pipe.set_progress_bar_config(disable=True)
     out = {"images_per_s": {}}
     warm = time.perf_counter()
@@ -457,6 +462,7 @@ def _run(cfg: BenchConfig, rt: runtime.RuntimeConfig, log: Callable[[str], None]
         row["first_call_s"] = s["slimsd"]["first_s"]  # includes torch.compile's warm-up when compiling
         if s["baseline"] is not None:
             row["baseline"] = cfg.baseline
+            row["baseline_dtype"] = runtime.dtype_name(baseline_dtype(cfg, rt))
             row["baseline_step_latency_ms"] = s["baseline"]["median_ms"]
             row["baseline_step_latency_all_ms"] = [t * 1000 for t in s["baseline"]["times_s"]]
             row["speedup_vs_baseline"] = row["baseline_step_latency_ms"] / row["step_latency_ms"]

@@ -44,6 +44,12 @@ from slimsd.runtime import DTYPE_CHOICES
     help="Also time plain diffusers eager (same weights and dtype), interleaved with slimsd.",
 )
 @click.option(
+    "--baseline-dtype",
+    type=click.Choice(DTYPE_CHOICES),
+    default=None,
+    help="dtype of the baseline (default: the one slimsd runs in; float32 is what diffusers loads on CPU).",
+)
+@click.option(
     "--batch-sizes",
     default=None,
     help="Comma-separated batch sizes for images/s (default: 1 on CPU, 1,4 on a GPU).",
@@ -104,6 +110,7 @@ def bench(
     dtype,
     random_weights,
     baseline,
+    baseline_dtype,
     batch_sizes,
     warmup,
     repeats,
@@ -139,6 +146,7 @@ def bench(
         dtype=dtype,
         random_weights=random_weights,
         baseline=baseline,
+        baseline_dtype=baseline_dtype,
         batch_sizes=sizes,
         warmup=warmup,
         repeats=repeats,

@@ -1,0 +1,75 @@
+"""The articles' model table on CPU: per-step U-Net latency of teachers and students, random weights.
+
+SD-class models at 512 px (sd-v1.4 and the BK-SDM students), SDXL-class models at 1024 px (sdxl-base-1.0,
+SSD-1B, Segmind-Vega), a few forwards each. Within a class all U-Nets (and, with --baseline, plain diffusers
+eager copies of them) are timed round-robin in one process, so that a shared CPU slows them alike; the
+ratios teacher / student are the robust result, the absolute numbers depend on the machine's load (recorded).
+
+    python benchmarks/cpu_step_latency.py                  # what `make bench` runs
+    python benchmarks/cpu_step_latency.py --classes sd --repeats 5
+
+Writes benchmarks/results/cpu_step_latency_<class>.{md,json,png}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from pathlib import Path
+
+from slimsd import bench
+from slimsd.atomic import atomic_write_bytes, atomic_write_text
+
+CLASSES = {
+    "sd": ["sd-v1.4", "bk-sdm-base", "bk-sdm-small", "bk-sdm-tiny"],
+    "sdxl": ["sdxl-base-1.0", "ssd-1b", "segmind-vega"],
+}
+RESULTS = Path(__file__).parent / "results"
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--classes", nargs="+", choices=sorted(CLASSES), default=["sd", "sdxl"])
+    ap.add_argument("--repeats", type=int, default=None, help="timed forwards (default: 3 SD, 2 SDXL class)")
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument(
+        "--baseline",
+        choices=["diffusers", "none"],
+        default=None,
+        help="default: diffusers for the SD class, none for SDXL (copies of 3 SDXL U-Nets would need 18 GB)",
+    )
+    ap.add_argument("--baseline-dtype", default=None, help="e.g. float32, diffusers' default on CPU")
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--tag", default="", help="suffix of the result files (e.g. _vs_fp32)")
+    args = ap.parse_args(argv)
+    command = "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv or sys.argv[1:])])
+    for cls in args.classes:
+        baseline = args.baseline or ("diffusers" if cls == "sd" else "none")
+        cfg = bench.BenchConfig(
+            models=CLASSES[cls],
+            device="cpu",
+            dtype=args.dtype,
+            random_weights=True,
+            e2e=False,
+            warmup=args.warmup,
+            repeats=args.repeats or (3 if cls == "sd" else 2),
+            threads=args.threads,
+            baseline=None if baseline == "none" else baseline,
+            baseline_dtype=args.baseline_dtype,
+        )
+        rows = bench.run(cfg, log=lambda m: print(m, file=sys.stderr, flush=True))
+        table = bench.markdown_table(rows)
+        print(table, flush=True)
+        stem = args.out / f"cpu_step_latency_{cls}{args.tag}"
+        md = f"# CPU per-step U-Net latency: {cls} class\n\nCommand: `{command}`\n\n{table}"
+        atomic_write_text(stem.with_suffix(".md"), md)
+        atomic_write_text(stem.with_suffix(".json"), json.dumps(rows, indent=1) + "\n")
+        atomic_write_bytes(stem.with_suffix(".png"), bench.chart_png(rows))
+
+
+if __name__ == "__main__":
+    main()
