@@ -232,34 +232,28 @@ def _free_port() -> int:
 
 @pytest.mark.slow
 def test_two_processes_equal_one_with_the_same_global_batch(tmp_path):
-    """DDP on CPU (gloo). `accelerate launch --cpu --num_processes 2` starts ONE process in accelerate 1.x
-    unless mpirun is set up, so this launches with torchrun, which `accelerate launch --multi_gpu` uses
-    underneath; the Accelerator inside train() is the same. adam_epsilon=1e-3 keeps Adam from amplifying
-    float-rounding differences of near-zero gradients (m/sqrt(v) ~ ±1 whatever their size)."""
+    """DDP on CPU (gloo), started the way users start it: `accelerate launch --multi_gpu --num_processes 2`.
+    (`accelerate launch --cpu --num_processes 2` starts ONE process in accelerate 1.x unless mpirun is set up;
+    train() passes cpu=True to the Accelerator itself when launched without CUDA.) adam_epsilon=1e-3 keeps
+    Adam from amplifying float-rounding differences of near-zero gradients (m/sqrt(v) ~ ±1 whatever their
+    size)."""
     kw = {"max_steps": 2, "data": "shapes:8", "adam_epsilon": 1e-3}
     one = train(cfg(tmp_path, "one", **kw))
-    torchrun = Path(sys.executable).parent / "torchrun"
+    accelerate = Path(sys.executable).parent / "accelerate"
     overrides = [
         f"{k}={v}" for k, v in {**FAST, **kw, "batch_size": 2, "output_dir": tmp_path / "two"}.items()
     ]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    env.pop("ACCELERATE_USE_CPU", None)
+    launch = ["--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no"]
+    launch += ["--dynamo_backend", "no", "--main_process_port", str(_free_port())]
     proc = subprocess.run(
-        [
-            str(torchrun),
-            "--nproc_per_node",
-            "2",
-            "--master_port",
-            str(_free_port()),
-            "-m",
-            "slimsd.cli",
-            "distill",
-            *overrides,
-            "--json",
-        ],
+        [str(accelerate), "launch", *launch, "-m", "slimsd.cli", "distill", *overrides, "--json"],
         env=env,
         capture_output=True,
         text=True,
         timeout=600,
+        cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     two = json.loads(proc.stdout[proc.stdout.index("{") :])  # printed once, by the main process

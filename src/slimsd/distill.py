@@ -18,6 +18,7 @@ One ``train(cfg)`` that runs unchanged on one CPU, one GPU or many under ``accel
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 import typing
@@ -463,12 +464,22 @@ def train(cfg: DistillConfig) -> dict:
             log_with = "tensorboard"
         except ImportError:
             pass
+    # Under a launcher (WORLD_SIZE > 1) on a machine without CUDA, accelerate joins the processes into one gloo
+    # group only when told to use the CPU; otherwise each process would train alone on the whole data set and
+    # all of them would write the same output_dir. So `accelerate launch --multi_gpu` works on CPUs unchanged.
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
     accelerator = Accelerator(
         mixed_precision=cfg.mixed_precision,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         log_with=log_with,
         project_dir=str(output_dir),
+        cpu=world_size > 1 and not torch.cuda.is_available(),
     )
+    if world_size > 1 and accelerator.num_processes != world_size:
+        raise SlimsdError(
+            f"launched as {world_size} processes but accelerate sees {accelerator.num_processes}: "
+            "start them with `accelerate launch --multi_gpu --num_processes N` or torchrun"
+        )
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
         raise SlimsdError(
             "DeepSpeed runs need accelerator.save_state checkpoints, which this trainer does not "
