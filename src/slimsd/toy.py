@@ -18,7 +18,7 @@ from slimsd.errors import SlimsdError
 
 TOY_DIR = Path(__file__).parent / "assets" / "toy-sd"
 # How the toy teacher samples well (measured by scripts/train_toy_teacher.py; see training.json).
-TOY_SAMPLING = {"num_inference_steps": 20, "guidance_scale": 5.0, "height": 64, "width": 64}
+TOY_SAMPLING = {"num_inference_steps": 25, "guidance_scale": 5.0, "height": 64, "width": 64}
 
 
 def load_toy_teacher(torch_dtype: torch.dtype = torch.float32):

@@ -1,0 +1,68 @@
+"""`slimsd demo` end to end at a reduced size, through the CLI."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from PIL import Image
+
+from slimsd.demo import MODELS, format_table
+
+from helpers import run_cli
+
+SMALL = [
+    "--steps",
+    "2",
+    "--data-images",
+    "8",
+    "--batch-size",
+    "4",
+    "--eval-seeds",
+    "1",
+    "--eval-prompts",
+    "2",
+    "--inference-steps",
+    "2",
+    "--threads",
+    "1",
+]
+
+
+@pytest.mark.slow
+def test_demo_json_end_to_end(tmp_path, capsys):
+    out = tmp_path / "demo"
+    code, stdout, stderr = run_cli(["demo", "--out", str(out), "--json", *SMALL], capsys)
+    assert code == 0, stderr
+    summary = json.loads(stdout)  # stdout holds the JSON object alone
+    teacher = summary["teacher"]
+    for name in MODELS:
+        r = summary[name]
+        assert 0.0 <= r["caption_fidelity"] <= 1.0
+        assert 0.0 <= r["colour_accuracy"] <= 1.0 and 0.0 <= r["shape_accuracy"] <= 1.0
+        assert r["step_latency_ms"] > 0
+        assert isinstance(r["unet_params"], int) and r["unet_params"] > 0
+    assert summary["kd_student"]["unet_params"] == summary["task_only_student"]["unet_params"]
+    assert (
+        summary["kd_student"]["unet_params"] < 0.75 * teacher["unet_params"]
+    )  # bk-small removes ~40% on micro
+    for name in MODELS:
+        grid = Image.open(out / f"grid-{name}.png")
+        assert grid.size[1] >= 64 and grid.size[0] % 64 == 0
+    for name in ("kd_student", "task_only_student"):
+        assert (out / name / "final" / "model_index.json").is_file()
+        assert list((out / name / "final" / "unet").glob("*.safetensors"))
+    assert json.loads((out / "results.json").read_text())["teacher"] == teacher
+    assert "KD student" in format_table(summary)
+
+    # the output folder is not overwritten without --overwrite: one line, exit 2, nothing touched
+    before = (out / "results.json").read_text()
+    code, stdout, stderr = run_cli(["demo", "--out", str(out), *SMALL], capsys)
+    assert code == 2 and "--overwrite" in stderr and len(stderr.strip().splitlines()) == 1
+    assert (out / "results.json").read_text() == before
+
+
+def test_demo_rejects_bad_options(tmp_path, capsys):
+    code, _, stderr = run_cli(["demo", "--out", str(tmp_path / "x"), "--steps", "0"], capsys)
+    assert code == 2 and "--steps" in stderr and "Traceback" not in stderr
+    assert not (tmp_path / "x").exists()
