@@ -45,7 +45,7 @@ import click
     type=click.IntRange(min=1),
     help="Held-out captions sampled per evaluation seed.",
 )
-@click.option("--inference-steps", default=20, show_default=True, type=click.IntRange(min=1))
+@click.option("--inference-steps", default=25, show_default=True, type=click.IntRange(min=1))
 @click.option("--guidance", default=5.0, show_default=True, type=click.FloatRange(min=0))
 @click.option(
     "--threads",
