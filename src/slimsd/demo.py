@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from slimsd.errors import SlimsdError
+from slimsd.toy import TOY_SAMPLING
 
 MODELS = ("teacher", "kd_student", "task_only_student")
 LABELS = {"teacher": "teacher (toy-sd)", "kd_student": "KD student", "task_only_student": "task-only student"}
@@ -45,8 +46,10 @@ class DemoConfig:
     caption_dropout: float = 0.1  # keeps the students good at classifier-free guidance, like the teacher
     eval_seeds: tuple[int, ...] = (0, 1, 2)
     eval_prompts: int = 24  # held-out captions per seed
-    inference_steps: int = 25  # the toy teacher samples well at 25 PNDM steps (slimsd.toy.TOY_SAMPLING)
-    guidance_scale: float = 5.0
+    inference_steps: int = TOY_SAMPLING[
+        "num_inference_steps"
+    ]  # the toy teacher's own (20 steps sample poorly)
+    guidance_scale: float = TOY_SAMPLING["guidance_scale"]
     grid_prompts: int = 8
     latency_repeats: int = 30
     threads: int | None = None  # torch CPU threads; None: torch's default
