@@ -13,7 +13,7 @@ from slimsd import bench
 from slimsd.cli import main
 from slimsd.counting import count_params, summarize
 
-ENV_FIELDS = ("device", "dtype", "torch", "diffusers", "date", "cpu_model", "threads")
+ENV_FIELDS = ("device", "dtype", "torch", "diffusers", "date", "cpu_model", "cpu_isa", "threads")
 
 
 @pytest.fixture(scope="module")

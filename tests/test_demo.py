@@ -7,7 +7,7 @@ import json
 import pytest
 from PIL import Image
 
-from slimsd.demo import MODELS, format_table
+from slimsd.demo import MODELS, DemoConfig, format_table, run_demo
 
 from helpers import run_cli
 
@@ -65,4 +65,26 @@ def test_demo_json_end_to_end(tmp_path, capsys):
 def test_demo_rejects_bad_options(tmp_path, capsys):
     code, _, stderr = run_cli(["demo", "--out", str(tmp_path / "x"), "--steps", "0"], capsys)
     assert code == 2 and "--steps" in stderr and "Traceback" not in stderr
+    code, _, stderr = run_cli(["demo", "--out", str(tmp_path / "x"), "--feat-norm", "l2"], capsys)
+    assert code == 2 and "--feat-norm" in stderr and "'l2'" in stderr and "Traceback" not in stderr
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.slow
+def test_kd_student_follows_captions_better_than_task_only(tmp_path):
+    """The demo's claim at its default training settings, scored on 2 x 24 held-out captions (~4 min).
+
+    Measured with 3 x 24: KD 0.58 / task-only 0.29 / teacher 0.39 (training seed 0), 0.39 / 0.17 (seed 1).
+    """
+    cfg = DemoConfig(
+        out=str(tmp_path / "demo"),
+        eval_seeds=(0, 1),
+        grid_prompts=1,
+        latency_repeats=5,
+        log=lambda _msg: None,
+    )
+    summary = run_demo(cfg)
+    kd = summary["kd_student"]["caption_fidelity"]
+    task_only = summary["task_only_student"]["caption_fidelity"]
+    assert kd > task_only + 0.1, summary
+    assert summary["kd_vs_teacher"] >= 0.8, summary

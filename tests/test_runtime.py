@@ -82,3 +82,14 @@ def test_describe_records_settings():
     assert (
         d["dtype"] == "bfloat16" and d["compile"] is True and d["threads"] == 1 and d["channels_last"] is True
     )
+
+
+def test_cpu_isa_and_bf16_follow_the_flags(monkeypatch):
+    zen1 = frozenset({"fpu", "avx", "avx2", "fma", "sse4_2"})
+    monkeypatch.setattr(runtime, "cpu_flags", lambda: zen1)
+    assert runtime.cpu_isa() == ["avx2", "fma"]
+    assert not runtime.cpu_supports_bf16()
+    sapphire = zen1 | {"avx512f", "avx512_bf16", "amx_bf16", "amx_tile"}
+    monkeypatch.setattr(runtime, "cpu_flags", lambda: sapphire)
+    assert runtime.cpu_isa() == ["avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16"]
+    assert runtime.cpu_supports_bf16() == torch.backends.mkldnn.is_available()

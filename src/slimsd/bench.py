@@ -81,6 +81,7 @@ def environment(rt: runtime.RuntimeConfig) -> dict:
         "python": platform.python_version(),
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "cpu_model": runtime.cpu_model(),
+        "cpu_isa": runtime.cpu_isa(),
         "cpu_count": os.cpu_count(),
         "threads": rt.threads or torch.get_num_threads(),
     }
@@ -544,9 +545,10 @@ def markdown_table(rows: list[dict]) -> str:
     rt = r["runtime"]
     opts = ", ".join(k for k in ("channels_last", "fuse_qkv", "compile") if rt.get(k)) or "eager"
     load = f", load average {r['load_average']}" if r.get("load_average") else ""
+    isa = f"; {' '.join(r['cpu_isa'])}" if r.get("cpu_isa") and r["device"] == "cpu" else ""
     lines.append("")
     lines.append(
-        f"{r['date']} · {r['device']} ({r['device_name']}), {r['threads']} threads · {r['dtype']} · "
+        f"{r['date']} · {r['device']} ({r['device_name']}{isa}), {r['threads']} threads · {r['dtype']} · "
         f"slimsd runtime: {opts} · torch {r['torch']}, diffusers {r['diffusers']}{load}. "
         f"Step latency: median of {len(r['step_latency_all_ms'])} forwards at batch 1; "
         "ratios relative to the first model."

@@ -76,6 +76,16 @@ def cpu_supports_bf16() -> bool:
     return native and torch.backends.mkldnn.is_available()
 
 
+# The vector extensions that decide CPU inference speed, widest last; recorded with every CPU benchmark.
+ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16")
+
+
+def cpu_isa() -> list[str]:
+    """Which of ISA_FLAGS this CPU has: bf16 beats fp32 only with avx512_bf16 / amx_bf16 (see module doc)."""
+    flags = cpu_flags()
+    return [f for f in ISA_FLAGS if f in flags]
+
+
 def cpu_model() -> str:
     try:
         with open("/proc/cpuinfo") as f:

@@ -4,6 +4,8 @@ import sys
 
 import click
 
+KD_WEIGHT = "Weight of this KD term for the KD student (0 for an ablation)."
+
 
 @click.command()
 @click.option(
@@ -16,7 +18,7 @@ import click
 @click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
 @click.option(
     "--steps",
-    default=300,
+    default=150,
     show_default=True,
     type=click.IntRange(min=1),
     help="Training steps of each student.",
@@ -29,6 +31,15 @@ import click
     show_default=True,
     type=click.IntRange(min=1),
     help="Shapes images in the training set.",
+)
+@click.option("--lambda-out", default=1.0, show_default=True, type=click.FloatRange(min=0), help=KD_WEIGHT)
+@click.option("--lambda-feat", default=1.0, show_default=True, type=click.FloatRange(min=0), help=KD_WEIGHT)
+@click.option(
+    "--feat-norm",
+    default="none",
+    show_default=True,
+    type=click.Choice(["none", "teacher"]),
+    help="teacher: divide each feature term by the teacher feature's mean square.",
 )
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the data, noise and init.")
 @click.option(
@@ -61,6 +72,9 @@ def demo(
     batch_size,
     learning_rate,
     data_images,
+    lambda_out,
+    lambda_feat,
+    feat_norm,
     seed,
     eval_seeds,
     eval_prompts,
@@ -82,6 +96,9 @@ def demo(
         batch_size=batch_size,
         learning_rate=learning_rate,
         data_images=data_images,
+        lambda_out=lambda_out,
+        lambda_feat=lambda_feat,
+        feat_norm=feat_norm,
         seed=seed,
         eval_seeds=tuple(range(eval_seeds)),
         eval_prompts=eval_prompts,
