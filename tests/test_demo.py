@@ -88,3 +88,32 @@ def test_kd_student_follows_captions_better_than_task_only(tmp_path):
     task_only = summary["task_only_student"]["caption_fidelity"]
     assert kd > task_only + 0.1, summary
     assert summary["kd_vs_teacher"] >= 0.8, summary
+
+
+def test_cli_defaults_match_demo_config():
+    """The CLI writes its defaults as literals (so that `--help` does not import torch); they must stay the
+    DemoConfig's, and --feat-norm's choices the trainer's."""
+    from dataclasses import fields
+
+    from slimsd.commands.demo import demo
+    from slimsd.distill import CHOICES
+
+    config = {f.name: f.default for f in fields(DemoConfig)}
+    renamed = {"guidance": "guidance_scale"}
+    params = {p.name: p for p in demo.params}
+    for name in (
+        "steps",
+        "batch_size",
+        "learning_rate",
+        "data_images",
+        "lambda_out",
+        "lambda_feat",
+        "feat_norm",
+        "seed",
+        "eval_prompts",
+        "inference_steps",
+        "guidance",
+    ):
+        assert params[name].default == config[renamed.get(name, name)], name
+    assert params["eval_seeds"].default == len(config["eval_seeds"])
+    assert tuple(params["feat_norm"].type.choices) == CHOICES["feat_norm"]

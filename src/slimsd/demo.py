@@ -50,9 +50,8 @@ class DemoConfig:
     caption_dropout: float = 0.1  # keeps the students good at classifier-free guidance, like the teacher
     eval_seeds: tuple[int, ...] = (0, 1, 2)
     eval_prompts: int = 24  # held-out captions per seed
-    inference_steps: int = TOY_SAMPLING[
-        "num_inference_steps"
-    ]  # the toy teacher's own (20 steps sample poorly)
+    # the toy teacher's own sampling (it samples poorly at 20 steps)
+    inference_steps: int = TOY_SAMPLING["num_inference_steps"]
     guidance_scale: float = TOY_SAMPLING["guidance_scale"]
     grid_prompts: int = 8
     latency_repeats: int = 30
