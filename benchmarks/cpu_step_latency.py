@@ -19,8 +19,8 @@ import shlex
 import sys
 from pathlib import Path
 
-from slimsd import bench
 from slimsd.atomic import atomic_write_bytes, atomic_write_text
+from slimsd.measure import bench
 
 CLASSES = {
     "sd": ["sd-v1.4", "bk-sdm-base", "bk-sdm-small", "bk-sdm-tiny"],

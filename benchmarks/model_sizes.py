@@ -13,8 +13,8 @@ import platform
 import diffusers
 import torch
 
-from slimsd.counting import summarize
-from slimsd.presets import PRESETS
+from slimsd.models.counting import summarize
+from slimsd.models.presets import PRESETS
 
 
 def main() -> None:

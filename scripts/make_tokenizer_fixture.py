@@ -1,4 +1,4 @@
-"""Writes the small CLIP-style BPE tokenizer that the offline micro models use (src/slimsd/fixtures/tokenizer).
+"""Writes the small CLIP-style BPE tokenizer that the offline micro models use (src/slimsd/models/fixtures/tokenizer).
 
 Byte-level like CLIP's: every byte is a symbol, so any prompt tokenizes; whole-word merges exist only for the
 words of the toy world and common prompt words. Run once; the output is committed.
@@ -159,7 +159,7 @@ def main() -> None:
     assert not broken, f"words that do not tokenize to one token: {broken}"
     for special in ("<|startoftext|>", "<|endoftext|>"):
         vocab[special] = len(vocab)
-    out = Path(__file__).resolve().parents[1] / "src" / "slimsd" / "fixtures" / "tokenizer"
+    out = Path(__file__).resolve().parents[1] / "src" / "slimsd" / "models" / "fixtures" / "tokenizer"
     out.mkdir(parents=True, exist_ok=True)
     (out / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
     (out / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")

@@ -1,4 +1,4 @@
-"""Trains the toy teacher: micro-sd taught the shapes world (slimsd.shapes), written to src/slimsd/assets/toy-sd.
+"""Trains the toy teacher: micro-sd taught the shapes world (slimsd.toy.shapes), written to src/slimsd/toy/assets/toy-sd.
 
 Two stages, both plain and seeded, on the CPU:
 1. the micro VAE (random in micro-sd) learns to reconstruct shapes images: L2 + a tiny KL term, as in
@@ -52,7 +52,7 @@ P_UNCOND = 0.1  # caption dropout, for classifier-free guidance
 EVAL_PROMPTS = 48
 EVAL_STEPS = 25
 EVAL_GUIDANCE = 5.0
-OUT = Path(__file__).resolve().parents[1] / "src" / "slimsd" / "assets" / "toy-sd"
+OUT = Path(__file__).resolve().parents[1] / "src" / "slimsd" / "toy" / "assets" / "toy-sd"
 # ---------------------------------------------------------------------------------------------------------
 
 
@@ -207,7 +207,7 @@ def train_unet(pipe, latents, ids, uncond_ids, steps: int, gen: torch.Generator,
 
 def evaluate(pipe, n: int, seed: int, steps: int = EVAL_STEPS) -> dict:
     """Caption fidelity of ``n`` samples of held-out captions (seed S+i per image, as `slimsd generate`)."""
-    from slimsd.shapes import caption_fidelity, make_captions
+    from slimsd.toy.shapes import caption_fidelity, make_captions
 
     captions = make_captions(n, seed=10_000 + seed)
     gens = [torch.Generator().manual_seed(seed + i) for i in range(n)]
@@ -241,8 +241,8 @@ def main() -> None:
         VAE_STEPS, UNET_STEPS, N_IMAGES = 5, 5, 64
 
     from slimsd.atomic import atomic_dir
-    from slimsd.micro import build_micro
-    from slimsd.shapes import caption_fidelity, make_dataset
+    from slimsd.models.micro import build_micro
+    from slimsd.toy.shapes import caption_fidelity, make_dataset
 
     torch.set_num_threads(VAE_THREADS)
     torch.manual_seed(SEED)

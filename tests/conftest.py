@@ -12,13 +12,13 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 @pytest.fixture(scope="session")
 def micro_sd():
-    from slimsd.micro import build_micro
+    from slimsd.models.micro import build_micro
 
     return build_micro("micro-sd")
 
 
 @pytest.fixture(scope="session")
 def micro_sdxl():
-    from slimsd.micro import build_micro
+    from slimsd.models.micro import build_micro
 
     return build_micro("micro-sdxl")

@@ -2,19 +2,19 @@
 
 __version__ = "0.1.0"
 
-from slimsd.presets import PRESETS, RECIPES, get_preset
+from slimsd.models.presets import PRESETS, RECIPES, get_preset
 
 
 def compress(*args, **kwargs):
-    """See :func:`slimsd.compress.compress`."""
-    from slimsd.compress import compress as _compress
+    """See :func:`slimsd.models.compress.compress`."""
+    from slimsd.models.compress import compress as _compress
 
     return _compress(*args, **kwargs)
 
 
 def load(*args, **kwargs):
-    """A ready diffusers pipeline for a preset, local folder or hub id. See :func:`slimsd.generate.load`."""
-    from slimsd.generate import load as _load
+    """A ready diffusers pipeline for a preset, local folder or hub id. See :func:`slimsd.run.generate.load`."""
+    from slimsd.run.generate import load as _load
 
     return _load(*args, **kwargs)
 

@@ -3,7 +3,7 @@ from pathlib import Path
 
 import click
 
-from slimsd.runtime import DTYPE_CHOICES
+from slimsd.run.runtime import DTYPE_CHOICES
 
 
 @click.command()
@@ -126,9 +126,9 @@ def bench(
     chart_path,
 ):
     """Latency, memory, parameters and MACs of MODELS, side by side (Markdown table, JSON, chart)."""
-    from slimsd import bench as b
     from slimsd.atomic import atomic_write_bytes, atomic_write_text
     from slimsd.errors import SlimsdError
+    from slimsd.measure import bench as b
 
     sizes = None
     if batch_sizes:

@@ -21,8 +21,8 @@ def cache(
     model, data, out, resolution, batch_size, flip, random_crop, seed, overwrite, allow_pickle, as_json
 ):
     """Precompute VAE latents and text embeddings, so that `slimsd distill data=OUT` skips both encoders."""
-    from slimsd.data import write_cache
     from slimsd.errors import SlimsdError
+    from slimsd.train.data import write_cache
 
     if resolution % 8:
         raise SlimsdError(f"--resolution {resolution} is not a multiple of 8")

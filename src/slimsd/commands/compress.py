@@ -18,7 +18,7 @@ import click
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary.")
 def compress(teacher, recipe, out, random_weights, overwrite, allow_pickle, show_map, as_json):
     """Build a student U-Net from TEACHER by RECIPE and write a full diffusers pipeline folder."""
-    from slimsd.compress import compress as run
+    from slimsd.models.compress import compress as run
 
     result = run(
         teacher, recipe, out, random_weights=random_weights, overwrite=overwrite, allow_pickle=allow_pickle

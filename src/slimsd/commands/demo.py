@@ -84,7 +84,7 @@ def demo(
     as_json,
 ):
     """Compress the toy teacher (bk-small), distill it with KD, train a task-only twin, compare the three."""
-    from slimsd.demo import DemoConfig, format_table, run_demo
+    from slimsd.toy.demo import DemoConfig, format_table, run_demo
 
     def log(msg):
         click.echo(msg, err=as_json)

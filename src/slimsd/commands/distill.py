@@ -9,7 +9,7 @@ import click
     "config_file",
     type=click.Path(dir_okay=False),
     default=None,
-    help="YAML config (see configs/); keys as in slimsd.distill.DistillConfig.",
+    help="YAML config (see configs/); keys as in slimsd.train.distill.DistillConfig.",
 )
 @click.argument("overrides", nargs=-1)
 @click.option("--dry-run", is_flag=True, help="Print the resolved config and exit.")
@@ -20,7 +20,7 @@ def distill(config_file, overrides, dry_run, as_json):
     OVERRIDES are key=value pairs on top of the config file, e.g. max_steps=10 mixed_precision=bf16.
     Runs unchanged under `accelerate launch`.
     """
-    from slimsd.distill import config_yaml, load_config, train
+    from slimsd.train.distill import config_yaml, load_config, train
 
     cfg = load_config(config_file, overrides)
     if dry_run:

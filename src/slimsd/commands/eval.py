@@ -2,8 +2,8 @@ import json
 
 import click
 
-from slimsd.evaluate import FID_EXTRACTORS, PROTOCOLS
-from slimsd.generate import DTYPES, SCHEDULERS
+from slimsd.measure.evaluate import FID_EXTRACTORS, PROTOCOLS
+from slimsd.run.generate import DTYPES, SCHEDULERS
 
 
 def _models(ctx, param, value):
@@ -117,7 +117,7 @@ def eval_(as_json, clip_model, more_models, **options):
 
     Models: `--models A B C`, repeated `-m A -m B`, or comma-separated.
     """
-    from slimsd.evaluate import EvalConfig, run_eval
+    from slimsd.measure.evaluate import EvalConfig, run_eval
 
     options["models"] = options["models"] + _models(None, None, more_models)
     config = EvalConfig(clip_model=None if clip_model.lower() == "none" else clip_model, **options)

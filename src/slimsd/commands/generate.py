@@ -96,8 +96,8 @@ def generate(
     MODEL is a preset, micro-sd, micro-sdxl, toy-sd, a local diffusers folder or a hub id. With --from-png,
     MODEL and PROMPT default to those stored in the file.
     """
-    from slimsd import generate as g
     from slimsd.errors import SlimsdError
+    from slimsd.run import generate as g
 
     given = dict(
         negative=negative,

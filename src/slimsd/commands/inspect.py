@@ -18,7 +18,7 @@ def _g(n: float) -> str:
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def inspect(model: str, resolution: int | None, as_json: bool):
     """Parameters and U-Net MACs of MODEL (preset, local folder or hub id), counted on the meta device."""
-    from slimsd.counting import summarize
+    from slimsd.models.counting import summarize
 
     s = summarize(model, resolution)
     if as_json:

@@ -7,7 +7,7 @@ import click
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def presets(as_json: bool):
     """List named teachers, students, micro models and recipes."""
-    from slimsd.presets import PRESETS, RECIPES
+    from slimsd.models.presets import PRESETS, RECIPES
 
     rows = [
         {

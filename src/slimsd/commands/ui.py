@@ -63,8 +63,8 @@ def ui(
     """The web UI: generate with any model, and compare models side by side (endpoint /generate)."""
     from pathlib import Path
 
-    from slimsd.generate import resolve_device, resolve_dtype
-    from slimsd.ui import UIConfig, default_models, launch
+    from slimsd.run.generate import resolve_device, resolve_dtype
+    from slimsd.run.ui import UIConfig, default_models, launch
 
     resolve_dtype(dtype, resolve_device(device))  # bad --device/--dtype: one line now, not per request
     names = [

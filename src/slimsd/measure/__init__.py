@@ -1,0 +1,1 @@
+"""Measuring models: latency / memory / MAC benchmarks, FID / IS / CLIP score evaluation."""

@@ -1,0 +1,1 @@
+"""Models: presets and recipes (data), student architectures, loading, compression, counting, micro models."""

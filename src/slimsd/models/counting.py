@@ -1,0 +1,202 @@
+"""Parameters and MACs, counted on the meta device: no weights, no download, milliseconds per model.
+
+MACs follow the convention of BK-SDM's published table: multiply-accumulates of convolutions and linear
+layers for one U-Net forward at batch 1; the attention score products (QK^T and AV) are not counted.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def count_params(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def build_unet_meta(config: dict):
+    """A ``UNet2DConditionModel`` on the meta device (architecture only)."""
+    from diffusers import UNet2DConditionModel
+
+    with torch.device("meta"):
+        return UNet2DConditionModel.from_config(config)
+
+
+def unet_dummy_inputs(
+    unet, resolution: int, batch: int = 1, device="meta", dtype=torch.float32, vae_factor: int = 8
+):
+    """Inputs of one U-Net forward at ``resolution`` pixels (latents at resolution / vae_factor)."""
+    cfg = unet.config
+    side = resolution // vae_factor
+    sample = torch.zeros(batch, cfg.in_channels, side, side, device=device, dtype=dtype)
+    cross = cfg.cross_attention_dim
+    cross = cross[0] if isinstance(cross, list | tuple) else cross
+    kwargs = {
+        "sample": sample,
+        "timestep": torch.full((batch,), 999, device=device, dtype=torch.long),
+        "encoder_hidden_states": torch.zeros(batch, 77, cross, device=device, dtype=dtype),
+    }
+    if cfg.addition_embed_type == "text_time":
+        pooled = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
+        kwargs["added_cond_kwargs"] = {
+            "text_embeds": torch.zeros(batch, pooled, device=device, dtype=dtype),
+            "time_ids": torch.zeros(batch, 6, device=device, dtype=dtype),
+        }
+    return kwargs
+
+
+def count_macs(module: nn.Module, inputs: dict) -> int:
+    """MACs of one forward of ``module`` on ``inputs`` (convolutions and linear layers only)."""
+    total = 0
+
+    def conv_hook(m: nn.Conv2d, _inp, out):
+        nonlocal total
+        kh, kw = m.kernel_size
+        total += out.numel() * (m.in_channels // m.groups) * kh * kw
+
+    def linear_hook(m: nn.Linear, _inp, out):
+        nonlocal total
+        total += out.numel() * m.in_features
+
+    handles = []
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            handles.append(m.register_forward_hook(conv_hook))
+        elif isinstance(m, nn.Linear):
+            handles.append(m.register_forward_hook(linear_hook))
+    try:
+        with torch.no_grad():
+            module(**inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    return total
+
+
+def unet_macs(unet, resolution: int) -> int:
+    device = next(unet.parameters()).device
+    return count_macs(unet, unet_dummy_inputs(unet, resolution, device=device))
+
+
+def text_encoder_params(config: dict) -> int:
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    config = dict(config)
+    cls = CLIPTextModelWithProjection if config.pop("with_projection", False) else CLIPTextModel
+    cfg = CLIPTextConfig(**config)
+    with torch.device("meta"):
+        return count_params(cls(cfg))
+
+
+def vae_params(config: dict) -> int:
+    from diffusers import AutoencoderKL
+
+    with torch.device("meta"):
+        return count_params(AutoencoderKL.from_config(config))
+
+
+def block_params(unet) -> dict[str, int]:
+    """Parameters of the down blocks, mid block and up blocks (how Segmind reports Vega)."""
+    return {
+        "down": sum(count_params(b) for b in unet.down_blocks),
+        "mid": count_params(unet.mid_block) if unet.mid_block is not None else 0,
+        "up": sum(count_params(b) for b in unet.up_blocks),
+    }
+
+
+def _arch_from_preset(name: str) -> tuple[dict, list[dict], dict, int]:
+    """(unet config, text encoder configs, vae config, default resolution) of a preset, micro or toy model."""
+    from slimsd.models.micro import MICRO_VAE, micro_text_config, micro_unet_config
+    from slimsd.models.presets import get_preset, student_teacher_unet
+
+    if name in ("micro-sd", "micro-sdxl", "toy-sd"):
+        from slimsd.models.micro import load_tokenizer
+
+        micro = "micro-sd" if name == "toy-sd" else name
+        text = micro_text_config(load_tokenizer())
+        encoders = [text] if micro == "micro-sd" else [text, {**text, "with_projection": True}]
+        return micro_unet_config(micro), encoders, MICRO_VAE, 64
+    p = get_preset(name)
+    unet = student_teacher_unet(p)
+    if p.kind == "student":
+        from slimsd.models.architecture import load_recipe, student_config
+
+        unet = student_config(unet, load_recipe(p.recipe))
+    teacher = get_preset(p.teacher) if p.kind == "student" else p
+    return unet, list(teacher.text_encoders), teacher.vae, p.resolution
+
+
+def _arch_from_configs(source: str) -> tuple[dict, list[dict], dict, int]:
+    """Architecture from a local pipeline folder or a hub repo: configs only, no weights."""
+    from diffusers import AutoencoderKL, DiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig
+
+    index = DiffusionPipeline.load_config(source)  # model_index.json: which components the pipeline has
+    unet = dict(UNet2DConditionModel.load_config(source, subfolder="unet"))
+    vae = dict(AutoencoderKL.load_config(source, subfolder="vae"))
+    encoders = []
+    for sub in ("text_encoder", "text_encoder_2"):
+        if not isinstance(index.get(sub), list | tuple) or index[sub][0] is None:
+            continue
+        cfg = CLIPTextConfig.from_pretrained(source, subfolder=sub)
+        d = {
+            k: getattr(cfg, k)
+            for k in (
+                "vocab_size",
+                "hidden_size",
+                "intermediate_size",
+                "num_hidden_layers",
+                "num_attention_heads",
+                "max_position_embeddings",
+                "hidden_act",
+                "projection_dim",
+            )
+        }
+        d["with_projection"] = "CLIPTextModelWithProjection" in (cfg.architectures or [])
+        encoders.append(d)
+    res = int(unet.get("sample_size", 64)) * 2 ** (len(vae.get("block_out_channels", [0] * 4)) - 1)
+    return unet, encoders, vae, res
+
+
+def summarize(model: str, resolution: int | None = None) -> dict:
+    """What ``slimsd inspect`` reports: parameters of each component and U-Net MACs at ``resolution``."""
+    from slimsd.errors import SlimsdError
+    from slimsd.models.loading import describe_model
+    from slimsd.models.presets import PRESETS
+
+    kind = describe_model(model)
+    if kind in ("micro", "toy", "preset"):
+        unet_cfg, encoders, vae_cfg, default_res = _arch_from_preset(model)
+    else:
+        try:
+            unet_cfg, encoders, vae_cfg, default_res = _arch_from_configs(model)
+        except (OSError, ValueError) as e:
+            from slimsd.models.loading import hub_error_reason
+
+            raise SlimsdError(f"could not read the configs of {model!r}: {hub_error_reason(e)}") from None
+    resolution = resolution or default_res
+    vae_factor = 2 ** (len(vae_cfg["block_out_channels"]) - 1)
+    if resolution % vae_factor:
+        raise SlimsdError(f"resolution {resolution} is not a multiple of the VAE factor {vae_factor}")
+    unet = build_unet_meta(unet_cfg)
+    te = [text_encoder_params(c) for c in encoders]
+    vae = vae_params(vae_cfg)
+    up = count_params(unet)
+    macs = count_macs(unet, unet_dummy_inputs(unet, resolution, vae_factor=vae_factor))
+    out = {
+        "model": model,
+        "kind": PRESETS[model].kind if model in PRESETS else kind,
+        "resolution": resolution,
+        "unet_params": up,
+        "unet_macs": macs,
+        "unet_blocks": block_params(unet),
+        "text_encoder_params": sum(te),
+        "text_encoder_params_each": te,
+        "vae_params": vae,
+        "total_params": up + sum(te) + vae,
+        "unet_config": {k: v for k, v in unet_cfg.items() if not k.startswith("_")},
+    }
+    if model in PRESETS and PRESETS[model].published:
+        out["published"] = PRESETS[model].published
+        out["hub_id"] = PRESETS[model].hub_id
+    return out

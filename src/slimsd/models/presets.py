@@ -1,0 +1,413 @@
+"""Named teachers, students, offline micro models and recipes: hub ids, architectures, published figures.
+
+This file is data. The U-Net configs are diffusers ``UNet2DConditionModel`` configs (only the keys that differ
+from diffusers' defaults); the student architectures are *not* written out here: a student is its teacher
+plus a recipe (``recipes/*.yaml``), and ``released`` holds the fields of the checkpoint its authors published,
+so that the tests can check that the recipe rebuilds exactly that architecture.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from slimsd.errors import unknown
+
+# ---------------------------------------------------------------------------------------------------------------
+# Architectures of the full-size components (configs as published with the checkpoints).
+
+SD1_UNET = {
+    "sample_size": 64,
+    "in_channels": 4,
+    "out_channels": 4,
+    "block_out_channels": [320, 640, 1280, 1280],
+    "down_block_types": [
+        "CrossAttnDownBlock2D",
+        "CrossAttnDownBlock2D",
+        "CrossAttnDownBlock2D",
+        "DownBlock2D",
+    ],
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+    "mid_block_type": "UNetMidBlock2DCrossAttn",
+    "layers_per_block": 2,
+    "attention_head_dim": 8,
+    "cross_attention_dim": 768,
+    "norm_num_groups": 32,
+}
+
+SD2_BASE_UNET = {
+    **SD1_UNET,
+    "attention_head_dim": [5, 10, 20, 20],
+    "cross_attention_dim": 1024,
+    "use_linear_projection": True,
+}
+
+SDXL_UNET = {
+    "sample_size": 128,
+    "in_channels": 4,
+    "out_channels": 4,
+    "block_out_channels": [320, 640, 1280],
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    "mid_block_type": "UNetMidBlock2DCrossAttn",
+    "layers_per_block": 2,
+    "transformer_layers_per_block": [1, 2, 10],
+    "attention_head_dim": [5, 10, 20],
+    "cross_attention_dim": 2048,
+    "use_linear_projection": True,
+    "addition_embed_type": "text_time",
+    "addition_time_embed_dim": 256,
+    "projection_class_embeddings_input_dim": 2816,
+    "norm_num_groups": 32,
+}
+
+CLIP_L_TEXT = {  # openai/clip-vit-large-patch14, text tower
+    "vocab_size": 49408,
+    "hidden_size": 768,
+    "intermediate_size": 3072,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 12,
+    "max_position_embeddings": 77,
+    "hidden_act": "quick_gelu",
+    "projection_dim": 768,
+}
+OPENCLIP_H_TEXT = {  # SD 2.x text encoder (OpenCLIP ViT-H/14, penultimate layer: 23 layers kept)
+    "vocab_size": 49408,
+    "hidden_size": 1024,
+    "intermediate_size": 4096,
+    "num_hidden_layers": 23,
+    "num_attention_heads": 16,
+    "max_position_embeddings": 77,
+    "hidden_act": "gelu",
+    "projection_dim": 512,
+}
+OPENCLIP_BIGG_TEXT = {  # SDXL text_encoder_2 (OpenCLIP ViT-bigG/14, with projection)
+    "vocab_size": 49408,
+    "hidden_size": 1280,
+    "intermediate_size": 5120,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 20,
+    "max_position_embeddings": 77,
+    "hidden_act": "gelu",
+    "projection_dim": 1280,
+}
+
+SD_VAE = {
+    "in_channels": 3,
+    "out_channels": 3,
+    "latent_channels": 4,
+    "block_out_channels": [128, 256, 512, 512],
+    "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "up_block_types": ["UpDecoderBlock2D"] * 4,
+    "layers_per_block": 2,
+    "norm_num_groups": 32,
+    "sample_size": 512,
+    "scaling_factor": 0.18215,
+}
+SDXL_VAE = {**SD_VAE, "sample_size": 1024, "scaling_factor": 0.13025, "force_upcast": True}
+
+SD_SCHEDULER = {
+    "_class_name": "PNDMScheduler",
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "num_train_timesteps": 1000,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "prediction_type": "epsilon",
+}
+SD2_BASE_SCHEDULER = {**SD_SCHEDULER, "_class_name": "DDIMScheduler", "clip_sample": False}
+SDXL_SCHEDULER = {
+    "_class_name": "EulerDiscreteScheduler",
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "num_train_timesteps": 1000,
+    "steps_offset": 1,
+    "timestep_spacing": "leading",
+    "prediction_type": "epsilon",
+}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    kind: str  # "teacher" | "student" | "micro"
+    family: str  # "sd" (SD 1.x/2.x layout, 4 stages, one text encoder) | "sdxl"
+    hub_id: str | None = None
+    teacher: str | None = None  # students: the preset their architecture derives from
+    recipe: str | None = None  # students: the recipe that removes blocks from the teacher
+    unet: dict | None = None  # teachers and micro models: the U-Net config
+    text_encoders: tuple[dict, ...] = ()
+    vae: dict | None = None
+    scheduler: dict | None = None
+    resolution: int = 512  # default image size in pixels
+    released: dict = field(default_factory=dict)  # students: architecture fields of the published checkpoint
+    published: dict = field(default_factory=dict)  # published figures, with their source
+    note: str = ""
+
+
+_BK_SRC = "BK-SDM (Kim et al., 2023), Table 1 / model cards"
+
+PRESETS: dict[str, Preset] = {}
+
+
+def _add(p: Preset) -> None:
+    PRESETS[p.name] = p
+
+
+# Teachers ------------------------------------------------------------------------------------------------------
+_add(
+    Preset(
+        "sd-v1.4",
+        "teacher",
+        "sd",
+        "CompVis/stable-diffusion-v1-4",
+        unet=SD1_UNET,
+        text_encoders=(CLIP_L_TEXT,),
+        vae=SD_VAE,
+        scheduler=SD_SCHEDULER,
+        published={"unet_params": 859_520_964, "unet_macs_512": 338.7e9, "source": _BK_SRC},
+    )
+)
+_add(
+    Preset(
+        "sd-v1.5",
+        "teacher",
+        "sd",
+        "stable-diffusion-v1-5/stable-diffusion-v1-5",
+        unet=SD1_UNET,
+        text_encoders=(CLIP_L_TEXT,),
+        vae=SD_VAE,
+        scheduler=SD_SCHEDULER,
+        published={"unet_params": 859_520_964, "source": "same architecture as sd-v1.4"},
+    )
+)
+_add(
+    Preset(
+        "sd-v2.1-base",
+        "teacher",
+        "sd",
+        "stabilityai/stable-diffusion-2-1-base",
+        unet=SD2_BASE_UNET,
+        text_encoders=(OPENCLIP_H_TEXT,),
+        vae=SD_VAE,
+        scheduler=SD2_BASE_SCHEDULER,
+        published={"unet_params": 865_910_724, "source": "stabilityai/stable-diffusion-2-1-base unet"},
+    )
+)
+_add(
+    Preset(
+        "sdxl-base-1.0",
+        "teacher",
+        "sdxl",
+        "stabilityai/stable-diffusion-xl-base-1.0",
+        unet=SDXL_UNET,
+        text_encoders=(CLIP_L_TEXT, {**OPENCLIP_BIGG_TEXT, "with_projection": True}),
+        vae=SDXL_VAE,
+        scheduler=SDXL_SCHEDULER,
+        resolution=1024,
+        published={"unet_params": 2_567_463_684, "source": "stabilityai/stable-diffusion-xl-base-1.0 unet"},
+    )
+)
+
+# Students ------------------------------------------------------------------------------------------------------
+_BK_BASE = {
+    "layers_per_block": 1,
+    "mid_block_type": "UNetMidBlock2DCrossAttn",
+    "block_out_channels": [320, 640, 1280, 1280],
+}
+_BK_SMALL = {"layers_per_block": 1, "mid_block_type": None, "block_out_channels": [320, 640, 1280, 1280]}
+_BK_TINY = {
+    "layers_per_block": 1,
+    "mid_block_type": None,
+    "block_out_channels": [320, 640, 1280],
+    "down_block_types": ["CrossAttnDownBlock2D"] * 3,
+    "up_block_types": ["CrossAttnUpBlock2D"] * 3,
+}
+
+_add(
+    Preset(
+        "bk-sdm-base",
+        "student",
+        "sd",
+        "nota-ai/bk-sdm-base",
+        teacher="sd-v1.4",
+        recipe="bk-base",
+        released=_BK_BASE,
+        published={"unet_params": 579_384_964, "unet_macs_512": 223.8e9, "source": _BK_SRC},
+    )
+)
+_add(
+    Preset(
+        "bk-sdm-small",
+        "student",
+        "sd",
+        "nota-ai/bk-sdm-small",
+        teacher="sd-v1.4",
+        recipe="bk-small",
+        released=_BK_SMALL,
+        published={"unet_params": 482_346_884, "unet_macs_512": 217.7e9, "source": _BK_SRC},
+    )
+)
+_add(
+    Preset(
+        "bk-sdm-tiny",
+        "student",
+        "sd",
+        "nota-ai/bk-sdm-tiny",
+        teacher="sd-v1.4",
+        recipe="bk-tiny",
+        released=_BK_TINY,
+        published={"unet_params": 323_384_964, "unet_macs_512": 205.0e9, "source": _BK_SRC},
+    )
+)
+_add(
+    Preset(
+        "bk-sdm-v2-base",
+        "student",
+        "sd",
+        "nota-ai/bk-sdm-v2-base",
+        teacher="sd-v2.1-base",
+        recipe="bk-base",
+        released=_BK_BASE,
+    )
+)
+_add(
+    Preset(
+        "bk-sdm-v2-small",
+        "student",
+        "sd",
+        "nota-ai/bk-sdm-v2-small",
+        teacher="sd-v2.1-base",
+        recipe="bk-small",
+        released=_BK_SMALL,
+    )
+)
+_add(
+    Preset(
+        "bk-sdm-v2-tiny",
+        "student",
+        "sd",
+        "nota-ai/bk-sdm-v2-tiny",
+        teacher="sd-v2.1-base",
+        recipe="bk-tiny",
+        released={**_BK_TINY, "attention_head_dim": [5, 10, 20]},
+    )
+)
+# Segmind's SD-Small / SD-Tiny (distill-sd, teacher Realistic Vision 4.0, an SD 1.5 fine-tune) use the
+# BK-SDM base and tiny block layouts; their published config.json files say so.
+_add(
+    Preset(
+        "segmind-small-sd",
+        "student",
+        "sd",
+        "segmind/small-sd",
+        teacher="sd-v1.5",
+        recipe="bk-base",
+        released=_BK_BASE,
+        published={"unet_params": 579_384_964, "source": "segmind/small-sd unet/config.json"},
+        note="teacher: SG161222/Realistic_Vision_V4.0 (SD 1.5 architecture)",
+    )
+)
+_add(
+    Preset(
+        "segmind-tiny-sd",
+        "student",
+        "sd",
+        "segmind/tiny-sd",
+        teacher="sd-v1.5",
+        recipe="bk-tiny",
+        released=_BK_TINY,
+        published={"unet_params": 323_384_964, "source": "segmind/tiny-sd unet/config.json"},
+        note="teacher: SG161222/Realistic_Vision_V4.0 (SD 1.5 architecture)",
+    )
+)
+_add(
+    Preset(
+        "ssd-1b",
+        "student",
+        "sdxl",
+        "segmind/SSD-1B",
+        teacher="sdxl-base-1.0",
+        recipe="ssd-1b",
+        resolution=1024,
+        released={
+            "layers_per_block": 2,
+            "mid_block_type": "UNetMidBlock2D",
+            "transformer_layers_per_block": [1, 2, 4],
+            "reverse_transformer_layers_per_block": [[4, 4, 10], [2, 1, 1], [1, 1, 1]],
+        },
+        published={"unet_params_approx": 1.3e9, "source": "segmind/SSD-1B model card (1.3B U-Net)"},
+    )
+)
+_add(
+    Preset(
+        "segmind-vega",
+        "student",
+        "sdxl",
+        "segmind/Segmind-Vega",
+        teacher="sdxl-base-1.0",
+        recipe="vega",
+        resolution=1024,
+        released={
+            "layers_per_block": 2,
+            "mid_block_type": "UNetMidBlock2D",
+            "transformer_layers_per_block": [1, 1, 2],
+            "reverse_transformer_layers_per_block": [[2, 2, 2], [1, 1, 1], [1, 1, 1]],
+        },
+        published={
+            "unet_params_approx": 745e6,
+            "down_params_approx": 247e6,
+            "mid_params_approx": 31e6,
+            "up_params_approx": 460e6,
+            "source": "Segmind-Vega model card",
+        },
+    )
+)
+
+# Offline micro models (built by slimsd.models.micro; no download) -------------------------------------------------------
+_add(
+    Preset(
+        "micro-sd",
+        "micro",
+        "sd",
+        None,
+        resolution=64,
+        note="tiny random-weight SD 1.x layout (4 stages), built offline by slimsd.models.micro",
+    )
+)
+_add(
+    Preset(
+        "micro-sdxl",
+        "micro",
+        "sdxl",
+        None,
+        resolution=64,
+        note="tiny random-weight SDXL layout (3 stages, two text encoders), built offline by slimsd.models.micro",
+    )
+)
+
+RECIPES: dict[str, str] = {  # recipe name -> the teacher family it applies to
+    "bk-base": "sd",
+    "bk-small": "sd",
+    "bk-tiny": "sd",
+    "ssd-1b": "sdxl",
+    "vega": "sdxl",
+}
+
+
+def get_preset(name: str) -> Preset:
+    if name not in PRESETS:
+        raise unknown("preset", name, PRESETS)
+    return PRESETS[name]
+
+
+def student_teacher_unet(preset: Preset) -> dict:
+    """The U-Net config of a teacher preset; for a student, its teacher's."""
+    if preset.kind == "student":
+        return get_preset(preset.teacher).unet
+    return preset.unet

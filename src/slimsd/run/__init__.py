@@ -1,0 +1,1 @@
+"""Running a model: the fast runtime, generation, PNG info and output files, the web UI."""

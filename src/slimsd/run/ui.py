@@ -1,0 +1,415 @@
+"""The web UI: a Gradio Blocks app over :mod:`slimsd.run.generate`.
+
+Two tabs. *Generate*: model, prompt, negative prompt, an "Advanced" accordion (steps, guidance, size, seed with
+randomize, number of images, scheduler) and a PNG gallery whose files are the very PNGs written to the output
+folder, so a download keeps its ``parameters`` chunk. *Compare*: one prompt and seed on several models side by
+side, each with its time: the source articles' four-model timing notebook, as a page.
+
+Models load on first use and stay in a small LRU cache; dropping one (evicted, or the "Unload" button) deletes
+the pipeline and frees its memory. The queue is on, with a concurrency limit shared by both tabs (one model
+run at a time on the device by default) and a maximum size: a burst past it is refused cleanly, and the app
+keeps serving. Endpoints ``/generate`` and ``/compare`` work with ``gradio_client``.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from slimsd.errors import SlimsdError
+from slimsd.run import generate as g
+
+DEFAULT_SCHEDULER = "model default"
+
+
+def default_models() -> list[str]:
+    """The offline models first (micro, and the toy teacher when it is installed), then every preset."""
+    import importlib.util
+
+    from slimsd.models.loading import MICRO_NAMES, TOY_NAMES
+    from slimsd.models.presets import PRESETS
+
+    names = list(MICRO_NAMES)
+    if importlib.util.find_spec("slimsd.toy.teacher") is not None:
+        names += list(TOY_NAMES)
+    return names + [n for n, p in PRESETS.items() if p.kind in ("teacher", "student") and n not in names]
+
+
+@dataclass
+class UIConfig:
+    models: list[str] = field(default_factory=default_models)
+    out_dir: Path = Path("outputs/ui")
+    device: str | None = None
+    dtype: str | None = None
+    allow_pickle: bool = False
+    max_loaded: int = 2  # pipelines kept in memory at once
+    concurrency: int = 1  # model runs at once, both tabs together
+    max_queue: int = 16  # waiting requests beyond this are refused
+
+
+class ModelCache:
+    """Pipelines by model name, loaded on first use, least recently used dropped beyond ``max_loaded``."""
+
+    def __init__(self, config: UIConfig):
+        self.config = config
+        self._pipes: OrderedDict[str, object] = OrderedDict()
+        self._lock = threading.Lock()  # guards the dict and loading
+        self._run_locks: dict[str, threading.Lock] = {}  # a pipeline's scheduler is state: one run at a time
+
+    def loaded(self) -> list[str]:
+        with self._lock:
+            return list(self._pipes)
+
+    def get(self, model: str):
+        model = (model or "").strip()
+        if not model:
+            raise SlimsdError("no model selected")
+        with self._lock:
+            if model in self._pipes:
+                self._pipes.move_to_end(model)
+                return self._pipes[model]
+            while len(self._pipes) >= max(1, self.config.max_loaded):
+                self._drop_locked(next(iter(self._pipes)))
+            pipe = g.load(
+                model,
+                device=self.config.device,
+                dtype=self.config.dtype,
+                allow_pickle=self.config.allow_pickle,
+            )
+            pipe.set_progress_bar_config(disable=True)
+            self._pipes[model] = pipe
+            self._run_locks.setdefault(model, threading.Lock())
+            return pipe
+
+    @contextmanager
+    def using(self, model: str) -> Iterator[object]:
+        pipe = self.get(model)
+        with self._run_locks[model.strip()]:
+            yield pipe
+
+    def drop(self, model: str) -> bool:
+        with self._lock:
+            return self._drop_locked(model)
+
+    def _drop_locked(self, model: str) -> bool:
+        pipe = self._pipes.pop(model, None)
+        if pipe is None:
+            return False
+        del pipe  # a run in progress keeps its own reference; memory goes when it ends
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        return True
+
+
+def _int(value, name: str) -> int:
+    try:
+        f = float(value)
+    except (TypeError, ValueError):
+        raise SlimsdError(f"{name} {value!r} is not a number") from None
+    if not f.is_integer():
+        raise SlimsdError(f"{name} {value!r} is not a whole number")
+    return int(f)
+
+
+def run_generate(
+    cache: ModelCache,
+    model,
+    prompt,
+    negative,
+    steps,
+    guidance,
+    width,
+    height,
+    seed,
+    randomize,
+    num_images,
+    scheduler,
+    progress=None,
+    warn=None,
+):
+    """One Generate click: -> (gallery items [(png path, caption)], markdown summary). Raises SlimsdError."""
+    prompt = (prompt or "").strip()
+    if not prompt:
+        raise SlimsdError("the prompt is empty; type what the image should show")
+    seed = -1 if randomize else _int(seed, "seed")
+    scheduler = None if scheduler in (None, "", DEFAULT_SCHEDULER) else scheduler
+    steps, width, height, num_images = (
+        _int(v, n)
+        for v, n in ((steps, "steps"), (width, "width"), (height, "height"), (num_images, "num images"))
+    )
+    g.validate(
+        steps=steps,
+        guidance=float(guidance),
+        width=width or 64,
+        height=height or 64,
+        seed=seed,
+        num_images=num_images,
+        scheduler=scheduler,
+    )  # before loading anything
+    with cache.using(model) as pipe:
+        results = g.generate(
+            pipe,
+            prompt,
+            negative=negative or "",
+            steps=steps,
+            guidance=float(guidance),
+            width=width or None,
+            height=height or None,
+            seed=seed,
+            num_images=num_images,
+            batch_size=1,
+            scheduler=scheduler,
+            progress=progress,
+            on_warning=warn,
+        )
+    g.save_images(results, cache.config.out_dir)
+    items = [(str(r.path), f"seed {r.seed} · {r.time_s:.2f} s") for r in results]
+    lines = [
+        f"**{model.strip()}** · {results[0].settings.scheduler} · {steps} steps · "
+        f"{results[0].settings.width}x{results[0].settings.height}",
+        "",
+    ]
+    lines += [
+        f"- image {i}: seed `{r.seed}`, {r.time_s:.2f} s — `{r.path.name}`" for i, r in enumerate(results)
+    ]
+    return items, "\n".join(lines)
+
+
+def run_compare(
+    cache: ModelCache, models, prompt, negative, steps, guidance, seed, scheduler, progress=None, warn=None
+):
+    """The same prompt and seed on each model in turn -> (gallery items, table rows)."""
+    models = [m for m in (models or []) if m and m.strip()]
+    if not models:
+        raise SlimsdError("no model selected; tick at least one model to compare")
+    prompt = (prompt or "").strip()
+    if not prompt:
+        raise SlimsdError("the prompt is empty; type what the images should show")
+    seed = _int(seed, "seed")
+    seed = g.draw_seed() if seed == -1 else seed
+    steps = _int(steps, "steps")
+    scheduler = None if scheduler in (None, "", DEFAULT_SCHEDULER) else scheduler
+    g.validate(steps=steps, guidance=float(guidance), width=64, height=64, seed=seed, scheduler=scheduler)
+    items, rows = [], []
+    for k, model in enumerate(models):
+        start = time.perf_counter()
+        with cache.using(model) as pipe:
+            load_s = time.perf_counter() - start
+            unet_m = sum(p.numel() for p in pipe.unet.parameters()) / 1e6
+
+            def step(done, total, _k=k, _m=model):
+                if progress is not None:
+                    progress((_k * total + done, len(models) * total), desc=_m)
+
+            (r,) = g.generate(
+                pipe,
+                prompt,
+                negative=negative or "",
+                steps=steps,
+                guidance=float(guidance),
+                seed=seed,
+                scheduler=scheduler,
+                progress=step,
+                on_warning=warn,
+            )
+        g.save_images([r], cache.config.out_dir)
+        items.append((str(r.path), f"{model} · {r.time_s:.2f} s"))
+        rows.append([model, round(r.time_s, 3), round(load_s, 2), round(unet_m, 2), r.seed])
+    return items, rows
+
+
+def build_app(config: UIConfig | None = None, cache: ModelCache | None = None):
+    """The Gradio Blocks app (not launched)."""
+    import gradio as gr
+
+    config = config or UIConfig()
+    cache = cache or ModelCache(config)
+    models = list(dict.fromkeys(config.models)) or default_models()
+    schedulers = [DEFAULT_SCHEDULER, *g.SCHEDULERS]
+
+    def progress_cb(progress):
+        return lambda done, total: progress((done, total), desc="denoising")
+
+    def on_generate(
+        model,
+        prompt,
+        negative,
+        steps,
+        guidance,
+        width,
+        height,
+        seed,
+        randomize,
+        num_images,
+        scheduler,
+        progress=gr.Progress(),
+    ):
+        try:
+            return run_generate(
+                cache,
+                model,
+                prompt,
+                negative,
+                steps,
+                guidance,
+                width,
+                height,
+                seed,
+                randomize,
+                num_images,
+                scheduler,
+                progress=progress_cb(progress),
+                warn=gr.Warning,
+            )
+        except SlimsdError as e:
+            raise gr.Error(str(e)) from None
+        except Exception as e:  # e.g. a broken checkpoint: show it in the page; the app keeps serving
+            raise gr.Error(f"{type(e).__name__}: {e}") from e
+
+    def on_compare(selected, prompt, negative, steps, guidance, seed, scheduler, progress=gr.Progress()):
+        try:
+            return run_compare(
+                cache,
+                selected,
+                prompt,
+                negative,
+                steps,
+                guidance,
+                seed,
+                scheduler,
+                progress=progress,
+                warn=gr.Warning,
+            )
+        except SlimsdError as e:
+            raise gr.Error(str(e)) from None
+        except Exception as e:  # e.g. a broken checkpoint: show it in the page; the app keeps serving
+            raise gr.Error(f"{type(e).__name__}: {e}") from e
+
+    def on_unload(model):
+        dropped = cache.drop((model or "").strip())
+        state = ", ".join(cache.loaded()) or "none"
+        return f"{'Unloaded' if dropped else 'Not loaded:'} {model}. Loaded now: {state}."
+
+    with gr.Blocks(title="slimsd", analytics_enabled=False) as app:
+        gr.Markdown("# slimsd\nDistilled Stable Diffusion: generate, and compare models side by side.")
+        with gr.Tab("Generate"):
+            with gr.Row():
+                model = gr.Dropdown(
+                    models,
+                    value=models[0],
+                    label="Model",
+                    allow_custom_value=True,
+                    info="A preset, micro model, local diffusers folder or hub id",
+                    scale=3,
+                )
+                unload = gr.Button("Unload model", scale=1)
+            prompt = gr.Textbox(label="Prompt", lines=2, elem_id="prompt")
+            negative = gr.Textbox(label="Negative prompt", lines=1, elem_id="negative")
+            with gr.Accordion("Advanced", open=False, elem_id="advanced"):
+                with gr.Row():
+                    steps = gr.Slider(1, g.STEPS_RANGE[1], value=25, step=1, label="Steps", elem_id="steps")
+                    guidance = gr.Slider(0, g.GUIDANCE_RANGE[1], value=7.5, step=0.5, label="Guidance (CFG)")
+                with gr.Row():
+                    width = gr.Slider(0, g.SIZE_RANGE[1], value=0, step=8, label="Width (0: the model's own)")
+                    height = gr.Slider(
+                        0, g.SIZE_RANGE[1], value=0, step=8, label="Height (0: the model's own)"
+                    )
+                with gr.Row():
+                    seed = gr.Number(value=0, precision=0, label="Seed (image i uses seed+i)")
+                    randomize = gr.Checkbox(value=True, label="Randomize seed")
+                    num_images = gr.Slider(1, 8, value=2, step=1, label="Images", elem_id="num-images")
+                    scheduler = gr.Dropdown(schedulers, value=DEFAULT_SCHEDULER, label="Scheduler")
+            run = gr.Button("Generate", variant="primary", elem_id="generate")
+            gallery = gr.Gallery(
+                label="Images",
+                format="png",
+                type="filepath",
+                columns=4,
+                elem_id="gallery",
+                buttons=["download", "fullscreen"],
+            )
+            info = gr.Markdown(elem_id="info")
+            status = gr.Markdown()
+            run.click(
+                on_generate,
+                [
+                    model,
+                    prompt,
+                    negative,
+                    steps,
+                    guidance,
+                    width,
+                    height,
+                    seed,
+                    randomize,
+                    num_images,
+                    scheduler,
+                ],
+                [gallery, info],
+                api_name="generate",
+                concurrency_id="device",
+            )
+            unload.click(on_unload, [model], [status], api_name="unload", queue=False)
+        with gr.Tab("Compare"):
+            c_models = gr.CheckboxGroup(models, value=models[:2], label="Models")
+            c_prompt = gr.Textbox(label="Prompt", lines=2)
+            c_negative = gr.Textbox(label="Negative prompt")
+            with gr.Row():
+                c_steps = gr.Slider(1, g.STEPS_RANGE[1], value=25, step=1, label="Steps")
+                c_guidance = gr.Slider(0, g.GUIDANCE_RANGE[1], value=7.5, step=0.5, label="Guidance (CFG)")
+                c_seed = gr.Number(value=0, precision=0, label="Seed (-1: random)")
+                c_scheduler = gr.Dropdown(schedulers, value=DEFAULT_SCHEDULER, label="Scheduler")
+            c_run = gr.Button("Compare", variant="primary")
+            c_gallery = gr.Gallery(label="Side by side", format="png", type="filepath", columns=4)
+            c_table = gr.Dataframe(
+                headers=["model", "generate s", "load s", "U-Net params (M)", "seed"],
+                label="Times (generation excludes loading)",
+                interactive=False,
+            )
+            c_run.click(
+                on_compare,
+                [c_models, c_prompt, c_negative, c_steps, c_guidance, c_seed, c_scheduler],
+                [c_gallery, c_table],
+                api_name="compare",
+                concurrency_id="device",
+            )
+    app.queue(max_size=config.max_queue, default_concurrency_limit=config.concurrency)
+    app.slimsd_cache = cache
+    return app
+
+
+def launch(
+    config: UIConfig, host: str = "127.0.0.1", port: int = 7860, share: bool = False, block: bool = True
+):
+    """Serve the app; on 127.0.0.1 unless HOST says otherwise, and public only with ``share=True``."""
+    import gradio as gr
+
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    config.out_dir = Path(config.out_dir).resolve()
+    config.out_dir.mkdir(parents=True, exist_ok=True)
+    app = build_app(config)
+    # System fonts: the default theme fetches Google Fonts, which an offline machine cannot reach.
+    theme = gr.themes.Default(
+        font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"]
+    )
+    app.launch(
+        server_name=host,
+        server_port=port,
+        share=share,
+        allowed_paths=[str(config.out_dir)],
+        prevent_thread_lock=not block,
+        show_error=True,
+        theme=theme,
+        footer_links=["api"],
+    )
+    return app

@@ -1,0 +1,1 @@
+"""The toy world: the procedural shapes data, the trained toy teacher, and ``slimsd demo`` built on them."""

@@ -1,0 +1,558 @@
+"""Image + caption data for distillation, and the latent cache.
+
+Sources (``open_source(spec)``), all map-style so that the trainer owns the order (exact resume, and the same
+examples whether one process or several read them):
+
+- ``shapes:N``: N procedural images of the shapes world (``slimsd.toy.shapes.make_dataset``);
+- a folder with ``metadata.jsonl`` (the Hugging Face imagefolder convention: ``file_name`` + ``text``/``caption``);
+- a folder of images with ``.txt`` caption sidecars (same stem);
+- webdataset ``.tar`` shards (a path, a glob, or a folder of them): members grouped by key, an image
+  (jpg/jpeg/png/webp) plus ``.txt`` or ``.json`` (``caption``/``text``);
+- parquet (a file or a folder of them): an image column (bytes, or a struct with ``bytes``) and a caption column;
+- a latent cache written by ``slimsd cache`` (a folder with ``cache.json``): VAE latents and text embeddings,
+  so training skips the VAE encoder and the text encoder(s).
+
+A row whose caption is missing is dropped when the source is indexed; a row whose image cannot be decoded is
+dropped when it is read. Both are counted by reason (``skipped``), never a crash.
+"""
+
+from __future__ import annotations
+
+import glob
+import io
+import json
+import random
+import tarfile
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from slimsd.errors import SlimsdError
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+CAPTION_KEYS = ("text", "caption", "prompt")
+IMAGE_COLUMNS = ("image", "jpg", "png", "image_bytes", "img")
+CACHE_FORMAT = 1
+
+
+class BadRow(Exception):
+    """A row that cannot be used; ``args[0]`` is the reason that is counted."""
+
+
+@dataclass
+class Source:
+    """Rows by index. ``rows[i]`` is whatever ``read(row)`` needs; ``skipped`` counts rows dropped at indexing."""
+
+    kind: str
+    rows: list
+    read: object  # callable(row) -> (PIL.Image, caption) or a dict of cached tensors
+    skipped: Counter = field(default_factory=Counter)
+    info: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+
+def _caption(value) -> str | None:
+    if isinstance(value, dict):
+        for k in CAPTION_KEYS:
+            if isinstance(value.get(k), str):
+                return _caption(value[k])
+        return None
+    if isinstance(value, str) and value.strip():
+        return value.strip()
+    return None
+
+
+def _decode(data: bytes) -> Image.Image:
+    try:
+        img = Image.open(io.BytesIO(data))
+        img.load()
+        return img.convert("RGB")
+    except Exception as e:  # PIL raises many types for bad bytes
+        raise BadRow("unreadable_image") from e
+
+
+def _open_image(path: Path) -> Image.Image:
+    try:
+        return _decode(path.read_bytes())
+    except OSError as e:
+        raise BadRow("missing_image") from e
+
+
+# --- sources ---------------------------------------------------------------------------------------------------
+
+
+def _shapes_source(n: int, seed: int) -> Source:
+    from slimsd.toy.shapes import make_dataset
+
+    return Source("shapes", make_dataset(n, seed=seed), lambda row: row)
+
+
+def _imagefolder_source(folder: Path) -> Source:
+    skipped: Counter = Counter()
+    rows = []
+    for line in (folder / "metadata.jsonl").read_text().splitlines():
+        if not line.strip():
+            continue
+        try:
+            meta = json.loads(line)
+        except json.JSONDecodeError:
+            skipped["bad_metadata_line"] += 1
+            continue
+        name = meta.get("file_name") if isinstance(meta, dict) else None
+        if not isinstance(name, str) or Path(name).is_absolute() or ".." in Path(name).parts:
+            skipped["bad_metadata_line"] += 1
+            continue
+        caption = _caption(meta)
+        if caption is None:
+            skipped["missing_caption"] += 1
+            continue
+        rows.append((folder / name, caption))
+    return Source("imagefolder", rows, lambda row: (_open_image(row[0]), row[1]), skipped)
+
+
+def _sidecar_source(folder: Path) -> Source:
+    skipped: Counter = Counter()
+    rows = []
+    for path in sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()):
+        txt = path.with_suffix(".txt")
+        caption = _caption(txt.read_text(errors="replace")) if txt.is_file() else None
+        if caption is None:
+            skipped["missing_caption"] += 1
+            continue
+        rows.append((path, caption))
+    return Source("sidecar", rows, lambda row: (_open_image(row[0]), row[1]), skipped)
+
+
+def _tar_paths(spec: str) -> list[Path]:
+    p = Path(spec)
+    if p.is_dir():
+        return sorted(p.glob("*.tar"))
+    if any(c in spec for c in "*?["):
+        return [Path(x) for x in sorted(glob.glob(spec))]
+    return [p] if p.is_file() else []
+
+
+def _webdataset_source(paths: list[Path]) -> Source:
+    """Index the shards' members (offsets only); read an image's bytes on demand by seeking into the tar."""
+    skipped: Counter = Counter()
+    rows = []
+    for path in paths:
+        try:
+            tar = tarfile.open(path)  # noqa: SIM115 (closed by the `with tar:` below)
+        except (tarfile.TarError, OSError) as e:
+            raise SlimsdError(f"data shard {str(path)!r} is not a readable tar file: {e}") from None
+        groups: dict[str, dict[str, tarfile.TarInfo]] = {}
+        with tar:
+            for m in tar.getmembers():
+                if not m.isfile():
+                    continue
+                base = m.name.rsplit("/", 1)[-1]
+                if "." not in base:
+                    continue
+                stem, ext = base.split(".", 1)  # webdataset: the key ends at the first dot of the basename
+                key = f"{m.name.rsplit('/', 1)[0]}/{stem}" if "/" in m.name else stem
+                groups.setdefault(key, {})[ext.lower()] = m
+            for key, members in groups.items():
+                image = next((members[e] for e in ("jpg", "jpeg", "png", "webp") if e in members), None)
+                if image is None:
+                    skipped["missing_image"] += 1
+                    continue
+                caption = None
+                if "txt" in members:
+                    caption = _caption(tar.extractfile(members["txt"]).read().decode("utf-8", "replace"))
+                elif "json" in members:
+                    try:
+                        caption = _caption(json.loads(tar.extractfile(members["json"]).read()))
+                    except json.JSONDecodeError:
+                        caption = None
+                if caption is None:
+                    skipped["missing_caption"] += 1
+                    continue
+                rows.append((path, image.offset_data, image.size, caption, key))
+
+    def read(row):
+        path, offset, size, caption, _ = row
+        with open(path, "rb") as f:
+            f.seek(offset)
+            return _decode(f.read(size)), caption
+
+    return Source("webdataset", rows, read, skipped)
+
+
+def _parquet_source(paths: list[Path]) -> Source:
+    import pyarrow.parquet as pq
+
+    skipped: Counter = Counter()
+    rows = []
+    for path in paths:
+        pf = pq.ParquetFile(path)
+        names = pf.schema_arrow.names
+        image_col = next((c for c in IMAGE_COLUMNS if c in names), None)
+        caption_col = next((c for c in CAPTION_KEYS if c in names), None)
+        if image_col is None or caption_col is None:
+            raise SlimsdError(
+                f"parquet file {str(path)!r} has columns {names}; it needs an image column (one of "
+                f"{', '.join(IMAGE_COLUMNS)}) and a caption column (one of {', '.join(CAPTION_KEYS)})"
+            )
+        for g in range(pf.num_row_groups):
+            captions = pf.read_row_group(g, columns=[caption_col]).column(0).to_pylist()
+            for r, c in enumerate(captions):
+                caption = _caption(c)
+                if caption is None:
+                    skipped["missing_caption"] += 1
+                    continue
+                rows.append((str(path), g, r, image_col, caption))
+
+    cache: dict = {}
+
+    def read(row):
+        path, g, r, col, caption = row
+        if cache.get("key") != (path, g):  # rows come mostly in order within a row group: keep the last one
+            cache["key"] = (path, g)
+            cache["column"] = pq.ParquetFile(path).read_row_group(g, columns=[col]).column(0)
+        value = cache["column"][r].as_py()
+        if isinstance(value, dict):
+            value = value.get("bytes")
+        if not isinstance(value, bytes | bytearray):
+            raise BadRow("missing_image")
+        return _decode(bytes(value)), caption
+
+    return Source("parquet", rows, read, skipped)
+
+
+def _cache_source(folder: Path) -> Source:
+    from safetensors import safe_open
+
+    info = json.loads((folder / "cache.json").read_text())
+    if info.get("format") != CACHE_FORMAT:
+        raise SlimsdError(
+            f"latent cache {str(folder)!r} has format {info.get('format')!r}; expected {CACHE_FORMAT}"
+        )
+    rows = [(shard, i) for shard, n in info["shards"] for i in range(n)]
+    handles: dict = {}
+
+    def read(row):
+        shard, i = row
+        if shard not in handles:
+            handles[shard] = safe_open(str(folder / shard), framework="pt")
+        f = handles[shard]
+        return {k: f.get_slice(k)[i : i + 1][0] for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
+
+    return Source("cache", rows, read, Counter(info.get("skipped", {})), info)
+
+
+def open_source(spec: str, seed: int = 0) -> Source:
+    """The data source for ``spec`` (see the module docstring)."""
+    spec = str(spec)
+    if spec.startswith("shapes:"):
+        try:
+            n = int(spec.split(":", 1)[1])
+        except ValueError:
+            n = 0
+        if n < 1:
+            raise SlimsdError(f"data {spec!r}: expected shapes:N with N >= 1")
+        return _shapes_source(n, seed)
+    p = Path(spec)
+    if p.is_dir():
+        if (p / "cache.json").is_file():
+            return _cache_source(p)
+        if (p / "metadata.jsonl").is_file():
+            return _imagefolder_source(p)
+        if list(p.glob("*.parquet")):
+            return _parquet_source(sorted(p.glob("*.parquet")))
+        if list(p.glob("*.tar")):
+            return _webdataset_source(sorted(p.glob("*.tar")))
+        return _sidecar_source(p)
+    if p.suffix == ".parquet" and p.is_file():
+        return _parquet_source([p])
+    if spec.endswith(".tar") or any(c in spec for c in "*?["):
+        paths = _tar_paths(spec)
+        if paths:
+            return _webdataset_source(paths)
+    raise SlimsdError(
+        f"data {spec!r}: not found or not understood; allowed: shapes:N, an image folder (metadata.jsonl or .txt "
+        "sidecars), webdataset .tar shard(s) (path or glob), a .parquet file or folder, a `slimsd cache` folder"
+    )
+
+
+# --- examples and batches --------------------------------------------------------------------------------------
+
+
+def _rng(seed: int, epoch: int, index: int) -> random.Random:
+    """Per-example randomness (crop, flip) that depends only on (seed, epoch, index): the same whichever
+    process reads the example, and the same after a resume."""
+    return random.Random((seed * 1_000_003 + epoch) * 1_000_000_007 + index)
+
+
+def preprocess(
+    image: Image.Image,
+    resolution: int,
+    center_crop: bool = True,
+    flip: bool = False,
+    rng: random.Random | None = None,
+) -> dict:
+    """Resize the short side to ``resolution``, crop a square (centre, or random with ``rng``), flip, scale to
+    [-1, 1]. Also returns SDXL's size conditioning: the original size and the crop's top-left corner."""
+    w, h = image.size
+    scale = resolution / min(w, h)
+    nw, nh = max(resolution, round(w * scale)), max(resolution, round(h * scale))
+    img = image.resize((nw, nh), Image.Resampling.BICUBIC) if (nw, nh) != (w, h) else image
+    if center_crop or rng is None:
+        top, left = (nh - resolution) // 2, (nw - resolution) // 2
+    else:
+        top, left = rng.randint(0, nh - resolution), rng.randint(0, nw - resolution)
+    img = img.crop((left, top, left + resolution, top + resolution))
+    if flip:
+        img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    pixels = torch.from_numpy(np.asarray(img, dtype=np.float32).copy()).permute(2, 0, 1) / 127.5 - 1.0
+    return {
+        "pixels": pixels,
+        "original_size": torch.tensor([h, w]),
+        "crop_top_left": torch.tensor([top, left]),
+    }
+
+
+class Examples(torch.utils.data.Dataset):
+    """Map-style dataset over a source. Indexed by (row, epoch); returns a dict, or {"bad": reason}."""
+
+    def __init__(
+        self,
+        source: Source,
+        resolution: int,
+        center_crop: bool = True,
+        random_flip: bool = False,
+        seed: int = 0,
+    ):
+        self.source, self.resolution = source, resolution
+        self.center_crop, self.random_flip, self.seed = center_crop, random_flip, seed
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, key: tuple[int, int]) -> dict:
+        index, epoch = key
+        rng = _rng(self.seed, epoch, index)
+        flip = self.random_flip and rng.random() < 0.5
+        try:
+            row = self.source.read(self.source.rows[index])
+        except BadRow as e:
+            return {"bad": e.args[0], "index": index}
+        if isinstance(row, dict):  # latent cache
+            if flip and "latent_mean_flip" in row:
+                row["latent_mean"], row["latent_std"] = row["latent_mean_flip"], row["latent_std_flip"]
+            return {k: v for k, v in row.items() if not k.endswith("_flip")} | {"index": index}
+        image, caption = row
+        out = preprocess(image, self.resolution, self.center_crop, flip, rng)
+        return {**out, "caption": caption, "index": index}
+
+
+def collate(items: list[dict]) -> dict:
+    """Stack the good examples; bad ones are listed under "skipped" (their reasons) for the trainer to count."""
+    good = [it for it in items if "bad" not in it]
+    batch: dict = {
+        "skipped": [it["bad"] for it in items if "bad" in it],
+        "size": len(good),
+        "slot": torch.tensor([s for s, it in enumerate(items) if "bad" not in it], dtype=torch.long),
+    }
+    if not good:
+        return batch
+    for k in good[0]:
+        if k == "caption":
+            batch[k] = [it[k] for it in good]
+        elif k == "index":
+            batch[k] = torch.tensor([it[k] for it in good])
+        else:
+            batch[k] = torch.stack([it[k] for it in good])
+    return batch
+
+
+def epoch_order(n: int, seed: int, epoch: int, shuffle: bool = True) -> list[int]:
+    """The row order of one epoch: a permutation that depends only on (seed, epoch)."""
+    if not shuffle:
+        return list(range(n))
+    g = torch.Generator().manual_seed(seed * 7919 + epoch)
+    return torch.randperm(n, generator=g).tolist()
+
+
+class BatchPlan(torch.utils.data.Sampler):
+    """Batches of (row, epoch) keys for one process, starting at ``start`` (micro-batches already consumed).
+
+    Micro-batch k of the whole run takes the global examples [k·G, (k+1)·G) of the concatenated epoch orders,
+    G = per-process batch × processes; process r takes its slice [r·B, (r+1)·B). One process with batch G
+    therefore sees exactly the examples that P processes with batch B see together.
+    """
+
+    def __init__(
+        self,
+        n: int,
+        batch_size: int,
+        num_processes: int,
+        rank: int,
+        seed: int,
+        start: int = 0,
+        shuffle: bool = True,
+    ):
+        if n < batch_size * num_processes:
+            raise SlimsdError(
+                f"the data has {n} usable rows, fewer than one global batch "
+                f"({batch_size} x {num_processes} processes)"
+            )
+        self.n, self.b, self.p, self.rank, self.seed, self.start, self.shuffle = (
+            n,
+            batch_size,
+            num_processes,
+            rank,
+            seed,
+            start,
+            shuffle,
+        )
+
+    def position(self, k: int) -> tuple[int, int]:
+        """(epoch, offset) of the first example of global micro-batch k; a partial last batch is dropped."""
+        per_epoch = self.n // (self.b * self.p)
+        return k // per_epoch, (k % per_epoch) * self.b * self.p
+
+    def __iter__(self):
+        k = self.start
+        order_epoch, order = -1, []
+        while True:
+            epoch, offset = self.position(k)
+            if epoch != order_epoch:
+                order_epoch, order = epoch, epoch_order(self.n, self.seed, epoch, self.shuffle)
+            lo = offset + self.rank * self.b
+            yield [(i, epoch) for i in order[lo : lo + self.b]]
+            k += 1
+
+    def __len__(self) -> int:  # endless; the trainer stops at max_steps
+        return 2**62
+
+
+# --- conditioning: text embeddings and VAE latents (shared by the trainer and the cache) ------------------------
+
+
+def is_sdxl(pipe) -> bool:
+    return getattr(pipe, "text_encoder_2", None) is not None
+
+
+@torch.no_grad()
+def encode_text(pipe, captions: list[str]) -> dict[str, torch.Tensor]:
+    """``prompt_embeds`` (and SDXL's ``pooled_prompt_embeds``) as the pipelines compute them: SD uses the text
+    encoder's last hidden state; SDXL concatenates both encoders' penultimate hidden states and takes the
+    pooled projection of the second."""
+
+    def ids(tokenizer, encoder):
+        tok = tokenizer(
+            captions,
+            padding="max_length",
+            max_length=tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        )
+        return tok.input_ids.to(encoder.device)
+
+    if not is_sdxl(pipe):
+        return {"prompt_embeds": pipe.text_encoder(ids(pipe.tokenizer, pipe.text_encoder))[0]}
+    out1 = pipe.text_encoder(ids(pipe.tokenizer, pipe.text_encoder), output_hidden_states=True)
+    out2 = pipe.text_encoder_2(ids(pipe.tokenizer_2, pipe.text_encoder_2), output_hidden_states=True)
+    return {
+        "prompt_embeds": torch.cat([out1.hidden_states[-2], out2.hidden_states[-2]], dim=-1),
+        "pooled_prompt_embeds": out2[0],
+    }
+
+
+@torch.no_grad()
+def encode_images(vae, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The VAE posterior's mean and std (unscaled); the trainer samples from it and applies the scaling."""
+    dist = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist
+    return dist.mean, dist.std
+
+
+def time_ids(original_size: torch.Tensor, crop_top_left: torch.Tensor, resolution: int) -> torch.Tensor:
+    """SDXL's added time ids: (original h, w, crop top, left, target h, w), one row per example."""
+    target = torch.tensor([resolution, resolution]).expand(original_size.shape[0], 2)
+    return torch.cat([original_size, crop_top_left, target], dim=1).float()
+
+
+def write_cache(
+    model: str,
+    data: str,
+    out: str | Path,
+    resolution: int,
+    batch_size: int = 8,
+    flip: bool = False,
+    center_crop: bool = True,
+    seed: int = 0,
+    shard_size: int = 1024,
+    overwrite: bool = False,
+    allow_pickle: bool = False,
+) -> dict:
+    """Precompute VAE posteriors and text embeddings of ``data`` with ``model``'s VAE and text encoder(s).
+
+    A folder of safetensors shards plus ``cache.json``; training on it skips the VAE encoder and the text
+    encoder(s). With ``flip`` the flipped image's posterior is stored too, so ``random_flip`` stays exact.
+    """
+    from safetensors.torch import save_file
+
+    from slimsd.atomic import atomic_dir, check_output_dir
+    from slimsd.models.loading import load_pipeline
+
+    check_output_dir(out, overwrite)
+    source = open_source(data, seed)
+    if source.kind == "cache":
+        raise SlimsdError(f"data {data!r} is already a latent cache")
+    pipe = load_pipeline(model, allow_pickle=allow_pickle)
+    sdxl = is_sdxl(pipe)
+    examples = Examples(source, resolution, center_crop=center_crop, seed=seed)
+    skipped = Counter(source.skipped)
+    shards, pending = [], []
+    with atomic_dir(out, overwrite) as tmp:
+
+        def flush():
+            if not pending:
+                return
+            name = f"shard-{len(shards):05d}.safetensors"
+            tensors = {k: torch.cat([p[k] for p in pending]).contiguous() for k in pending[0]}
+            save_file(tensors, str(tmp / name))
+            shards.append([name, int(next(iter(tensors.values())).shape[0])])
+            pending.clear()
+
+        n_pending = 0
+        for lo in range(0, len(examples), batch_size):
+            batch = collate([examples[(i, 0)] for i in range(lo, min(lo + batch_size, len(examples)))])
+            skipped.update(batch["skipped"])
+            if not batch["size"]:
+                continue
+            mean, std = encode_images(pipe.vae, batch["pixels"])
+            part = {"latent_mean": mean.float().cpu(), "latent_std": std.float().cpu()}
+            if flip:
+                fmean, fstd = encode_images(pipe.vae, batch["pixels"].flip(-1))
+                part |= {"latent_mean_flip": fmean.float().cpu(), "latent_std_flip": fstd.float().cpu()}
+            part |= {k: v.float().cpu() for k, v in encode_text(pipe, batch["caption"]).items()}
+            if sdxl:
+                part["time_ids"] = time_ids(batch["original_size"], batch["crop_top_left"], resolution)
+            pending.append(part)
+            n_pending += batch["size"]
+            if n_pending >= shard_size:
+                flush()
+                n_pending = 0
+        flush()
+        info = {
+            "format": CACHE_FORMAT,
+            "model": model,
+            "data": str(data),
+            "resolution": resolution,
+            "family": "sdxl" if sdxl else "sd",
+            "flip": flip,
+            "center_crop": center_crop,
+            "count": sum(n for _, n in shards),
+            "shards": shards,
+            "skipped": dict(skipped),
+        }
+        (tmp / "cache.json").write_text(json.dumps(info, indent=1) + "\n")
+    return info

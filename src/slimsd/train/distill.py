@@ -1,0 +1,786 @@
+"""Knowledge distillation of a compressed U-Net from its frozen teacher: the training loop, top to bottom.
+
+    loss = λ_task · task + λ_out · output-KD + λ_feat · Σ feature-KD      (BK-SDM, Kim et al. 2023; losses.py)
+
+One ``train(cfg)`` that runs unchanged on one CPU, one GPU or many under ``accelerate launch``:
+
+- the student is trainable and stays fp32 (mixed precision autocasts its forward; the loss scaler then
+  unscales fp32 gradients, so there is no "Attempting to unscale FP16 gradients" error); the teacher, VAE and
+  text encoder(s) are frozen, in the compute dtype, under ``torch.no_grad``;
+- the data order, the noise, the timesteps and the VAE samples are drawn from (seed, step) for the *global*
+  batch, and each process takes its slice: P processes with batch B compute what one process with batch P·B
+  computes, and a resumed run computes what an uninterrupted one does (checkpoints hold the student, the
+  optimizer, the LR schedule, the EMA, the generator state and the step);
+- feature taps are hooks on the unwrapped U-Nets' block objects, attached before ``accelerator.prepare``
+  (robust to DDP/FSDP wrapping and torch.compile, see losses.py).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+import typing
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import yaml
+
+from slimsd.errors import SlimsdError
+
+MIXED_PRECISION = ("no", "fp16", "bf16")
+LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
+
+
+@dataclass
+class DistillConfig:
+    teacher: str = "micro-sd"  # preset / micro / toy-sd / folder / hub id
+    student: str = "bk-small"  # a `slimsd compress` folder, or a recipe (compressed on the fly)
+    data: str = "shapes:64"  # folder, .tar shard(s), parquet, `slimsd cache` folder, or shapes:N
+    output_dir: str = "runs/distill"
+    max_steps: int = 100  # optimizer steps
+    batch_size: int = 4  # per process; global batch = batch_size x processes x gradient_accumulation_steps
+    gradient_accumulation_steps: int = 1
+    learning_rate: float = 5e-5  # BK-SDM
+    weight_decay: float = 1e-2
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
+    max_grad_norm: float = 1.0  # 0 disables clipping
+    lr_scheduler: str = "constant"
+    lr_warmup_steps: int = 0
+    lambda_task: float = 1.0
+    lambda_out: float = 1.0
+    lambda_feat: float = 1.0
+    feat_norm: str = "none"  # "teacher": divide each tap's MSE by the teacher feature's mean square
+    feature_taps: list | None = (
+        None  # [[student_module, teacher_module], ...]; default: the recipe's, else BK-SDM's
+    )
+    resolution: int | None = None  # default: the teacher's native size
+    center_crop: bool = True
+    random_flip: bool = False
+    caption_dropout: float = 0.0  # probability of training on the empty caption (classifier-free guidance)
+    checkpoint_every: int = 500  # 0: only at the end
+    keep_last: int = 2
+    resume: str | None = None  # "latest" or a checkpoint folder
+    stop_at_step: int | None = (
+        None  # end this run early after this step (checkpointed), for time-limited jobs
+    )
+    mixed_precision: str = "no"
+    seed: int = 0
+    gradient_checkpointing: bool = False
+    use_8bit_adam: bool = False
+    ema: bool = False
+    ema_decay: float = 0.9999
+    validation_prompts: list[str] = field(default_factory=list)
+    validation_every: int = 0  # 0: no validation images
+    validation_steps: int = 25
+    log_every: int = 10
+    num_workers: int = 0
+    tensorboard: bool = True
+    progress: bool = True
+    allow_pickle: bool = False
+
+
+# (low, high, low inclusive) per numeric key; None: unbounded.
+RANGES: dict[str, tuple[float | None, float | None, bool]] = {
+    "max_steps": (1, None, True),
+    "batch_size": (1, None, True),
+    "gradient_accumulation_steps": (1, None, True),
+    "learning_rate": (0, None, False),
+    "weight_decay": (0, None, True),
+    "adam_beta1": (0, 1, True),
+    "adam_beta2": (0, 1, True),
+    "adam_epsilon": (0, None, False),
+    "max_grad_norm": (0, None, True),
+    "lr_warmup_steps": (0, None, True),
+    "lambda_task": (0, None, True),
+    "lambda_out": (0, None, True),
+    "lambda_feat": (0, None, True),
+    "resolution": (8, None, True),
+    "caption_dropout": (0, 1, True),
+    "checkpoint_every": (0, None, True),
+    "keep_last": (1, None, True),
+    "ema_decay": (0, 1, True),
+    "validation_every": (0, None, True),
+    "validation_steps": (1, None, True),
+    "log_every": (1, None, True),
+    "num_workers": (0, None, True),
+    "stop_at_step": (1, None, True),
+}
+CHOICES = {
+    "mixed_precision": MIXED_PRECISION,
+    "lr_scheduler": LR_SCHEDULERS,
+    "feat_norm": ("none", "teacher"),
+}
+
+
+# --- configuration --------------------------------------------------------------------------------------------
+
+
+def _coerce(key: str, value, hint):
+    """``value`` (from YAML or ``key=value``) as the type the field declares, or a one-line error."""
+    args = typing.get_args(hint)
+    if value is None and type(None) in args:
+        return None
+    base = (
+        next((a for a in args if a is not type(None)), hint)
+        if args and typing.get_origin(hint) is not list
+        else hint
+    )
+    origin = typing.get_origin(base) or base
+    bad = SlimsdError(f"config key {key!r}: expected {getattr(origin, '__name__', origin)}, got {value!r}")
+    if origin is bool:
+        if not isinstance(value, bool):
+            raise bad
+        return value
+    if origin is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad
+        return value
+    if origin is float:
+        if isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                raise bad from None
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise bad
+        return float(value)
+    if origin is str:
+        if not isinstance(value, str | int | float) or isinstance(value, bool):
+            raise bad
+        return str(value)
+    if origin is list:
+        if isinstance(value, str) and key == "validation_prompts":
+            return [value]
+        if not isinstance(value, list):
+            raise bad
+        return value
+    return value
+
+
+def validate(cfg: DistillConfig) -> DistillConfig:
+    for key, (lo, hi, lo_incl) in RANGES.items():
+        v = getattr(cfg, key)
+        if v is None:
+            continue
+        if (lo is not None and (v < lo or (v == lo and not lo_incl))) or (hi is not None and v > hi):
+            lo_s = "" if lo is None else (f">= {lo}" if lo_incl else f"> {lo}")
+            hi_s = "" if hi is None else f"<= {hi}"
+            raise SlimsdError(
+                f"config key {key!r}: {v} is out of range; allowed: {' and '.join(filter(None, [lo_s, hi_s]))}"
+            )
+    for key, allowed in CHOICES.items():
+        if getattr(cfg, key) not in allowed:
+            raise SlimsdError(
+                f"config key {key!r}: {getattr(cfg, key)!r} is not allowed; allowed: {', '.join(allowed)}"
+            )
+    if cfg.resolution is not None and cfg.resolution % 8:
+        raise SlimsdError(f"config key 'resolution': {cfg.resolution} is not a multiple of 8")
+    if cfg.feature_taps is not None:
+        from slimsd.train.losses import parse_taps
+
+        parse_taps(cfg.feature_taps)
+    return cfg
+
+
+def make_config(values: dict) -> DistillConfig:
+    """A validated config from a mapping; unknown keys are an error that lists the allowed ones."""
+    hints = typing.get_type_hints(DistillConfig)
+    unknown = [k for k in values if k not in hints]
+    if unknown:
+        raise SlimsdError(f"unknown config key {unknown[0]!r}; allowed: {', '.join(hints)}")
+    return validate(DistillConfig(**{k: _coerce(k, v, hints[k]) for k, v in values.items()}))
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> DistillConfig:
+    """A YAML config file (optional) with ``key=value`` overrides on top; values are parsed as YAML scalars."""
+    values: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise SlimsdError(f"config file {str(p)!r} does not exist")
+        try:
+            values = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise SlimsdError(f"config file {str(p)!r} is not valid YAML: {str(e).splitlines()[0]}") from None
+        if not isinstance(values, dict):
+            raise SlimsdError(f"config file {str(p)!r}: expected a mapping of keys to values")
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise SlimsdError(f"override {item!r}: expected key=value")
+        try:
+            values[key.strip()] = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            values[key.strip()] = raw
+    return make_config(values)
+
+
+def config_yaml(cfg: DistillConfig) -> str:
+    return yaml.safe_dump(asdict(cfg), sort_keys=False)
+
+
+# --- models ---------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Models:
+    teacher_pipe: object  # the full teacher pipeline (its VAE and text encoder(s) serve the student too)
+    student: torch.nn.Module  # the student U-Net (fp32, trainable)
+    recipe: dict | None
+    weight_map: dict | None
+    taps: list[tuple[str, str]]
+    student_source: str | None  # a folder whose non-U-Net parts the final pipeline reuses
+
+
+def load_models(cfg: DistillConfig) -> Models:
+    """The teacher pipeline and the student U-Net (from a `slimsd compress` folder, or compressed here)."""
+    from diffusers import UNet2DConditionModel
+
+    from slimsd.models.architecture import load_recipe, parse_recipe, plan
+    from slimsd.models.compress import compress_pipeline
+    from slimsd.models.loading import check_local_folder, load_pipeline, read_slimsd_info
+    from slimsd.train.losses import default_taps, parse_taps
+
+    if not Path(cfg.student).is_dir():
+        recipe_obj = load_recipe(cfg.student)  # a bad recipe fails before the teacher is loaded
+    teacher_pipe = load_pipeline(cfg.teacher, allow_pickle=cfg.allow_pickle)
+    if Path(cfg.student).is_dir():
+        check_local_folder(Path(cfg.student), cfg.allow_pickle)
+        student = UNet2DConditionModel.from_pretrained(
+            cfg.student, subfolder="unet", use_safetensors=None if cfg.allow_pickle else True
+        )
+        info = read_slimsd_info(cfg.student) or {}
+        recipe_obj = parse_recipe(info["recipe"]) if info.get("recipe") else None
+        weight_map, source = info.get("weight_map"), cfg.student
+    else:
+        result = compress_pipeline(teacher_pipe, recipe_obj)
+        student, weight_map, source = result.pipeline.unet, result.weight_map, None
+    student = student.float()
+
+    s_cfg, t_cfg = (
+        dict(student.config),
+        {k: v for k, v in dict(teacher_pipe.unet.config).items() if not k.startswith("_")},
+    )
+    if cfg.feature_taps is not None:
+        taps = parse_taps(cfg.feature_taps)
+    elif recipe_obj is not None and "feature_taps" in recipe_obj.extra:
+        taps = parse_taps(recipe_obj.extra["feature_taps"])
+    else:
+        taps = default_taps(s_cfg, t_cfg, plan(t_cfg, recipe_obj)[1] if recipe_obj is not None else None)
+    return Models(
+        teacher_pipe, student, recipe_obj.to_dict() if recipe_obj else None, weight_map, taps, source
+    )
+
+
+# --- checkpoints ----------------------------------------------------------------------------------------------
+
+
+def _checkpoints(output_dir: Path) -> list[Path]:
+    root = output_dir / "checkpoints"
+    return sorted(root.glob("step-*"), key=lambda p: int(p.name.split("-")[1])) if root.is_dir() else []
+
+
+def resolve_resume(cfg: DistillConfig) -> Path | None:
+    if cfg.resume is None:
+        return None
+    if cfg.resume == "latest":
+        found = _checkpoints(Path(cfg.output_dir))
+        return found[-1] if found else None  # "latest" with nothing saved yet starts from scratch
+    path = Path(cfg.resume)
+    if not (path / "state.json").is_file():
+        raise SlimsdError(
+            f"resume {cfg.resume!r}: not a checkpoint folder (no state.json); use 'latest' or a "
+            f"folder under {cfg.output_dir}/checkpoints"
+        )
+    return path
+
+
+def save_checkpoint(
+    output_dir: Path, step: int, student, optimizer, lr_scheduler, ema, gen, state: dict, keep_last: int
+) -> Path:
+    """Everything an exact resume needs, in one folder renamed into place (never half-written)."""
+    from safetensors.torch import save_file
+
+    from slimsd.atomic import atomic_dir
+
+    path = output_dir / "checkpoints" / f"step-{step:08d}"
+    with atomic_dir(path, overwrite=True) as tmp:
+        save_file(
+            {k: v.detach().contiguous().cpu() for k, v in student.state_dict().items()},
+            str(tmp / "student.safetensors"),
+        )
+        if ema is not None:
+            save_file({k: v.contiguous().cpu() for k, v in ema.items()}, str(tmp / "ema.safetensors"))
+        torch.save(
+            {
+                "optimizer": optimizer.state_dict(),
+                "lr_scheduler": lr_scheduler.state_dict(),
+                "generator": gen.get_state(),
+                "torch_rng": torch.get_rng_state(),
+            },
+            tmp / "trainer.pt",
+        )
+        (tmp / "state.json").write_text(json.dumps(state) + "\n")
+    for old in _checkpoints(output_dir)[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+    return path
+
+
+def load_checkpoint(path: Path, student, optimizer, lr_scheduler, ema, gen) -> dict:
+    from safetensors.torch import load_file
+
+    student.load_state_dict(load_file(str(path / "student.safetensors")))
+    trainer = torch.load(path / "trainer.pt", map_location="cpu", weights_only=True)  # no code runs on load
+    optimizer.load_state_dict(trainer["optimizer"])
+    lr_scheduler.load_state_dict(trainer["lr_scheduler"])
+    gen.set_state(trainer["generator"])
+    torch.set_rng_state(trainer["torch_rng"])
+    if ema is not None:
+        ema_path = path / "ema.safetensors"
+        saved = load_file(str(ema_path)) if ema_path.is_file() else dict(student.state_dict())
+        for k in ema:
+            ema[k].copy_(saved[k])
+    return json.loads((path / "state.json").read_text())
+
+
+# --- pieces of a step -----------------------------------------------------------------------------------------
+
+
+def _image_grid(images) -> object:
+    from PIL import Image
+
+    w, h = images[0].size
+    grid = Image.new("RGB", (w * len(images), h))
+    for i, im in enumerate(images):
+        grid.paste(im, (i * w, 0))
+    return grid
+
+
+def save_validation(
+    pipe_cls, teacher_pipe, student, cfg: DistillConfig, resolution: int, path: Path, autocast
+):
+    """Images of the fixed prompts from the current student (same seeds every time), as one PNG grid."""
+    import io
+
+    from slimsd.atomic import atomic_write_bytes
+
+    pipe = pipe_cls(**(dict(teacher_pipe.components) | {"unet": student}))
+    pipe.set_progress_bar_config(disable=True)
+    was_training = student.training
+    student.eval()
+    images = []
+    for i, prompt in enumerate(cfg.validation_prompts):
+        g = torch.Generator().manual_seed(cfg.seed + i)
+        with torch.no_grad(), autocast():  # fp32 student, frozen parts in the compute dtype
+            images.append(
+                pipe(
+                    prompt,
+                    num_inference_steps=cfg.validation_steps,
+                    height=resolution,
+                    width=resolution,
+                    generator=g,
+                ).images[0]
+            )
+    student.train(was_training)
+    buf = io.BytesIO()
+    grid = _image_grid(images)
+    grid.save(buf, format="PNG")
+    atomic_write_bytes(path, buf.getvalue())
+    return grid
+
+
+def save_final(
+    models: Models, student_state: dict, cfg: DistillConfig, state: dict, reuse_components: bool
+) -> Path:
+    """The trained student as a plain diffusers pipeline folder (fp32), with slimsd.json provenance."""
+    from diffusers import UNet2DConditionModel
+
+    from slimsd import __version__
+    from slimsd.atomic import atomic_dir
+    from slimsd.models.loading import load_pipeline
+
+    unet = UNet2DConditionModel.from_config(models.student.config)
+    unet.load_state_dict({k: v.float() for k, v in student_state.items()})
+    if reuse_components:
+        base = models.teacher_pipe
+    else:  # the frozen parts were cast to the compute dtype for training: save fp32 copies
+        base = load_pipeline(models.student_source or cfg.teacher, allow_pickle=cfg.allow_pickle)
+    components = dict(base.components) | {"unet": unet}
+    pipe = (
+        type(base)(**components)
+        if "requires_safety_checker" not in _init_params(type(base))
+        else type(base)(**components, requires_safety_checker=False)
+    )
+    out = Path(cfg.output_dir) / "final"
+    with atomic_dir(out, overwrite=True) as tmp:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        info = {
+            "slimsd_version": __version__,
+            "teacher": cfg.teacher,
+            "recipe": models.recipe,
+            "weight_map": models.weight_map,
+            "distill": asdict(cfg),
+            "feature_taps": models.taps,
+            "step": state["step"],
+            "skipped": state["skipped"],
+        }
+        (tmp / "slimsd.json").write_text(json.dumps(info, indent=1) + "\n")
+    return out
+
+
+def _init_params(cls) -> set[str]:
+    import inspect
+
+    return set(inspect.signature(cls.__init__).parameters)
+
+
+# --- the loop -------------------------------------------------------------------------------------------------
+
+
+def train(cfg: DistillConfig) -> dict:
+    """Distill ``cfg.student`` from ``cfg.teacher`` on ``cfg.data``. Returns {"final_dir", "losses", ...}."""
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedType, set_seed
+    from diffusers import DDPMScheduler
+    from diffusers.optimization import get_scheduler
+    from tqdm.auto import tqdm
+
+    from slimsd.train import data as D
+    from slimsd.train.losses import attach_taps, distill_loss, task_target
+
+    cfg = validate(cfg)
+    output_dir = Path(cfg.output_dir)
+    log_with = None
+    if cfg.tensorboard:
+        try:
+            import tensorboard  # noqa: F401
+
+            log_with = "tensorboard"
+        except ImportError:
+            pass
+    # Under a launcher (WORLD_SIZE > 1) on a machine without CUDA, accelerate joins the processes into one gloo
+    # group only when told to use the CPU; otherwise each process would train alone on the whole data set and
+    # all of them would write the same output_dir. So `accelerate launch --multi_gpu` works on CPUs unchanged.
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    accelerator = Accelerator(
+        mixed_precision=cfg.mixed_precision,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        log_with=log_with,
+        project_dir=str(output_dir),
+        cpu=world_size > 1 and not torch.cuda.is_available(),
+    )
+    if world_size > 1 and accelerator.num_processes != world_size:
+        raise SlimsdError(
+            f"launched as {world_size} processes but accelerate sees {accelerator.num_processes}: "
+            "start them with `accelerate launch --multi_gpu --num_processes N` or torchrun"
+        )
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        raise SlimsdError(
+            "DeepSpeed runs need accelerator.save_state checkpoints, which this trainer does not "
+            "write yet; use DDP (configs/accelerate/ddp.yaml)"
+        )
+    set_seed(cfg.seed)
+    weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.mixed_precision]
+    device = accelerator.device
+
+    # 1. Models: a frozen teacher in the compute dtype, a trainable fp32 student, taps hooked on both.
+    models = load_models(cfg)
+    tp = models.teacher_pipe
+    sdxl = D.is_sdxl(tp)
+    frozen = [tp.unet, tp.vae, tp.text_encoder] + ([tp.text_encoder_2] if sdxl else [])
+    for m in frozen:
+        m.requires_grad_(False).eval().to(device, dtype=weight_dtype)
+    student = models.student.to(device)
+    student.requires_grad_(True).train()
+    if cfg.gradient_checkpointing:
+        student.enable_gradient_checkpointing()
+    use_teacher = cfg.lambda_out > 0 or cfg.lambda_feat > 0
+    use_feat = cfg.lambda_feat > 0 and bool(models.taps)
+    s_taps = attach_taps(student, [s for s, _ in models.taps]) if use_feat else None
+    t_taps = attach_taps(tp.unet, [t for _, t in models.taps]) if use_feat else None
+    noise_scheduler = DDPMScheduler.from_config(tp.scheduler.config)
+    resolution = cfg.resolution or tp.unet.config.sample_size * tp.vae_scale_factor
+
+    # 2. Optimizer (optionally 8-bit) and LR schedule (stepped once per optimizer step, never per process).
+    params = [p for p in student.parameters() if p.requires_grad]
+    opt_kwargs = {
+        "lr": cfg.learning_rate,
+        "betas": (cfg.adam_beta1, cfg.adam_beta2),
+        "weight_decay": cfg.weight_decay,
+        "eps": cfg.adam_epsilon,
+    }
+    if cfg.use_8bit_adam:
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise SlimsdError(
+                "use_8bit_adam=true needs bitsandbytes (pip install bitsandbytes; CUDA only)"
+            ) from None
+        optimizer = bnb.optim.AdamW8bit(params, **opt_kwargs)
+    else:
+        optimizer = torch.optim.AdamW(params, **opt_kwargs)
+    lr_scheduler = get_scheduler(
+        cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps, num_training_steps=cfg.max_steps
+    )
+    ema = {k: v.detach().clone().float() for k, v in student.state_dict().items()} if cfg.ema else None
+    gen = torch.Generator().manual_seed(cfg.seed)  # noise, timesteps, VAE samples, caption dropout
+
+    # 3. Resume: weights, optimizer, schedule, EMA, generator, step and data position.
+    state = {"step": 0, "micro_batches": 0, "skipped": {}, "losses": []}
+    resume_from = resolve_resume(cfg)
+    if resume_from is not None:
+        state = load_checkpoint(resume_from, student, optimizer, lr_scheduler, ema, gen)
+        accelerator.print(f"resumed from {resume_from} at step {state['step']}")
+    skipped = Counter(state["skipped"])
+    student, optimizer = accelerator.prepare(student, optimizer)
+
+    # 4. Data: this process's slice of every global micro-batch, from the saved position on.
+    source = D.open_source(cfg.data, cfg.seed)
+    skipped.update({} if resume_from else source.skipped)
+    cached = source.kind == "cache"
+    if cached and source.info.get("resolution") != resolution:
+        raise SlimsdError(
+            f"latent cache {cfg.data!r} was made at {source.info.get('resolution')} px; this run "
+            f"trains at {resolution} px (set resolution={source.info.get('resolution')})"
+        )
+    examples = D.Examples(source, resolution, cfg.center_crop, cfg.random_flip, cfg.seed)
+    plan = D.BatchPlan(
+        len(examples),
+        cfg.batch_size,
+        accelerator.num_processes,
+        accelerator.process_index,
+        cfg.seed,
+        start=state["micro_batches"],
+    )
+    loader = torch.utils.data.DataLoader(
+        examples, batch_sampler=plan, collate_fn=D.collate, num_workers=cfg.num_workers
+    )
+    batches = iter(loader)
+    global_batch = cfg.batch_size * accelerator.num_processes
+    empty = (
+        {k: v.to(device, weight_dtype) for k, v in D.encode_text(tp, [""]).items()}
+        if cfg.caption_dropout
+        else None
+    )
+
+    if log_with and accelerator.is_main_process:
+        accelerator.init_trackers(
+            "tensorboard",
+            config={k: v for k, v in asdict(cfg).items() if isinstance(v, int | float | str | bool)},
+        )
+    bar = tqdm(
+        total=cfg.max_steps,
+        initial=state["step"],
+        disable=not (cfg.progress and accelerator.is_main_process),
+        desc="distill",
+        dynamic_ncols=True,
+    )
+    losses: list[dict] = state["losses"]
+    images_seen, t0 = 0, time.perf_counter()
+
+    def micro_batch_loss(batch) -> dict:
+        """The loss terms of one micro-batch on this process."""
+        # Randomness for the whole global micro-batch, identical on every process; each takes its rows.
+        rows = accelerator.process_index * cfg.batch_size + batch["slot"]
+        if cached:
+            mean, std = batch["latent_mean"].to(device), batch["latent_std"].to(device)
+            cond = {
+                k: batch[k].to(device, weight_dtype)
+                for k in ("prompt_embeds", "pooled_prompt_embeds")
+                if k in batch
+            }
+        else:
+            with torch.no_grad():
+                mean, std = D.encode_images(tp.vae, batch["pixels"].to(device))
+                cond = D.encode_text(tp, batch["caption"])
+        shape = (global_batch, *mean.shape[1:])
+        timesteps = torch.randint(
+            0, noise_scheduler.config.num_train_timesteps, (global_batch,), generator=gen
+        )[rows]
+        noise = torch.randn(shape, generator=gen)[rows].to(device)
+        sample_eps = torch.randn(shape, generator=gen)[rows].to(device)
+        drop = (torch.rand(global_batch, generator=gen)[rows] < cfg.caption_dropout).to(device)
+        timesteps = timesteps.to(device)
+        latents = (mean.float() + std.float() * sample_eps) * tp.vae.config.scaling_factor
+        if empty is not None and drop.any():
+            cond = {
+                k: torch.where(drop.view(-1, *[1] * (v.dim() - 1)), empty[k].expand_as(v), v)
+                for k, v in cond.items()
+            }
+        noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+        target = task_target(noise_scheduler, latents, noise, timesteps)
+        extra = {}
+        if sdxl:
+            ids = (
+                batch["time_ids"]
+                if cached
+                else D.time_ids(batch["original_size"], batch["crop_top_left"], resolution)
+            )
+            extra = {
+                "added_cond_kwargs": {"text_embeds": cond["pooled_prompt_embeds"], "time_ids": ids.to(device)}
+            }
+
+        def cast(d, dtype):
+            return (
+                {"added_cond_kwargs": {k: v.to(dtype) for k, v in d["added_cond_kwargs"].items()}}
+                if d
+                else {}
+            )
+
+        teacher_pred = None
+        if use_teacher:
+            with torch.no_grad():
+                if t_taps:
+                    t_taps.clear()
+                teacher_pred = tp.unet(
+                    noisy.to(weight_dtype),
+                    timesteps,
+                    cond["prompt_embeds"].to(weight_dtype),
+                    **cast(extra, weight_dtype),
+                ).sample
+        if s_taps:
+            s_taps.clear()
+        student_pred = student(
+            noisy, timesteps, cond["prompt_embeds"].float(), **cast(extra, torch.float32)
+        ).sample
+        return distill_loss(
+            student_pred,
+            target,
+            teacher_pred,
+            s_taps.features if s_taps else {},
+            t_taps.features if t_taps else {},
+            models.taps,
+            cfg.lambda_task,
+            cfg.lambda_out,
+            cfg.lambda_feat,
+            cfg.feat_norm,
+        )
+
+    # 5. The loop: one optimizer step per `gradient_accumulation_steps` micro-batches.
+    end = min(cfg.max_steps, cfg.stop_at_step or cfg.max_steps)
+    while state["step"] < end:
+        step_terms = []
+        for _ in range(cfg.gradient_accumulation_steps):
+            batch = next(batches)
+            state["micro_batches"] += 1
+            skipped.update(batch["skipped"])
+            while batch["size"] == 0:  # every row of this micro-batch was unreadable: take the next one
+                batch = next(batches)
+                state["micro_batches"] += 1
+                skipped.update(batch["skipped"])
+            with accelerator.accumulate(student):
+                terms = micro_batch_loss(batch)
+                accelerator.backward(terms["loss"])
+                if accelerator.sync_gradients and cfg.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(student.parameters(), cfg.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            step_terms.append({k: terms[k].detach() for k in ("loss", "task", "out", "feat")})
+            images_seen += batch["size"] * accelerator.num_processes
+        lr_scheduler.step()
+        state["step"] += 1
+        if ema is not None:
+            with torch.no_grad():
+                for k, v in accelerator.unwrap_model(student).state_dict().items():
+                    ema[k].mul_(cfg.ema_decay).add_(v.detach().float(), alpha=1 - cfg.ema_decay)
+
+        mean_terms = {k: torch.stack([t[k] for t in step_terms]).mean() for k in step_terms[0]}
+        mean_terms = {
+            k: accelerator.reduce(v.reshape(1), reduction="mean").item() for k, v in mean_terms.items()
+        }
+        record = {"step": state["step"], **mean_terms, "lr": lr_scheduler.get_last_lr()[0]}
+        losses.append(record)
+        rate = images_seen / max(time.perf_counter() - t0, 1e-9)
+        bar.set_postfix(
+            loss=f"{record['loss']:.4f}",
+            task=f"{record['task']:.4f}",
+            out=f"{record['out']:.4f}",
+            feat=f"{record['feat']:.4f}",
+            img_s=f"{rate:.1f}",
+        )
+        bar.update(1)
+        if log_with and (state["step"] % cfg.log_every == 0 or state["step"] == cfg.max_steps):
+            accelerator.log(
+                {f"train/{k}": v for k, v in record.items() if k != "step"} | {"train/images_per_s": rate},
+                step=state["step"],
+            )
+
+        last = state["step"] == end
+        if (cfg.checkpoint_every and state["step"] % cfg.checkpoint_every == 0) or last:
+            state["skipped"] = dict(skipped)
+            if accelerator.is_main_process:
+                save_checkpoint(
+                    output_dir,
+                    state["step"],
+                    accelerator.unwrap_model(student),
+                    optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer,
+                    lr_scheduler,
+                    ema,
+                    gen,
+                    state,
+                    cfg.keep_last,
+                )
+            accelerator.wait_for_everyone()
+        if cfg.validation_every and cfg.validation_prompts and state["step"] % cfg.validation_every == 0:
+            if accelerator.is_main_process:
+                grid = save_validation(
+                    type(tp),
+                    tp,
+                    accelerator.unwrap_model(student),
+                    cfg,
+                    resolution,
+                    output_dir / "validation" / f"step-{state['step']:08d}.png",
+                    accelerator.autocast,
+                )
+                if log_with:
+                    import numpy as np
+
+                    accelerator.get_tracker("tensorboard").writer.add_image(
+                        "validation", np.asarray(grid), state["step"], dataformats="HWC"
+                    )
+            accelerator.wait_for_everyone()
+    bar.close()
+
+    # 6. The final student: a plain diffusers pipeline folder (the EMA weights when EMA is on). A run stopped
+    # early (stop_at_step) leaves only its checkpoint: resume=latest finishes it.
+    finished = state["step"] >= cfg.max_steps
+    state["skipped"] = dict(skipped)
+    if accelerator.is_main_process and finished:
+        unet_state = ema if ema is not None else accelerator.unwrap_model(student).state_dict()
+        save_final(models, unet_state, cfg, state, reuse_components=weight_dtype == torch.float32)
+    if skipped:
+        accelerator.print("skipped rows: " + ", ".join(f"{k} {v}" for k, v in sorted(skipped.items())))
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    for t in (s_taps, t_taps):
+        if t is not None:
+            t.remove()
+    num_processes, process_index = accelerator.num_processes, accelerator.process_index
+    _release_accelerator(accelerator)
+    return {
+        "final_dir": str(Path(cfg.output_dir) / "final") if finished else None,
+        "losses": losses,
+        "skipped": dict(skipped),
+        "steps": state["step"],
+        "num_processes": num_processes,
+        "process_index": process_index,
+        "taps": models.taps,
+        "images_per_second": images_seen / max(time.perf_counter() - t0, 1e-9),
+        "resumed_from": str(resume_from) if resume_from else None,
+        "student_unet_params": sum(p.numel() for p in models.student.parameters()),
+    }
+
+
+def _release_accelerator(accelerator) -> None:
+    """Let a later ``train()`` in the same (single) process pick another mixed precision or accumulation."""
+    if accelerator.num_processes == 1:
+        from accelerate.state import AcceleratorState, GradientState
+
+        AcceleratorState._reset_state()
+        GradientState._reset_state()

@@ -1,0 +1,189 @@
+"""`slimsd compress`: folders that plain diffusers loads and runs, and bad input refused cleanly."""
+
+import json
+
+import pytest
+import torch
+from diffusers import DiffusionPipeline
+from safetensors.torch import load_file
+
+from slimsd.models.compress import compress
+
+from helpers import run_cli
+
+
+@pytest.mark.parametrize(
+    ("teacher", "recipe"),
+    [
+        ("micro-sd", "bk-base"),
+        ("micro-sd", "bk-small"),
+        ("micro-sd", "bk-tiny"),
+        ("micro-sdxl", "ssd-1b"),
+        ("micro-sdxl", "vega"),
+    ],
+)
+def test_compressed_folder_loads_in_plain_diffusers_and_runs(teacher, recipe, tmp_path, request):
+    teacher_pipe = request.getfixturevalue(teacher.replace("-", "_"))
+    out = tmp_path / "student"
+    result = compress(teacher, recipe, out)
+    pipe = DiffusionPipeline.from_pretrained(out)  # plain diffusers: no slimsd code involved
+    assert type(pipe).__name__ == type(teacher_pipe).__name__
+    assert sum(p.numel() for p in pipe.unet.parameters()) == result.student_unet_params
+    images = pipe(
+        "a red circle",
+        num_inference_steps=2,
+        height=64,
+        width=64,
+        output_type="np",
+        generator=torch.Generator().manual_seed(0),
+    ).images
+    assert images.shape == (1, 64, 64, 3) and torch.isfinite(torch.from_numpy(images)).all()
+    # every tensor on disk equals the teacher tensor the map names
+    saved = load_file(out / "unet" / "diffusion_pytorch_model.safetensors")
+    info = json.loads((out / "slimsd.json").read_text())
+    teacher_sd = teacher_pipe.unet.state_dict()
+    assert set(saved) == set(info["weight_map"])
+    for s, t in info["weight_map"].items():
+        assert torch.equal(saved[s], teacher_sd[t])
+    assert info["recipe"]["name"] == recipe
+    # the other components are the teacher's, unchanged
+    te = load_file(out / "text_encoder" / "model.safetensors")
+    assert all(torch.equal(v, teacher_pipe.text_encoder.state_dict()[k]) for k, v in te.items())
+    assert not list(tmp_path.glob(".student.tmp-*"))
+
+
+def test_identity_compress_gives_the_teachers_output(tmp_path, micro_sd):
+    compress("micro-sd", "identity", tmp_path / "same")
+    pipe = DiffusionPipeline.from_pretrained(tmp_path / "same")
+    public = lambda cfg: {k: v for k, v in cfg.items() if not k.startswith("_")}  # noqa: E731
+    assert public(pipe.unet.config) == public(micro_sd.unet.config)
+    loaded, teacher = pipe.unet.state_dict(), micro_sd.unet.state_dict()
+    assert set(loaded) == set(teacher) and all(torch.equal(loaded[k], teacher[k]) for k in teacher)
+    kwargs = {"num_inference_steps": 2, "height": 64, "width": 64, "output_type": "np"}
+    a = pipe("a blue square", generator=torch.Generator().manual_seed(3), **kwargs).images
+    b = micro_sd("a blue square", generator=torch.Generator().manual_seed(3), **kwargs).images
+    # Same weights, same config: the outputs agree to float rounding (the in-memory student is bit-exact, see
+    # test_architecture; tensors loaded from disk sit at other addresses, so CPU kernels may sum in another order).
+    assert abs(a - b).max() < 1e-5
+
+
+def test_cli_compress_and_show_map(tmp_path, capsys):
+    out = tmp_path / "s"
+    code, stdout, _ = run_cli(
+        [
+            "compress",
+            "--teacher",
+            "micro-sd",
+            "--recipe",
+            "bk-tiny",
+            "--out",
+            str(out),
+            "--show-map",
+            "--json",
+        ],
+        capsys,
+    )
+    assert code == 0
+    assert "up_blocks.0.resnets.1.conv1.weight <- up_blocks.1.resnets.2.conv1.weight" in stdout
+    summary = json.loads(stdout[stdout.index("{") :])
+    assert summary["student_unet_params"] < summary["teacher_unet_params"]
+    assert (out / "model_index.json").is_file()
+
+
+def _assert_one_line_error(code, err, *needles):
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    for n in needles:
+        assert n in lines[0]
+
+
+@pytest.mark.parametrize(
+    ("args", "needles"),
+    [
+        (["--teacher", "no-such-model", "--recipe", "bk-small"], ["no-such-model", "preset"]),
+        (["--teacher", "micro-sd", "--recipe", "bk-huge"], ["bk-huge", "bk-small"]),
+        (["--teacher", "micro-sdxl", "--recipe", "bk-small"], ["bk-small", "does not fit"]),
+        (["--teacher", "micro-sd", "--recipe", "missing.yaml"], ["missing.yaml", "does not exist"]),
+    ],
+)
+def test_bad_input_is_refused_and_nothing_is_written(args, needles, tmp_path, capsys):
+    out = tmp_path / "out"
+    code, _, err = run_cli(["compress", *args, "--out", str(out)], capsys)
+    _assert_one_line_error(code, err, *needles)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_existing_output_is_refused_unless_overwrite(tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "mine.txt").write_text("user data")
+    code, _, err = run_cli(
+        ["compress", "--teacher", "micro-sd", "--recipe", "bk-small", "--out", str(out)], capsys
+    )
+    _assert_one_line_error(code, err, str(out), "--overwrite")
+    assert (out / "mine.txt").read_text() == "user data"
+    code, _, _ = run_cli(
+        ["compress", "--teacher", "micro-sd", "--recipe", "bk-small", "--out", str(out), "--overwrite"],
+        capsys,
+    )
+    assert code == 0 and (out / "model_index.json").is_file() and not (out / "mine.txt").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_pickle_only_teacher_is_refused_unless_allowed(tmp_path, micro_sd, capsys):
+    teacher = tmp_path / "pickled"
+    micro_sd.save_pretrained(teacher, safe_serialization=False)
+    for f in teacher.rglob(
+        "*.safetensors"
+    ):  # transformers 5 writes safetensors regardless: convert to pickle
+        torch.save(load_file(f), f.with_name("pytorch_model.bin"))
+        f.unlink()
+    assert not list(teacher.rglob("*.safetensors"))
+    code, _, err = run_cli(
+        ["compress", "--teacher", str(teacher), "--recipe", "bk-small", "--out", str(tmp_path / "s")], capsys
+    )
+    _assert_one_line_error(code, err, ".bin", "--allow-pickle")
+    assert not (tmp_path / "s").exists()
+    code, _, _ = run_cli(
+        [
+            "compress",
+            "--teacher",
+            str(teacher),
+            "--recipe",
+            "bk-small",
+            "--out",
+            str(tmp_path / "s"),
+            "--allow-pickle",
+        ],
+        capsys,
+    )
+    assert code == 0
+    assert list((tmp_path / "s").rglob("*.safetensors")) and not list((tmp_path / "s").rglob("*.bin"))
+
+
+def test_a_failure_while_saving_leaves_nothing_half_written(tmp_path, monkeypatch):
+    from slimsd.models import compress as compress_module
+
+    def boom(self, folder, **kwargs):
+        (folder / "partial.bin").write_bytes(b"x")
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr("diffusers.DiffusionPipeline.save_pretrained", boom)
+    with pytest.raises(RuntimeError, match="disk full"):
+        compress_module.compress("micro-sd", "bk-small", tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["compress", "--teacher", "nota-ai/bk-sdm-small", "--recipe", "bk-small"],
+        ["compress", "--teacher", "sd-v1.4", "--recipe", "bk-small"],
+    ],
+)
+def test_hub_models_offline_are_a_clear_error(args, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    code, _, err = run_cli([*args, "--out", str(tmp_path / "s")], capsys)
+    _assert_one_line_error(code, err, "HF_HUB_OFFLINE")
+    assert not (tmp_path / "s").exists()

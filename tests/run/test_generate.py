@@ -1,0 +1,267 @@
+"""slimsd.run.generate and `slimsd generate`: seeds, batches, schedulers, PNG metadata, file names, bad input."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from slimsd.cli import main
+from slimsd.errors import SlimsdError
+from slimsd.run import generate as g
+
+FAST = {"steps": 2, "guidance": 7.5}
+
+
+def pixels(result) -> np.ndarray:
+    return np.asarray(result.image, dtype=np.int16)
+
+
+def run_cli(argv, capsys):
+    """`slimsd ARGV` in-process -> (exit code, stdout, stderr)."""
+    code = 0
+    try:
+        main(argv)
+    except SystemExit as e:
+        code = e.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.mark.parametrize("name", ["micro_sd", "micro_sdxl"])
+def test_same_seed_same_pixels_and_batch_image_i_is_seed_plus_i(name, request):
+    pipe = request.getfixturevalue(name)
+    batch = g.generate(pipe, "a red circle", seed=10, num_images=3, batch_size=3, **FAST)
+    assert [r.seed for r in batch] == [10, 11, 12]
+    single = g.generate(pipe, "a red circle", seed=12, **FAST)[0]
+    again = g.generate(pipe, "a red circle", seed=12, **FAST)[0]
+    assert np.array_equal(pixels(single), pixels(again))  # same seed, same settings: the same pixels
+    # A batch changes float summation order only (~1e-6 before the 8-bit rounding).
+    assert np.abs(pixels(batch[2]) - pixels(single)).max() <= 1
+    assert np.abs(pixels(batch[0]) - pixels(single)).max() > 1  # a different seed is a different image
+
+
+def test_seed_minus_one_draws_and_reports_a_seed(micro_sd):
+    (r,) = g.generate(micro_sd, "a blue square", seed=-1, steps=1)
+    assert 0 <= r.seed <= g.MAX_SEED and r.settings.seed == r.seed
+    assert f"Seed: {r.seed}," in r.settings.a1111_parameters()
+
+
+@pytest.mark.parametrize("scheduler", list(g.SCHEDULERS))
+def test_every_scheduler_runs_and_the_pipeline_keeps_its_own(micro_sd, scheduler):
+    own = micro_sd.scheduler
+    (r,) = g.generate(micro_sd, "a green triangle", seed=3, scheduler=scheduler, steps=1)
+    assert r.settings.scheduler == scheduler
+    assert np.isfinite(pixels(r)).all() and pixels(r).std() > 0
+    assert micro_sd.scheduler is own
+
+
+def test_set_scheduler_uses_the_model_noise_schedule_and_is_named_back(micro_sdxl):
+    pipe = micro_sdxl
+    before = pipe.scheduler
+    try:
+        for name in g.SCHEDULERS:
+            g.set_scheduler(pipe, name)
+            assert type(pipe.scheduler).__name__ == g.SCHEDULERS[name][0]
+            assert g.scheduler_name(pipe.scheduler) == name  # karras does not leak into plain dpm++2m
+            assert pipe.scheduler.config.beta_schedule == before.config.beta_schedule
+    finally:
+        pipe.scheduler = before
+
+
+@pytest.mark.slow
+def test_cli_from_png_reproduces_the_image_exactly(tmp_path, capsys):
+    code, out, err = run_cli(
+        [
+            "generate",
+            "micro-sd",
+            "a red / circle\x07 ../../x",
+            "--negative",
+            "blurry",
+            "--steps",
+            "2",
+            "--seed",
+            "5",
+            "--num-images",
+            "2",
+            "--scheduler",
+            "euler-ancestral",
+            "--out",
+            str(tmp_path / "a"),
+            "--json",
+        ],
+        capsys,
+    )
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["seeds"] == [5, 6] and report["grid"]
+    first = report["images"][1]["path"]
+    assert "/" not in first.split("/")[-1] and "\x07" not in first
+    text = Image.open(first).text
+    assert text["parameters"] == (
+        "a red / circle\x07 ../../x\nNegative prompt: blurry\nSteps: 2, Sampler: Euler a, "
+        "CFG scale: 7.5, Seed: 6, Size: 64x64, Model: micro-sd, Version: slimsd 0.1.0"
+    )
+    stored = json.loads(text["slimsd"])
+    assert stored["seed"] == 6 and stored["model_source"] == "micro-sd" and stored["time_s"] > 0
+    code, out, err = run_cli(
+        ["generate", "--from-png", first, "--out", str(tmp_path / "b"), "--json"], capsys
+    )
+    assert code == 0, err
+    again = json.loads(out)["images"][0]
+    assert again["seed"] == 6
+    assert np.array_equal(np.asarray(Image.open(first)), np.asarray(Image.open(again["path"])))
+
+
+@pytest.mark.slow
+def test_png_metadata_round_trip_on_sdxl(micro_sdxl, tmp_path):
+    results = g.generate(
+        micro_sdxl,
+        "a small yellow star",
+        negative="dark",
+        seed=42,
+        scheduler="dpm++2m-karras",
+        width=64,
+        height=72,
+        **FAST,
+    )
+    (path,) = g.save_images(results, tmp_path)
+    stored = g.settings_from_png(path)
+    parsed = g.parse_a1111(Image.open(path).text["parameters"])
+    for key in ("prompt", "negative_prompt", "steps", "guidance", "width", "height", "seed", "scheduler"):
+        assert parsed[key] == stored[key], key
+    again = g.generate(
+        micro_sdxl,
+        stored["prompt"],
+        negative=stored["negative_prompt"],
+        steps=stored["steps"],
+        guidance=stored["guidance"],
+        width=stored["width"],
+        height=stored["height"],
+        seed=stored["seed"],
+        scheduler=stored["scheduler"],
+    )[0]
+    assert np.array_equal(np.asarray(Image.open(path)), np.asarray(again.image))
+
+
+def test_parse_a1111_quoted_model_and_multiline_prompts():
+    s = g.Settings(
+        prompt="line one\nline two",
+        negative_prompt="bad, ugly",
+        steps=30,
+        guidance=6.0,
+        width=512,
+        height=768,
+        seed=123,
+        scheduler="dpm++2m-karras",
+        model="/models/my, model",
+        slimsd_version="x",
+    )
+    parsed = g.parse_a1111(s.a1111_parameters())
+    assert parsed == {
+        "prompt": "line one\nline two",
+        "negative_prompt": "bad, ugly",
+        "steps": 30,
+        "guidance": 6.0,
+        "seed": 123,
+        "width": 512,
+        "height": 768,
+        "scheduler": "dpm++2m-karras",
+        "model": "/models/my, model",
+    }
+    a1111 = "a cat\nSteps: 20, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 7, Seed: 9, Size: 512x512"
+    assert g.parse_a1111(a1111)["scheduler"] == "dpm++2m-karras"
+    with pytest.raises(SlimsdError, match="Steps"):
+        g.parse_a1111("just a caption")
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("a red circle", "a-red-circle"),
+        ("../../etc/passwd", "etc-passwd"),
+        ("C:\\Windows\\x\x00\x1b[31m", "c-windows-x-31m"),
+        ("", "image"),
+        ("/// ...", "image"),
+        ("café ünïcode 猫", "cafe-unicode"),
+    ],
+)
+def test_safe_stem(text, expected):
+    assert g.safe_stem(text) == expected
+
+
+def test_safe_stem_is_length_limited_and_files_never_overwritten(tmp_path):
+    assert len(g.safe_stem("word " * 100)) <= 60
+    a = g.write_new_file(tmp_path, "00000-1-x", ".png", b"first")
+    b = g.write_new_file(tmp_path, "00000-1-x", ".png", b"second")
+    assert a != b and a.read_bytes() == b"first" and b.read_bytes() == b"second"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["00000-1-x-1.png", "00000-1-x.png"]  # no temp files
+    assert g.next_index(tmp_path) == 1
+
+
+def test_grid_holds_every_image():
+    ims = [Image.new("RGB", (8, 8), c) for c in ("red", "green", "blue")]
+    grid = g.make_grid(ims)
+    assert grid.size == (16, 16)
+    assert grid.getpixel((12, 4)) == (0, 128, 0) and grid.getpixel((4, 12)) == (0, 0, 255)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"width": 100}, "width 100"),
+        ({"height": 4096}, "height 4096"),
+        ({"steps": 0}, "steps 0"),
+        ({"guidance": 51.0}, "guidance 51"),
+        ({"guidance": float("nan")}, "guidance nan"),
+        ({"seed": -2}, "seed -2"),
+        ({"scheduler": "heun"}, "unknown scheduler 'heun'; allowed: ddim"),
+    ],
+)
+def test_validate_refuses_bad_settings(kwargs, match):
+    args = {"steps": 2, "guidance": 7.5, "width": 64, "height": 64, "seed": 0} | kwargs
+    with pytest.raises(SlimsdError, match=match):
+        g.validate(**args)
+
+
+def test_long_prompt_warns_it_was_truncated(micro_sd):
+    seen = []
+    g.generate(micro_sd, "red circle " * 60, steps=1, seed=0, on_warning=seen.append)
+    assert len(seen) == 1 and "truncated" in seen[0] and "77" in seen[0]
+
+
+def test_load_defaults_and_errors():
+    pipe = g.load("micro-sd", scheduler="unipc")
+    assert pipe.device.type == "cpu" and pipe.unet.dtype == torch.float32
+    assert type(pipe.scheduler).__name__ == "UniPCMultistepScheduler"
+    assert pipe._slimsd["default_scheduler"] == "pndm"  # the model's own, remembered
+    with pytest.raises(SlimsdError, match="unknown scheduler 'fast'"):
+        g.load("micro-sd", scheduler="fast")
+    with pytest.raises(SlimsdError, match="fp16' is not supported on the CPU"):
+        g.load("micro-sd", dtype="fp16")
+    with pytest.raises(SlimsdError, match="unknown model"):
+        g.load("no-such-model")
+
+
+def test_sdxl_vae_upcasts_in_fp16():
+    pipe = g.load("micro-sdxl", device="cpu", dtype=torch.float16)
+    assert pipe.vae.config.force_upcast is True
+
+
+@pytest.mark.parametrize(
+    ("argv", "match"),
+    [
+        (["micro-sd", "x", "--width", "63"], "width 63 is not allowed"),
+        (["micro-sd", "x", "--scheduler", "heun"], "unknown scheduler 'heun'"),
+        (["micro-sd", "x", "--steps", "many"], "'many' is not a valid integer"),
+        (["not-a-model", "x"], "unknown model 'not-a-model'"),
+        (["micro-sd"], "missing PROMPT"),
+    ],
+)
+def test_cli_bad_input_is_one_line_and_exit_2(argv, match, capsys, tmp_path):
+    code, _out, err = run_cli(["generate", *argv, "--out", str(tmp_path)], capsys)
+    assert code == 2
+    assert match in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err

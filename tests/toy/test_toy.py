@@ -1,0 +1,55 @@
+"""The toy teacher: committed safetensors weights that load offline and follow their captions."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from slimsd.toy.shapes import caption_fidelity
+from slimsd.toy.teacher import TOY_DIR, TOY_SAMPLING, load_toy_teacher, toy_training_record
+
+PROMPTS = [
+    "a red circle",
+    "a blue square",
+    "a green triangle",
+    "a yellow cross",
+    "a purple circle",
+    "a cyan square",
+    "a red triangle",
+    "a blue cross",
+]
+
+
+@pytest.fixture(scope="module")
+def toy():
+    return load_toy_teacher()
+
+
+def test_weights_are_safetensors_only_and_small():
+    files = [p for p in TOY_DIR.rglob("*") if p.is_file()]
+    weights = [p for p in files if p.suffix in (".safetensors", ".bin", ".ckpt", ".pt", ".pth")]
+    assert weights and all(p.suffix == ".safetensors" for p in weights)
+    assert sum(p.stat().st_size for p in files) < 20 * 2**20
+
+
+def test_loads_offline_as_micro_sd_and_through_load_pipeline(toy):
+    from slimsd.models.loading import load_pipeline
+    from slimsd.models.micro import MICRO_SD_UNET
+
+    assert type(toy).__name__ == "StableDiffusionPipeline"
+    assert toy.unet.config.block_out_channels == MICRO_SD_UNET["block_out_channels"]
+    assert toy.unet.dtype == torch.float32
+    again = load_pipeline("toy-sd")
+    assert torch.equal(again.unet.conv_in.weight, toy.unet.conv_in.weight)
+    assert toy_training_record().get("fidelity_seed0", {}).get("fidelity", 0) >= 0.4  # chance: 1/24
+
+
+def test_samples_follow_their_captions(toy):
+    from slimsd.toy.shapes import make_captions
+
+    prompts = PROMPTS + make_captions(16, seed=4242)  # plain and sized/placed captions
+    gens = [torch.Generator().manual_seed(100 + i) for i in range(len(prompts))]
+    images = toy(prompts, generator=gens, **TOY_SAMPLING).images
+    r = caption_fidelity(images, prompts, details=True)
+    # chance is 1/6 for colour, 1/4 for shape, 1/24 for both: a teacher that ignores its captions fails this
+    assert r["fidelity"] >= 0.3 and r["colour_accuracy"] >= 0.5, r["per_image"]

@@ -1,0 +1,351 @@
+"""The KD trainer on the micro models: the loss goes down, each term is its formula, resume is exact, two
+processes equal one, the latent cache is transparent, SDXL students train and load in plain diffusers."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from slimsd.errors import SlimsdError
+from slimsd.train.distill import DistillConfig, load_config, train
+
+from helpers import run_cli
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Micro models are far faster on one thread when other work shares the CPU (no OpenMP spinning)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+FAST = {
+    "teacher": "micro-sd",
+    "student": "bk-small",
+    "data": "shapes:16",
+    "batch_size": 4,
+    "learning_rate": 1e-3,
+    "checkpoint_every": 0,
+    "progress": False,
+    "tensorboard": False,
+    "resolution": 64,
+}
+
+
+def cfg(tmp_path, name="run", **kw) -> DistillConfig:
+    return DistillConfig(**{**FAST, "output_dir": str(tmp_path / name), **kw})
+
+
+def unet_weights(folder) -> dict[str, torch.Tensor]:
+    return load_file(str(Path(folder) / "unet" / "diffusion_pytorch_model.safetensors"))
+
+
+def max_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+
+
+def test_loss_goes_down_and_the_student_loads_in_diffusers(tmp_path):
+    from diffusers import DiffusionPipeline
+
+    result = train(cfg(tmp_path, max_steps=8, checkpoint_every=3, keep_last=2))
+    losses = [r["loss"] for r in result["losses"]]
+    assert len(losses) == 8 and all(k in result["losses"][0] for k in ("loss", "task", "out", "feat"))
+    assert sum(losses[-3:]) / 3 < 0.9 * sum(losses[:3]) / 3
+    ckpts = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    assert ckpts == ["step-00000006", "step-00000008"]  # every 3 steps and at the end, the last 2 kept
+    pipe = DiffusionPipeline.from_pretrained(result["final_dir"])
+    assert pipe.unet.config.mid_block_type is None and len(pipe.unet.down_blocks) == 4  # bk-small
+    assert sum(p.numel() for p in pipe.unet.parameters()) == result["student_unet_params"]
+    info = json.loads((Path(result["final_dir"]) / "slimsd.json").read_text())
+    assert info["recipe"]["name"] == "bk-small" and info["step"] == 8
+    image = pipe("a red circle", num_inference_steps=2, height=64, width=64, output_type="np").images[0]
+    assert image.shape == (64, 64, 3)
+
+
+def test_bf16_with_checkpointing_ema_and_validation(tmp_path):
+    """Mixed precision: the fp32 student trains beside a bf16 teacher; validation grids are written; the final
+    pipeline is fp32 throughout (the frozen parts were only cast for compute)."""
+    from diffusers import DiffusionPipeline
+
+    from slimsd.models.micro import build_micro
+
+    result = train(
+        cfg(
+            tmp_path,
+            max_steps=2,
+            mixed_precision="bf16",
+            gradient_checkpointing=True,
+            ema=True,
+            validation_prompts=["a red circle", "a blue square"],
+            validation_every=2,
+            validation_steps=2,
+            tensorboard=True,
+        )
+    )
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in result["losses"])
+    grid = tmp_path / "run" / "validation" / "step-00000002.png"
+    from PIL import Image
+
+    assert Image.open(grid).size == (128, 64)  # two prompts side by side
+    assert list((tmp_path / "run" / "tensorboard").rglob("events.out.tfevents.*"))
+    pipe = DiffusionPipeline.from_pretrained(result["final_dir"])
+    assert {pipe.unet.dtype, pipe.vae.dtype, pipe.text_encoder.dtype} == {torch.float32}
+    ref = build_micro("micro-sd").vae.state_dict()
+    assert max_diff(pipe.vae.state_dict(), ref) == 0  # the VAE saved is the teacher's, not a bf16 round-trip
+
+
+def test_first_step_terms_equal_their_formulas(tmp_path):
+    """Recompute step 1 by hand: the same examples, noise and timesteps, the BK-SDM formulas."""
+    from slimsd.models.compress import compress_pipeline
+    from slimsd.models.micro import build_micro
+    from slimsd.train.data import Examples, collate, epoch_order, open_source
+
+    lam = {"lambda_task": 0.5, "lambda_out": 2.0, "lambda_feat": 3.0}
+    got = train(cfg(tmp_path, max_steps=1, seed=5, **lam))["losses"][0]
+
+    teacher = build_micro("micro-sd")
+    student = compress_pipeline(teacher, "bk-small").pipeline.unet
+    examples = Examples(open_source("shapes:16", seed=5), 64, seed=5)
+    batch = collate([examples[(i, 0)] for i in epoch_order(16, 5, 0)[:4]])
+    gen = torch.Generator().manual_seed(5)
+    t = torch.randint(0, 1000, (4,), generator=gen)
+    with torch.no_grad():
+        dist = teacher.vae.encode(batch["pixels"]).latent_dist
+        noise = torch.randn(dist.mean.shape, generator=gen)
+        latents = (dist.mean + dist.std * torch.randn(dist.mean.shape, generator=gen)) * 0.18215
+        ac = teacher.scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
+        noisy = ac.sqrt() * latents + (1 - ac).sqrt() * noise
+        ids = teacher.tokenizer(
+            batch["caption"], padding="max_length", max_length=77, return_tensors="pt"
+        ).input_ids
+        text = teacher.text_encoder(ids)[0]
+        feats = {"s": {}, "t": {}}
+        names = [f"down_blocks.{i}" for i in range(4)] + [f"up_blocks.{i}" for i in range(4)]
+        handles = []
+        for key, net in (("s", student), ("t", teacher.unet)):
+            for name in names:
+
+                def hook(_m, _i, out, key=key, name=name):
+                    feats[key][name] = out[0] if isinstance(out, tuple) else out
+
+                handles.append(net.get_submodule(name).register_forward_hook(hook))
+        t_out = teacher.unet(noisy, t, text).sample
+        s_out = student(noisy, t, text).sample
+        for h in handles:
+            h.remove()
+    task = ((s_out - noise) ** 2).mean().item()
+    out = ((s_out - t_out) ** 2).mean().item()
+    feat = sum(((feats["s"][n] - feats["t"][n]) ** 2).mean().item() for n in names)
+    assert got["task"] == pytest.approx(task, rel=1e-4)
+    assert got["out"] == pytest.approx(out, rel=1e-4)
+    assert got["feat"] == pytest.approx(feat, rel=1e-4)
+    assert got["loss"] == pytest.approx(0.5 * task + 2 * out + 3 * feat, rel=1e-4)
+
+
+def test_resume_latest_ends_with_the_same_weights(tmp_path):
+    common = {
+        "batch_size": 2,
+        "gradient_accumulation_steps": 2,
+        "ema": True,
+        "ema_decay": 0.9,
+        "lr_scheduler": "linear",
+        "lr_warmup_steps": 2,
+        "checkpoint_every": 2,
+    }
+    whole = train(cfg(tmp_path, "whole", max_steps=4, **common))
+    first = train(cfg(tmp_path, "split", max_steps=4, stop_at_step=2, **common))  # as if killed after step 2
+    assert first["steps"] == 2
+    resumed = train(cfg(tmp_path, "split", max_steps=4, resume="latest", **common))
+    assert resumed["resumed_from"].endswith("step-00000002")
+    assert [r["loss"] for r in resumed["losses"]] == pytest.approx(
+        [r["loss"] for r in whole["losses"]], abs=1e-6
+    )
+    assert (
+        max_diff(unet_weights(whole["final_dir"]), unet_weights(resumed["final_dir"])) <= 1e-6
+    )  # EMA weights
+    raw = [
+        load_file(str(tmp_path / d / "checkpoints" / "step-00000004" / "student.safetensors"))
+        for d in ("whole", "split")
+    ]
+    assert max_diff(*raw) <= 1e-6
+    with pytest.raises(SlimsdError, match="not a checkpoint folder"):
+        train(cfg(tmp_path, "split", max_steps=4, resume=str(tmp_path)))
+
+
+def test_latent_cache_is_transparent_and_bad_rows_are_counted(tmp_path):
+    from test_data import make_imagefolder
+
+    from slimsd.train.data import write_cache
+
+    dirty = tmp_path / "dirty"
+    dirty.mkdir()
+    make_imagefolder(dirty)
+    info = write_cache("micro-sd", str(dirty), tmp_path / "dirty-cache", resolution=64)
+    assert info["count"] == 3 and info["skipped"] == {"missing_caption": 1, "unreadable_image": 1}
+    run = train(cfg(tmp_path, "dirty-run", batch_size=4, max_steps=1, data=str(dirty)))
+    assert run["skipped"] == {"missing_caption": 1, "unreadable_image": 1}  # counted, not a crash
+
+    clean = tmp_path / "clean"
+    clean.mkdir()
+    make_imagefolder(clean)
+    lines = (clean / "metadata.jsonl").read_text().splitlines()[:3]  # the three good rows
+    (clean / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    write_cache("micro-sd", str(clean), tmp_path / "cache", resolution=64)
+    kw = {"batch_size": 3, "max_steps": 1}
+    raw = train(cfg(tmp_path, "raw", data=str(clean), **kw))
+    cached = train(cfg(tmp_path, "cached", data=str(tmp_path / "cache"), **kw))
+    for k in ("loss", "task", "out", "feat"):
+        assert cached["losses"][0][k] == pytest.approx(raw["losses"][0][k], rel=1e-4)
+    with pytest.raises(SlimsdError, match="was made at 64 px"):
+        train(cfg(tmp_path, "bad", data=str(tmp_path / "cache"), resolution=32, **kw))
+
+
+@pytest.mark.slow
+def test_sdxl_student_distils_and_loads_in_diffusers(tmp_path):
+    from diffusers import StableDiffusionXLPipeline
+
+    result = train(cfg(tmp_path, teacher="micro-sdxl", student="ssd-1b", max_steps=6))
+    losses = [r["loss"] for r in result["losses"]]
+    assert sum(losses[-2:]) / 2 < sum(losses[:2]) / 2
+    assert len(result["taps"]) == 12 and result["losses"][0]["feat"] > 0  # ssd-1b's per-layer taps
+    pipe = StableDiffusionXLPipeline.from_pretrained(result["final_dir"])
+    assert pipe.unet.config.mid_block_type == "UNetMidBlock2D"
+    image = pipe("a red circle", num_inference_steps=2, height=64, width=64, output_type="np").images[0]
+    assert image.shape == (64, 64, 3)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one_with_the_same_global_batch(tmp_path):
+    """DDP on CPU (gloo), started the way users start it: `accelerate launch --multi_gpu --num_processes 2`.
+    (`accelerate launch --cpu --num_processes 2` starts ONE process in accelerate 1.x unless mpirun is set up;
+    train() passes cpu=True to the Accelerator itself when launched without CUDA.) adam_epsilon=1e-3 keeps
+    Adam from amplifying float-rounding differences of near-zero gradients (m/sqrt(v) ~ ±1 whatever their
+    size)."""
+    kw = {"max_steps": 2, "data": "shapes:8", "adam_epsilon": 1e-3}
+    one = train(cfg(tmp_path, "one", **kw))
+    accelerate = Path(sys.executable).parent / "accelerate"
+    overrides = [
+        f"{k}={v}" for k, v in {**FAST, **kw, "batch_size": 2, "output_dir": tmp_path / "two"}.items()
+    ]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    env.pop("ACCELERATE_USE_CPU", None)
+    launch = ["--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no"]
+    launch += ["--dynamo_backend", "no", "--main_process_port", str(_free_port())]
+    proc = subprocess.run(
+        [str(accelerate), "launch", *launch, "-m", "slimsd.cli", "distill", *overrides, "--json"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    two = json.loads(proc.stdout[proc.stdout.index("{") :])  # printed once, by the main process
+    assert two["num_processes"] == 2
+    for k in ("loss", "task", "out", "feat"):
+        assert two["last"][k] == pytest.approx(one["losses"][-1][k], rel=1e-5)
+    assert max_diff(unet_weights(one["final_dir"]), unet_weights(tmp_path / "two" / "final")) <= 1e-5
+
+
+def test_config_file_overrides_and_errors(tmp_path, capsys):
+    path = tmp_path / "c.yaml"
+    path.write_text("teacher: micro-sd\nmax_steps: 5\nlearning_rate: 1.0e-4\nvalidation_prompts: [a, b]\n")
+    c = load_config(path, ["max_steps=7", "mixed_precision=bf16", "resume=latest", "feature_taps=[[a, b]]"])
+    assert (c.max_steps, c.learning_rate, c.mixed_precision, c.resume) == (7, 1e-4, "bf16", "latest")
+    assert c.validation_prompts == ["a", "b"] and c.feature_taps == [["a", "b"]]
+    code, out, _ = run_cli(["distill", "--config", str(path), "seed=3", "--dry-run"], capsys)
+    assert code == 0 and "seed: 3" in out and "max_steps: 5" in out
+    for args, needle in [
+        (["nope=1"], "unknown config key 'nope'; allowed: teacher"),
+        (["batch_size=0"], "'batch_size': 0 is out of range; allowed: >= 1"),
+        (["learning_rate=0"], "allowed: > 0"),
+        (["mixed_precision=fp8"], "allowed: no, fp16, bf16"),
+        (["max_steps=ten"], "expected int"),
+        (["resolution=60"], "multiple of 8"),
+        (["--config", str(tmp_path / "missing.yaml")], "does not exist"),
+        (["student=no-such-recipe", "max_steps=1"], "unknown recipe"),
+    ]:
+        code, _, err = run_cli(["distill", *args], capsys)
+        assert code == 2 and needle in err and len(err.strip().splitlines()) == 1, (args, err)
+
+
+def test_example_configs_resolve():
+    root = Path(__file__).parents[2] / "configs"
+    names = {p.name for p in root.glob("*.yaml")}
+    assert {"micro-sd.yaml", "micro-sdxl.yaml", "bk-small.yaml", "bk-tiny.yaml", "ssd-1b.yaml"} <= names
+    for p in root.glob("*.yaml"):
+        load_config(p)
+
+
+def test_cache_command(tmp_path, capsys):
+    code, out, _ = run_cli(
+        [
+            "cache",
+            "--model",
+            "micro-sd",
+            "--data",
+            "shapes:4",
+            "--out",
+            str(tmp_path / "c"),
+            "--resolution",
+            "64",
+            "--flip",
+            "--json",
+        ],
+        capsys,
+    )
+    info = json.loads(out)
+    assert code == 0 and info["count"] == 4 and info["flip"] and info["family"] == "sd"
+    from slimsd.train.data import open_source
+
+    source = open_source(str(tmp_path / "c"))
+    row = source.read(source.rows[0])
+    assert row["latent_mean"].shape == (4, 8, 8) and row["prompt_embeds"].shape == (77, 32)
+    assert not torch.equal(row["latent_mean"], row["latent_mean_flip"])
+    code, _, err = run_cli(
+        [
+            "cache",
+            "--model",
+            "micro-sd",
+            "--data",
+            "shapes:4",
+            "--out",
+            str(tmp_path / "c"),
+            "--resolution",
+            "64",
+        ],
+        capsys,
+    )
+    assert code == 2 and "already exists" in err
+    code, _, err = run_cli(
+        [
+            "cache",
+            "--model",
+            "micro-sd",
+            "--data",
+            "shapes:4",
+            "--out",
+            str(tmp_path / "d"),
+            "--resolution",
+            "60",
+        ],
+        capsys,
+    )
+    assert code == 2 and "multiple of 8" in err
