@@ -13,8 +13,9 @@ def compress(*args, **kwargs):
 
 
 def load(*args, **kwargs):
-    """A ready diffusers pipeline for a preset, local folder or hub id. See :func:`slimsd.run.generate.load`."""
-    from slimsd.run.generate import load as _load
+    """The one way to a pipeline: a preset, offline model, local folder or hub id on a device, in a dtype, with
+    the fast runtime unless ``optimize=False``. See :func:`slimsd.models.loading.load`."""
+    from slimsd.models.loading import load as _load
 
     return _load(*args, **kwargs)
 

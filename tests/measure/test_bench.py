@@ -53,7 +53,7 @@ def test_rows_have_the_contract_fields(rows):
         assert set(r["images_per_s"]) == {"1", "2"}
         assert r["e2e_s"] == pytest.approx(r["text_encode_s"] + r["denoise_s"] + r["vae_decode_s"])
         assert r["peak_memory_bytes"] > 50 * 2**20  # at least torch itself is resident
-        assert r["dtype"] == "float32" and r["device"] == "cpu" and r["threads"] == 1
+        assert r["dtype"] == "fp32" and r["device"] == "cpu" and r["threads"] == 1
         assert r["torch"] == torch.__version__
         # the optimised U-Net and plain diffusers compute the same thing
         assert r["max_abs_diff_vs_baseline"] < 1e-3
@@ -77,7 +77,7 @@ def test_markdown_table(rows):
     )
     assert lines[2].startswith("| micro-sd | 64 | 3.2 |") and lines[3].startswith("| micro-sdxl | 64 |")
     assert len({line.count("|") for line in lines[:4]}) == 1  # every row has every column
-    assert "torch " + torch.__version__ in md and "float32" in md
+    assert "torch " + torch.__version__ in md and "fp32" in md
 
 
 def test_chart_is_a_png(rows):
@@ -133,7 +133,7 @@ def test_cli_writes_json_markdown_and_chart(tmp_path, capsys):
         ]
     )
     rows = json.loads(out.read_text())
-    assert rows[0]["model"] == "micro-sd" and rows[0]["dtype"] == "bfloat16"
+    assert rows[0]["model"] == "micro-sd" and rows[0]["dtype"] == "bf16"
     assert rows[0]["unet_macs"] == summarize("micro-sd", 64)["unet_macs"]
     assert (tmp_path / "b.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| micro-sd |" in (tmp_path / "b.md").read_text()

@@ -393,7 +393,7 @@ def test_eval_cli_end_to_end_on_micro_sd_and_resume(tmp_path, capsys, monkeypatc
     assert np.isfinite(row["fid"]) and row["fid"] > 0 and 0 <= row["clip_score"] <= 100
     assert result["generation"]["micro-sd"] == {"generated": 2, "skipped": 1, "in_shard": 3}
     assert (out / "images" / "micro-sd" / "g.png").read_bytes() == g_bytes  # kept, not regenerated
-    from slimsd.run.generate import settings_from_png
+    from slimsd.run.pnginfo import settings_from_png
 
     meta = settings_from_png(out / "images" / "micro-sd" / "b.png")  # prompt row 2: seed 0 + 2
     assert (meta["seed"], meta["prompt"], meta["width"], meta["steps"]) == (2, "a blue triangle", 64, 2)
@@ -404,7 +404,9 @@ def test_eval_cli_end_to_end_on_micro_sd_and_resume(tmp_path, capsys, monkeypatc
     # Resume: nothing left to generate, so no pipeline is even loaded; same scores; reference from its .npz.
     import slimsd.models.loading
 
-    monkeypatch.setattr(slimsd.models.loading, "load_pipeline", lambda *a, **k: pytest.fail("regenerated"))
+    monkeypatch.setattr(
+        slimsd.models.loading, "_diffusers_pipeline", lambda *a, **k: pytest.fail("regenerated")
+    )
     args[args.index(str(ref))] = str(tmp_path / "ref.npz")
     code, stdout, err = run_cli(args, capsys)
     assert code == 0, err

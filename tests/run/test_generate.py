@@ -11,7 +11,10 @@ from PIL import Image
 
 from slimsd.cli import main
 from slimsd.errors import SlimsdError
+from slimsd.images import make_grid
+from slimsd.models.loading import load
 from slimsd.run import generate as g
+from slimsd.run import outputs, pnginfo, schedulers
 
 FAST = {"steps": 2, "guidance": 7.5}
 
@@ -50,7 +53,7 @@ def test_seed_minus_one_draws_and_reports_a_seed(micro_sd):
     assert f"Seed: {r.seed}," in r.settings.a1111_parameters()
 
 
-@pytest.mark.parametrize("scheduler", list(g.SCHEDULERS))
+@pytest.mark.parametrize("scheduler", list(schedulers.SCHEDULERS))
 def test_every_scheduler_runs_and_the_pipeline_keeps_its_own(micro_sd, scheduler):
     own = micro_sd.scheduler
     (r,) = g.generate(micro_sd, "a green triangle", seed=3, scheduler=scheduler, steps=1)
@@ -63,10 +66,12 @@ def test_set_scheduler_uses_the_model_noise_schedule_and_is_named_back(micro_sdx
     pipe = micro_sdxl
     before = pipe.scheduler
     try:
-        for name in g.SCHEDULERS:
-            g.set_scheduler(pipe, name)
-            assert type(pipe.scheduler).__name__ == g.SCHEDULERS[name][0]
-            assert g.scheduler_name(pipe.scheduler) == name  # karras does not leak into plain dpm++2m
+        for name in schedulers.SCHEDULERS:
+            schedulers.set_scheduler(pipe, name)
+            assert type(pipe.scheduler).__name__ == schedulers.SCHEDULERS[name][0]
+            assert (
+                schedulers.scheduler_name(pipe.scheduler) == name
+            )  # karras does not leak into plain dpm++2m
             assert pipe.scheduler.config.beta_schedule == before.config.beta_schedule
     finally:
         pipe.scheduler = before
@@ -128,9 +133,9 @@ def test_png_metadata_round_trip_on_sdxl(micro_sdxl, tmp_path):
         height=72,
         **FAST,
     )
-    (path,) = g.save_images(results, tmp_path)
-    stored = g.settings_from_png(path)
-    parsed = g.parse_a1111(Image.open(path).text["parameters"])
+    (path,) = outputs.save_images(results, tmp_path)
+    stored = pnginfo.settings_from_png(path)
+    parsed = pnginfo.parse_a1111(Image.open(path).text["parameters"])
     for key in ("prompt", "negative_prompt", "steps", "guidance", "width", "height", "seed", "scheduler"):
         assert parsed[key] == stored[key], key
     again = g.generate(
@@ -148,7 +153,7 @@ def test_png_metadata_round_trip_on_sdxl(micro_sdxl, tmp_path):
 
 
 def test_parse_a1111_quoted_model_and_multiline_prompts():
-    s = g.Settings(
+    s = pnginfo.Settings(
         prompt="line one\nline two",
         negative_prompt="bad, ugly",
         steps=30,
@@ -160,7 +165,7 @@ def test_parse_a1111_quoted_model_and_multiline_prompts():
         model="/models/my, model",
         slimsd_version="x",
     )
-    parsed = g.parse_a1111(s.a1111_parameters())
+    parsed = pnginfo.parse_a1111(s.a1111_parameters())
     assert parsed == {
         "prompt": "line one\nline two",
         "negative_prompt": "bad, ugly",
@@ -173,9 +178,9 @@ def test_parse_a1111_quoted_model_and_multiline_prompts():
         "model": "/models/my, model",
     }
     a1111 = "a cat\nSteps: 20, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 7, Seed: 9, Size: 512x512"
-    assert g.parse_a1111(a1111)["scheduler"] == "dpm++2m-karras"
+    assert pnginfo.parse_a1111(a1111)["scheduler"] == "dpm++2m-karras"
     with pytest.raises(SlimsdError, match="Steps"):
-        g.parse_a1111("just a caption")
+        pnginfo.parse_a1111("just a caption")
 
 
 @pytest.mark.parametrize(
@@ -190,21 +195,21 @@ def test_parse_a1111_quoted_model_and_multiline_prompts():
     ],
 )
 def test_safe_stem(text, expected):
-    assert g.safe_stem(text) == expected
+    assert outputs.safe_stem(text) == expected
 
 
 def test_safe_stem_is_length_limited_and_files_never_overwritten(tmp_path):
-    assert len(g.safe_stem("word " * 100)) <= 60
-    a = g.write_new_file(tmp_path, "00000-1-x", ".png", b"first")
-    b = g.write_new_file(tmp_path, "00000-1-x", ".png", b"second")
+    assert len(outputs.safe_stem("word " * 100)) <= 60
+    a = outputs.write_new_file(tmp_path, "00000-1-x", ".png", b"first")
+    b = outputs.write_new_file(tmp_path, "00000-1-x", ".png", b"second")
     assert a != b and a.read_bytes() == b"first" and b.read_bytes() == b"second"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["00000-1-x-1.png", "00000-1-x.png"]  # no temp files
-    assert g.next_index(tmp_path) == 1
+    assert outputs.next_index(tmp_path) == 1
 
 
 def test_grid_holds_every_image():
     ims = [Image.new("RGB", (8, 8), c) for c in ("red", "green", "blue")]
-    grid = g.make_grid(ims)
+    grid = make_grid(ims)
     assert grid.size == (16, 16)
     assert grid.getpixel((12, 4)) == (0, 128, 0) and grid.getpixel((4, 12)) == (0, 0, 255)
 
@@ -234,20 +239,20 @@ def test_long_prompt_warns_it_was_truncated(micro_sd):
 
 
 def test_load_defaults_and_errors():
-    pipe = g.load("micro-sd", scheduler="unipc")
+    pipe = load("micro-sd", scheduler="unipc")
     assert pipe.device.type == "cpu" and pipe.unet.dtype == torch.float32
     assert type(pipe.scheduler).__name__ == "UniPCMultistepScheduler"
     assert pipe._slimsd["default_scheduler"] == "pndm"  # the model's own, remembered
     with pytest.raises(SlimsdError, match="unknown scheduler 'fast'"):
-        g.load("micro-sd", scheduler="fast")
+        load("micro-sd", scheduler="fast")
     with pytest.raises(SlimsdError, match="fp16' is not supported on the CPU"):
-        g.load("micro-sd", dtype="fp16")
+        load("micro-sd", dtype="fp16")
     with pytest.raises(SlimsdError, match="unknown model"):
-        g.load("no-such-model")
+        load("no-such-model")
 
 
 def test_sdxl_vae_upcasts_in_fp16():
-    pipe = g.load("micro-sdxl", device="cpu", dtype=torch.float16)
+    pipe = load("micro-sdxl", device="cpu", dtype=torch.float16)
     assert pipe.vae.config.force_upcast is True
 
 

@@ -57,39 +57,51 @@ def test_optimize_pipeline_sets_dtype_and_layout(micro_sd):
     assert pipe.vae.decoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
 
 
-def test_resolve_dtype_cpu():
-    auto = runtime.resolve_dtype("auto", "cpu")
-    assert auto == (torch.bfloat16 if runtime.cpu_supports_bf16() else torch.float32)
-    assert runtime.resolve_dtype("bf16", "cpu") == torch.bfloat16
-    assert runtime.resolve_dtype("auto", "cuda") == torch.float16
-    with pytest.raises(SlimsdError, match="float16"):
-        runtime.resolve_dtype("float16", "cpu")
-    with pytest.raises(SlimsdError, match="int8"):
-        runtime.resolve_dtype("int8", "cpu")
-
-
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal of a missing GPU")
-def test_resolve_device_refuses_missing_cuda():
-    assert runtime.resolve_device("auto") == "cpu"
-    with pytest.raises(SlimsdError, match="CUDA is not available"):
-        runtime.resolve_device("cuda")
-    with pytest.raises(SlimsdError, match="unknown device"):
-        runtime.resolve_device("tpu")
-
-
-def test_describe_records_settings():
-    d = runtime.describe(runtime.RuntimeConfig(dtype=torch.bfloat16, compile=True, threads=1))
-    assert (
-        d["dtype"] == "bfloat16" and d["compile"] is True and d["threads"] == 1 and d["channels_last"] is True
+def test_applied_reads_back_what_is_in_effect(micro_sd):
+    plain = copy.deepcopy(micro_sd.unet).eval()
+    assert runtime.applied(plain, optimized=False) == {
+        "optimized": False,
+        "device": "cpu",
+        "dtype": "fp32",
+        "channels_last": False,
+        "fused_qkv": False,
+        "attention": "sdpa",
+        "compile": False,
+    }
+    fast = runtime.optimize_unet(copy.deepcopy(micro_sd.unet), runtime.RuntimeConfig(dtype=torch.bfloat16))
+    got = runtime.applied(fast, optimized=True)
+    assert (got["dtype"], got["channels_last"], got["fused_qkv"], got["attention"]) == (
+        "bf16",
+        True,
+        True,
+        "sdpa",
     )
 
 
-def test_cpu_isa_and_bf16_follow_the_flags(monkeypatch):
-    zen1 = frozenset({"fpu", "avx", "avx2", "fma", "sse4_2"})
-    monkeypatch.setattr(runtime, "cpu_flags", lambda: zen1)
-    assert runtime.cpu_isa() == ["avx2", "fma"]
-    assert not runtime.cpu_supports_bf16()
-    sapphire = zen1 | {"avx512f", "avx512_bf16", "amx_bf16", "amx_tile"}
-    monkeypatch.setattr(runtime, "cpu_flags", lambda: sapphire)
-    assert runtime.cpu_isa() == ["avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16"]
-    assert runtime.cpu_supports_bf16() == torch.backends.mkldnn.is_available()
+def test_a_fusion_diffusers_refuses_is_reported_as_not_applied(micro_sd, monkeypatch):
+    unet = copy.deepcopy(micro_sd.unet)
+
+    def refuse():
+        raise ValueError("`fuse_qkv_projections()` is not supported for models having added KV projections.")
+
+    monkeypatch.setattr(unet, "fuse_qkv_projections", refuse)
+    cfg = runtime.RuntimeConfig(fuse_qkv=True)
+    fast = runtime.optimize_unet(unet, cfg)
+    described = runtime.describe(cfg, fast)
+    assert described["requested"]["fuse_qkv"] is True
+    assert described["applied"]["fused_qkv"] is False
+    assert described["applied"]["channels_last"] is True
+
+
+def test_summary_line_names_the_applied_settings():
+    applied = {
+        "optimized": True,
+        "device": "cpu",
+        "dtype": "fp32",
+        "channels_last": True,
+        "fused_qkv": False,
+        "attention": "sdpa",
+        "compile": False,
+    }
+    assert runtime.summary(applied) == "fp32 on cpu · channels_last · sdpa"
+    assert runtime.summary(applied | {"optimized": False}) == "fp32 on cpu · plain diffusers"

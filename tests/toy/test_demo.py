@@ -96,7 +96,7 @@ def test_cli_defaults_match_demo_config():
     from dataclasses import fields
 
     from slimsd.commands.demo import demo
-    from slimsd.train.distill import CHOICES
+    from slimsd.train.config import CHOICES
 
     config = {f.name: f.default for f in fields(DemoConfig)}
     renamed = {"guidance": "guidance_scale"}

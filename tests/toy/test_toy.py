@@ -32,14 +32,14 @@ def test_weights_are_safetensors_only_and_small():
     assert sum(p.stat().st_size for p in files) < 20 * 2**20
 
 
-def test_loads_offline_as_micro_sd_and_through_load_pipeline(toy):
-    from slimsd.models.loading import load_pipeline
-    from slimsd.models.micro import MICRO_SD_UNET
+def test_loads_offline_as_micro_sd_and_through_load(toy):
+    from slimsd.models.loading import load
+    from slimsd.models.presets import MICRO_SD_UNET
 
     assert type(toy).__name__ == "StableDiffusionPipeline"
     assert toy.unet.config.block_out_channels == MICRO_SD_UNET["block_out_channels"]
     assert toy.unet.dtype == torch.float32
-    again = load_pipeline("toy-sd")
+    again = load("toy-sd", device="cpu", dtype="fp32", optimize=False)
     assert torch.equal(again.unet.conv_in.weight, toy.unet.conv_in.weight)
     assert toy_training_record().get("fidelity_seed0", {}).get("fidelity", 0) >= 0.4  # chance: 1/24
 

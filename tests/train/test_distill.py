@@ -15,7 +15,8 @@ import torch
 from safetensors.torch import load_file
 
 from slimsd.errors import SlimsdError
-from slimsd.train.distill import DistillConfig, load_config, train
+from slimsd.train.config import DistillConfig, load_config
+from slimsd.train.distill import train
 
 from helpers import run_cli
 
@@ -186,7 +187,7 @@ def test_resume_latest_ends_with_the_same_weights(tmp_path):
 def test_latent_cache_is_transparent_and_bad_rows_are_counted(tmp_path):
     from test_data import make_imagefolder
 
-    from slimsd.train.data import write_cache
+    from slimsd.train.cache import write_cache
 
     dirty = tmp_path / "dirty"
     dirty.mkdir()

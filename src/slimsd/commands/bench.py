@@ -3,7 +3,7 @@ from pathlib import Path
 
 import click
 
-from slimsd.run.runtime import DTYPE_CHOICES
+from slimsd.commands.options import DTYPE_CHOICES
 
 
 @click.command()

@@ -22,7 +22,7 @@ def cache(
 ):
     """Precompute VAE latents and text embeddings, so that `slimsd distill data=OUT` skips both encoders."""
     from slimsd.errors import SlimsdError
-    from slimsd.train.data import write_cache
+    from slimsd.train.cache import write_cache
 
     if resolution % 8:
         raise SlimsdError(f"--resolution {resolution} is not a multiple of 8")

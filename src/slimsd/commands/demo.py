@@ -4,6 +4,8 @@ import sys
 
 import click
 
+from slimsd.commands.options import optimize_option
+
 KD_WEIGHT = "Weight of this KD term for the KD student (0 for an ablation)."
 
 
@@ -64,6 +66,7 @@ KD_WEIGHT = "Weight of this KD term for the KD student (0 for an ablation)."
     type=click.IntRange(min=1),
     help="torch CPU threads (default: torch's choice; 1 is fastest on a busy machine).",
 )
+@optimize_option
 @click.option("--json", "as_json", is_flag=True, help="Print the results as one JSON object.")
 def demo(
     out,
@@ -81,6 +84,7 @@ def demo(
     inference_steps,
     guidance,
     threads,
+    optimize,
     as_json,
 ):
     """Compress the toy teacher (bk-small), distill it with KD, train a task-only twin, compare the three."""
@@ -105,6 +109,7 @@ def demo(
         inference_steps=inference_steps,
         guidance_scale=guidance,
         threads=threads,
+        optimize=optimize,
         log=log,
     )
     # In --json mode stdout carries the JSON object alone: anything else a library prints goes to stderr.

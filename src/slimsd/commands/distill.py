@@ -20,7 +20,8 @@ def distill(config_file, overrides, dry_run, as_json):
     OVERRIDES are key=value pairs on top of the config file, e.g. max_steps=10 mixed_precision=bf16.
     Runs unchanged under `accelerate launch`.
     """
-    from slimsd.train.distill import config_yaml, load_config, train
+    from slimsd.train.config import config_yaml, load_config
+    from slimsd.train.distill import train
 
     cfg = load_config(config_file, overrides)
     if dry_run:

@@ -2,13 +2,14 @@ import json
 
 import click
 
+from slimsd.commands.options import random_weights_option, runtime_options, split_models
 from slimsd.measure.evaluate import FID_EXTRACTORS, PROTOCOLS
-from slimsd.run.generate import DTYPES, SCHEDULERS
+from slimsd.run.schedulers import SCHEDULERS
 
 
 def _models(ctx, param, value):
     # --models A --models B, or --models A,B (and --models A B: the extra names arrive as MORE_MODELS)
-    return [m.strip() for v in value for m in v.split(",") if m.strip()]
+    return split_models(value)
 
 
 @click.command(name="eval")
@@ -99,17 +100,8 @@ def _models(ctx, param, value):
     help="Write the reference's FID statistics (.npz) to reuse as --reference.",
 )
 @click.option("--grid", type=click.IntRange(0, 256), default=8, help="Prompts shown in the report's grid.")
-@click.option("--device", default=None, help="cpu, cuda, cuda:1 ... [cuda if available].")
-@click.option(
-    "--dtype",
-    type=click.Choice(list(DTYPES)),
-    default=None,
-    help="Generation dtype [fp16 on CUDA, fp32 on CPU].",
-)
-@click.option("--random-weights", is_flag=True, help="Presets with random weights (offline smoke runs).")
-@click.option(
-    "--allow-pickle", is_flag=True, help="Allow pickle weights (models, Inception .pth): they can run code."
-)
+@runtime_options
+@random_weights_option
 @click.option("--json", "as_json", is_flag=True, help="Print the scores as JSON.")
 @click.argument("more_models", nargs=-1)
 def eval_(as_json, clip_model, more_models, **options):
@@ -119,7 +111,7 @@ def eval_(as_json, clip_model, more_models, **options):
     """
     from slimsd.measure.evaluate import EvalConfig, run_eval
 
-    options["models"] = options["models"] + _models(None, None, more_models)
+    options["models"] = options["models"] + split_models(more_models)
     config = EvalConfig(clip_model=None if clip_model.lower() == "none" else clip_model, **options)
     log = (lambda msg: click.echo(msg, err=True)) if as_json else click.echo
     result = run_eval(config, log=log)

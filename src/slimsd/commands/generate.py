@@ -3,6 +3,8 @@ from pathlib import Path
 
 import click
 
+from slimsd.commands.options import random_weights_option, runtime_options
+
 # Options that --from-png fills from the file unless given on the command line.
 FROM_PNG_KEYS = {
     "negative": "negative_prompt",
@@ -17,7 +19,14 @@ FROM_PNG_KEYS = {
 
 
 def _read_prompts(path: str) -> list[str]:
-    lines = Path(path).read_text(encoding="utf-8").splitlines()
+    from slimsd.errors import SlimsdError
+
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise SlimsdError(
+            f"--prompts file {path!r} is not UTF-8 text (byte {e.start}); save it as UTF-8"
+        ) from None
     return [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
 
 
@@ -62,13 +71,9 @@ def _read_prompts(path: str) -> list[str]:
     help="Regenerate the image from this PNG's own metadata (options given here override it).",
 )
 @click.option("--no-grid", is_flag=True, help="Do not write a grid image.")
-@click.option("--device", default=None, help="cpu | cuda | cuda:N | mps (default: cuda if available).")
-@click.option("--dtype", default=None, help="fp32 | fp16 | bf16 (default: fp16 on GPU, fp32 on CPU).")
-@click.option(
-    "--allow-pickle", is_flag=True, help="Allow loading pickle (.bin/.ckpt) weights: they can run code."
-)
-@click.option("--random-weights", is_flag=True, help="A preset with random weights (offline smoke runs).")
-@click.option("--json", "as_json", is_flag=True, help="Print paths, seeds and timings as JSON.")
+@runtime_options
+@random_weights_option
+@click.option("--json", "as_json", is_flag=True, help="Print paths, seeds, timings and the runtime as JSON.")
 def generate(
     model,
     prompt,
@@ -87,6 +92,7 @@ def generate(
     no_grid,
     device,
     dtype,
+    optimize,
     allow_pickle,
     random_weights,
     as_json,
@@ -97,7 +103,12 @@ def generate(
     MODEL and PROMPT default to those stored in the file.
     """
     from slimsd.errors import SlimsdError
+    from slimsd.models.loading import load
+    from slimsd.progress import Progress
     from slimsd.run import generate as g
+    from slimsd.run.outputs import save_grid, save_images
+    from slimsd.run.pnginfo import model_to_reload, settings_from_png
+    from slimsd.run.schedulers import SCHEDULERS
 
     given = dict(
         negative=negative,
@@ -110,13 +121,13 @@ def generate(
         batch_size=batch_size,
     )
     if from_png:
-        stored = g.settings_from_png(from_png)
+        stored = settings_from_png(from_png)
         for opt, key in FROM_PNG_KEYS.items():
             if given[opt] is None and stored.get(key) is not None:
                 given[opt] = stored[key]
-        if given["scheduler"] not in g.SCHEDULERS:
+        if given["scheduler"] not in SCHEDULERS:
             given["scheduler"] = None  # the model's own, as when the image was made
-        model = model or g.model_to_reload(stored)
+        model = model or model_to_reload(stored)
         prompts = [prompt] if prompt else [stored.get("prompt", "")]
     else:
         if not model:
@@ -140,12 +151,19 @@ def generate(
         scheduler=opts.get("scheduler"),
     )  # before minutes of loading
 
-    pipe = g.load(model, device=device, dtype=dtype, allow_pickle=allow_pickle, random_weights=random_weights)
-    if as_json:
-        pipe.set_progress_bar_config(disable=True)
+    pipe = load(
+        model,
+        device=device,
+        dtype=dtype,
+        optimize=optimize,
+        allow_pickle=allow_pickle,
+        random_weights=random_weights,
+    )
 
     def warn(message: str) -> None:
         click.echo(f"slimsd: warning: {message}", err=True)
+
+    bar = Progress("generate", disable=as_json)
 
     results = g.generate(
         pipe,
@@ -160,9 +178,11 @@ def generate(
         batch_size=opts["batch_size"],
         scheduler=opts.get("scheduler"),
         on_warning=warn,
+        progress=bar.update_to,
     )
-    paths = g.save_images(results, out)
-    grid = g.save_grid(results, out) if len(results) > 1 and not no_grid else None
+    bar.close()
+    paths = save_images(results, out)
+    grid = save_grid(results, out) if len(results) > 1 and not no_grid else None
     if as_json:
         click.echo(
             json.dumps(
@@ -180,6 +200,7 @@ def generate(
                         for k, v in vars(results[0].settings).items()
                         if k not in ("prompt", "seed", "time_s", "extra")
                     },
+                    "runtime": pipe._slimsd["runtime"],
                 },
                 indent=1,
             )

@@ -24,18 +24,6 @@ def presets(as_json: bool):
     ]
     rows += [
         {
-            "name": "toy-sd",
-            "kind": "micro",
-            "family": "sd",
-            "hub_id": None,
-            "teacher": None,
-            "recipe": None,
-            "published": None,
-            "note": "micro-sd trained on the shapes world (committed weights)",
-        }
-    ]
-    rows += [
-        {
             "name": r,
             "kind": "recipe",
             "family": fam,

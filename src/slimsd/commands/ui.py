@@ -1,5 +1,7 @@
 import click
 
+from slimsd.commands.options import runtime_options, split_models
+
 
 @click.command()
 @click.option(
@@ -20,8 +22,7 @@ import click
     type=click.Path(file_okay=False),
     help="Where generated PNGs are written.",
 )
-@click.option("--device", default=None, help="cpu | cuda | cuda:N | mps (default: cuda if available).")
-@click.option("--dtype", default=None, help="fp32 | fp16 | bf16 (default: fp16 on GPU, fp32 on CPU).")
+@runtime_options
 @click.option(
     "--max-loaded",
     type=click.IntRange(1, 16),
@@ -43,9 +44,6 @@ import click
     show_default=True,
     help="Requests waiting beyond this are refused.",
 )
-@click.option(
-    "--allow-pickle", is_flag=True, help="Allow loading pickle (.bin/.ckpt) weights: they can run code."
-)
 def ui(
     models,
     more_models,
@@ -55,26 +53,26 @@ def ui(
     out,
     device,
     dtype,
+    optimize,
+    allow_pickle,
     max_loaded,
     concurrency,
     max_queue,
-    allow_pickle,
 ):
     """The web UI: generate with any model, and compare models side by side (endpoint /generate)."""
     from pathlib import Path
 
-    from slimsd.run.generate import resolve_device, resolve_dtype
+    from slimsd.devices import resolve_device, resolve_dtype
     from slimsd.run.ui import UIConfig, default_models, launch
 
     resolve_dtype(dtype, resolve_device(device))  # bad --device/--dtype: one line now, not per request
-    names = [
-        m.strip() for arg in (*models, *more_models) for m in arg.split(",") if m.strip()
-    ] or default_models()
+    names = split_models((*models, *more_models)) or default_models()
     config = UIConfig(
         models=names,
         out_dir=Path(out),
         device=device,
         dtype=dtype,
+        optimize=optimize,
         allow_pickle=allow_pickle,
         max_loaded=max_loaded,
         concurrency=concurrency,

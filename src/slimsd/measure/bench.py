@@ -33,6 +33,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from slimsd.errors import SlimsdError
+from slimsd import devices
 from slimsd.run import runtime
 
 DEFAULT_PROMPT = "a photograph of an astronaut riding a horse"
@@ -72,16 +73,14 @@ def environment(rt: runtime.RuntimeConfig) -> dict:
 
     env = {
         "device": rt.device,
-        "device_name": torch.cuda.get_device_name(rt.device)
-        if rt.device.startswith("cuda")
-        else runtime.cpu_model(),
-        "dtype": runtime.dtype_name(rt.dtype),
+        "device_name": devices.device_name(rt.device),
+        "dtype": devices.dtype_name(rt.dtype),
         "torch": torch.__version__,
         "diffusers": diffusers.__version__,
         "python": platform.python_version(),
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "cpu_model": runtime.cpu_model(),
-        "cpu_isa": runtime.cpu_isa(),
+        "cpu_model": devices.cpu_model(),
+        "cpu_isa": devices.cpu_isa(),
         "cpu_count": os.cpu_count(),
         "threads": rt.threads or torch.get_num_threads(),
     }
@@ -165,17 +164,6 @@ def time_round_robin(fns: dict[str, Callable[[], object]], device: str, warmup: 
 # Models
 
 
-@contextlib.contextmanager
-def default_dtype(dtype: torch.dtype):
-    """Build modules directly in ``dtype``: a random SDXL U-Net never exists in fp32 (10 GB) first."""
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(old)
-
-
 def unet_config_of(model: str) -> dict | None:
     """The U-Net config of a preset (students: the recipe applied to the teacher's config), else None."""
     from slimsd.models.presets import PRESETS, get_preset, student_teacher_unet
@@ -199,7 +187,9 @@ def build_unet(
     if cfg is not None and random_weights:
         from diffusers import UNet2DConditionModel
 
-        with torch.random.fork_rng(devices=[]), default_dtype(_build_dtype(dtype)):
+        from slimsd.models.loading import default_dtype
+
+        with torch.random.fork_rng(devices=[]), default_dtype(dtype):
             torch.manual_seed(seed)
             return UNet2DConditionModel.from_config(cfg)
     return build_pipeline(
@@ -208,20 +198,26 @@ def build_unet(
 
 
 def build_pipeline(
-    model: str, *, random_weights: bool, dtype: torch.dtype, seed: int = 0, allow_pickle: bool = False
+    model: str,
+    *,
+    random_weights: bool,
+    dtype: torch.dtype,
+    seed: int = 0,
+    allow_pickle: bool = False,
+    device: str = "cpu",
+    optimize: bool = False,
 ):
-    from slimsd.models.loading import load_pipeline
+    from slimsd.models.loading import load
 
-    with torch.random.fork_rng(devices=[]), default_dtype(_build_dtype(dtype)):
-        torch.manual_seed(seed)
-        return load_pipeline(
-            model, random_weights=random_weights, allow_pickle=allow_pickle, torch_dtype=dtype
-        )
-
-
-def _build_dtype(dtype: torch.dtype) -> torch.dtype:
-    # fp16 random init is fine too, but the CPU kernels for it are slow: build in bf16/fp32, cast later.
-    return torch.float32 if dtype == torch.float16 else dtype
+    return load(
+        model,
+        device=device,
+        dtype=dtype,
+        optimize=optimize,
+        random_weights=random_weights,
+        seed=seed,
+        allow_pickle=allow_pickle,
+    )
 
 
 def unet_inputs(unet, resolution: int, batch: int, device: str, dtype: torch.dtype, seed: int = 0) -> dict:
@@ -262,9 +258,10 @@ def resolve(cfg: BenchConfig) -> tuple[BenchConfig, runtime.RuntimeConfig]:
             raise SlimsdError(f"--random-weights needs preset or micro model names; {m!r} is a {kind} model")
     if cfg.baseline not in (None, "diffusers"):
         raise SlimsdError(f"unknown baseline {cfg.baseline!r}; allowed: diffusers")
-    rt = runtime.default_config(
-        cfg.device,
-        cfg.dtype,
+    device = devices.resolve_device(cfg.device)
+    rt = runtime.RuntimeConfig(
+        device=device,
+        dtype=devices.resolve_dtype(cfg.dtype, device),
         channels_last=cfg.channels_last,
         fuse_qkv=cfg.fuse_qkv,
         compile=cfg.compile,
@@ -340,7 +337,7 @@ def measure_step_latency(cfg: BenchConfig, rt: runtime.RuntimeConfig, resolution
 
 
 def baseline_dtype(cfg: BenchConfig, rt: runtime.RuntimeConfig) -> torch.dtype:
-    return runtime.resolve_dtype(cfg.baseline_dtype, rt.device) if cfg.baseline_dtype else rt.dtype
+    return devices.resolve_dtype(cfg.baseline_dtype, rt.device) if cfg.baseline_dtype else rt.dtype
 
 
 def _caller(unet, inputs):
@@ -463,7 +460,7 @@ def _run(cfg: BenchConfig, rt: runtime.RuntimeConfig, log: Callable[[str], None]
         row["first_call_s"] = s["slimsd"]["first_s"]  # includes torch.compile's warm-up when compiling
         if s["baseline"] is not None:
             row["baseline"] = cfg.baseline
-            row["baseline_dtype"] = runtime.dtype_name(baseline_dtype(cfg, rt))
+            row["baseline_dtype"] = devices.dtype_name(baseline_dtype(cfg, rt))
             row["baseline_step_latency_ms"] = s["baseline"]["median_ms"]
             row["baseline_step_latency_all_ms"] = [t * 1000 for t in s["baseline"]["times_s"]]
             row["speedup_vs_baseline"] = row["baseline_step_latency_ms"] / row["step_latency_ms"]

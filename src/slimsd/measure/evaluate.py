@@ -26,7 +26,6 @@ import io
 import json
 import platform
 import re
-import time
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -38,8 +37,10 @@ from PIL import Image
 
 from slimsd.atomic import atomic_write_bytes, atomic_write_text
 from slimsd.errors import SlimsdError, unknown
+from slimsd.images import IMAGE_SUFFIXES
+from slimsd.models.loading import native_resolution
+from slimsd.run.outputs import safe_stem
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 FID_EXTRACTORS = ("inception-v3", "stand-in")
 DEFAULT_CLIP = "openai/clip-vit-large-patch14"
 CAPTION_COLUMNS = ("caption", "text", "prompt")
@@ -282,11 +283,6 @@ class Prompt:
     caption: str
 
 
-def _safe_stem(text: str) -> str:
-    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(text).stem if "." in text else text).strip("._")
-    return stem[:120]
-
-
 def read_prompts(
     path: str | Path,
     caption_column: str | None = None,
@@ -318,7 +314,15 @@ def read_prompts(
         for i, row in enumerate(reader):
             if limit is not None and i >= limit:
                 break
-            pid = _safe_stem(row[id_column]) if id_column else ""
+            value = row[id_column] or "" if id_column else ""
+            pid = safe_stem(
+                Path(value).stem if "." in value else value,
+                120,
+                keep="._-",
+                sep="_",
+                lower=False,
+                fallback="",
+            )
             pid = pid or f"{i:06d}"
             if pid in seen:
                 raise SlimsdError(
@@ -343,8 +347,9 @@ def parse_shard(text: str | None) -> tuple[int, int]:
 
 def model_slug(model: str, taken: Iterable[str] = ()) -> str:
     """A folder name for MODEL's images: safe characters only, unique among ``taken``."""
-    base = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(model).name if Path(model).exists() else model).strip("._")
-    base = base or "model"
+    base = safe_stem(
+        Path(model).name if Path(model).exists() else model, 120, keep="._-", sep="_", lower=False
+    )
     slug, n = base, 2
     while slug in set(taken):
         slug, n = f"{base}-{n}", n + 1
@@ -375,19 +380,19 @@ def generate_missing(
 ) -> dict[str, int]:
     """Generate the images of ``prompts`` in this shard that ``folder`` does not hold yet.
 
-    Prompt i goes to shard i mod n and uses its own generator seeded S+i, so a run's images do not depend on
-    the sharding or on what was generated before (nor, beyond float rounding, on the batch size: see
-    slimsd.run.generate). Each PNG is written atomically with slimsd.run.generate's metadata (A1111 ``parameters``
-    and the ``slimsd`` JSON), so a killed run leaves only whole images, each reproducible from its file.
+    Prompt i goes to shard i mod n and uses seed S+i (:func:`slimsd.run.generate.generate`'s per-prompt
+    seeds), so a run's images do not depend on the sharding or on what was generated before (nor, beyond float
+    rounding, on the batch size). Each batch's PNGs are written atomically as soon as they are made, with
+    their PNG info, so a killed run leaves only whole images, each reproducible from its file.
     """
-    from slimsd import __version__
     from slimsd.run import generate as gen
+    from slimsd.run.pnginfo import png_bytes
 
     folder = Path(folder)
     k, n = shard
     mine = [p for p in prompts if p.index % n == k]
     todo = [p for p in mine if not image_path(folder, p).is_file()]
-    size = settings.resolution or gen.default_size(pipe)
+    size = settings.resolution or native_resolution(pipe)
     gen.validate(
         steps=settings.steps,
         guidance=settings.guidance,
@@ -401,45 +406,23 @@ def generate_missing(
         raise SlimsdError(
             f"seed {settings.seed} + {prompts[-1].index} prompts passes {gen.MAX_SEED}; use a smaller --seed"
         )
-    info = gen.model_info(pipe)
-    scheduler = settings.scheduler or info["default_scheduler"]
-    if settings.scheduler:
-        gen.set_scheduler(pipe, settings.scheduler)
-    dtype = {v: k for k, v in gen.DTYPES.items()}.get(pipe.unet.dtype, str(pipe.unet.dtype))
     done = 0
     for start in range(0, len(todo), settings.batch_size):
         batch = todo[start : start + settings.batch_size]
-        # One CPU generator per image, seeded by the prompt's row: the same noise on any device and shard.
-        generators = [torch.Generator("cpu").manual_seed(settings.seed + p.index) for p in batch]
-        t0 = time.perf_counter()
-        images = pipe(
-            prompt=[p.caption for p in batch],
-            num_inference_steps=settings.steps,
-            guidance_scale=settings.guidance,
+        results = gen.generate(
+            pipe,
+            [p.caption for p in batch],
+            steps=settings.steps,
+            guidance=settings.guidance,
             width=size,
             height=size,
-            generator=generators,
-            output_type="pil",
-        ).images
-        elapsed = time.perf_counter() - t0
-        for p, image in zip(batch, images, strict=True):
-            meta = gen.Settings(
-                prompt=p.caption,
-                steps=settings.steps,
-                guidance=float(settings.guidance),
-                width=size,
-                height=size,
-                seed=settings.seed + p.index,
-                scheduler=scheduler or "default",
-                model=info["model"],
-                model_source=info["source"],
-                batch_size=settings.batch_size,
-                dtype=dtype,
-                device=str(pipe.device),
-                slimsd_version=__version__,
-                time_s=round(elapsed / len(batch), 4),
-            )
-            atomic_write_bytes(image_path(folder, p), gen.png_bytes(image, meta))
+            batch_size=settings.batch_size,
+            scheduler=settings.scheduler,
+            seeds=[settings.seed + p.index for p in batch],
+            on_warning=lambda _msg: None,  # long COCO captions are cut at 77 tokens, as in the protocol
+        )
+        for p, r in zip(batch, results, strict=True):
+            atomic_write_bytes(image_path(folder, p), png_bytes(r.image, r.settings))
         done += len(batch)
         if progress:
             progress(done, len(todo))
@@ -554,6 +537,7 @@ class EvalConfig:
     grid: int = 8
     device: str | None = None
     dtype: str | None = None
+    optimize: bool = True  # the fast runtime (slimsd.run.runtime)
     random_weights: bool = False
     allow_pickle: bool = False
 
@@ -567,13 +551,12 @@ def resolve(config: EvalConfig) -> EvalConfig:
     for key in ("steps", "guidance", "seed", "resolution", "score_resolution", "scheduler", "num_prompts"):
         if getattr(config, key) is None:
             setattr(config, key, preset.get(key, defaults.get(key)))
-    from slimsd.run.generate import DTYPES, SCHEDULERS, resolve_device, resolve_dtype
+    from slimsd.devices import dtype_name, resolve_device, resolve_dtype
+    from slimsd.run.schedulers import check_scheduler
 
-    if config.scheduler is not None and config.scheduler not in SCHEDULERS:
-        raise unknown("scheduler", config.scheduler, SCHEDULERS)
+    check_scheduler(config.scheduler)
     config.device = resolve_device(config.device)
-    dtype = resolve_dtype(config.dtype, config.device)
-    config.dtype = next(k for k, v in DTYPES.items() if v == dtype)
+    config.dtype = dtype_name(resolve_dtype(config.dtype, config.device))
     if not config.models:
         raise SlimsdError("no models to evaluate: pass --models MODEL (repeat it to compare models)")
     return config
@@ -682,13 +665,17 @@ def run_eval(config: EvalConfig, log: Callable[[str], None] = print) -> dict:
 
 
 def _load(model: str, config: EvalConfig):
-    from slimsd.run.generate import load
+    from slimsd.models.loading import load
 
-    pipe = load(
-        model, config.device, config.dtype, config.scheduler, config.allow_pickle, config.random_weights
+    return load(
+        model,
+        device=config.device,
+        dtype=config.dtype,
+        scheduler=config.scheduler,
+        optimize=config.optimize,
+        allow_pickle=config.allow_pickle,
+        random_weights=config.random_weights,
     )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 def _settings(config: EvalConfig, prompts, reference, extractor) -> dict:

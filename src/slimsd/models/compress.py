@@ -15,7 +15,7 @@ from slimsd import __version__
 from slimsd.atomic import atomic_dir, check_output_dir
 from slimsd.models.architecture import Recipe, build_student
 from slimsd.models.counting import count_params
-from slimsd.models.loading import load_pipeline
+from slimsd.models.loading import load
 
 
 @dataclass
@@ -98,7 +98,15 @@ def compress(
         recipe = load_recipe(recipe)  # a bad recipe fails before the teacher is loaded
     if out is not None:
         check_output_dir(out, overwrite)
-    pipe = load_pipeline(teacher, random_weights=random_weights, allow_pickle=allow_pickle)
+    # Weight surgery needs the modules as diffusers builds them (no fused projections), in fp32 on the CPU.
+    pipe = load(
+        teacher,
+        device="cpu",
+        dtype="fp32",
+        optimize=False,
+        random_weights=random_weights,
+        allow_pickle=allow_pickle,
+    )
     result = compress_pipeline(pipe, recipe)
     if out is not None:
         save_student(result, out, teacher, overwrite)

@@ -105,18 +105,16 @@ def block_params(unet) -> dict[str, int]:
 
 
 def _arch_from_preset(name: str) -> tuple[dict, list[dict], dict, int]:
-    """(unet config, text encoder configs, vae config, default resolution) of a preset, micro or toy model."""
-    from slimsd.models.micro import MICRO_VAE, micro_text_config, micro_unet_config
+    """(unet config, text encoder configs, vae config, default resolution) of a preset or offline model."""
     from slimsd.models.presets import get_preset, student_teacher_unet
 
-    if name in ("micro-sd", "micro-sdxl", "toy-sd"):
-        from slimsd.models.micro import load_tokenizer
-
-        micro = "micro-sd" if name == "toy-sd" else name
-        text = micro_text_config(load_tokenizer())
-        encoders = [text] if micro == "micro-sd" else [text, {**text, "with_projection": True}]
-        return micro_unet_config(micro), encoders, MICRO_VAE, 64
     p = get_preset(name)
+    if p.kind == "micro":
+        from slimsd.models.micro import load_tokenizer, micro_text_config
+
+        text = micro_text_config(load_tokenizer())
+        encoders = [text] if p.family == "sd" else [text, {**text, "with_projection": True}]
+        return p.unet, encoders, p.vae, p.resolution
     unet = student_teacher_unet(p)
     if p.kind == "student":
         from slimsd.models.architecture import load_recipe, student_config
@@ -154,8 +152,9 @@ def _arch_from_configs(source: str) -> tuple[dict, list[dict], dict, int]:
         }
         d["with_projection"] = "CLIPTextModelWithProjection" in (cfg.architectures or [])
         encoders.append(d)
-    res = int(unet.get("sample_size", 64)) * 2 ** (len(vae.get("block_out_channels", [0] * 4)) - 1)
-    return unet, encoders, vae, res
+    from slimsd.models.loading import native_resolution_of
+
+    return unet, encoders, vae, native_resolution_of(unet, vae)
 
 
 def summarize(model: str, resolution: int | None = None) -> dict:
@@ -165,7 +164,7 @@ def summarize(model: str, resolution: int | None = None) -> dict:
     from slimsd.models.presets import PRESETS
 
     kind = describe_model(model)
-    if kind in ("micro", "toy", "preset"):
+    if kind in ("micro", "preset"):
         unet_cfg, encoders, vae_cfg, default_res = _arch_from_preset(model)
     else:
         try:

@@ -1,34 +1,43 @@
-"""MODEL -> diffusers pipeline: a preset, a micro model, a local diffusers folder or a hub id.
+"""MODEL -> a ready diffusers pipeline: the one loader (:func:`load`, also ``slimsd.load``).
 
-Weights load from safetensors only. A folder or hub repo that holds only pickle files (``.bin``, ``.ckpt``,
-``.pt``, ``.pth``) is refused unless the caller passes ``allow_pickle=True``: unpickling runs code.
-``trust_remote_code`` is never passed.
+MODEL is a preset name (``slimsd presets``), an offline model (``micro-sd``, ``micro-sdxl``, ``toy-sd``), a
+local diffusers folder or a hub id. Every command that runs a model (generate, ui, eval, demo, bench, cache,
+distill, compress) gets its pipeline here, so the same rules hold everywhere:
+
+- weights load from safetensors only: a folder or hub repo that holds only pickle files (``.bin``, ``.ckpt``,
+  ``.pt``, ``.pth``) is refused unless the caller passes ``allow_pickle=True`` (unpickling runs code);
+  ``trust_remote_code`` is never passed and no separate safety-checker model is ever downloaded;
+- the device and dtype follow :mod:`slimsd.devices`;
+- ``optimize=True`` (the default) applies the fast runtime (:mod:`slimsd.run.runtime`); ``optimize=False``
+  gives the plain diffusers pipeline, for training and weight surgery, which need the modules as they are;
+- library progress bars are off: commands show their own.
+
+The pipeline remembers where it came from (``pipe._slimsd``, read by :func:`model_info`): the model name and
+source, the scheduler it was loaded with, and the runtime that was applied.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
+from slimsd.devices import resolve_device, resolve_dtype
 from slimsd.errors import SlimsdError
-from slimsd.models.micro import MICRO_NAMES, build_micro, load_tokenizer
 from slimsd.models.presets import PRESETS, Preset, get_preset
 
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
-TOY_NAMES = ("toy-sd",)  # the trained toy teacher (committed weights), see slimsd.toy.teacher
 
 
 def describe_model(model: str) -> str:
-    """What kind of MODEL string this is: 'micro', 'toy', 'preset', 'local' or 'hub'."""
-    if model in MICRO_NAMES:
-        return "micro"
-    if model in TOY_NAMES:
-        return "toy"
+    """What kind of MODEL string this is: 'micro' (offline: micro-sd, micro-sdxl, toy-sd), 'preset',
+    'local' or 'hub'."""
     if model in PRESETS:
-        return "preset"
+        return "micro" if PRESETS[model].kind == "micro" else "preset"
     if Path(model).exists():
         return "local"
     if _looks_like_hub_id(model):
@@ -68,7 +77,19 @@ def check_local_folder(folder: Path, allow_pickle: bool) -> None:
             )
 
 
-def build_random_pipeline(preset: Preset, seed: int = 0):
+@contextlib.contextmanager
+def default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    """Build modules directly in ``dtype``: a random SDXL U-Net never exists in fp32 (10 GB) first."""
+    old = torch.get_default_dtype()
+    # fp16 random init works too, but the CPU kernels for it are slow: build in fp32 and cast afterwards.
+    torch.set_default_dtype(torch.float32 if dtype == torch.float16 else dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
+
+
+def build_random_pipeline(preset: Preset, seed: int = 0, dtype: torch.dtype = torch.float32):
     """A full-size pipeline of ``preset`` with random weights (offline; for benchmarks and smoke tests).
 
     The tokenizer is the small offline fixture: token ids stay inside the text encoder's vocabulary.
@@ -84,22 +105,23 @@ def build_random_pipeline(preset: Preset, seed: int = 0):
     )
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
+    from slimsd.models.micro import load_tokenizer
     from slimsd.models.presets import student_teacher_unet
 
-    torch.manual_seed(seed)
-    unet_cfg = student_teacher_unet(preset)
-    teacher = get_preset(preset.teacher) if preset.kind == "student" else preset
-    unet = UNet2DConditionModel.from_config(unet_cfg)
-    if preset.kind == "student":
-        from slimsd.models.architecture import build_student
+    with torch.random.fork_rng(devices=[]), default_dtype(dtype):
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel.from_config(student_teacher_unet(preset))
+        teacher = get_preset(preset.teacher) if preset.kind == "student" else preset
+        if preset.kind == "student":
+            from slimsd.models.architecture import build_student
 
-        unet, _, _ = build_student(unet, preset.recipe)
-    vae = AutoencoderKL.from_config(teacher.vae)
-    encoders = []
-    for cfg in teacher.text_encoders:
-        cfg = dict(cfg)
-        cls = CLIPTextModelWithProjection if cfg.pop("with_projection", False) else CLIPTextModel
-        encoders.append(cls(CLIPTextConfig(**cfg)))
+            unet, _, _ = build_student(unet, preset.recipe)
+        vae = AutoencoderKL.from_config(teacher.vae)
+        encoders = []
+        for cfg in teacher.text_encoders:
+            cfg = dict(cfg)
+            cls = CLIPTextModelWithProjection if cfg.pop("with_projection", False) else CLIPTextModel
+            encoders.append(cls(CLIPTextConfig(**cfg)))
     sched_cfg = dict(teacher.scheduler)
     sched_cls = {
         "PNDMScheduler": PNDMScheduler,
@@ -129,73 +151,189 @@ def build_random_pipeline(preset: Preset, seed: int = 0):
     )
 
 
-def load_pipeline(
+@contextlib.contextmanager
+def quiet_loading() -> Iterator[None]:
+    """The libraries' loading progress bars off ("Loading pipeline components...", checkpoint shards, and
+    downloads), for this load only: a caller's own settings come back afterwards."""
+    from diffusers.utils import logging as diffusers_logging
+    from huggingface_hub import utils as hub_utils
+    from transformers.utils import logging as transformers_logging
+
+    was = (
+        diffusers_logging.is_progress_bar_enabled(),
+        transformers_logging.is_progress_bar_enabled(),
+        not hub_utils.are_progress_bars_disabled(),
+    )
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+    hub_utils.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if was[0]:
+            diffusers_logging.enable_progress_bar()
+        if was[1]:
+            transformers_logging.enable_progress_bar()
+        if was[2]:
+            hub_utils.enable_progress_bars()
+
+
+def _diffusers_pipeline(
+    model: str, kind: str, torch_dtype, allow_pickle: bool, random_weights: bool, seed: int
+):
+    """The plain diffusers pipeline of MODEL, in ``torch_dtype``, on the CPU."""
+    if random_weights and kind not in ("preset", "micro"):
+        raise SlimsdError(f"--random-weights needs a preset name; {model!r} is a {kind} model")
+    if kind == "micro":
+        if model == "toy-sd":
+            from slimsd.toy.teacher import load_toy_teacher
+
+            return load_toy_teacher(torch_dtype)
+        from slimsd.models.micro import build_micro
+
+        return build_micro(model)
+    if kind == "preset" and random_weights:
+        return build_random_pipeline(get_preset(model), seed, torch_dtype)
+    if kind == "local":
+        check_local_folder(Path(model), allow_pickle)
+        return _from_pretrained(model, allow_pickle, torch_dtype, local=True)
+    hub_id = get_preset(model).hub_id if kind == "preset" else model
+    return _from_pretrained(hub_id, allow_pickle, torch_dtype, local=False)
+
+
+def load(
     model: str,
     *,
-    random_weights: bool = False,
+    device: str | None = None,
+    dtype: str | torch.dtype | None = None,
+    scheduler: str | None = None,
+    optimize: bool = True,
+    compile: bool = False,
     allow_pickle: bool = False,
-    torch_dtype: torch.dtype | None = None,
-    variant: str | None = None,
+    random_weights: bool = False,
+    seed: int = 0,
 ):
-    """A diffusers pipeline for MODEL (see the module docstring)."""
-    kind = describe_model(model)
-    if kind == "micro":
-        pipe = build_micro(model)
-    elif kind == "toy":
-        from slimsd.toy.teacher import load_toy_teacher
+    """A ready diffusers pipeline for MODEL on ``device`` in ``dtype`` (see the module docstring).
 
-        pipe = load_toy_teacher()
-    elif kind == "preset" and random_weights:
-        pipe = build_random_pipeline(get_preset(model))
-    elif kind == "local":
-        check_local_folder(Path(model), allow_pickle)
-        pipe = _from_pretrained(model, allow_pickle, torch_dtype, variant)
+    ``optimize`` applies the fast runtime (channels_last, fused QKV, SDPA; ``compile`` adds torch.compile);
+    ``scheduler`` picks a named scheduler (:mod:`slimsd.run.schedulers`); ``random_weights`` builds a preset
+    with random weights seeded by ``seed`` (offline). An SDXL VAE in fp16 overflows to NaN (black images), so
+    in fp16 it is marked ``force_upcast``: diffusers decodes in fp32.
+    """
+    from slimsd.run import runtime
+    from slimsd.run.schedulers import check_scheduler, scheduler_name, set_scheduler
+
+    device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, device)
+    check_scheduler(scheduler)
+    kind = describe_model(model)
+    with quiet_loading():
+        pipe = _diffusers_pipeline(model, kind, torch_dtype, allow_pickle, random_weights, seed)
+    if getattr(pipe, "safety_checker", None) is not None:
+        pipe.safety_checker = None
+    if optimize:
+        runtime.optimize_pipeline(
+            pipe, runtime.RuntimeConfig(device=device, dtype=torch_dtype, compile=compile)
+        )
     else:
-        if random_weights:
-            raise SlimsdError(f"--random-weights needs a preset name; {model!r} is a hub id")
-        hub_id = get_preset(model).hub_id if kind == "preset" else model
-        pipe = _from_pretrained(hub_id, allow_pickle, torch_dtype, variant)
-    if torch_dtype is not None and kind in ("micro", "toy", "preset"):
-        pipe = pipe.to(dtype=torch_dtype)
-    _drop_safety_checker(pipe)
+        runtime.place(pipe, device, torch_dtype)
+    if is_sdxl(pipe) and torch_dtype == torch.float16 and getattr(pipe, "vae", None) is not None:
+        pipe.vae.register_to_config(force_upcast=True)
+    pipe.set_progress_bar_config(disable=True)
+    if kind == "local":
+        source = str(Path(model).resolve())
+    elif kind == "preset" and not random_weights:
+        source = get_preset(model).hub_id or model
+    else:
+        source = model
+    pipe._slimsd = {
+        "model": model,
+        "kind": kind,
+        "source": source,
+        "random_weights": random_weights,
+        "base_scheduler": dict(pipe.scheduler.config),
+        "default_scheduler": scheduler_name(pipe.scheduler),
+        "runtime": runtime.applied(pipe.unet, optimized=optimize),
+    }
+    if scheduler is not None:
+        set_scheduler(pipe, scheduler)
     return pipe
 
 
-def _from_pretrained(source: str, allow_pickle: bool, torch_dtype, variant):
+def model_info(pipe) -> dict:
+    """What :func:`load` recorded about PIPE (a pipeline made elsewhere gets placeholders)."""
+    info = getattr(pipe, "_slimsd", None)
+    if info is None:
+        from slimsd.run.runtime import applied
+        from slimsd.run.schedulers import scheduler_name
+
+        info = {
+            "model": type(pipe).__name__,
+            "kind": "pipeline",
+            "source": None,
+            "base_scheduler": dict(pipe.scheduler.config),
+            "default_scheduler": scheduler_name(pipe.scheduler),
+            "runtime": applied(pipe.unet, optimized=False),
+        }
+        pipe._slimsd = info
+    return info
+
+
+def _from_pretrained(source: str, allow_pickle: bool, torch_dtype, local: bool):
     from diffusers import DiffusionPipeline
 
     kwargs = {"use_safetensors": None if allow_pickle else True}
-    if torch_dtype is not None:
+    if (
+        torch_dtype != torch.float32
+    ):  # fp32 is what diffusers loads; asking for it only makes it cast and warn
         kwargs["torch_dtype"] = torch_dtype
-    if variant:
-        kwargs["variant"] = variant
-    if not Path(source).exists():
+    if not local:
         kwargs["safety_checker"] = None  # never download a separate safety-checker model
     try:
         return DiffusionPipeline.from_pretrained(source, **kwargs)
     except OSError as e:
+        if local:
+            raise SlimsdError(f"model folder {source!r} is broken: {_first_line(e)}") from None
         raise SlimsdError(f"could not load {source!r}: {hub_error_reason(e)}") from None
     except ValueError as e:  # diffusers: safetensors requested but only pickle weights in the repo
-        msg = str(e).strip().splitlines()[0]
+        msg = _first_line(e)
         if "safetensors" in msg.lower() and not allow_pickle:
             raise SlimsdError(
                 f"{source!r} has no safetensors weights; pass --allow-pickle to load pickle files "
                 "(pickle can run code)"
             ) from None
+        if local:
+            raise SlimsdError(f"model folder {source!r} is broken: {msg}") from None
         raise SlimsdError(f"could not load {source!r}: {msg}") from None
 
 
-def hub_error_reason(e: Exception) -> str:
-    """A short reason for a failed hub/local load (the libraries' messages run to several sentences)."""
-    if os.environ.get("HF_HUB_OFFLINE") == "1":
-        return "not in the local cache, and HF_HUB_OFFLINE=1 forbids downloading it"
+def _first_line(e: Exception) -> str:
     first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     return first if len(first) < 300 else first[:297] + "..."
 
 
-def _drop_safety_checker(pipe) -> None:
-    if getattr(pipe, "safety_checker", None) is not None:
-        pipe.safety_checker = None
+def hub_error_reason(e: Exception) -> str:
+    """A short reason for a failed hub load (the libraries' messages run to several sentences)."""
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
+        return "not in the local cache, and HF_HUB_OFFLINE=1 forbids downloading it"
+    return _first_line(e)
+
+
+def is_sdxl(pipe_or_unet) -> bool:
+    """An SDXL-class model: its U-Net takes SDXL's added text and time conditions."""
+    unet = getattr(pipe_or_unet, "unet", pipe_or_unet)
+    return unet.config.get("addition_embed_type") == "text_time"
+
+
+def native_resolution_of(unet_config: dict, vae_config: dict) -> int:
+    """The image size in pixels a model was made for: U-Net sample size x the VAE's down-sampling."""
+    return int(unet_config.get("sample_size", 64)) * 2 ** (
+        len(vae_config.get("block_out_channels", [0] * 4)) - 1
+    )
+
+
+def native_resolution(pipe) -> int:
+    return native_resolution_of(dict(pipe.unet.config), dict(pipe.vae.config))
 
 
 def read_slimsd_info(folder: str | Path) -> dict | None:

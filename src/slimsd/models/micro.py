@@ -15,45 +15,6 @@ import torch
 FIXTURES = Path(__file__).parent / "fixtures"
 TOKENIZER_DIR = FIXTURES / "tokenizer"
 
-MICRO_SD_UNET = {
-    "sample_size": 8,
-    "in_channels": 4,
-    "out_channels": 4,
-    "block_out_channels": [32, 64, 64, 64],
-    "down_block_types": [
-        "CrossAttnDownBlock2D",
-        "CrossAttnDownBlock2D",
-        "CrossAttnDownBlock2D",
-        "DownBlock2D",
-    ],
-    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
-    "mid_block_type": "UNetMidBlock2DCrossAttn",
-    "layers_per_block": 2,
-    "attention_head_dim": 8,
-    "cross_attention_dim": 32,
-    "norm_num_groups": 16,
-}
-
-MICRO_SDXL_UNET = {
-    "sample_size": 8,
-    "in_channels": 4,
-    "out_channels": 4,
-    "block_out_channels": [32, 64, 64],
-    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
-    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
-    "mid_block_type": "UNetMidBlock2DCrossAttn",
-    "layers_per_block": 2,
-    "transformer_layers_per_block": [1, 2, 10],
-    "attention_head_dim": [2, 4, 4],
-    "cross_attention_dim": 64,
-    "use_linear_projection": True,
-    "addition_embed_type": "text_time",
-    "addition_time_embed_dim": 8,
-    "projection_class_embeddings_input_dim": 32
-    + 6 * 8,  # pooled text (text_encoder_2 projection) + 6 time ids
-    "norm_num_groups": 16,
-}
-
 MICRO_TEXT = {
     "hidden_size": 32,
     "intermediate_size": 64,
@@ -64,20 +25,7 @@ MICRO_TEXT = {
     "projection_dim": 32,
 }
 
-MICRO_VAE = {
-    "in_channels": 3,
-    "out_channels": 3,
-    "latent_channels": 4,
-    "block_out_channels": [32, 64, 64, 64],  # 4 blocks: 8x down-sampling, as in SD (64 px <-> 8x8 latents)
-    "down_block_types": ["DownEncoderBlock2D"] * 4,
-    "up_block_types": ["UpDecoderBlock2D"] * 4,
-    "layers_per_block": 1,
-    "norm_num_groups": 16,
-    "sample_size": 64,
-    "scaling_factor": 0.18215,
-}
-
-MICRO_NAMES = ("micro-sd", "micro-sdxl")
+MICRO_NAMES = ("micro-sd", "micro-sdxl")  # built here; toy-sd is trained micro-sd (slimsd.toy.teacher)
 
 
 def load_tokenizer():
@@ -116,7 +64,13 @@ def build_micro(name: str):
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     from slimsd.errors import unknown
-    from slimsd.models.presets import SD_SCHEDULER, SDXL_SCHEDULER
+    from slimsd.models.presets import (
+        MICRO_SD_UNET,
+        MICRO_SDXL_UNET,
+        MICRO_VAE,
+        SD_SCHEDULER,
+        SDXL_SCHEDULER,
+    )
 
     if name not in MICRO_NAMES:
         raise unknown("micro model", name, MICRO_NAMES)
@@ -152,7 +106,3 @@ def build_micro(name: str):
         unet=unet,
         scheduler=scheduler,
     )
-
-
-def micro_unet_config(name: str) -> dict:
-    return {"micro-sd": MICRO_SD_UNET, "micro-sdxl": MICRO_SDXL_UNET}[name]

@@ -369,13 +369,46 @@ _add(
     )
 )
 
-# Offline micro models (built by slimsd.models.micro; no download) -------------------------------------------------------
+# Offline models (no download): micro-sd and micro-sdxl are built from code by slimsd.models.micro; toy-sd is
+# micro-sd trained on the shapes world, its weights committed (slimsd.toy.teacher).
+# The micro configs are the real ones with the sizes shrunk: the same stages, layers, attention placement, mid
+# block and (SDXL) transformer depths and added conditions, so that every recipe applies to them as it does to
+# the real models.
+MICRO_SD_UNET = {
+    **SD1_UNET,
+    "sample_size": 8,
+    "block_out_channels": [32, 64, 64, 64],
+    "attention_head_dim": 8,
+    "cross_attention_dim": 32,
+    "norm_num_groups": 16,
+}
+MICRO_SDXL_UNET = {
+    **SDXL_UNET,
+    "sample_size": 8,
+    "block_out_channels": [32, 64, 64],
+    "attention_head_dim": [2, 4, 4],
+    "cross_attention_dim": 64,
+    "addition_time_embed_dim": 8,
+    "projection_class_embeddings_input_dim": 32
+    + 6 * 8,  # pooled text (text_encoder_2 projection) + 6 time ids
+    "norm_num_groups": 16,
+}
+MICRO_VAE = {
+    **SD_VAE,
+    "block_out_channels": [32, 64, 64, 64],  # 4 blocks: 8x down-sampling, as in SD (64 px <-> 8x8 latents)
+    "layers_per_block": 1,
+    "norm_num_groups": 16,
+    "sample_size": 64,
+}
+
 _add(
     Preset(
         "micro-sd",
         "micro",
         "sd",
         None,
+        unet=MICRO_SD_UNET,
+        vae=MICRO_VAE,
         resolution=64,
         note="tiny random-weight SD 1.x layout (4 stages), built offline by slimsd.models.micro",
     )
@@ -386,8 +419,22 @@ _add(
         "micro",
         "sdxl",
         None,
+        unet=MICRO_SDXL_UNET,
+        vae=MICRO_VAE,
         resolution=64,
         note="tiny random-weight SDXL layout (3 stages, two text encoders), built offline by slimsd.models.micro",
+    )
+)
+_add(
+    Preset(
+        "toy-sd",
+        "micro",
+        "sd",
+        None,
+        unet=MICRO_SD_UNET,
+        vae=MICRO_VAE,
+        resolution=64,
+        note="micro-sd trained on the shapes world (committed weights)",
     )
 )
 
@@ -398,6 +445,11 @@ RECIPES: dict[str, str] = {  # recipe name -> the teacher family it applies to
     "ssd-1b": "sdxl",
     "vega": "sdxl",
 }
+
+
+def names(*kinds: str) -> list[str]:
+    """The model names of the given kinds ("teacher", "student", "micro"), in the order above."""
+    return [n for n, p in PRESETS.items() if p.kind in kinds]
 
 
 def get_preset(name: str) -> Preset:

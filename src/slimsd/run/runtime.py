@@ -1,44 +1,38 @@
-"""The fast runtime: how slimsd prepares a U-Net (and the rest of a pipeline) for speed.
+"""The fast runtime: how :func:`slimsd.load` prepares a pipeline for inference (``optimize=True``, the default).
 
-Plain diffusers runs a model eagerly in the dtype and memory layout it was loaded in. slimsd applies, per
-device, the set of changes that measured fastest (see ``benchmarks/`` for the numbers and the commands):
+Plain diffusers runs a model eagerly in the dtype and memory layout it was loaded in. slimsd applies:
 
-- **dtype**: fp16 on CUDA; on CPU bf16 when the CPU has native bf16 dot products (``avx512_bf16`` / AMX),
-  where oneDNN's bf16 convolutions and GEMMs run about twice as fast as fp32; fp32 otherwise.
 - **channels_last** memory format for the convolutions (oneDNN's and cuDNN's preferred layout: no reorder
-  before and after every conv). On CPU this matters most in bf16.
+  before and after every conv);
 - **fused QKV projections** (one GEMM instead of three for self-attention, one instead of two for K/V of
-  cross-attention; diffusers' ``fuse_qkv_projections``).
+  cross-attention; diffusers' ``fuse_qkv_projections``), where diffusers can fuse them;
 - **SDPA** attention (``torch.nn.functional.scaled_dot_product_attention``: flash / memory-efficient kernels,
-  on CPU too), which diffusers already selects on torch 2.
-- **torch.compile** (inductor; opt-in, ``compile=True``): its warm-up is long (minutes on 2 CPU cores), so it
-  is reported apart by ``slimsd bench``.
-- **inference mode**, no autograd state, flush-to-zero for denormals on CPU.
+  on CPU too), which diffusers already selects on torch 2;
+- **torch.compile** (inductor; opt-in, ``compile=True``): its warm-up is long (minutes on 2 CPU cores), so
+  ``slimsd bench`` reports it apart;
+- eval mode and no autograd state on every part.
 
-Everything is a plain function over a :class:`RuntimeConfig`; outputs match eager diffusers within the
-tolerance of the chosen dtype (``tests/test_runtime.py``).
+The dtype is not part of the runtime: it comes from the device/dtype policy (:mod:`slimsd.devices`), the same
+with and without the runtime, so that a benchmark compares like with like.
+
+Process-wide settings (torch's thread count, flush-to-zero for denormals on the CPU) are applied by
+:func:`apply_process_settings`; they change every model in the process, so a comparison applies them once,
+before building either side, and records them (``slimsd bench`` does).
+
+:func:`applied` reads back from a module what is really in effect (a fusion diffusers refused is reported as
+not applied); ``slimsd generate --json``, the web UI and ``slimsd bench`` report that.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-from dataclasses import dataclass, replace
-from functools import lru_cache
+from dataclasses import dataclass
 
 import torch
 
-from slimsd.errors import SlimsdError, unknown
-
-DTYPES = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-}
-DTYPE_CHOICES = ("auto", "float32", "float16", "bfloat16", "fp32", "fp16", "bf16")
+from slimsd.devices import dtype_name
+from slimsd.errors import SlimsdError
 
 
 @dataclass(frozen=True)
@@ -52,87 +46,7 @@ class RuntimeConfig:
     threads: int | None = None  # torch intra-op threads; None leaves torch's default (one per physical core)
 
 
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
-@lru_cache(maxsize=1)
-def cpu_flags() -> frozenset[str]:
-    """The CPU feature flags of /proc/cpuinfo (empty where there is none, e.g. macOS)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return frozenset(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return frozenset()
-
-
-def cpu_supports_bf16() -> bool:
-    """True where bf16 GEMMs/convolutions run natively (AVX512-BF16 or AMX): there bf16 beats fp32 on CPU."""
-    flags = cpu_flags()
-    native = bool({"avx512_bf16", "amx_bf16"} & flags)
-    return native and torch.backends.mkldnn.is_available()
-
-
-# The vector extensions that decide CPU inference speed, widest last; recorded with every CPU benchmark.
-ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16")
-
-
-def cpu_isa() -> list[str]:
-    """Which of ISA_FLAGS this CPU has: bf16 beats fp32 only with avx512_bf16 / amx_bf16 (see module doc)."""
-    flags = cpu_flags()
-    return [f for f in ISA_FLAGS if f in flags]
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or platform.machine()
-
-
-def resolve_device(device: str | None) -> str:
-    """'auto'/None -> cuda when available, else cpu; refuses a CUDA device that is not there."""
-    if device in (None, "auto"):
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise SlimsdError(f"device {device!r} asked for but CUDA is not available here; use --device cpu")
-    if device != "cpu" and not device.startswith(("cuda", "mps")):
-        raise SlimsdError(f"unknown device {device!r}; allowed: auto, cpu, cuda, cuda:N, mps")
-    return device
-
-
-def resolve_dtype(name: str | torch.dtype | None, device: str) -> torch.dtype:
-    """'auto' -> fp16 on CUDA/MPS, bf16 on a CPU with native bf16, else fp32."""
-    if isinstance(name, torch.dtype):
-        return name
-    if name in (None, "auto"):
-        if device.startswith(("cuda", "mps")):
-            return torch.float16
-        return torch.bfloat16 if cpu_supports_bf16() else torch.float32
-    if name not in DTYPES:
-        raise unknown("dtype", name, DTYPE_CHOICES)
-    dtype = DTYPES[name]
-    if device == "cpu" and dtype == torch.float16:
-        raise SlimsdError("dtype float16 is slow and poorly supported on CPU; use bfloat16 or float32 there")
-    return dtype
-
-
-def default_config(
-    device: str = "auto", dtype: str | torch.dtype | None = "auto", **overrides
-) -> RuntimeConfig:
-    """The fastest settings measured for ``device`` (see the module docstring), with ``overrides`` applied."""
-    device = resolve_device(device)
-    cfg = RuntimeConfig(device=device, dtype=resolve_dtype(dtype, device))
-    return replace(cfg, **overrides)
+_PROCESS = {"flush_denormal": False}  # what apply_process_settings set in this process
 
 
 def set_threads(threads: int | None) -> None:
@@ -140,6 +54,23 @@ def set_threads(threads: int | None) -> None:
         if threads < 1:
             raise SlimsdError(f"threads must be at least 1, got {threads}")
         torch.set_num_threads(threads)
+
+
+def apply_process_settings(cfg: RuntimeConfig) -> dict:
+    """Threads, and flush-to-zero for denormals on the CPU (trained and random weights alike produce
+    denormals in GroupNorm tails, which slow x86 arithmetic). Affects the whole process; returns what it set."""
+    set_threads(cfg.threads)
+    if cfg.device == "cpu" and torch.set_flush_denormal(True):
+        _PROCESS["flush_denormal"] = True
+    return process_settings()
+
+
+def process_settings() -> dict:
+    return {
+        "threads": torch.get_num_threads(),
+        "flush_denormal": _PROCESS["flush_denormal"],
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+    }
 
 
 def _fuse_qkv(model) -> None:
@@ -157,11 +88,7 @@ def optimize_unet(unet, cfg: RuntimeConfig):
     With ``cfg.compile`` the result is a ``torch.compile`` wrapper (the first call compiles); its ``config``
     and attributes still reach the U-Net.
     """
-    set_threads(cfg.threads)
-    if cfg.device == "cpu":
-        torch.set_flush_denormal(
-            True
-        )  # random and trained weights alike produce denormals in GroupNorm tails
+    apply_process_settings(cfg)
     unet = unet.eval().requires_grad_(False).to(device=cfg.device, dtype=cfg.dtype)
     from diffusers.models.attention_processor import AttnProcessor2_0
 
@@ -184,11 +111,23 @@ def compile_module(module, cfg: RuntimeConfig):
     return torch.compile(module, mode=cfg.compile_mode, fullgraph=False)
 
 
+def place(pipe, device: str, dtype: torch.dtype):
+    """Move PIPE to ``device``, and cast it to ``dtype`` only where it is not already (diffusers warns on
+    every cast, even a no-op one)."""
+    pipe.to(device)
+    if any(
+        getattr(pipe, name, None) is not None and getattr(pipe, name).dtype != dtype
+        for name in ("unet", "vae", "text_encoder", "text_encoder_2")
+    ):
+        pipe.to(device, dtype)
+    return pipe
+
+
 def optimize_pipeline(pipe, cfg: RuntimeConfig):
     """A diffusers pipeline prepared for fast inference: the U-Net as in :func:`optimize_unet`, the VAE in
     channels_last with fused QKV, everything on cfg.device in cfg.dtype. Returns the same pipeline."""
-    set_threads(cfg.threads)
-    pipe.to(cfg.device, cfg.dtype)
+    apply_process_settings(cfg)
+    place(pipe, cfg.device, cfg.dtype)
     for name in ("text_encoder", "text_encoder_2", "vae"):
         part = getattr(pipe, name, None)
         if part is not None:
@@ -200,21 +139,66 @@ def optimize_pipeline(pipe, cfg: RuntimeConfig):
             _fuse_qkv(vae)
         if cfg.channels_last:
             vae.to(memory_format=torch.channels_last)
-    with contextlib.suppress(AttributeError):
-        pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
-def describe(cfg: RuntimeConfig) -> dict:
-    """The settings as JSON-ready data (recorded with every benchmark result)."""
+def _attention_kind(processor) -> str:
+    name = type(processor).__name__
+    if name in ("AttnProcessor2_0", "FusedAttnProcessor2_0"):
+        return "sdpa"
+    if name == "AttnProcessor":
+        return "eager"
+    return name
+
+
+def applied(unet, optimized: bool) -> dict:
+    """What is in effect in ``unet`` (read from the module, not from what was asked for)."""
+    compiled = hasattr(unet, "_orig_mod")
+    module = unet._orig_mod if compiled else unet
+    first = next(module.parameters())
+    attn = [m for m in module.modules() if hasattr(m, "fused_projections")]
+    kinds = sorted({_attention_kind(p) for p in module.attn_processors.values()})
     return {
-        "device": cfg.device,
-        "dtype": dtype_name(cfg.dtype),
-        "channels_last": cfg.channels_last,
-        "fuse_qkv": cfg.fuse_qkv,
-        "compile": cfg.compile,
-        "compile_mode": cfg.compile_mode,
-        "threads": cfg.threads or torch.get_num_threads(),
-        "flush_denormal": cfg.device == "cpu",
-        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+        "optimized": optimized,
+        "device": str(first.device),
+        "dtype": dtype_name(first.dtype),
+        "channels_last": bool(module.conv_in.weight.is_contiguous(memory_format=torch.channels_last))
+        and module.conv_in.weight.shape[-1] > 1,
+        "fused_qkv": bool(attn) and all(m.fused_projections for m in attn),
+        "attention": "/".join(kinds) or "none",
+        "compile": compiled,
     }
+
+
+def summary(applied_: dict) -> str:
+    """One line for people: 'fp32 on cpu · channels_last · fused QKV · sdpa' (or '· plain diffusers')."""
+    parts = [f"{applied_['dtype']} on {applied_['device']}"]
+    if not applied_["optimized"]:
+        return " · ".join([*parts, "plain diffusers"])
+    parts += [
+        name
+        for name, key in (("channels_last", "channels_last"), ("fused QKV", "fused_qkv"))
+        if applied_[key]
+    ]
+    parts.append(applied_["attention"])
+    if applied_["compile"]:
+        parts.append("torch.compile")
+    return " · ".join(parts)
+
+
+def describe(cfg: RuntimeConfig, unet=None) -> dict:
+    """The settings asked for, what was applied (when ``unet`` is given) and the process-wide settings."""
+    out = {
+        "requested": {
+            "device": cfg.device,
+            "dtype": dtype_name(cfg.dtype),
+            "channels_last": cfg.channels_last,
+            "fuse_qkv": cfg.fuse_qkv,
+            "compile": cfg.compile,
+            "compile_mode": cfg.compile_mode,
+        },
+        "process": process_settings(),
+    }
+    if unet is not None:
+        out["applied"] = applied(unet, optimized=True)
+    return out

@@ -26,22 +26,20 @@ from pathlib import Path
 import torch
 
 from slimsd.errors import SlimsdError
+from slimsd.models.loading import load
 from slimsd.run import generate as g
+from slimsd.run.outputs import save_images
+from slimsd.run.runtime import summary
+from slimsd.run.schedulers import SCHEDULERS
 
 DEFAULT_SCHEDULER = "model default"
 
 
 def default_models() -> list[str]:
-    """The offline models first (micro, and the toy teacher when it is installed), then every preset."""
-    import importlib.util
+    """The offline models first (micro-sd, micro-sdxl, toy-sd), then every teacher and student preset."""
+    from slimsd.models.presets import names
 
-    from slimsd.models.loading import MICRO_NAMES, TOY_NAMES
-    from slimsd.models.presets import PRESETS
-
-    names = list(MICRO_NAMES)
-    if importlib.util.find_spec("slimsd.toy.teacher") is not None:
-        names += list(TOY_NAMES)
-    return names + [n for n, p in PRESETS.items() if p.kind in ("teacher", "student") and n not in names]
+    return names("micro") + names("teacher", "student")
 
 
 @dataclass
@@ -50,6 +48,7 @@ class UIConfig:
     out_dir: Path = Path("outputs/ui")
     device: str | None = None
     dtype: str | None = None
+    optimize: bool = True  # the fast runtime (slimsd.run.runtime)
     allow_pickle: bool = False
     max_loaded: int = 2  # pipelines kept in memory at once
     concurrency: int = 1  # model runs at once, both tabs together
@@ -79,13 +78,13 @@ class ModelCache:
                 return self._pipes[model]
             while len(self._pipes) >= max(1, self.config.max_loaded):
                 self._drop_locked(next(iter(self._pipes)))
-            pipe = g.load(
+            pipe = load(
                 model,
                 device=self.config.device,
                 dtype=self.config.dtype,
+                optimize=self.config.optimize,
                 allow_pickle=self.config.allow_pickle,
             )
-            pipe.set_progress_bar_config(disable=True)
             self._pipes[model] = pipe
             self._run_locks.setdefault(model, threading.Lock())
             return pipe
@@ -172,11 +171,14 @@ def run_generate(
             progress=progress,
             on_warning=warn,
         )
-    g.save_images(results, cache.config.out_dir)
+        applied = pipe._slimsd["runtime"]
+    save_images(results, cache.config.out_dir)
     items = [(str(r.path), f"seed {r.seed} · {r.time_s:.2f} s") for r in results]
     lines = [
         f"**{model.strip()}** · {results[0].settings.scheduler} · {steps} steps · "
         f"{results[0].settings.width}x{results[0].settings.height}",
+        "",
+        f"runtime: {summary(applied)}",
         "",
     ]
     lines += [
@@ -222,7 +224,7 @@ def run_compare(
                 progress=step,
                 on_warning=warn,
             )
-        g.save_images([r], cache.config.out_dir)
+        save_images([r], cache.config.out_dir)
         items.append((str(r.path), f"{model} · {r.time_s:.2f} s"))
         rows.append([model, round(r.time_s, 3), round(load_s, 2), round(unet_m, 2), r.seed])
     return items, rows
@@ -235,7 +237,7 @@ def build_app(config: UIConfig | None = None, cache: ModelCache | None = None):
     config = config or UIConfig()
     cache = cache or ModelCache(config)
     models = list(dict.fromkeys(config.models)) or default_models()
-    schedulers = [DEFAULT_SCHEDULER, *g.SCHEDULERS]
+    schedulers = [DEFAULT_SCHEDULER, *SCHEDULERS]
 
     def progress_cb(progress):
         return lambda done, total: progress((done, total), desc="denoising")

@@ -56,6 +56,7 @@ class DemoConfig:
     grid_prompts: int = 8
     latency_repeats: int = 30
     threads: int | None = None  # torch CPU threads; None: torch's default
+    optimize: bool = True  # sample with the fast runtime (slimsd.run.runtime), as `slimsd generate` does
     overwrite: bool = False
     progress: bool = False
     log: object = field(default=print, repr=False)
@@ -89,18 +90,21 @@ def eval_captions(cfg: DemoConfig, seed: int) -> list[str]:
     return make_captions(cfg.eval_prompts, seed=1_000_003 + seed)
 
 
-@torch.no_grad()
 def sample(pipe, captions: list[str], seed: int, cfg: DemoConfig):
-    """One image per caption; image i uses seed ``seed + i`` (as ``slimsd generate`` does)."""
-    gens = [torch.Generator().manual_seed(seed + i) for i in range(len(captions))]
-    return pipe(
+    """One image per caption; caption i uses seed ``seed + i``, through slimsd's own generation."""
+    from slimsd.run.generate import MAX_BATCH, generate
+
+    results = generate(
+        pipe,
         captions,
-        num_inference_steps=cfg.inference_steps,
-        guidance_scale=cfg.guidance_scale,
-        generator=gens,
-        height=64,
+        steps=cfg.inference_steps,
+        guidance=cfg.guidance_scale,
         width=64,
-    ).images
+        height=64,
+        batch_size=min(len(captions), MAX_BATCH),
+        seeds=[seed + i for i in range(len(captions))],
+    )
+    return [r.image for r in results]
 
 
 def fidelity(pipe, cfg: DemoConfig) -> dict:
@@ -121,46 +125,17 @@ def fidelity(pipe, cfg: DemoConfig) -> dict:
     }
 
 
-@torch.no_grad()
-def step_latency_ms(unet, repeats: int, batch: int = 2) -> float:
-    """Median wall time of one U-Net forward (batch 2: a classifier-free-guidance step), in ms."""
-    cfg = unet.config
-    device, dtype = unet.device, unet.dtype
-    x = torch.randn(batch, cfg.in_channels, cfg.sample_size, cfg.sample_size, device=device, dtype=dtype)
-    ctx = torch.randn(batch, 77, cfg.cross_attention_dim, device=device, dtype=dtype)
-    t = torch.full((batch,), 500, device=device)
-    for _ in range(3):  # warm-up: allocator, oneDNN primitive caches
-        unet(x, t, ctx)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        unet(x, t, ctx)
-        times.append((time.perf_counter() - t0) * 1000)
-    return statistics.median(times)
-
-
 def step_latencies(unets: dict, repeats: int) -> dict[str, float]:
-    """Round-robin over the models, so that load from other processes hits each of them alike."""
-    per = {k: [] for k in unets}
-    for _ in range(max(1, repeats // 5)):
-        for k, u in unets.items():
-            per[k].append(step_latency_ms(u, 5))
-    return {k: statistics.median(v) for k, v in per.items()}
+    """Median ms of one U-Net forward at batch 2 (a classifier-free-guidance step) per model, timed
+    round-robin (A B C A B C ...) so that load from other processes hits each model alike."""
+    from slimsd.measure.bench import time_round_robin, unet_inputs
 
-
-def unet_params(unet) -> int:
-    return sum(p.numel() for p in unet.parameters())
-
-
-def grid(images, cols: int):
-    from PIL import Image
-
-    w, h = images[0].size
-    rows = -(-len(images) // cols)
-    out = Image.new("RGB", (cols * w, rows * h), (255, 255, 255))
-    for i, im in enumerate(images):
-        out.paste(im, ((i % cols) * w, (i // cols) * h))
-    return out
+    fns = {}
+    for name, unet in unets.items():
+        inputs = unet_inputs(unet, 64, 2, str(unet.device), unet.dtype)
+        fns[name] = lambda u=unet, x=inputs: u(**x)
+    timings = time_round_robin(fns, "cpu", warmup=3, repeats=repeats)
+    return {name: t["median_ms"] for name, t in timings.items()}
 
 
 def save_png(image, path: Path) -> None:
@@ -208,9 +183,11 @@ def run_demo(cfg: DemoConfig) -> dict:
     """Compress, distill (KD and task-only), measure and write everything under ``cfg.out``."""
     from slimsd.atomic import atomic_dir, atomic_write_text, check_output_dir
     from slimsd.models.compress import compress
-    from slimsd.models.loading import load_pipeline
+    from slimsd.images import make_grid
+    from slimsd.models.counting import count_params
+    from slimsd.models.loading import load
     from slimsd.toy.shapes import make_captions
-    from slimsd.train.data import write_cache
+    from slimsd.train.cache import write_cache
     from slimsd.train.distill import train
 
     _validate(cfg)
@@ -244,11 +221,11 @@ def run_demo(cfg: DemoConfig) -> dict:
                 f"{statistics.fmean(r['task'] for r in last):.4f}"
             )
 
-        pipes = {"teacher": load_pipeline(cfg.teacher)}
-        for name, run in runs.items():
-            pipes[name] = load_pipeline(run["final_dir"])
-        for p in pipes.values():
-            p.set_progress_bar_config(disable=True)
+        # Sampled as users run them (slimsd.load: the fast runtime), in fp32 on the CPU for comparable numbers.
+        models = {"teacher": cfg.teacher} | {name: run["final_dir"] for name, run in runs.items()}
+        pipes = {
+            name: load(m, device="cpu", dtype="fp32", optimize=cfg.optimize) for name, m in models.items()
+        }
 
         t0 = time.perf_counter()
         results = {}
@@ -256,7 +233,7 @@ def run_demo(cfg: DemoConfig) -> dict:
             log(
                 f"sampling {LABELS[name]}: {len(cfg.eval_seeds)} seeds x {cfg.eval_prompts} held-out captions"
             )
-            results[name] = {**fidelity(pipe, cfg), "unet_params": unet_params(pipe.unet)}
+            results[name] = {**fidelity(pipe, cfg), "unet_params": count_params(pipe.unet)}
         timings["evaluate_s"] = time.perf_counter() - t0
         lat = step_latencies({k: p.unet for k, p in pipes.items()}, cfg.latency_repeats)
         for name in pipes:
@@ -269,7 +246,7 @@ def run_demo(cfg: DemoConfig) -> dict:
         grids = {}
         for name, pipe in pipes.items():
             images = sample(pipe, grid_captions, 1234, cfg)
-            save_png(grid(images, cols=min(8, len(images))), tmp / f"grid-{name}.png")
+            save_png(make_grid(images, cols=min(8, len(images))), tmp / f"grid-{name}.png")
             grids[name] = str(out / f"grid-{name}.png")
         atomic_write_text(tmp / "grid-captions.txt", "\n".join(grid_captions) + "\n")
 

@@ -29,10 +29,12 @@ def load_toy_teacher(torch_dtype: torch.dtype = torch.float32):
         raise SlimsdError(
             f"the toy teacher's weights are missing from {str(TOY_DIR)!r}; run scripts/train_toy_teacher.py"
         )
+    # fp32 is what diffusers loads; asking for it only makes it cast (and warn).
+    dtype = {} if torch_dtype == torch.float32 else {"torch_dtype": torch_dtype}
     pipe = StableDiffusionPipeline.from_pretrained(
         str(TOY_DIR),
         use_safetensors=True,
-        torch_dtype=torch_dtype,
+        **dtype,
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,

@@ -1,4 +1,4 @@
-"""Image + caption data for distillation, and the latent cache.
+"""Image + caption data for distillation.
 
 Sources (``open_source(spec)``), all map-style so that the trainer owns the order (exact resume, and the same
 examples whether one process or several read them):
@@ -9,8 +9,8 @@ examples whether one process or several read them):
 - webdataset ``.tar`` shards (a path, a glob, or a folder of them): members grouped by key, an image
   (jpg/jpeg/png/webp) plus ``.txt`` or ``.json`` (``caption``/``text``);
 - parquet (a file or a folder of them): an image column (bytes, or a struct with ``bytes``) and a caption column;
-- a latent cache written by ``slimsd cache`` (a folder with ``cache.json``): VAE latents and text embeddings,
-  so training skips the VAE encoder and the text encoder(s).
+- a latent cache written by ``slimsd cache`` (``slimsd.train.cache``; a folder with ``cache.json``): VAE latents
+  and text embeddings, so training skips the VAE encoder and the text encoder(s).
 
 A row whose caption is missing is dropped when the source is indexed; a row whose image cannot be decoded is
 dropped when it is read. Both are counted by reason (``skipped``), never a crash.
@@ -32,8 +32,8 @@ import torch
 from PIL import Image
 
 from slimsd.errors import SlimsdError
+from slimsd.images import IMAGE_SUFFIXES
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 CAPTION_KEYS = ("text", "caption", "prompt")
 IMAGE_COLUMNS = ("image", "jpg", "png", "image_bytes", "img")
 CACHE_FORMAT = 1
@@ -431,128 +431,3 @@ class BatchPlan(torch.utils.data.Sampler):
 
     def __len__(self) -> int:  # endless; the trainer stops at max_steps
         return 2**62
-
-
-# --- conditioning: text embeddings and VAE latents (shared by the trainer and the cache) ------------------------
-
-
-def is_sdxl(pipe) -> bool:
-    return getattr(pipe, "text_encoder_2", None) is not None
-
-
-@torch.no_grad()
-def encode_text(pipe, captions: list[str]) -> dict[str, torch.Tensor]:
-    """``prompt_embeds`` (and SDXL's ``pooled_prompt_embeds``) as the pipelines compute them: SD uses the text
-    encoder's last hidden state; SDXL concatenates both encoders' penultimate hidden states and takes the
-    pooled projection of the second."""
-
-    def ids(tokenizer, encoder):
-        tok = tokenizer(
-            captions,
-            padding="max_length",
-            max_length=tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        )
-        return tok.input_ids.to(encoder.device)
-
-    if not is_sdxl(pipe):
-        return {"prompt_embeds": pipe.text_encoder(ids(pipe.tokenizer, pipe.text_encoder))[0]}
-    out1 = pipe.text_encoder(ids(pipe.tokenizer, pipe.text_encoder), output_hidden_states=True)
-    out2 = pipe.text_encoder_2(ids(pipe.tokenizer_2, pipe.text_encoder_2), output_hidden_states=True)
-    return {
-        "prompt_embeds": torch.cat([out1.hidden_states[-2], out2.hidden_states[-2]], dim=-1),
-        "pooled_prompt_embeds": out2[0],
-    }
-
-
-@torch.no_grad()
-def encode_images(vae, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The VAE posterior's mean and std (unscaled); the trainer samples from it and applies the scaling."""
-    dist = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist
-    return dist.mean, dist.std
-
-
-def time_ids(original_size: torch.Tensor, crop_top_left: torch.Tensor, resolution: int) -> torch.Tensor:
-    """SDXL's added time ids: (original h, w, crop top, left, target h, w), one row per example."""
-    target = torch.tensor([resolution, resolution]).expand(original_size.shape[0], 2)
-    return torch.cat([original_size, crop_top_left, target], dim=1).float()
-
-
-def write_cache(
-    model: str,
-    data: str,
-    out: str | Path,
-    resolution: int,
-    batch_size: int = 8,
-    flip: bool = False,
-    center_crop: bool = True,
-    seed: int = 0,
-    shard_size: int = 1024,
-    overwrite: bool = False,
-    allow_pickle: bool = False,
-) -> dict:
-    """Precompute VAE posteriors and text embeddings of ``data`` with ``model``'s VAE and text encoder(s).
-
-    A folder of safetensors shards plus ``cache.json``; training on it skips the VAE encoder and the text
-    encoder(s). With ``flip`` the flipped image's posterior is stored too, so ``random_flip`` stays exact.
-    """
-    from safetensors.torch import save_file
-
-    from slimsd.atomic import atomic_dir, check_output_dir
-    from slimsd.models.loading import load_pipeline
-
-    check_output_dir(out, overwrite)
-    source = open_source(data, seed)
-    if source.kind == "cache":
-        raise SlimsdError(f"data {data!r} is already a latent cache")
-    pipe = load_pipeline(model, allow_pickle=allow_pickle)
-    sdxl = is_sdxl(pipe)
-    examples = Examples(source, resolution, center_crop=center_crop, seed=seed)
-    skipped = Counter(source.skipped)
-    shards, pending = [], []
-    with atomic_dir(out, overwrite) as tmp:
-
-        def flush():
-            if not pending:
-                return
-            name = f"shard-{len(shards):05d}.safetensors"
-            tensors = {k: torch.cat([p[k] for p in pending]).contiguous() for k in pending[0]}
-            save_file(tensors, str(tmp / name))
-            shards.append([name, int(next(iter(tensors.values())).shape[0])])
-            pending.clear()
-
-        n_pending = 0
-        for lo in range(0, len(examples), batch_size):
-            batch = collate([examples[(i, 0)] for i in range(lo, min(lo + batch_size, len(examples)))])
-            skipped.update(batch["skipped"])
-            if not batch["size"]:
-                continue
-            mean, std = encode_images(pipe.vae, batch["pixels"])
-            part = {"latent_mean": mean.float().cpu(), "latent_std": std.float().cpu()}
-            if flip:
-                fmean, fstd = encode_images(pipe.vae, batch["pixels"].flip(-1))
-                part |= {"latent_mean_flip": fmean.float().cpu(), "latent_std_flip": fstd.float().cpu()}
-            part |= {k: v.float().cpu() for k, v in encode_text(pipe, batch["caption"]).items()}
-            if sdxl:
-                part["time_ids"] = time_ids(batch["original_size"], batch["crop_top_left"], resolution)
-            pending.append(part)
-            n_pending += batch["size"]
-            if n_pending >= shard_size:
-                flush()
-                n_pending = 0
-        flush()
-        info = {
-            "format": CACHE_FORMAT,
-            "model": model,
-            "data": str(data),
-            "resolution": resolution,
-            "family": "sdxl" if sdxl else "sd",
-            "flip": flip,
-            "center_crop": center_crop,
-            "count": sum(n for _, n in shards),
-            "shards": shards,
-            "skipped": dict(skipped),
-        }
-        (tmp / "cache.json").write_text(json.dumps(info, indent=1) + "\n")
-    return info

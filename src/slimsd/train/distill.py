@@ -19,211 +19,16 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
-import typing
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-import yaml
 
 from slimsd.errors import SlimsdError
-
-MIXED_PRECISION = ("no", "fp16", "bf16")
-LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
-
-
-@dataclass
-class DistillConfig:
-    teacher: str = "micro-sd"  # preset / micro / toy-sd / folder / hub id
-    student: str = "bk-small"  # a `slimsd compress` folder, or a recipe (compressed on the fly)
-    data: str = "shapes:64"  # folder, .tar shard(s), parquet, `slimsd cache` folder, or shapes:N
-    output_dir: str = "runs/distill"
-    max_steps: int = 100  # optimizer steps
-    batch_size: int = 4  # per process; global batch = batch_size x processes x gradient_accumulation_steps
-    gradient_accumulation_steps: int = 1
-    learning_rate: float = 5e-5  # BK-SDM
-    weight_decay: float = 1e-2
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_epsilon: float = 1e-8
-    max_grad_norm: float = 1.0  # 0 disables clipping
-    lr_scheduler: str = "constant"
-    lr_warmup_steps: int = 0
-    lambda_task: float = 1.0
-    lambda_out: float = 1.0
-    lambda_feat: float = 1.0
-    feat_norm: str = "none"  # "teacher": divide each tap's MSE by the teacher feature's mean square
-    feature_taps: list | None = (
-        None  # [[student_module, teacher_module], ...]; default: the recipe's, else BK-SDM's
-    )
-    resolution: int | None = None  # default: the teacher's native size
-    center_crop: bool = True
-    random_flip: bool = False
-    caption_dropout: float = 0.0  # probability of training on the empty caption (classifier-free guidance)
-    checkpoint_every: int = 500  # 0: only at the end
-    keep_last: int = 2
-    resume: str | None = None  # "latest" or a checkpoint folder
-    stop_at_step: int | None = (
-        None  # end this run early after this step (checkpointed), for time-limited jobs
-    )
-    mixed_precision: str = "no"
-    seed: int = 0
-    gradient_checkpointing: bool = False
-    use_8bit_adam: bool = False
-    ema: bool = False
-    ema_decay: float = 0.9999
-    validation_prompts: list[str] = field(default_factory=list)
-    validation_every: int = 0  # 0: no validation images
-    validation_steps: int = 25
-    log_every: int = 10
-    num_workers: int = 0
-    tensorboard: bool = True
-    progress: bool = True
-    allow_pickle: bool = False
-
-
-# (low, high, low inclusive) per numeric key; None: unbounded.
-RANGES: dict[str, tuple[float | None, float | None, bool]] = {
-    "max_steps": (1, None, True),
-    "batch_size": (1, None, True),
-    "gradient_accumulation_steps": (1, None, True),
-    "learning_rate": (0, None, False),
-    "weight_decay": (0, None, True),
-    "adam_beta1": (0, 1, True),
-    "adam_beta2": (0, 1, True),
-    "adam_epsilon": (0, None, False),
-    "max_grad_norm": (0, None, True),
-    "lr_warmup_steps": (0, None, True),
-    "lambda_task": (0, None, True),
-    "lambda_out": (0, None, True),
-    "lambda_feat": (0, None, True),
-    "resolution": (8, None, True),
-    "caption_dropout": (0, 1, True),
-    "checkpoint_every": (0, None, True),
-    "keep_last": (1, None, True),
-    "ema_decay": (0, 1, True),
-    "validation_every": (0, None, True),
-    "validation_steps": (1, None, True),
-    "log_every": (1, None, True),
-    "num_workers": (0, None, True),
-    "stop_at_step": (1, None, True),
-}
-CHOICES = {
-    "mixed_precision": MIXED_PRECISION,
-    "lr_scheduler": LR_SCHEDULERS,
-    "feat_norm": ("none", "teacher"),
-}
-
-
-# --- configuration --------------------------------------------------------------------------------------------
-
-
-def _coerce(key: str, value, hint):
-    """``value`` (from YAML or ``key=value``) as the type the field declares, or a one-line error."""
-    args = typing.get_args(hint)
-    if value is None and type(None) in args:
-        return None
-    base = (
-        next((a for a in args if a is not type(None)), hint)
-        if args and typing.get_origin(hint) is not list
-        else hint
-    )
-    origin = typing.get_origin(base) or base
-    bad = SlimsdError(f"config key {key!r}: expected {getattr(origin, '__name__', origin)}, got {value!r}")
-    if origin is bool:
-        if not isinstance(value, bool):
-            raise bad
-        return value
-    if origin is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise bad
-        return value
-    if origin is float:
-        if isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                raise bad from None
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise bad
-        return float(value)
-    if origin is str:
-        if not isinstance(value, str | int | float) or isinstance(value, bool):
-            raise bad
-        return str(value)
-    if origin is list:
-        if isinstance(value, str) and key == "validation_prompts":
-            return [value]
-        if not isinstance(value, list):
-            raise bad
-        return value
-    return value
-
-
-def validate(cfg: DistillConfig) -> DistillConfig:
-    for key, (lo, hi, lo_incl) in RANGES.items():
-        v = getattr(cfg, key)
-        if v is None:
-            continue
-        if (lo is not None and (v < lo or (v == lo and not lo_incl))) or (hi is not None and v > hi):
-            lo_s = "" if lo is None else (f">= {lo}" if lo_incl else f"> {lo}")
-            hi_s = "" if hi is None else f"<= {hi}"
-            raise SlimsdError(
-                f"config key {key!r}: {v} is out of range; allowed: {' and '.join(filter(None, [lo_s, hi_s]))}"
-            )
-    for key, allowed in CHOICES.items():
-        if getattr(cfg, key) not in allowed:
-            raise SlimsdError(
-                f"config key {key!r}: {getattr(cfg, key)!r} is not allowed; allowed: {', '.join(allowed)}"
-            )
-    if cfg.resolution is not None and cfg.resolution % 8:
-        raise SlimsdError(f"config key 'resolution': {cfg.resolution} is not a multiple of 8")
-    if cfg.feature_taps is not None:
-        from slimsd.train.losses import parse_taps
-
-        parse_taps(cfg.feature_taps)
-    return cfg
-
-
-def make_config(values: dict) -> DistillConfig:
-    """A validated config from a mapping; unknown keys are an error that lists the allowed ones."""
-    hints = typing.get_type_hints(DistillConfig)
-    unknown = [k for k in values if k not in hints]
-    if unknown:
-        raise SlimsdError(f"unknown config key {unknown[0]!r}; allowed: {', '.join(hints)}")
-    return validate(DistillConfig(**{k: _coerce(k, v, hints[k]) for k, v in values.items()}))
-
-
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> DistillConfig:
-    """A YAML config file (optional) with ``key=value`` overrides on top; values are parsed as YAML scalars."""
-    values: dict = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise SlimsdError(f"config file {str(p)!r} does not exist")
-        try:
-            values = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise SlimsdError(f"config file {str(p)!r} is not valid YAML: {str(e).splitlines()[0]}") from None
-        if not isinstance(values, dict):
-            raise SlimsdError(f"config file {str(p)!r}: expected a mapping of keys to values")
-    for item in overrides:
-        key, sep, raw = item.partition("=")
-        if not sep or not key.strip():
-            raise SlimsdError(f"override {item!r}: expected key=value")
-        try:
-            values[key.strip()] = yaml.safe_load(raw) if raw.strip() else None
-        except yaml.YAMLError:
-            values[key.strip()] = raw
-    return make_config(values)
-
-
-def config_yaml(cfg: DistillConfig) -> str:
-    return yaml.safe_dump(asdict(cfg), sort_keys=False)
-
+from slimsd.train.checkpoints import load_checkpoint, resolve_resume, save_checkpoint
+from slimsd.train.config import DistillConfig, validate
 
 # --- models ---------------------------------------------------------------------------------------------------
 
@@ -238,23 +43,25 @@ class Models:
     student_source: str | None  # a folder whose non-U-Net parts the final pipeline reuses
 
 
-def load_models(cfg: DistillConfig) -> Models:
-    """The teacher pipeline and the student U-Net (from a `slimsd compress` folder, or compressed here)."""
-    from diffusers import UNet2DConditionModel
-
+def load_models(cfg: DistillConfig, device, weight_dtype: torch.dtype) -> Models:
+    """The teacher pipeline (frozen, in the compute dtype) and the student U-Net (fp32): from a
+    `slimsd compress` folder, or compressed here by a recipe."""
     from slimsd.models.architecture import load_recipe, parse_recipe, plan
     from slimsd.models.compress import compress_pipeline
-    from slimsd.models.loading import check_local_folder, load_pipeline, read_slimsd_info
+    from slimsd.models.loading import load, read_slimsd_info
     from slimsd.train.losses import default_taps, parse_taps
 
-    if not Path(cfg.student).is_dir():
+    student_is_folder = Path(cfg.student).is_dir()
+    if not student_is_folder:
         recipe_obj = load_recipe(cfg.student)  # a bad recipe fails before the teacher is loaded
-    teacher_pipe = load_pipeline(cfg.teacher, allow_pickle=cfg.allow_pickle)
-    if Path(cfg.student).is_dir():
-        check_local_folder(Path(cfg.student), cfg.allow_pickle)
-        student = UNet2DConditionModel.from_pretrained(
-            cfg.student, subfolder="unet", use_safetensors=None if cfg.allow_pickle else True
-        )
+    # No fast runtime in training: the taps, the weight map and exact resumption need the modules as they are.
+    teacher_pipe = load(
+        cfg.teacher, device=device, dtype=weight_dtype, optimize=False, allow_pickle=cfg.allow_pickle
+    )
+    if student_is_folder:
+        student = load(
+            cfg.student, device="cpu", dtype="fp32", optimize=False, allow_pickle=cfg.allow_pickle
+        ).unet
         info = read_slimsd_info(cfg.student) or {}
         recipe_obj = parse_recipe(info["recipe"]) if info.get("recipe") else None
         weight_map, source = info.get("weight_map"), cfg.student
@@ -278,88 +85,7 @@ def load_models(cfg: DistillConfig) -> Models:
     )
 
 
-# --- checkpoints ----------------------------------------------------------------------------------------------
-
-
-def _checkpoints(output_dir: Path) -> list[Path]:
-    root = output_dir / "checkpoints"
-    return sorted(root.glob("step-*"), key=lambda p: int(p.name.split("-")[1])) if root.is_dir() else []
-
-
-def resolve_resume(cfg: DistillConfig) -> Path | None:
-    if cfg.resume is None:
-        return None
-    if cfg.resume == "latest":
-        found = _checkpoints(Path(cfg.output_dir))
-        return found[-1] if found else None  # "latest" with nothing saved yet starts from scratch
-    path = Path(cfg.resume)
-    if not (path / "state.json").is_file():
-        raise SlimsdError(
-            f"resume {cfg.resume!r}: not a checkpoint folder (no state.json); use 'latest' or a "
-            f"folder under {cfg.output_dir}/checkpoints"
-        )
-    return path
-
-
-def save_checkpoint(
-    output_dir: Path, step: int, student, optimizer, lr_scheduler, ema, gen, state: dict, keep_last: int
-) -> Path:
-    """Everything an exact resume needs, in one folder renamed into place (never half-written)."""
-    from safetensors.torch import save_file
-
-    from slimsd.atomic import atomic_dir
-
-    path = output_dir / "checkpoints" / f"step-{step:08d}"
-    with atomic_dir(path, overwrite=True) as tmp:
-        save_file(
-            {k: v.detach().contiguous().cpu() for k, v in student.state_dict().items()},
-            str(tmp / "student.safetensors"),
-        )
-        if ema is not None:
-            save_file({k: v.contiguous().cpu() for k, v in ema.items()}, str(tmp / "ema.safetensors"))
-        torch.save(
-            {
-                "optimizer": optimizer.state_dict(),
-                "lr_scheduler": lr_scheduler.state_dict(),
-                "generator": gen.get_state(),
-                "torch_rng": torch.get_rng_state(),
-            },
-            tmp / "trainer.pt",
-        )
-        (tmp / "state.json").write_text(json.dumps(state) + "\n")
-    for old in _checkpoints(output_dir)[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
-    return path
-
-
-def load_checkpoint(path: Path, student, optimizer, lr_scheduler, ema, gen) -> dict:
-    from safetensors.torch import load_file
-
-    student.load_state_dict(load_file(str(path / "student.safetensors")))
-    trainer = torch.load(path / "trainer.pt", map_location="cpu", weights_only=True)  # no code runs on load
-    optimizer.load_state_dict(trainer["optimizer"])
-    lr_scheduler.load_state_dict(trainer["lr_scheduler"])
-    gen.set_state(trainer["generator"])
-    torch.set_rng_state(trainer["torch_rng"])
-    if ema is not None:
-        ema_path = path / "ema.safetensors"
-        saved = load_file(str(ema_path)) if ema_path.is_file() else dict(student.state_dict())
-        for k in ema:
-            ema[k].copy_(saved[k])
-    return json.loads((path / "state.json").read_text())
-
-
 # --- pieces of a step -----------------------------------------------------------------------------------------
-
-
-def _image_grid(images) -> object:
-    from PIL import Image
-
-    w, h = images[0].size
-    grid = Image.new("RGB", (w * len(images), h))
-    for i, im in enumerate(images):
-        grid.paste(im, (i * w, 0))
-    return grid
 
 
 def save_validation(
@@ -369,6 +95,7 @@ def save_validation(
     import io
 
     from slimsd.atomic import atomic_write_bytes
+    from slimsd.images import make_grid
 
     pipe = pipe_cls(**(dict(teacher_pipe.components) | {"unet": student}))
     pipe.set_progress_bar_config(disable=True)
@@ -389,7 +116,7 @@ def save_validation(
             )
     student.train(was_training)
     buf = io.BytesIO()
-    grid = _image_grid(images)
+    grid = make_grid(images, cols=len(images))
     grid.save(buf, format="PNG")
     atomic_write_bytes(path, buf.getvalue())
     return grid
@@ -403,14 +130,20 @@ def save_final(
 
     from slimsd import __version__
     from slimsd.atomic import atomic_dir
-    from slimsd.models.loading import load_pipeline
+    from slimsd.models.loading import load
 
     unet = UNet2DConditionModel.from_config(models.student.config)
     unet.load_state_dict({k: v.float() for k, v in student_state.items()})
     if reuse_components:
         base = models.teacher_pipe
     else:  # the frozen parts were cast to the compute dtype for training: save fp32 copies
-        base = load_pipeline(models.student_source or cfg.teacher, allow_pickle=cfg.allow_pickle)
+        base = load(
+            models.student_source or cfg.teacher,
+            device="cpu",
+            dtype="fp32",
+            optimize=False,
+            allow_pickle=cfg.allow_pickle,
+        )
     components = dict(base.components) | {"unet": unet}
     pipe = (
         type(base)(**components)
@@ -451,7 +184,10 @@ def train(cfg: DistillConfig) -> dict:
     from diffusers.optimization import get_scheduler
     from tqdm.auto import tqdm
 
+    from slimsd.devices import DTYPES, MIXED_PRECISION
+    from slimsd.models.loading import is_sdxl, native_resolution
     from slimsd.train import data as D
+    from slimsd.train.encoders import encode_images, encode_text, time_ids
     from slimsd.train.losses import attach_taps, distill_loss, task_target
 
     cfg = validate(cfg)
@@ -486,16 +222,16 @@ def train(cfg: DistillConfig) -> dict:
             "write yet; use DDP (configs/accelerate/ddp.yaml)"
         )
     set_seed(cfg.seed)
-    weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.mixed_precision]
+    weight_dtype = DTYPES[MIXED_PRECISION[cfg.mixed_precision]]
     device = accelerator.device
 
     # 1. Models: a frozen teacher in the compute dtype, a trainable fp32 student, taps hooked on both.
-    models = load_models(cfg)
+    models = load_models(cfg, device, weight_dtype)
     tp = models.teacher_pipe
-    sdxl = D.is_sdxl(tp)
+    sdxl = is_sdxl(tp)
     frozen = [tp.unet, tp.vae, tp.text_encoder] + ([tp.text_encoder_2] if sdxl else [])
     for m in frozen:
-        m.requires_grad_(False).eval().to(device, dtype=weight_dtype)
+        m.requires_grad_(False).eval()
     student = models.student.to(device)
     student.requires_grad_(True).train()
     if cfg.gradient_checkpointing:
@@ -505,7 +241,7 @@ def train(cfg: DistillConfig) -> dict:
     s_taps = attach_taps(student, [s for s, _ in models.taps]) if use_feat else None
     t_taps = attach_taps(tp.unet, [t for _, t in models.taps]) if use_feat else None
     noise_scheduler = DDPMScheduler.from_config(tp.scheduler.config)
-    resolution = cfg.resolution or tp.unet.config.sample_size * tp.vae_scale_factor
+    resolution = cfg.resolution or native_resolution(tp)
 
     # 2. Optimizer (optionally 8-bit) and LR schedule (stepped once per optimizer step, never per process).
     params = [p for p in student.parameters() if p.requires_grad]
@@ -564,7 +300,7 @@ def train(cfg: DistillConfig) -> dict:
     batches = iter(loader)
     global_batch = cfg.batch_size * accelerator.num_processes
     empty = (
-        {k: v.to(device, weight_dtype) for k, v in D.encode_text(tp, [""]).items()}
+        {k: v.to(device, weight_dtype) for k, v in encode_text(tp, [""]).items()}
         if cfg.caption_dropout
         else None
     )
@@ -597,8 +333,8 @@ def train(cfg: DistillConfig) -> dict:
             }
         else:
             with torch.no_grad():
-                mean, std = D.encode_images(tp.vae, batch["pixels"].to(device))
-                cond = D.encode_text(tp, batch["caption"])
+                mean, std = encode_images(tp.vae, batch["pixels"].to(device))
+                cond = encode_text(tp, batch["caption"])
         shape = (global_batch, *mean.shape[1:])
         timesteps = torch.randint(
             0, noise_scheduler.config.num_train_timesteps, (global_batch,), generator=gen
@@ -620,7 +356,7 @@ def train(cfg: DistillConfig) -> dict:
             ids = (
                 batch["time_ids"]
                 if cached
-                else D.time_ids(batch["original_size"], batch["crop_top_left"], resolution)
+                else time_ids(batch["original_size"], batch["crop_top_left"], resolution)
             )
             extra = {
                 "added_cond_kwargs": {"text_embeds": cond["pooled_prompt_embeds"], "time_ids": ids.to(device)}

@@ -1,0 +1,65 @@
+"""Options that several commands share, written once: the model list, device, dtype, runtime, pickle policy.
+
+No torch import here: ``slimsd CMD --help`` stays fast. ``DTYPE_CHOICES`` is checked against
+``slimsd.devices.DTYPE_CHOICES`` by the tests.
+"""
+
+from __future__ import annotations
+
+import click
+
+DTYPE_CHOICES = ("auto", "fp32", "fp16", "bf16", "float32", "float16", "bfloat16")
+
+
+def split_models(values) -> list[str]:
+    """``--models A B``, ``--models A --models B`` and ``--models A,B`` alike -> [A, B]."""
+    return [m.strip() for v in values for m in v.split(",") if m.strip()]
+
+
+def device_option(f):
+    return click.option(
+        "--device",
+        default="auto",
+        show_default=True,
+        help="auto | cpu | cuda | cuda:N | mps (auto: cuda when available, else cpu).",
+    )(f)
+
+
+def dtype_option(f):
+    return click.option(
+        "--dtype",
+        type=click.Choice(DTYPE_CHOICES),
+        default="auto",
+        show_default=True,
+        help="auto: fp16 on a GPU, bf16 on a CPU with native bf16 (AVX512-BF16/AMX), else fp32.",
+    )(f)
+
+
+def optimize_option(f):
+    return click.option(
+        "--optimize/--no-optimize",
+        default=True,
+        show_default=True,
+        help="The fast runtime (channels_last, fused QKV, SDPA); --no-optimize runs plain diffusers.",
+    )(f)
+
+
+def allow_pickle_option(f):
+    return click.option(
+        "--allow-pickle", is_flag=True, help="Allow loading pickle (.bin/.ckpt) weights: they can run code."
+    )(f)
+
+
+def random_weights_option(f):
+    return click.option(
+        "--random-weights",
+        is_flag=True,
+        help="Presets with random weights (offline; benchmarks, smoke runs).",
+    )(f)
+
+
+def runtime_options(f):
+    """--device, --dtype, --optimize/--no-optimize and --allow-pickle: every command that runs a model."""
+    for option in (allow_pickle_option, optimize_option, dtype_option, device_option):
+        f = option(f)
+    return f

@@ -1,0 +1,194 @@
+"""PNG info: the parameters every image carries, written and read back.
+
+Every PNG slimsd writes carries the AUTOMATIC1111 ``parameters`` text chunk ("PNG info": prompt,
+``Negative prompt:``, ``Steps: …, Sampler: …, CFG scale: …, Seed: …, Size: WxH, Model: …``), which A1111 and
+other readers parse, and a ``slimsd`` JSON chunk with every setting, so :func:`settings_from_png` can
+regenerate the image from the file alone (``slimsd generate --from-png``).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass, field
+from io import BytesIO
+from pathlib import Path
+
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+
+from slimsd.errors import SlimsdError
+from slimsd.run.schedulers import SAMPLER_TO_SCHEDULER, sampler_name
+
+PNG_JSON_KEY = "slimsd"
+
+
+@dataclass
+class Settings:
+    """Everything that decides the pixels (plus the model), as stored in the PNG's JSON chunk."""
+
+    prompt: str
+    negative_prompt: str = ""
+    steps: int = 25
+    guidance: float = 7.5
+    width: int = 512
+    height: int = 512
+    seed: int = 0
+    scheduler: str = "pndm"
+    model: str = ""
+    model_source: str | None = None
+    batch_size: int = 1
+    dtype: str = "fp32"
+    device: str = "cpu"
+    slimsd_version: str = ""
+    time_s: float = 0.0  # this image's share of its batch's wall time
+    extra: dict = field(default_factory=dict)
+
+    def a1111_parameters(self) -> str:
+        """The AUTOMATIC1111 ``parameters`` chunk: prompt, negative prompt line, settings line."""
+        lines = [self.prompt]
+        if self.negative_prompt:
+            lines.append(f"Negative prompt: {self.negative_prompt}")
+        lines.append(
+            f"Steps: {self.steps}, Sampler: {sampler_name(self.scheduler)}, CFG scale: {_num(self.guidance)}, "
+            f"Seed: {self.seed}, Size: {self.width}x{self.height}, Model: {_a1111_value(self.model)}, "
+            f"Version: slimsd {self.slimsd_version}"
+        )
+        return "\n".join(lines)
+
+
+def _num(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else str(x)
+
+
+def _a1111_value(v: str) -> str:
+    # A1111 values are comma separated; a model path with a comma would break parsers, so quote it then.
+    return json.dumps(v) if ("," in v or ":" in v or '"' in v) else v
+
+
+def png_bytes(image: Image.Image, settings: Settings | None = None, extra_json: dict | None = None) -> bytes:
+    """PNG bytes with the A1111 ``parameters`` chunk and the ``slimsd`` JSON chunk (iTXt when not latin-1)."""
+    info = PngInfo()
+    if settings is not None:
+        info.add_text("parameters", settings.a1111_parameters())
+        info.add_text(PNG_JSON_KEY, json.dumps(asdict(settings), ensure_ascii=False, sort_keys=True))
+    if extra_json is not None:
+        info.add_text(PNG_JSON_KEY, json.dumps(extra_json, ensure_ascii=False, sort_keys=True))
+    buf = BytesIO()
+    image.save(buf, format="PNG", pnginfo=info)
+    return buf.getvalue()
+
+
+def read_png_text(path: str | Path) -> dict[str, str]:
+    """The PNG's text chunks (tEXt, iTXt, zTXt)."""
+    path = Path(path)
+    if not path.is_file():
+        raise SlimsdError(f"PNG file {str(path)!r} does not exist")
+    try:
+        with Image.open(path) as im:
+            if im.format != "PNG":
+                raise SlimsdError(
+                    f"{str(path)!r} is a {im.format} file; a PNG written by slimsd or A1111 is expected"
+                )
+            return dict(getattr(im, "text", {}))
+    except (OSError, SyntaxError) as e:
+        raise SlimsdError(f"{str(path)!r} is not a readable image: {e}") from None
+
+
+def parse_a1111(parameters: str) -> dict:
+    """A1111's ``parameters`` text -> {prompt, negative_prompt, steps, guidance, width, height, seed, scheduler,
+    model} (the keys it has)."""
+    lines = parameters.strip().split("\n")
+    if not lines or not lines[-1].startswith("Steps:"):
+        raise SlimsdError(
+            "the PNG's 'parameters' chunk has no 'Steps: ...' line; it is not A1111-style metadata"
+        )
+    fields_ = dict(re.findall(r'\s*([\w ]+):\s*("(?:[^"\\]|\\.)*"|[^,]*)(?:,|$)', lines[-1]))
+    fields_ = {k.strip(): (json.loads(v) if v.startswith('"') else v.strip()) for k, v in fields_.items()}
+    prompt, negative = [], []
+    for line in lines[:-1]:
+        if line.startswith("Negative prompt:") or negative:
+            negative.append(line.removeprefix("Negative prompt:").lstrip())
+        else:
+            prompt.append(line)
+    out: dict = {"prompt": "\n".join(prompt), "negative_prompt": "\n".join(negative)}
+    try:
+        if "Steps" in fields_:
+            out["steps"] = int(fields_["Steps"])
+        if "CFG scale" in fields_:
+            out["guidance"] = float(fields_["CFG scale"])
+        if "Seed" in fields_:
+            out["seed"] = int(fields_["Seed"])
+        if "Size" in fields_:
+            out["width"], out["height"] = (int(x) for x in fields_["Size"].split("x"))
+    except ValueError as e:
+        raise SlimsdError(f"the PNG's 'parameters' chunk has a malformed value: {e}") from None
+    if "Sampler" in fields_:
+        sampler = fields_["Sampler"]
+        if fields_.get("Schedule type") == "Karras" and f"{sampler} Karras" in SAMPLER_TO_SCHEDULER:
+            sampler = f"{sampler} Karras"
+        out["scheduler"] = SAMPLER_TO_SCHEDULER.get(sampler, sampler)
+    if "Model" in fields_:
+        out["model"] = fields_["Model"]
+    return out
+
+
+def settings_from_png(path: str | Path) -> dict:
+    """The settings stored in a PNG: the ``slimsd`` JSON chunk if present, else A1111's ``parameters``."""
+    text = read_png_text(path)
+    if PNG_JSON_KEY in text:
+        try:
+            data = json.loads(text[PNG_JSON_KEY])
+        except json.JSONDecodeError as e:
+            raise SlimsdError(f"the PNG's {PNG_JSON_KEY!r} chunk is not valid JSON: {e}") from None
+        if not isinstance(data, dict):
+            raise SlimsdError(f"the PNG's {PNG_JSON_KEY!r} chunk is not a JSON object")
+        if "grid" in data:
+            raise SlimsdError(f"{str(path)!r} is a grid; regenerate from one of its images instead")
+        return _checked(data, path)
+    if "parameters" in text:
+        return parse_a1111(text["parameters"])
+    raise SlimsdError(f"{str(path)!r} carries no generation metadata (no 'parameters' or 'slimsd' chunk)")
+
+
+# The stored settings that decide the pixels, with the types they must have to be used again.
+_STORED_TYPES = {
+    "prompt": (str,),
+    "negative_prompt": (str,),
+    "steps": (int,),
+    "guidance": (int, float),
+    "width": (int,),
+    "height": (int,),
+    "seed": (int,),
+    "scheduler": (str,),
+    "batch_size": (int,),
+    "model": (str,),
+    "model_source": (str, type(None)),
+}
+
+
+def _checked(data: dict, path) -> dict:
+    """The JSON chunk's settings, refused with one line when one has the wrong type (a hand-edited file)."""
+    for key, types in _STORED_TYPES.items():
+        value = data.get(key)
+        if key in data and (isinstance(value, bool) or not isinstance(value, types)):
+            allowed = " or ".join("null" if t is type(None) else t.__name__ for t in types)
+            raise SlimsdError(
+                f"the PNG's {PNG_JSON_KEY!r} chunk in {str(path)!r} has {key} = {value!r}; expected {allowed}"
+            )
+    return data
+
+
+def model_to_reload(settings: dict) -> str:
+    """Which MODEL string reloads the model a PNG names: a known name as is, else its recorded source."""
+    from slimsd.models.presets import PRESETS
+
+    model = settings.get("model") or ""
+    if model in PRESETS:
+        return model
+    source = settings.get("model_source")
+    if source and (Path(source).exists() or not Path(model).exists()):
+        return source
+    if not model:
+        raise SlimsdError("the PNG names no model; pass MODEL on the command line")
+    return model

@@ -1,0 +1,205 @@
+"""The distillation config: one dataclass, from YAML plus ``key=value`` overrides, validated before any work.
+
+Every key has a type, a range or a closed set of choices; a bad value is one line naming the key, the value and
+what is allowed (exit code 2 on the command line).
+"""
+
+from __future__ import annotations
+
+import typing
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import yaml
+
+from slimsd.devices import MIXED_PRECISION
+from slimsd.errors import SlimsdError
+
+LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
+
+
+@dataclass
+class DistillConfig:
+    teacher: str = "micro-sd"  # preset / micro / toy-sd / folder / hub id
+    student: str = "bk-small"  # a `slimsd compress` folder, or a recipe (compressed on the fly)
+    data: str = "shapes:64"  # folder, .tar shard(s), parquet, `slimsd cache` folder, or shapes:N
+    output_dir: str = "runs/distill"
+    max_steps: int = 100  # optimizer steps
+    batch_size: int = 4  # per process; global batch = batch_size x processes x gradient_accumulation_steps
+    gradient_accumulation_steps: int = 1
+    learning_rate: float = 5e-5  # BK-SDM
+    weight_decay: float = 1e-2
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
+    max_grad_norm: float = 1.0  # 0 disables clipping
+    lr_scheduler: str = "constant"
+    lr_warmup_steps: int = 0
+    lambda_task: float = 1.0
+    lambda_out: float = 1.0
+    lambda_feat: float = 1.0
+    feat_norm: str = "none"  # "teacher": divide each tap's MSE by the teacher feature's mean square
+    feature_taps: list | None = (
+        None  # [[student_module, teacher_module], ...]; default: the recipe's, else BK-SDM's
+    )
+    resolution: int | None = None  # default: the teacher's native size
+    center_crop: bool = True
+    random_flip: bool = False
+    caption_dropout: float = 0.0  # probability of training on the empty caption (classifier-free guidance)
+    checkpoint_every: int = 500  # 0: only at the end
+    keep_last: int = 2
+    resume: str | None = None  # "latest" or a checkpoint folder
+    stop_at_step: int | None = (
+        None  # end this run early after this step (checkpointed), for time-limited jobs
+    )
+    mixed_precision: str = "no"
+    seed: int = 0
+    gradient_checkpointing: bool = False
+    use_8bit_adam: bool = False
+    ema: bool = False
+    ema_decay: float = 0.9999
+    validation_prompts: list[str] = field(default_factory=list)
+    validation_every: int = 0  # 0: no validation images
+    validation_steps: int = 25
+    log_every: int = 10
+    num_workers: int = 0
+    tensorboard: bool = True
+    progress: bool = True
+    allow_pickle: bool = False
+
+
+# (low, high, low inclusive) per numeric key; None: unbounded.
+RANGES: dict[str, tuple[float | None, float | None, bool]] = {
+    "max_steps": (1, None, True),
+    "batch_size": (1, None, True),
+    "gradient_accumulation_steps": (1, None, True),
+    "learning_rate": (0, None, False),
+    "weight_decay": (0, None, True),
+    "adam_beta1": (0, 1, True),
+    "adam_beta2": (0, 1, True),
+    "adam_epsilon": (0, None, False),
+    "max_grad_norm": (0, None, True),
+    "lr_warmup_steps": (0, None, True),
+    "lambda_task": (0, None, True),
+    "lambda_out": (0, None, True),
+    "lambda_feat": (0, None, True),
+    "resolution": (8, None, True),
+    "caption_dropout": (0, 1, True),
+    "checkpoint_every": (0, None, True),
+    "keep_last": (1, None, True),
+    "ema_decay": (0, 1, True),
+    "validation_every": (0, None, True),
+    "validation_steps": (1, None, True),
+    "log_every": (1, None, True),
+    "num_workers": (0, None, True),
+    "stop_at_step": (1, None, True),
+}
+CHOICES = {
+    "mixed_precision": tuple(MIXED_PRECISION),
+    "lr_scheduler": LR_SCHEDULERS,
+    "feat_norm": ("none", "teacher"),
+}
+
+
+def _coerce(key: str, value, hint):
+    """``value`` (from YAML or ``key=value``) as the type the field declares, or a one-line error."""
+    args = typing.get_args(hint)
+    if value is None and type(None) in args:
+        return None
+    base = (
+        next((a for a in args if a is not type(None)), hint)
+        if args and typing.get_origin(hint) is not list
+        else hint
+    )
+    origin = typing.get_origin(base) or base
+    bad = SlimsdError(f"config key {key!r}: expected {getattr(origin, '__name__', origin)}, got {value!r}")
+    if origin is bool:
+        if not isinstance(value, bool):
+            raise bad
+        return value
+    if origin is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad
+        return value
+    if origin is float:
+        if isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                raise bad from None
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise bad
+        return float(value)
+    if origin is str:
+        if not isinstance(value, str | int | float) or isinstance(value, bool):
+            raise bad
+        return str(value)
+    if origin is list:
+        if isinstance(value, str) and key == "validation_prompts":
+            return [value]
+        if not isinstance(value, list):
+            raise bad
+        return value
+    return value
+
+
+def validate(cfg: DistillConfig) -> DistillConfig:
+    for key, (lo, hi, lo_incl) in RANGES.items():
+        v = getattr(cfg, key)
+        if v is None:
+            continue
+        if (lo is not None and (v < lo or (v == lo and not lo_incl))) or (hi is not None and v > hi):
+            lo_s = "" if lo is None else (f">= {lo}" if lo_incl else f"> {lo}")
+            hi_s = "" if hi is None else f"<= {hi}"
+            raise SlimsdError(
+                f"config key {key!r}: {v} is out of range; allowed: {' and '.join(filter(None, [lo_s, hi_s]))}"
+            )
+    for key, allowed in CHOICES.items():
+        if getattr(cfg, key) not in allowed:
+            raise SlimsdError(
+                f"config key {key!r}: {getattr(cfg, key)!r} is not allowed; allowed: {', '.join(allowed)}"
+            )
+    if cfg.resolution is not None and cfg.resolution % 8:
+        raise SlimsdError(f"config key 'resolution': {cfg.resolution} is not a multiple of 8")
+    if cfg.feature_taps is not None:
+        from slimsd.train.losses import parse_taps
+
+        parse_taps(cfg.feature_taps)
+    return cfg
+
+
+def make_config(values: dict) -> DistillConfig:
+    """A validated config from a mapping; unknown keys are an error that lists the allowed ones."""
+    hints = typing.get_type_hints(DistillConfig)
+    unknown = [k for k in values if k not in hints]
+    if unknown:
+        raise SlimsdError(f"unknown config key {unknown[0]!r}; allowed: {', '.join(hints)}")
+    return validate(DistillConfig(**{k: _coerce(k, v, hints[k]) for k, v in values.items()}))
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> DistillConfig:
+    """A YAML config file (optional) with ``key=value`` overrides on top; values are parsed as YAML scalars."""
+    values: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise SlimsdError(f"config file {str(p)!r} does not exist")
+        try:
+            values = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise SlimsdError(f"config file {str(p)!r} is not valid YAML: {str(e).splitlines()[0]}") from None
+        if not isinstance(values, dict):
+            raise SlimsdError(f"config file {str(p)!r}: expected a mapping of keys to values")
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise SlimsdError(f"override {item!r}: expected key=value")
+        try:
+            values[key.strip()] = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            values[key.strip()] = raw
+    return make_config(values)
+
+
+def config_yaml(cfg: DistillConfig) -> str:
+    return yaml.safe_dump(asdict(cfg), sort_keys=False)
