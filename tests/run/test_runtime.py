@@ -7,7 +7,6 @@ import copy
 import pytest
 import torch
 
-from slimsd.errors import SlimsdError
 from slimsd.measure.bench import unet_inputs
 from slimsd.run import runtime
 

@@ -32,8 +32,8 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from slimsd.errors import SlimsdError
 from slimsd import devices
+from slimsd.errors import SlimsdError
 from slimsd.run import runtime
 
 DEFAULT_PROMPT = "a photograph of an astronaut riding a horse"

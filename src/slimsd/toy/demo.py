@@ -182,8 +182,8 @@ def distill_config(cfg: DemoConfig, student: Path, data: Path, output_dir: Path,
 def run_demo(cfg: DemoConfig) -> dict:
     """Compress, distill (KD and task-only), measure and write everything under ``cfg.out``."""
     from slimsd.atomic import atomic_dir, atomic_write_text, check_output_dir
-    from slimsd.models.compress import compress
     from slimsd.images import make_grid
+    from slimsd.models.compress import compress
     from slimsd.models.counting import count_params
     from slimsd.models.loading import load
     from slimsd.toy.shapes import make_captions
