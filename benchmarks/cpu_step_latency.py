@@ -4,6 +4,7 @@ SD-class models at 512 px (sd-v1.4 and the BK-SDM students), SDXL-class models a
 SSD-1B, Segmind-Vega), a few forwards each. Within a class all U-Nets (and, with --baseline, plain diffusers
 eager copies of them) are timed round-robin in one process, so that a shared CPU slows them alike; the
 ratios teacher / student are the robust result, the absolute numbers depend on the machine's load (recorded).
+With --baseline diffusers, plain diffusers runs beside slimsd in the same dtype and in its default dtype (fp32).
 
     python benchmarks/cpu_step_latency.py                  # what `make bench` runs
     python benchmarks/cpu_step_latency.py --classes sd --repeats 5
@@ -42,7 +43,6 @@ def main(argv: list[str] | None = None) -> None:
         default=None,
         help="default: diffusers for the SD class, none for SDXL (copies of 3 SDXL U-Nets would need 18 GB)",
     )
-    ap.add_argument("--baseline-dtype", default=None, help="e.g. float32, diffusers' default on CPU")
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--tag", default="", help="suffix of the result files (e.g. _vs_fp32)")
     args = ap.parse_args(argv)
@@ -59,7 +59,6 @@ def main(argv: list[str] | None = None) -> None:
             repeats=args.repeats or (3 if cls == "sd" else 2),
             threads=args.threads,
             baseline=None if baseline == "none" else baseline,
-            baseline_dtype=args.baseline_dtype,
         )
         rows = bench.run(cfg, log=lambda m: print(m, file=sys.stderr, flush=True))
         table = bench.markdown_table(rows)

@@ -242,7 +242,10 @@ def test_load_defaults_and_errors():
     pipe = load("micro-sd", scheduler="unipc")
     assert pipe.device.type == "cpu" and pipe.unet.dtype == torch.float32
     assert type(pipe.scheduler).__name__ == "UniPCMultistepScheduler"
-    assert pipe._slimsd["default_scheduler"] == "pndm"  # the model's own, remembered
+    assert pipe._slimsd["default_scheduler"] == "unipc"  # generate() uses it when given none
+    (r,) = g.generate(pipe, "a red circle", steps=2, seed=1)
+    assert r.settings.scheduler == "unipc" and type(pipe.scheduler).__name__ == "UniPCMultistepScheduler"
+    assert pipe._slimsd["base_scheduler"]["skip_prk_steps"] is True  # the model's own (PNDM), remembered
     with pytest.raises(SlimsdError, match="unknown scheduler 'fast'"):
         load("micro-sd", scheduler="fast")
     with pytest.raises(SlimsdError, match="fp16' is not supported on the CPU"):

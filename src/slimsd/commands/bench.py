@@ -3,7 +3,13 @@ from pathlib import Path
 
 import click
 
-from slimsd.commands.options import DTYPE_CHOICES
+from slimsd.commands.options import (
+    allow_pickle_option,
+    device_option,
+    dtype_option,
+    optimize_option,
+    random_weights_option,
+)
 
 
 @click.command()
@@ -28,26 +34,15 @@ from slimsd.commands.options import DTYPE_CHOICES
     default=None,
     help="Denoising steps of the end-to-end run (default: 25 on a GPU, 4 on CPU).",
 )
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N.")
-@click.option(
-    "--dtype",
-    type=click.Choice(DTYPE_CHOICES),
-    default="auto",
-    show_default=True,
-    help="auto: fp16 on a GPU, bf16 on a CPU with native bf16 (AVX512-BF16/AMX), else fp32.",
-)
-@click.option("--random-weights", is_flag=True, help="Build presets with random weights (no download).")
+@device_option
+@dtype_option
+@random_weights_option
 @click.option(
     "--baseline",
     type=click.Choice(["diffusers"]),
     default=None,
-    help="Also time plain diffusers eager (same weights and dtype), interleaved with slimsd.",
-)
-@click.option(
-    "--baseline-dtype",
-    type=click.Choice(DTYPE_CHOICES),
-    default=None,
-    help="dtype of the baseline (default: the one slimsd runs in; float32 is what diffusers loads on CPU).",
+    help="Also run plain diffusers (same weights), interleaved with slimsd: in slimsd's dtype (like for like) "
+    "and in diffusers' default dtype, fp32 (what a user gets without slimsd); one row each.",
 )
 @click.option(
     "--batch-sizes",
@@ -74,12 +69,13 @@ from slimsd.commands.options import DTYPE_CHOICES
     show_default=True,
     help="Also run the whole pipeline (text encoding, denoising, VAE decoding).",
 )
+@optimize_option
 @click.option("--compile", "compile_", is_flag=True, help="torch.compile the U-Net (warm-up reported apart).")
 @click.option("--channels-last/--no-channels-last", default=True, show_default=True)
 @click.option("--fuse-qkv/--no-fuse-qkv", default=True, show_default=True)
 @click.option("--threads", type=click.IntRange(1, 1024), default=None, help="torch intra-op threads.")
 @click.option("--prompt", default=None, help="Prompt of the end-to-end runs.")
-@click.option("--allow-pickle", is_flag=True, help="Allow loading pickle weights (can run code).")
+@allow_pickle_option
 @click.option(
     "--json",
     "json_path",
@@ -110,11 +106,11 @@ def bench(
     dtype,
     random_weights,
     baseline,
-    baseline_dtype,
     batch_sizes,
     warmup,
     repeats,
     e2e,
+    optimize,
     compile_,
     channels_last,
     fuse_qkv,
@@ -146,11 +142,11 @@ def bench(
         dtype=dtype,
         random_weights=random_weights,
         baseline=baseline,
-        baseline_dtype=baseline_dtype,
         batch_sizes=sizes,
         warmup=warmup,
         repeats=repeats,
         e2e=e2e,
+        optimize=optimize,
         compile=compile_,
         channels_last=channels_last,
         fuse_qkv=fuse_qkv,

@@ -1,19 +1,29 @@
-"""Latency, memory, parameters and MACs of diffusion models, side by side.
+"""Latency, memory, parameters and MACs of diffusion models, side by side: slimsd as users run it, and plain
+diffusers beside it.
 
-For each model ``run`` reports:
+Each model is measured as one or more *variants*, one row each:
+
+- ``slimsd``: what ``slimsd generate`` runs: :func:`slimsd.load` (the fast runtime, unless ``optimize=False``) in
+  the dtype of the device/dtype policy, images made by :func:`slimsd.run.generate.generate`;
+- with ``baseline="diffusers"``, plain diffusers (the same weights, eager, its own layout and attention, the
+  pipeline called as a diffusers user calls it) in the **same dtype** as slimsd (like for like: the runtime's own
+  gain) and in **diffusers' default dtype**, fp32 (what a user gets without slimsd). Where the two are the same
+  dtype there is one diffusers row.
+
+Per row:
 
 - U-Net parameters and MACs (``slimsd.models.counting``, BK-SDM's convention: convs and linears, batch 1);
 - U-Net per-step latency: the median of ``repeats`` timed forwards at batch 1 after ``warmup`` untimed ones
-  (CUDA events on a GPU, ``perf_counter`` on CPU). The U-Nets of all models (and, with ``baseline``, plain
-  diffusers eager copies of them) are timed round-robin, A B C A B C ..., so that a noisy, shared machine
-  slows all of them alike and the ratios between them stay meaningful;
-- end to end, the time of one image at ``steps`` steps with classifier-free guidance, split into text
-  encoding, denoising (U-Net + scheduler) and VAE decoding, and images/s at each of ``batch_sizes``;
+  (CUDA events on a GPU, ``perf_counter`` on CPU). All U-Nets of all variants are timed round-robin, A B C A B C
+  ..., so that a noisy, shared machine slows all of them alike and the ratios between them stay meaningful;
+- end to end, per image: text encoding + ``steps`` U-Net steps at the classifier-free-guidance batch + VAE
+  decoding (each part timed where it is called), and images/s at each of ``batch_sizes``;
 - peak memory during generation: CUDA max allocated on a GPU; on CPU the process's peak RSS (VmHWM), reset
-  through ``/proc/self/clear_refs`` just before the timed run so that each model is measured alone.
+  through ``/proc/self/clear_refs`` just before the timed run so that each variant is measured alone.
 
-Every row records the device, dtype, torch and diffusers versions, date, CPU model, thread count and load
-average. Results go out as a Markdown table, JSON rows and a bar chart (PNG).
+Process-wide settings (threads, flush-to-zero for denormals) are applied once, before any variant is built, so
+every row runs under the same ones; they are recorded with the device, dtype, versions, date, CPU model and
+load average. Results go out as a Markdown table, JSON rows and a bar chart (PNG).
 """
 
 from __future__ import annotations
@@ -37,6 +47,13 @@ from slimsd.errors import SlimsdError
 from slimsd.run import runtime
 
 DEFAULT_PROMPT = "a photograph of an astronaut riding a horse"
+DIFFUSERS_DEFAULT_DTYPE = torch.float32  # what DiffusionPipeline.from_pretrained gives without torch_dtype
+LABELS = {
+    "slimsd": "slimsd",
+    "diffusers": "diffusers (same dtype, also its default)",
+    "diffusers-same-dtype": "diffusers (same dtype)",
+    "diffusers-default-dtype": "diffusers (its default dtype)",
+}
 
 
 @dataclass
@@ -47,12 +64,12 @@ class BenchConfig:
     device: str = "auto"
     dtype: str = "auto"
     random_weights: bool = False
-    baseline: str | None = None  # "diffusers": plain diffusers eager, same weights, timed alongside
-    baseline_dtype: str | None = None  # None: the dtype slimsd runs in; "float32": diffusers' default on CPU
+    baseline: str | None = None  # "diffusers": plain diffusers, same weights, timed alongside
     batch_sizes: list[int] | None = None  # None: [1] on CPU, [1, 4] on a GPU
     warmup: int = 1
     repeats: int = 3
     e2e: bool = True
+    optimize: bool = True  # the slimsd rows with the fast runtime (False: slimsd's loader, plain modules)
     compile: bool = False
     channels_last: bool = True
     fuse_qkv: bool = True
@@ -62,6 +79,24 @@ class BenchConfig:
     seed: int = 0
     allow_pickle: bool = False
     extra: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str  # a key of LABELS
+    dtype: torch.dtype
+    slimsd: bool  # slimsd's runtime and generation path, or plain diffusers
+
+
+def variants(cfg: BenchConfig, rt: runtime.RuntimeConfig) -> list[Variant]:
+    out = [Variant("slimsd", rt.dtype, True)]
+    if cfg.baseline == "diffusers":
+        if rt.dtype == DIFFUSERS_DEFAULT_DTYPE:
+            out.append(Variant("diffusers", rt.dtype, False))
+        else:
+            out.append(Variant("diffusers-same-dtype", rt.dtype, False))
+            out.append(Variant("diffusers-default-dtype", DIFFUSERS_DEFAULT_DTYPE, False))
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -74,7 +109,6 @@ def environment(rt: runtime.RuntimeConfig) -> dict:
     env = {
         "device": rt.device,
         "device_name": devices.device_name(rt.device),
-        "dtype": devices.dtype_name(rt.dtype),
         "torch": torch.__version__,
         "diffusers": diffusers.__version__,
         "python": platform.python_version(),
@@ -82,7 +116,8 @@ def environment(rt: runtime.RuntimeConfig) -> dict:
         "cpu_model": devices.cpu_model(),
         "cpu_isa": devices.cpu_isa(),
         "cpu_count": os.cpu_count(),
-        "threads": rt.threads or torch.get_num_threads(),
+        "threads": torch.get_num_threads(),
+        "process": runtime.process_settings(),
     }
     with contextlib.suppress(OSError):
         env["load_average"] = [round(x, 2) for x in os.getloadavg()]
@@ -164,59 +199,36 @@ def time_round_robin(fns: dict[str, Callable[[], object]], device: str, warmup: 
 # Models
 
 
-def unet_config_of(model: str) -> dict | None:
-    """The U-Net config of a preset (students: the recipe applied to the teacher's config), else None."""
-    from slimsd.models.presets import PRESETS, get_preset, student_teacher_unet
-
-    if model not in PRESETS or PRESETS[model].kind == "micro":
-        return None
-    p = get_preset(model)
-    cfg = student_teacher_unet(p)
-    if p.kind == "student":
-        from slimsd.models.architecture import load_recipe, student_config
-
-        cfg = student_config(cfg, load_recipe(p.recipe))
-    return cfg
-
-
-def build_unet(
-    model: str, *, random_weights: bool, dtype: torch.dtype, seed: int = 0, allow_pickle: bool = False
-):
+def build_unet(model: str, cfg: BenchConfig, dtype: torch.dtype):
     """Just the U-Net of ``model`` (cheaper than a pipeline): random presets are built from their config."""
-    cfg = unet_config_of(model)
-    if cfg is not None and random_weights:
+    from slimsd.models.presets import PRESETS
+
+    if cfg.random_weights and model in PRESETS and PRESETS[model].kind != "micro":
         from diffusers import UNet2DConditionModel
 
+        from slimsd.models.counting import preset_architecture
         from slimsd.models.loading import default_dtype
 
         with torch.random.fork_rng(devices=[]), default_dtype(dtype):
-            torch.manual_seed(seed)
-            return UNet2DConditionModel.from_config(cfg)
-    return build_pipeline(
-        model, random_weights=random_weights, dtype=dtype, seed=seed, allow_pickle=allow_pickle
-    ).unet
+            torch.manual_seed(cfg.seed)
+            return UNet2DConditionModel.from_config(preset_architecture(model)[0])
+    return load_variant(model, cfg, Variant("diffusers", dtype, False), "cpu").unet
 
 
-def build_pipeline(
-    model: str,
-    *,
-    random_weights: bool,
-    dtype: torch.dtype,
-    seed: int = 0,
-    allow_pickle: bool = False,
-    device: str = "cpu",
-    optimize: bool = False,
-):
+def load_variant(model: str, cfg: BenchConfig, variant: Variant, device: str):
+    """The pipeline a variant runs: slimsd.load with the runtime, or the plain diffusers pipeline (the same
+    weights: slimsd's loader with ``optimize=False`` hands over diffusers' own object, untouched)."""
     from slimsd.models.loading import load
 
     return load(
         model,
         device=device,
-        dtype=dtype,
-        optimize=optimize,
-        random_weights=random_weights,
-        seed=seed,
-        allow_pickle=allow_pickle,
+        dtype=variant.dtype,
+        optimize=variant.slimsd and cfg.optimize,
+        compile=variant.slimsd and cfg.compile,
+        random_weights=cfg.random_weights,
+        seed=cfg.seed,
+        allow_pickle=cfg.allow_pickle,
     )
 
 
@@ -262,8 +274,8 @@ def resolve(cfg: BenchConfig) -> tuple[BenchConfig, runtime.RuntimeConfig]:
     rt = runtime.RuntimeConfig(
         device=device,
         dtype=devices.resolve_dtype(cfg.dtype, device),
-        channels_last=cfg.channels_last,
-        fuse_qkv=cfg.fuse_qkv,
+        channels_last=cfg.channels_last and cfg.optimize,
+        fuse_qkv=cfg.fuse_qkv and cfg.optimize,
         compile=cfg.compile,
         threads=cfg.threads,
     )
@@ -299,45 +311,39 @@ def count(model: str, resolution: int) -> dict:
     return {k: s[k] for k in keep}
 
 
-def measure_step_latency(cfg: BenchConfig, rt: runtime.RuntimeConfig, resolutions: dict[str, int]) -> dict:
-    """Per model: U-Net per-step latency (and the baseline's), all U-Nets timed round-robin in one loop.
-
-    Returns model -> {"slimsd": timing, "baseline": timing or None, "max_abs_diff": vs baseline}.
-    """
-    fns, results, keep_alive = {}, {}, []
-    base_dtype = baseline_dtype(cfg, rt)
+def measure_step_latency(
+    cfg: BenchConfig, rt: runtime.RuntimeConfig, kinds: list[Variant], resolutions: dict[str, int]
+) -> dict:
+    """(model, variant name) -> timing, the runtime in effect, and the largest difference of its output from
+    slimsd's on the same inputs; all U-Nets of all variants timed round-robin in one loop."""
+    modules, fns = {}, {}
     for model in cfg.models:
-        unet = build_unet(
-            model,
-            random_weights=cfg.random_weights,
-            dtype=rt.dtype,
-            seed=cfg.seed,
-            allow_pickle=cfg.allow_pickle,
-        )
-        base = None
-        if cfg.baseline == "diffusers":
-            # Plain diffusers: the same weights, eager, its default layout and attention processors.
-            base = copy.deepcopy(unet).eval().requires_grad_(False).to(device=rt.device, dtype=base_dtype)
-        fast = runtime.optimize_unet(unet, rt)
-        inputs = unet_inputs(fast, resolutions[model], 1, rt.device, rt.dtype, seed=cfg.seed)
-        fns[(model, "slimsd")] = _caller(fast, inputs)
-        base_inputs = unet_inputs(fast, resolutions[model], 1, rt.device, base_dtype, seed=cfg.seed)
-        if base is not None:
-            fns[(model, "baseline")] = _caller(base, base_inputs)
-        keep_alive.append((fast, base, inputs, base_inputs))
+        unet = build_unet(model, cfg, rt.dtype)
+        for v in kinds:  # the diffusers copies first: the slimsd one is then made from the original, in place
+            if not v.slimsd:
+                modules[(model, v.name)] = (
+                    copy.deepcopy(unet).eval().requires_grad_(False).to(rt.device, v.dtype)
+                )
+        if cfg.optimize:
+            modules[(model, "slimsd")] = runtime.optimize_unet(unet, rt)
+        else:
+            modules[(model, "slimsd")] = unet.eval().requires_grad_(False).to(rt.device, rt.dtype)
+        del unet
+    inputs = {}
+    for (model, name), module in modules.items():
+        dtype = next(v.dtype for v in kinds if v.name == name)
+        inputs[(model, name)] = unet_inputs(module, resolutions[model], 1, rt.device, dtype, seed=cfg.seed)
+        fns[(model, name)] = _caller(module, inputs[(model, name)])
     timings = time_round_robin(fns, rt.device, cfg.warmup, cfg.repeats)
-    for model, (fast, base, inputs, base_inputs) in zip(cfg.models, keep_alive, strict=True):
-        r = {"slimsd": timings[(model, "slimsd")], "baseline": timings.get((model, "baseline"))}
-        if base is not None:
-            with torch.inference_mode():
-                a, b = fast(**inputs).sample.float(), base(**base_inputs).sample.float()
-            r["max_abs_diff"] = (a - b).abs().max().item()
-        results[model] = r
-    return results
-
-
-def baseline_dtype(cfg: BenchConfig, rt: runtime.RuntimeConfig) -> torch.dtype:
-    return devices.resolve_dtype(cfg.baseline_dtype, rt.device) if cfg.baseline_dtype else rt.dtype
+    with torch.inference_mode():
+        outputs = {key: module(**inputs[key]).sample.float().cpu() for key, module in modules.items()}
+    for (model, name), timing in timings.items():
+        diff = outputs[(model, name)] - outputs[(model, "slimsd")]
+        timing["max_abs_diff_vs_slimsd"] = diff.abs().max().item()
+        timing["applied"] = runtime.applied(
+            modules[(model, name)], optimized=name == "slimsd" and cfg.optimize
+        )
+    return timings
 
 
 def _caller(unet, inputs):
@@ -362,8 +368,10 @@ class _Stopwatch:
         return timed
 
 
-def generate_timed(pipe, cfg: BenchConfig, resolution: int, batch: int, steps: int, device: str) -> dict:
-    """One pipeline call, timed: total, text encoding, VAE decoding, and denoising (the rest)."""
+def generate_timed(pipe, cfg: BenchConfig, variant: Variant, resolution: int, batch: int, steps: int) -> dict:
+    """One batch of images made the way the variant's users make them, timed: total, text encoding, VAE
+    decoding, and denoising (the rest: U-Net steps at the CFG batch, scheduler, latents in and out)."""
+    device = str(pipe.device)
     text, vae = _Stopwatch(device), _Stopwatch(device)
     patched = []
     for name in ("text_encoder", "text_encoder_2"):
@@ -373,21 +381,36 @@ def generate_timed(pipe, cfg: BenchConfig, resolution: int, batch: int, steps: i
             enc.forward = text.wrap(enc.forward)
     patched.append((pipe.vae, "decode", pipe.vae.decode))
     pipe.vae.decode = vae.wrap(pipe.vae.decode)
-    generator = torch.Generator("cpu").manual_seed(cfg.seed)
     try:
         _sync(device)
         t0 = time.perf_counter()
-        with torch.inference_mode():
-            pipe(
+        if variant.slimsd:  # what `slimsd generate` runs
+            from slimsd.run.generate import generate
+
+            generate(
+                pipe,
                 cfg.prompt,
-                num_inference_steps=steps,
-                guidance_scale=cfg.guidance,
-                height=resolution,
+                steps=steps,
+                guidance=cfg.guidance,
                 width=resolution,
-                num_images_per_prompt=batch,
-                generator=generator,
-                output_type="pil",
+                height=resolution,
+                seed=cfg.seed,
+                num_images=batch,
+                batch_size=batch,
+                on_warning=lambda _msg: None,
             )
+        else:  # what a diffusers user writes
+            with torch.inference_mode():
+                pipe(
+                    cfg.prompt,
+                    num_inference_steps=steps,
+                    guidance_scale=cfg.guidance,
+                    height=resolution,
+                    width=resolution,
+                    num_images_per_prompt=batch,
+                    generator=torch.Generator("cpu").manual_seed(cfg.seed),
+                    output_type="pil",
+                )
         _sync(device)
         total = time.perf_counter() - t0
     finally:
@@ -401,30 +424,22 @@ def generate_timed(pipe, cfg: BenchConfig, resolution: int, batch: int, steps: i
     }
 
 
-def measure_end_to_end(
-    model: str, cfg: BenchConfig, rt: runtime.RuntimeConfig, resolution: int, optimized: bool = True
-) -> dict:
-    """End-to-end time per image (parts apart), images/s per batch size, and peak memory, for one model."""
-    pipe = build_pipeline(
-        model, random_weights=cfg.random_weights, dtype=rt.dtype, seed=cfg.seed, allow_pickle=cfg.allow_pickle
-    )
-    if optimized:
-        runtime.optimize_pipeline(pipe, rt)
-    else:
-        pipe.to(rt.device, baseline_dtype(cfg, rt))
-        pipe.set_progress_bar_config(disable=True)
+def measure_end_to_end(model: str, cfg: BenchConfig, variant: Variant, device: str, resolution: int) -> dict:
+    """Per image: time (parts apart), images/s per batch size, and peak memory, for one variant of a model."""
+    pipe = load_variant(model, cfg, variant, device)
     out = {"images_per_s": {}}
     warm = time.perf_counter()
-    generate_timed(pipe, cfg, resolution, 1, 1, rt.device)  # warm-up (and compilation, if any)
+    generate_timed(pipe, cfg, variant, resolution, 1, 1)  # warm-up (and compilation, if any)
     out["warmup_s"] = time.perf_counter() - warm
     for batch in cfg.batch_sizes:
-        reset_peak_memory(rt.device)
-        t = generate_timed(pipe, cfg, resolution, batch, cfg.steps, rt.device)
-        mem, kind = peak_memory(rt.device)
+        reset_peak_memory(device)
+        t = generate_timed(pipe, cfg, variant, resolution, batch, cfg.steps)
+        mem, kind = peak_memory(device)
         if batch == cfg.batch_sizes[0]:
             out.update({k: v / batch for k, v in t.items()})  # per image
             out["peak_memory_bytes"], out["peak_memory_kind"], out["e2e_batch"] = mem, kind, batch
         out["images_per_s"][str(batch)] = batch / t["total_s"]
+    out["runtime"] = pipe._slimsd["runtime"]
     del pipe
     return out
 
@@ -434,12 +449,13 @@ def measure_end_to_end(
 
 
 def run(cfg: BenchConfig, log: Callable[[str], None] | None = None) -> list[dict]:
-    """Benchmarks every model of ``cfg``; returns one JSON-ready row per model."""
+    """Benchmarks every model of ``cfg``; returns one JSON-ready row per model and variant."""
     log = log or (lambda _msg: None)
     cfg, rt = resolve(cfg)
     threads = torch.get_num_threads()
     try:
-        runtime.set_threads(rt.threads)
+        # Once, before anything is built: every variant runs under the same process-wide settings.
+        runtime.apply_process_settings(rt)
         return _run(cfg, rt, log)
     finally:
         torch.set_num_threads(threads)  # a library call leaves the process as it found it
@@ -447,44 +463,65 @@ def run(cfg: BenchConfig, log: Callable[[str], None] | None = None) -> list[dict
 
 def _run(cfg: BenchConfig, rt: runtime.RuntimeConfig, log: Callable[[str], None]) -> list[dict]:
     env = environment(rt)
+    kinds = variants(cfg, rt)
     resolutions = {m: model_resolution(m, cfg) for m in cfg.models}
-    rows = [{**count(m, resolutions[m])} for m in cfg.models]
+    counts = {m: count(m, resolutions[m]) for m in cfg.models}
     log(
-        f"step latency: {', '.join(cfg.models)} round-robin, {cfg.warmup} warm-up + {cfg.repeats} timed forwards"
+        f"step latency: {', '.join(cfg.models)} x {', '.join(v.name for v in kinds)} round-robin, "
+        f"{cfg.warmup} warm-up + {cfg.repeats} timed forwards"
     )
-    steps = measure_step_latency(cfg, rt, resolutions)
-    for row in rows:
-        s = steps[row["model"]]
-        row["step_latency_ms"] = s["slimsd"]["median_ms"]
-        row["step_latency_all_ms"] = [t * 1000 for t in s["slimsd"]["times_s"]]
-        row["first_call_s"] = s["slimsd"]["first_s"]  # includes torch.compile's warm-up when compiling
-        if s["baseline"] is not None:
-            row["baseline"] = cfg.baseline
-            row["baseline_dtype"] = devices.dtype_name(baseline_dtype(cfg, rt))
-            row["baseline_step_latency_ms"] = s["baseline"]["median_ms"]
-            row["baseline_step_latency_all_ms"] = [t * 1000 for t in s["baseline"]["times_s"]]
-            row["speedup_vs_baseline"] = row["baseline_step_latency_ms"] / row["step_latency_ms"]
-            row["max_abs_diff_vs_baseline"] = s["max_abs_diff"]
-    del steps
+    steps = measure_step_latency(cfg, rt, kinds, resolutions)
+    rows = []
+    for model in cfg.models:
+        for v in kinds:
+            s = steps[(model, v.name)]
+            rows.append(
+                {
+                    **counts[model],
+                    "variant": v.name,
+                    "label": LABELS[v.name],
+                    "dtype": devices.dtype_name(v.dtype),
+                    "step_latency_ms": s["median_ms"],
+                    "step_latency_all_ms": [t * 1000 for t in s["times_s"]],
+                    "first_call_s": s["first_s"],  # includes torch.compile's warm-up when compiling
+                    "max_abs_diff_vs_slimsd": s["max_abs_diff_vs_slimsd"],
+                    "step_runtime": s["applied"],
+                }
+            )
     if cfg.e2e:
         for row in rows:
-            log(f"end to end: {row['model']}, {cfg.steps} steps, batch sizes {cfg.batch_sizes}")
-            e2e = measure_end_to_end(row["model"], cfg, rt, row["resolution"])
-            row.update({"steps": cfg.steps, **{k: e2e[k] for k in e2e}})
+            v = next(k for k in kinds if k.name == row["variant"])
+            log(
+                f"end to end: {row['model']} ({row['label']}), {cfg.steps} steps, batch sizes {cfg.batch_sizes}"
+            )
+            e2e = measure_end_to_end(row["model"], cfg, v, rt.device, row["resolution"])
+            row.update({"steps": cfg.steps, **e2e})
             row["e2e_s"] = row.pop("total_s")
-            if cfg.baseline == "diffusers":
-                base = measure_end_to_end(row["model"], cfg, rt, row["resolution"], optimized=False)
-                row["baseline_e2e_s"] = base["total_s"]
-                row["baseline_denoise_s"] = base["denoise_s"]
-    ref = rows[0]
+    _ratios(rows)
     for row in rows:
+        row.update(env)
+        row["requested_runtime"] = runtime.describe(rt)["requested"]
+        row["guidance"] = cfg.guidance
+    return rows
+
+
+def _ratios(rows: list[dict]) -> None:
+    """Within each variant, every model against the first model (its MAC ratio and step speed-up); on each
+    slimsd row, its speed-up over each diffusers variant of the same model (step, and end to end)."""
+    first = {}
+    for row in rows:
+        ref = first.setdefault(row["variant"], row)
         row["mac_ratio_vs_first"] = ref["unet_macs"] / row["unet_macs"]
         row["speedup_vs_first"] = ref["step_latency_ms"] / row["step_latency_ms"]
         row["speedup_over_mac_ratio"] = row["speedup_vs_first"] / row["mac_ratio_vs_first"]
-        row.update(env)
-        row["runtime"] = runtime.describe(rt)
-        row["guidance"] = cfg.guidance
-    return rows
+    for row in rows:
+        if row["variant"] != "slimsd":
+            continue
+        for other in rows:
+            if other["model"] == row["model"] and other["variant"] != "slimsd":
+                row[f"step_speedup_vs_{other['variant']}"] = other["step_latency_ms"] / row["step_latency_ms"]
+                if "e2e_s" in row:
+                    row[f"e2e_speedup_vs_{other['variant']}"] = other["e2e_s"] / row["e2e_s"]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -496,29 +533,36 @@ def _fmt(x, digits=1):
 
 
 def markdown_table(rows: list[dict]) -> str:
-    """The results as a Markdown table, with the environment in a line below it."""
-    has_base = any("baseline_step_latency_ms" in r for r in rows)
+    """The results as a Markdown table (one row per model and variant), the environment in a line below."""
     has_e2e = any("e2e_s" in r for r in rows)
-    head = ["model", "px", "U-Net params (M)", "U-Net MACs (G)", "step ms"]
-    if has_base:
-        head += ["diffusers step ms", "speed-up"]
+    slimsd_rows = {r["model"]: r for r in rows if r["variant"] == "slimsd"}
+    head = [
+        "model",
+        "run",
+        "dtype",
+        "px",
+        "U-Net params (M)",
+        "U-Net MACs (G)",
+        "step ms",
+        "slimsd step speed-up",
+    ]
     head += ["MAC ratio", "step speed-up", "speed-up / MAC ratio"]
     if has_e2e:
-        head += ["steps", "text s", "denoise s", "VAE s", "s / image", "images/s", "peak mem (GiB)"]
-        if has_base:
-            head += ["diffusers s / image"]
+        head += ["steps", "text s", "denoise s", "VAE s", "s / image", "slimsd e2e speed-up", "images/s"]
+        head += ["peak mem (GiB)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     for r in rows:
+        mine = slimsd_rows.get(r["model"], {})
+        vs = mine.get(f"step_speedup_vs_{r['variant']}")
         cells = [
             r["model"],
+            r["label"],
+            r["dtype"],
             str(r["resolution"]),
             _fmt(r["unet_params"] / 1e6),
             _fmt(r["unet_macs"] / 1e9),
             _fmt(r["step_latency_ms"]),
-        ]
-        if has_base:
-            cells += [_fmt(r.get("baseline_step_latency_ms")), _fmt(r.get("speedup_vs_baseline"), 2) + "×"]
-        cells += [
+            "–" if vs is None else _fmt(vs, 2) + "×",
             _fmt(r["mac_ratio_vs_first"], 2),
             _fmt(r["speedup_vs_first"], 2),
             f"{100 * r['speedup_over_mac_ratio']:.0f}%",
@@ -526,66 +570,64 @@ def markdown_table(rows: list[dict]) -> str:
         if has_e2e:
             ips = ", ".join(f"{v:.3g} @{b}" for b, v in r.get("images_per_s", {}).items())
             mem = r.get("peak_memory_bytes")
+            e2e_vs = mine.get(f"e2e_speedup_vs_{r['variant']}")
             cells += [
                 str(r.get("steps", "–")),
                 _fmt(r.get("text_encode_s"), 2),
                 _fmt(r.get("denoise_s"), 2),
                 _fmt(r.get("vae_decode_s"), 2),
                 _fmt(r.get("e2e_s"), 2),
+                "–" if e2e_vs is None else _fmt(e2e_vs, 2) + "×",
                 ips or "–",
                 _fmt(mem / 2**30 if mem else None, 2),
             ]
-            if has_base:
-                cells += [_fmt(r.get("baseline_e2e_s"), 2)]
         lines.append("| " + " | ".join(cells) + " |")
     r = rows[0]
-    rt = r["runtime"]
-    opts = ", ".join(k for k in ("channels_last", "fuse_qkv", "compile") if rt.get(k)) or "eager"
+    applied = r["step_runtime"]
+    proc = r["process"]
     load = f", load average {r['load_average']}" if r.get("load_average") else ""
     isa = f"; {' '.join(r['cpu_isa'])}" if r.get("cpu_isa") and r["device"] == "cpu" else ""
     lines.append("")
     lines.append(
-        f"{r['date']} · {r['device']} ({r['device_name']}{isa}), {r['threads']} threads · {r['dtype']} · "
-        f"slimsd runtime: {opts} · torch {r['torch']}, diffusers {r['diffusers']}{load}. "
-        f"Step latency: median of {len(r['step_latency_all_ms'])} forwards at batch 1; "
-        "ratios relative to the first model."
+        f"{r['date']} · {r['device']} ({r['device_name']}{isa}), {r['threads']} threads"
+        f"{', flush-denormal' if proc.get('flush_denormal') else ''} (every row) · "
+        f"slimsd runtime: {runtime.summary(applied)} · torch {r['torch']}, diffusers {r['diffusers']}{load}. "
+        f"Step latency: median of {len(r['step_latency_all_ms'])} forwards at batch 1, all rows round-robin; "
+        "speed-up and MAC ratios relative to the first model of the same run; slimsd speed-up: the diffusers "
+        "row's time over slimsd's."
     )
     return "\n".join(lines) + "\n"
 
 
 def chart_png(rows: list[dict], title: str | None = None) -> bytes:
-    """A bar chart of per-step U-Net latency per model (slimsd, and the baseline when measured), as PNG."""
+    """A bar chart of per-step U-Net latency per model and variant, and of U-Net MACs, as PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = [r["model"] for r in rows]
-    has_base = any("baseline_step_latency_ms" in r for r in rows)
-    width = 0.4 if has_base else 0.6
-    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(4 + 1.6 * len(rows), 4), dpi=100)
-    xs = range(len(rows))
-    ax.bar(
-        [x - (width / 2 if has_base else 0) for x in xs],
-        [r["step_latency_ms"] for r in rows],
-        width,
-        label="slimsd",
-    )
-    if has_base:
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    names = list(dict.fromkeys(r["variant"] for r in rows))
+    width = 0.8 / len(names)
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(4 + 1.6 * len(models), 4), dpi=100)
+    xs = range(len(models))
+    for k, name in enumerate(names):
+        ms = {r["model"]: r["step_latency_ms"] for r in rows if r["variant"] == name}
         ax.bar(
-            [x + width / 2 for x in xs],
-            [r.get("baseline_step_latency_ms") or 0 for r in rows],
+            [x - 0.4 + width * (k + 0.5) for x in xs],
+            [ms.get(m, 0) for m in models],
             width,
-            label="diffusers eager",
+            label=f"{LABELS[name]}, {next(r['dtype'] for r in rows if r['variant'] == name)}",
         )
-        ax.legend()
-    ax.set_xticks(list(xs), names, rotation=20, ha="right")
+    ax.legend(fontsize=7)
+    ax.set_xticks(list(xs), models, rotation=20, ha="right")
     ax.set_ylabel("U-Net step latency (ms, batch 1)")
-    ax2.bar(xs, [r["unet_macs"] / 1e9 for r in rows], 0.6, color="tab:gray")
-    ax2.set_xticks(list(xs), names, rotation=20, ha="right")
+    macs = {r["model"]: r["unet_macs"] for r in rows}
+    ax2.bar(xs, [macs[m] / 1e9 for m in models], 0.6, color="tab:gray")
+    ax2.set_xticks(list(xs), models, rotation=20, ha="right")
     ax2.set_ylabel("U-Net MACs (G)")
     r = rows[0]
-    fig.suptitle(title or f"{r['device_name']} · {r['dtype']} · {r['date'][:10]}", fontsize=9)
+    fig.suptitle(title or f"{r['device_name']} · {r['date'][:10]}", fontsize=9)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")

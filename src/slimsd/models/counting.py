@@ -104,7 +104,7 @@ def block_params(unet) -> dict[str, int]:
     }
 
 
-def _arch_from_preset(name: str) -> tuple[dict, list[dict], dict, int]:
+def preset_architecture(name: str) -> tuple[dict, list[dict], dict, int]:
     """(unet config, text encoder configs, vae config, default resolution) of a preset or offline model."""
     from slimsd.models.presets import get_preset, student_teacher_unet
 
@@ -165,7 +165,7 @@ def summarize(model: str, resolution: int | None = None) -> dict:
 
     kind = describe_model(model)
     if kind in ("micro", "preset"):
-        unet_cfg, encoders, vae_cfg, default_res = _arch_from_preset(model)
+        unet_cfg, encoders, vae_cfg, default_res = preset_architecture(model)
     else:
         try:
             unet_cfg, encoders, vae_cfg, default_res = _arch_from_configs(model)

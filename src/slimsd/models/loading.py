@@ -255,8 +255,9 @@ def load(
         "default_scheduler": scheduler_name(pipe.scheduler),
         "runtime": runtime.applied(pipe.unet, optimized=optimize),
     }
-    if scheduler is not None:
+    if scheduler is not None:  # the pipeline's own from now on: generate() uses it when given none
         set_scheduler(pipe, scheduler)
+        pipe._slimsd["default_scheduler"] = scheduler
     return pipe
 
 
