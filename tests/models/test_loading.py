@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import run_cli
 from slimsd.errors import SlimsdError
 from slimsd.models.loading import load
 from slimsd.run.generate import generate
+
+from helpers import run_cli
 
 TOY = {"steps": 4, "guidance": 5.0, "seed": 11}
 
