@@ -8,7 +8,7 @@ so that the tests can check that the recipe rebuilds exactly that architecture.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from slimsd.errors import unknown
 
@@ -174,15 +174,10 @@ _add(
     )
 )
 _add(
-    Preset(
-        "sd-v1.5",
-        "teacher",
-        "sd",
-        "stable-diffusion-v1-5/stable-diffusion-v1-5",
-        unet=SD1_UNET,
-        text_encoders=(CLIP_L_TEXT,),
-        vae=SD_VAE,
-        scheduler=SD_SCHEDULER,
+    replace(
+        PRESETS["sd-v1.4"],
+        name="sd-v1.5",
+        hub_id="stable-diffusion-v1-5/stable-diffusion-v1-5",
         published={"unet_params": 859_520_964, "source": "same architecture as sd-v1.4"},
     )
 )
@@ -229,144 +224,109 @@ _BK_TINY = {
     "up_block_types": ["CrossAttnUpBlock2D"] * 3,
 }
 
-_add(
-    Preset(
-        "bk-sdm-base",
-        "student",
-        "sd",
-        "nota-ai/bk-sdm-base",
-        teacher="sd-v1.4",
-        recipe="bk-base",
-        released=_BK_BASE,
-        published={"unet_params": 579_384_964, "unet_macs_512": 223.8e9, "source": _BK_SRC},
+
+def _student(name: str, hub_id: str, teacher: str, recipe: str, released: dict, **extra) -> None:
+    """A student preset: its teacher's family and resolution; its architecture is the teacher plus the recipe."""
+    family = PRESETS[teacher].family
+    resolution = PRESETS[teacher].resolution
+    _add(
+        Preset(
+            name,
+            "student",
+            family,
+            hub_id,
+            teacher=teacher,
+            recipe=recipe,
+            resolution=resolution,
+            released=released,
+            **extra,
+        )
     )
+
+
+_student(
+    "bk-sdm-base",
+    "nota-ai/bk-sdm-base",
+    "sd-v1.4",
+    "bk-base",
+    _BK_BASE,
+    published={"unet_params": 579_384_964, "unet_macs_512": 223.8e9, "source": _BK_SRC},
 )
-_add(
-    Preset(
-        "bk-sdm-small",
-        "student",
-        "sd",
-        "nota-ai/bk-sdm-small",
-        teacher="sd-v1.4",
-        recipe="bk-small",
-        released=_BK_SMALL,
-        published={"unet_params": 482_346_884, "unet_macs_512": 217.7e9, "source": _BK_SRC},
-    )
+_student(
+    "bk-sdm-small",
+    "nota-ai/bk-sdm-small",
+    "sd-v1.4",
+    "bk-small",
+    _BK_SMALL,
+    published={"unet_params": 482_346_884, "unet_macs_512": 217.7e9, "source": _BK_SRC},
 )
-_add(
-    Preset(
-        "bk-sdm-tiny",
-        "student",
-        "sd",
-        "nota-ai/bk-sdm-tiny",
-        teacher="sd-v1.4",
-        recipe="bk-tiny",
-        released=_BK_TINY,
-        published={"unet_params": 323_384_964, "unet_macs_512": 205.0e9, "source": _BK_SRC},
-    )
+_student(
+    "bk-sdm-tiny",
+    "nota-ai/bk-sdm-tiny",
+    "sd-v1.4",
+    "bk-tiny",
+    _BK_TINY,
+    published={"unet_params": 323_384_964, "unet_macs_512": 205.0e9, "source": _BK_SRC},
 )
-_add(
-    Preset(
-        "bk-sdm-v2-base",
-        "student",
-        "sd",
-        "nota-ai/bk-sdm-v2-base",
-        teacher="sd-v2.1-base",
-        recipe="bk-base",
-        released=_BK_BASE,
-    )
-)
-_add(
-    Preset(
-        "bk-sdm-v2-small",
-        "student",
-        "sd",
-        "nota-ai/bk-sdm-v2-small",
-        teacher="sd-v2.1-base",
-        recipe="bk-small",
-        released=_BK_SMALL,
-    )
-)
-_add(
-    Preset(
-        "bk-sdm-v2-tiny",
-        "student",
-        "sd",
-        "nota-ai/bk-sdm-v2-tiny",
-        teacher="sd-v2.1-base",
-        recipe="bk-tiny",
-        released={**_BK_TINY, "attention_head_dim": [5, 10, 20]},
-    )
+_student("bk-sdm-v2-base", "nota-ai/bk-sdm-v2-base", "sd-v2.1-base", "bk-base", _BK_BASE)
+_student("bk-sdm-v2-small", "nota-ai/bk-sdm-v2-small", "sd-v2.1-base", "bk-small", _BK_SMALL)
+_student(
+    "bk-sdm-v2-tiny",
+    "nota-ai/bk-sdm-v2-tiny",
+    "sd-v2.1-base",
+    "bk-tiny",
+    {**_BK_TINY, "attention_head_dim": [5, 10, 20]},
 )
 # Segmind's SD-Small / SD-Tiny (distill-sd, teacher Realistic Vision 4.0, an SD 1.5 fine-tune) use the
 # BK-SDM base and tiny block layouts; their published config.json files say so.
-_add(
-    Preset(
-        "segmind-small-sd",
-        "student",
-        "sd",
-        "segmind/small-sd",
-        teacher="sd-v1.5",
-        recipe="bk-base",
-        released=_BK_BASE,
-        published={"unet_params": 579_384_964, "source": "segmind/small-sd unet/config.json"},
-        note="teacher: SG161222/Realistic_Vision_V4.0 (SD 1.5 architecture)",
+_RV4 = "teacher: SG161222/Realistic_Vision_V4.0 (SD 1.5 architecture)"
+for _size, _recipe, _layout, _params in (
+    ("small", "bk-base", _BK_BASE, 579_384_964),
+    ("tiny", "bk-tiny", _BK_TINY, 323_384_964),
+):
+    _student(
+        f"segmind-{_size}-sd",
+        f"segmind/{_size}-sd",
+        "sd-v1.5",
+        _recipe,
+        _layout,
+        note=_RV4,
+        published={"unet_params": _params, "source": f"segmind/{_size}-sd unet/config.json"},
     )
+
+
+def _segmind_xl(down: list[int], up: list[list[int]]) -> dict:
+    """SSD-1B and Vega keep SDXL's residual layers but fewer transformer layers per attention (``up``: the up
+    stages' depths, diffusers' ``reverse_transformer_layers_per_block``), and a mid block of one residual layer."""
+    return {
+        "layers_per_block": 2,
+        "mid_block_type": "UNetMidBlock2D",
+        "transformer_layers_per_block": down,
+        "reverse_transformer_layers_per_block": up,
+    }
+
+
+_student(
+    "ssd-1b",
+    "segmind/SSD-1B",
+    "sdxl-base-1.0",
+    "ssd-1b",
+    _segmind_xl(down=[1, 2, 4], up=[[4, 4, 10], [2, 1, 1], [1, 1, 1]]),
+    published={"unet_params_approx": 1.3e9, "source": "segmind/SSD-1B model card (1.3B U-Net)"},
 )
-_add(
-    Preset(
-        "segmind-tiny-sd",
-        "student",
-        "sd",
-        "segmind/tiny-sd",
-        teacher="sd-v1.5",
-        recipe="bk-tiny",
-        released=_BK_TINY,
-        published={"unet_params": 323_384_964, "source": "segmind/tiny-sd unet/config.json"},
-        note="teacher: SG161222/Realistic_Vision_V4.0 (SD 1.5 architecture)",
-    )
-)
-_add(
-    Preset(
-        "ssd-1b",
-        "student",
-        "sdxl",
-        "segmind/SSD-1B",
-        teacher="sdxl-base-1.0",
-        recipe="ssd-1b",
-        resolution=1024,
-        released={
-            "layers_per_block": 2,
-            "mid_block_type": "UNetMidBlock2D",
-            "transformer_layers_per_block": [1, 2, 4],
-            "reverse_transformer_layers_per_block": [[4, 4, 10], [2, 1, 1], [1, 1, 1]],
-        },
-        published={"unet_params_approx": 1.3e9, "source": "segmind/SSD-1B model card (1.3B U-Net)"},
-    )
-)
-_add(
-    Preset(
-        "segmind-vega",
-        "student",
-        "sdxl",
-        "segmind/Segmind-Vega",
-        teacher="sdxl-base-1.0",
-        recipe="vega",
-        resolution=1024,
-        released={
-            "layers_per_block": 2,
-            "mid_block_type": "UNetMidBlock2D",
-            "transformer_layers_per_block": [1, 1, 2],
-            "reverse_transformer_layers_per_block": [[2, 2, 2], [1, 1, 1], [1, 1, 1]],
-        },
-        published={
-            "unet_params_approx": 745e6,
-            "down_params_approx": 247e6,
-            "mid_params_approx": 31e6,
-            "up_params_approx": 460e6,
-            "source": "Segmind-Vega model card",
-        },
-    )
+_student(
+    "segmind-vega",
+    "segmind/Segmind-Vega",
+    "sdxl-base-1.0",
+    "vega",
+    _segmind_xl(down=[1, 1, 2], up=[[2, 2, 2], [1, 1, 1], [1, 1, 1]]),
+    published={
+        "unet_params_approx": 745e6,
+        "down_params_approx": 247e6,
+        "mid_params_approx": 31e6,
+        "up_params_approx": 460e6,
+        "source": "Segmind-Vega model card",
+    },
 )
 
 # Offline models (no download): micro-sd and micro-sdxl are built from code by slimsd.models.micro; toy-sd is
@@ -426,15 +386,8 @@ _add(
     )
 )
 _add(
-    Preset(
-        "toy-sd",
-        "micro",
-        "sd",
-        None,
-        unet=MICRO_SD_UNET,
-        vae=MICRO_VAE,
-        resolution=64,
-        note="micro-sd trained on the shapes world (committed weights)",
+    replace(
+        PRESETS["micro-sd"], name="toy-sd", note="micro-sd trained on the shapes world (committed weights)"
     )
 )
 
