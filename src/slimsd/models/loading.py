@@ -94,11 +94,9 @@ def build_random_pipeline(preset: Preset, seed: int = 0, dtype: torch.dtype = to
 
     The tokenizer is the small offline fixture: token ids stay inside the text encoder's vocabulary.
     """
+    import diffusers
     from diffusers import (
         AutoencoderKL,
-        DDIMScheduler,
-        EulerDiscreteScheduler,
-        PNDMScheduler,
         StableDiffusionPipeline,
         StableDiffusionXLPipeline,
         UNet2DConditionModel,
@@ -123,12 +121,7 @@ def build_random_pipeline(preset: Preset, seed: int = 0, dtype: torch.dtype = to
             cls = CLIPTextModelWithProjection if cfg.pop("with_projection", False) else CLIPTextModel
             encoders.append(cls(CLIPTextConfig(**cfg)))
     sched_cfg = dict(teacher.scheduler)
-    sched_cls = {
-        "PNDMScheduler": PNDMScheduler,
-        "DDIMScheduler": DDIMScheduler,
-        "EulerDiscreteScheduler": EulerDiscreteScheduler,
-    }[sched_cfg.pop("_class_name")]
-    scheduler = sched_cls.from_config(sched_cfg)
+    scheduler = getattr(diffusers, sched_cfg.pop("_class_name")).from_config(sched_cfg)
     if teacher.family == "sdxl":
         return StableDiffusionXLPipeline(
             vae=vae,

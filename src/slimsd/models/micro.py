@@ -25,8 +25,6 @@ MICRO_TEXT = {
     "projection_dim": 32,
 }
 
-MICRO_NAMES = ("micro-sd", "micro-sdxl")  # built here; toy-sd is trained micro-sd (slimsd.toy.teacher)
-
 
 def load_tokenizer():
     from transformers import CLIPTokenizer
@@ -52,11 +50,12 @@ def _seeded(seed: int, build):
 
 
 def build_micro(name: str):
-    """A ready diffusers pipeline for ``micro-sd`` or ``micro-sdxl`` (random weights, deterministic)."""
+    """A ready diffusers pipeline of an offline preset's architecture (``micro-sd``, ``micro-sdxl``) with random
+    weights, deterministic. (``toy-sd`` has micro-sd's architecture; its trained weights come from
+    slimsd.toy.teacher.)"""
+    import diffusers
     from diffusers import (
         AutoencoderKL,
-        EulerDiscreteScheduler,
-        PNDMScheduler,
         StableDiffusionPipeline,
         StableDiffusionXLPipeline,
         UNet2DConditionModel,
@@ -64,23 +63,19 @@ def build_micro(name: str):
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     from slimsd.errors import unknown
-    from slimsd.models.presets import (
-        MICRO_SD_UNET,
-        MICRO_SDXL_UNET,
-        MICRO_VAE,
-        SD_SCHEDULER,
-        SDXL_SCHEDULER,
-    )
+    from slimsd.models.presets import get_preset, names
 
-    if name not in MICRO_NAMES:
-        raise unknown("micro model", name, MICRO_NAMES)
+    preset = get_preset(name)
+    if preset.kind != "micro":
+        raise unknown("micro model", name, names("micro"))
     tokenizer = load_tokenizer()
     text_config = CLIPTextConfig(**micro_text_config(tokenizer))
-    vae = _seeded(1, lambda: AutoencoderKL(**MICRO_VAE))
-    if name == "micro-sd":
-        unet = _seeded(0, lambda: UNet2DConditionModel(**MICRO_SD_UNET))
-        text_encoder = _seeded(2, lambda: CLIPTextModel(text_config))
-        scheduler = PNDMScheduler.from_config({k: v for k, v in SD_SCHEDULER.items() if k != "_class_name"})
+    vae = _seeded(1, lambda: AutoencoderKL(**preset.vae))
+    unet = _seeded(0, lambda: UNet2DConditionModel(**preset.unet))
+    text_encoder = _seeded(2, lambda: CLIPTextModel(text_config))
+    sched = dict(preset.scheduler)
+    scheduler = getattr(diffusers, sched.pop("_class_name")).from_config(sched)
+    if preset.family == "sd":
         return StableDiffusionPipeline(
             vae=vae,
             text_encoder=text_encoder,
@@ -91,16 +86,10 @@ def build_micro(name: str):
             feature_extractor=None,
             requires_safety_checker=False,
         )
-    unet = _seeded(0, lambda: UNet2DConditionModel(**MICRO_SDXL_UNET))
-    text_encoder = _seeded(2, lambda: CLIPTextModel(text_config))
-    text_encoder_2 = _seeded(3, lambda: CLIPTextModelWithProjection(text_config))
-    scheduler = EulerDiscreteScheduler.from_config(
-        {k: v for k, v in SDXL_SCHEDULER.items() if k != "_class_name"}
-    )
     return StableDiffusionXLPipeline(
         vae=vae,
         text_encoder=text_encoder,
-        text_encoder_2=text_encoder_2,
+        text_encoder_2=_seeded(3, lambda: CLIPTextModelWithProjection(text_config)),
         tokenizer=tokenizer,
         tokenizer_2=load_tokenizer(),
         unet=unet,

@@ -369,6 +369,7 @@ _add(
         None,
         unet=MICRO_SD_UNET,
         vae=MICRO_VAE,
+        scheduler=SD_SCHEDULER,
         resolution=64,
         note="tiny random-weight SD 1.x layout (4 stages), built offline by slimsd.models.micro",
     )
@@ -381,6 +382,7 @@ _add(
         None,
         unet=MICRO_SDXL_UNET,
         vae=MICRO_VAE,
+        scheduler=SDXL_SCHEDULER,
         resolution=64,
         note="tiny random-weight SDXL layout (3 stages, two text encoders), built offline by slimsd.models.micro",
     )
