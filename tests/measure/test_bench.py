@@ -152,6 +152,30 @@ def test_end_to_end_parts_are_timed_where_they_run(monkeypatch):
         assert t["text_encode_s"] < 0.3 and t["denoise_s"] < t["total_s"]  # nor the VAE's 0.3 s in text
 
 
+def test_end_to_end_runs_alternate_between_variants_and_keep_the_median(monkeypatch):
+    order = []
+    totals = iter([9.0, 9.0, 3.0, 30.0, 1.0, 10.0, 2.0, 20.0])  # warm-ups, then slimsd/diffusers alternating
+
+    class Pipe:
+        def __init__(self, name):
+            self.name, self.components, self._slimsd = name, {}, {"runtime": {"optimized": name == "slimsd"}}
+
+    def fake_timed(pipe, cfg, variant, resolution, batch, steps):
+        order.append((variant.name, steps))
+        total = next(totals)
+        return {"total_s": total, "text_encode_s": 0.0, "vae_decode_s": 0.0, "denoise_s": total}
+
+    monkeypatch.setattr(bench, "load_variant", lambda model, cfg, v, device: Pipe(v.name))
+    monkeypatch.setattr(bench, "generate_timed", fake_timed)
+    cfg = bench.BenchConfig(models=["micro-sd"], steps=4, batch_sizes=[1], e2e_repeats=3)
+    kinds = [bench.Variant("slimsd", torch.float32, True), bench.Variant("diffusers", torch.float32, False)]
+    out = bench.measure_end_to_end("micro-sd", cfg, kinds, "cpu", 64)
+    assert order == [("slimsd", 1), ("diffusers", 1)] + [("slimsd", 4), ("diffusers", 4)] * 3
+    assert out["slimsd"]["e2e_all_s"] == [3.0, 1.0, 2.0] and out["slimsd"]["total_s"] == 2.0
+    assert out["diffusers"]["e2e_all_s"] == [30.0, 10.0, 20.0] and out["diffusers"]["total_s"] == 20.0
+    assert out["slimsd"]["runtime"] == {"optimized": True}
+
+
 def test_ratios_from_known_timings():
     rows = [
         {"model": "a", "variant": "slimsd", "unet_macs": 300, "step_latency_ms": 10.0, "e2e_s": 2.0},
@@ -176,7 +200,7 @@ def test_markdown_table(rows):
     md = bench.markdown_table(rows)
     lines = md.splitlines()
     assert lines[0].startswith("| model | run | dtype | px | U-Net params (M) | U-Net MACs (G) | step ms |")
-    assert lines[2].startswith("| micro-sd | slimsd | bf16 | 64 | 3.2 |")
+    assert lines[2].startswith("| micro-sd | slimsd | bf16 | 64 | 3.2 | 0.0417 |")
     assert lines[3].startswith("| micro-sd | diffusers (same dtype) | bf16 | 64 |")
     assert lines[4].startswith("| micro-sd | diffusers (its default dtype) | fp32 | 64 |")
     assert len({line.count("|") for line in lines[:8]}) == 1  # every row has every column

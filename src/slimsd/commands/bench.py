@@ -69,6 +69,13 @@ from slimsd.commands.options import (
     show_default=True,
     help="Also run the whole pipeline (text encoding, denoising, VAE decoding).",
 )
+@click.option(
+    "--e2e-repeats",
+    type=click.IntRange(1, 1000),
+    default=1,
+    show_default=True,
+    help="Timed end-to-end runs per variant and batch size (alternating between variants; the median is kept).",
+)
 @optimize_option
 @click.option("--compile", "compile_", is_flag=True, help="torch.compile the U-Net (warm-up reported apart).")
 @click.option("--channels-last/--no-channels-last", default=True, show_default=True)
@@ -110,6 +117,7 @@ def bench(
     warmup,
     repeats,
     e2e,
+    e2e_repeats,
     optimize,
     compile_,
     channels_last,
@@ -146,6 +154,7 @@ def bench(
         warmup=warmup,
         repeats=repeats,
         e2e=e2e,
+        e2e_repeats=e2e_repeats,
         optimize=optimize,
         compile=compile_,
         channels_last=channels_last,

@@ -69,6 +69,7 @@ class BenchConfig:
     warmup: int = 1
     repeats: int = 3
     e2e: bool = True
+    e2e_repeats: int = 1  # timed end-to-end runs per variant and batch size (alternating; the median is kept)
     optimize: bool = True  # the slimsd rows with the fast runtime (False: slimsd's loader, plain modules)
     compile: bool = False
     channels_last: bool = True
@@ -282,8 +283,8 @@ def resolve(cfg: BenchConfig) -> tuple[BenchConfig, runtime.RuntimeConfig]:
     gpu = rt.device.startswith("cuda")
     steps = cfg.steps if cfg.steps is not None else (25 if gpu else 4)
     batch_sizes = cfg.batch_sizes or ([1, 4] if gpu else [1])
-    if steps < 1 or cfg.repeats < 1 or cfg.warmup < 0 or min(batch_sizes) < 1:
-        raise SlimsdError("steps, repeats and batch sizes must be at least 1, warmup at least 0")
+    if steps < 1 or cfg.repeats < 1 or cfg.e2e_repeats < 1 or cfg.warmup < 0 or min(batch_sizes) < 1:
+        raise SlimsdError("steps, repeats, e2e repeats and batch sizes must be at least 1, warmup at least 0")
     cfg = replace(cfg, steps=steps, batch_sizes=sorted(set(batch_sizes)))
     return cfg, rt
 
@@ -424,23 +425,68 @@ def generate_timed(pipe, cfg: BenchConfig, variant: Variant, resolution: int, ba
     }
 
 
-def measure_end_to_end(model: str, cfg: BenchConfig, variant: Variant, device: str, resolution: int) -> dict:
-    """Per image: time (parts apart), images/s per batch size, and peak memory, for one variant of a model."""
-    pipe = load_variant(model, cfg, variant, device)
-    out = {"images_per_s": {}}
-    warm = time.perf_counter()
-    generate_timed(pipe, cfg, variant, resolution, 1, 1)  # warm-up (and compilation, if any)
-    out["warmup_s"] = time.perf_counter() - warm
+def resident_memory(device: str) -> int | None:
+    """Memory in use now: CUDA allocated bytes on a GPU, the process's resident set on CPU (Linux)."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(device)
+        return torch.cuda.memory_allocated(device)
+    try:
+        with open("/proc/self/status") as f:
+            m = re.search(r"VmRSS:\s+(\d+)\s+kB", f.read())
+        return int(m.group(1)) * 1024 if m else None
+    except OSError:
+        return None
+
+
+def weights_bytes(pipe) -> int:
+    """Bytes of the pipeline's parameters and buffers (every component)."""
+    total = 0
+    for part in pipe.components.values():
+        if isinstance(part, torch.nn.Module):
+            total += sum(t.numel() * t.element_size() for t in (*part.parameters(), *part.buffers()))
+    return total
+
+
+def measure_end_to_end(
+    model: str, cfg: BenchConfig, kinds: list[Variant], device: str, resolution: int
+) -> dict:
+    """Per variant of one model: time per image (parts apart), images/s per batch size, and peak memory.
+
+    The variants' pipelines are resident together and their timed runs alternate (A B A B ...; the median of
+    ``e2e_repeats`` is kept), so that a shared machine slows them alike. Peak memory is therefore measured per
+    run as the increase over what was resident before it (activations, workspace), plus the variant's own
+    weights: the memory that variant alone needs.
+    """
+    pipes = {v.name: load_variant(model, cfg, v, device) for v in kinds}
+    out: dict[str, dict] = {v.name: {"images_per_s": {}} for v in kinds}
+    for v in kinds:  # warm-up (and compilation, if any)
+        t0 = time.perf_counter()
+        generate_timed(pipes[v.name], cfg, v, resolution, 1, 1)
+        out[v.name]["warmup_s"] = time.perf_counter() - t0
     for batch in cfg.batch_sizes:
-        reset_peak_memory(device)
-        t = generate_timed(pipe, cfg, variant, resolution, batch, cfg.steps)
-        mem, kind = peak_memory(device)
-        if batch == cfg.batch_sizes[0]:
-            out.update({k: v / batch for k, v in t.items()})  # per image
-            out["peak_memory_bytes"], out["peak_memory_kind"], out["e2e_batch"] = mem, kind, batch
-        out["images_per_s"][str(batch)] = batch / t["total_s"]
-    out["runtime"] = pipe._slimsd["runtime"]
-    del pipe
+        runs: dict[str, list] = {v.name: [] for v in kinds}
+        for _ in range(cfg.e2e_repeats):
+            for v in kinds:
+                before = resident_memory(device)
+                reset_peak_memory(device)
+                t = generate_timed(pipes[v.name], cfg, v, resolution, batch, cfg.steps)
+                peak, kind = peak_memory(device)
+                working = None if before is None or peak is None else max(peak - before, 0)
+                runs[v.name].append((t, working, kind))
+        for v in kinds:
+            o = out[v.name]
+            t, working, kind = sorted(runs[v.name], key=lambda r: r[0]["total_s"])[len(runs[v.name]) // 2]
+            if batch == cfg.batch_sizes[0]:
+                o.update({k: x / batch for k, x in t.items()})  # per image
+                o["e2e_all_s"] = [r[0]["total_s"] / batch for r in runs[v.name]]
+                weights = weights_bytes(pipes[v.name])
+                o["peak_memory_bytes"] = None if working is None else weights + working
+                o["peak_memory_kind"] = f"weights + increase of {kind}"
+                o["e2e_batch"] = batch
+            o["images_per_s"][str(batch)] = batch / t["total_s"]
+    for v in kinds:
+        out[v.name]["runtime"] = pipes[v.name]._slimsd["runtime"]
+    del pipes
     return out
 
 
@@ -489,14 +535,16 @@ def _run(cfg: BenchConfig, rt: runtime.RuntimeConfig, log: Callable[[str], None]
                 }
             )
     if cfg.e2e:
-        for row in rows:
-            v = next(k for k in kinds if k.name == row["variant"])
+        for model in cfg.models:
             log(
-                f"end to end: {row['model']} ({row['label']}), {cfg.steps} steps, batch sizes {cfg.batch_sizes}"
+                f"end to end: {model} ({', '.join(v.name for v in kinds)} alternating), {cfg.steps} steps, "
+                f"batch sizes {cfg.batch_sizes}, {cfg.e2e_repeats} timed run(s) each"
             )
-            e2e = measure_end_to_end(row["model"], cfg, v, rt.device, row["resolution"])
-            row.update({"steps": cfg.steps, **e2e})
-            row["e2e_s"] = row.pop("total_s")
+            e2e = measure_end_to_end(model, cfg, kinds, rt.device, resolutions[model])
+            for row in rows:
+                if row["model"] == model:
+                    row.update({"steps": cfg.steps, **e2e[row["variant"]]})
+                    row["e2e_s"] = row.pop("total_s")
     _ratios(rows)
     for row in rows:
         row.update(env)
@@ -560,7 +608,7 @@ def markdown_table(rows: list[dict]) -> str:
             r["dtype"],
             str(r["resolution"]),
             _fmt(r["unet_params"] / 1e6),
-            _fmt(r["unet_macs"] / 1e9),
+            f"{r['unet_macs'] / 1e9:,.3g}",
             _fmt(r["step_latency_ms"]),
             "–" if vs is None else _fmt(vs, 2) + "×",
             _fmt(r["mac_ratio_vs_first"], 2),
