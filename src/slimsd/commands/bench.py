@@ -1,4 +1,6 @@
 import json
+import shlex
+import sys
 from pathlib import Path
 
 import click
@@ -166,8 +168,9 @@ def bench(
     rows = b.run(cfg, log=lambda msg: click.echo(msg, err=True))
     table = b.markdown_table(rows)
     click.echo(table)
-    if md_path:
-        atomic_write_text(md_path, table)
+    if md_path:  # a results file says how it was made
+        command = "slimsd " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+        atomic_write_text(md_path, f"Command: `{command}`\n\n{table}")
     if json_path:
         atomic_write_text(json_path, json.dumps(rows, indent=1) + "\n")
         chart_path = chart_path or str(Path(json_path).with_suffix(".png"))
