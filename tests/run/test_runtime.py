@@ -104,3 +104,12 @@ def test_summary_line_names_the_applied_settings():
     }
     assert runtime.summary(applied) == "fp32 on cpu · channels_last · sdpa"
     assert runtime.summary(applied | {"optimized": False}) == "fp32 on cpu · plain diffusers"
+
+
+@pytest.mark.parametrize("name", ["micro_sd", "micro_sdxl"])
+def test_fused_model_holds_each_weight_once(name, request):
+    pipe = request.getfixturevalue(name)
+    plain = sum(p.numel() for p in pipe.unet.parameters())
+    fast = runtime.optimize_unet(copy.deepcopy(pipe.unet), runtime.RuntimeConfig(fuse_qkv=True))
+    assert runtime.applied(fast, optimized=True)["fused_qkv"]
+    assert sum(p.numel() for p in fast.parameters()) == plain

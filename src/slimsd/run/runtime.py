@@ -25,7 +25,6 @@ not applied); ``slimsd generate --json``, the web UI and ``slimsd bench`` report
 
 from __future__ import annotations
 
-import contextlib
 import os
 from dataclasses import dataclass
 
@@ -74,12 +73,22 @@ def process_settings() -> dict:
 
 
 def _fuse_qkv(model) -> None:
-    """Fuse Q/K/V projections where diffusers can (it refuses models with added-KV attention)."""
+    """Fuse Q/K/V projections where diffusers can (it refuses models with added-KV attention), then drop the
+    separate projections the fused attention no longer reads (diffusers keeps them, for unfusing): the
+    runtime then holds each weight once, and the model's parameter count stays the model's."""
     fuse = getattr(model, "fuse_qkv_projections", None)
     if fuse is None:
         return
-    with contextlib.suppress(ValueError):
+    try:
         fuse()
+    except ValueError:
+        return
+    for m in model.modules():
+        if getattr(m, "fused_projections", False):
+            # self-attention reads to_qkv; cross-attention reads to_q and to_kv
+            unused = ("to_k", "to_v") if m.is_cross_attention else ("to_q", "to_k", "to_v")
+            for name in unused:
+                setattr(m, name, None)
 
 
 def optimize_unet(unet, cfg: RuntimeConfig):
@@ -89,7 +98,9 @@ def optimize_unet(unet, cfg: RuntimeConfig):
     and attributes still reach the U-Net.
     """
     apply_process_settings(cfg)
-    unet = unet.eval().requires_grad_(False).to(device=cfg.device, dtype=cfg.dtype)
+    unet = unet.eval().requires_grad_(False).to(device=cfg.device)
+    if unet.dtype != cfg.dtype:  # diffusers warns on every cast, even a no-op one
+        unet = unet.to(dtype=cfg.dtype)
     from diffusers.models.attention_processor import AttnProcessor2_0
 
     unet.set_attn_processor(AttnProcessor2_0())
