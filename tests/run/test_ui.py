@@ -9,6 +9,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 import weakref
@@ -18,7 +19,8 @@ import pytest
 from PIL import Image
 
 from slimsd.errors import SlimsdError
-from slimsd.run.ui import ModelCache, UIConfig, default_models, run_generate
+from slimsd.run.pnginfo import settings_from_png
+from slimsd.run.ui import ModelCache, UIConfig, default_models, run_compare, run_generate
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_FLAGS = [
@@ -72,9 +74,135 @@ def test_bad_requests_fail_before_loading_anything(tmp_path):
         bad[index] = value
         with pytest.raises(SlimsdError, match=match):
             run_generate(cache, *bad)
-    with pytest.raises(SlimsdError, match="unknown model"):
+    with pytest.raises(SlimsdError, match="'nope' is not served here"):
         run_generate(cache, "nope", *args[1:])
     assert cache.loaded() == []
+
+
+def _refusal(name: str, served: str) -> str:
+    return f"model {name!r} is not served here; served: {served}"
+
+
+def test_only_the_listed_models_are_served_and_a_refusal_does_not_probe_the_disk(tmp_path, monkeypatch):
+    import slimsd.run.ui
+
+    monkeypatch.setattr(slimsd.run.ui, "load", lambda *a, **k: pytest.fail(f"loaded {a}"))
+    (tmp_path / "a-folder").mkdir()
+    cache = ModelCache(UIConfig(models=["micro-sd"], out_dir=tmp_path))
+    args = ["a red circle", "", 2, 7.5, 0, 0, 1, False, 1, "model default"]
+    # A micro model that exists, an existing folder, a missing one, a hub id: the same words for each.
+    for name in ("micro-sdxl", str(tmp_path / "a-folder"), str(tmp_path / "missing"), "org/name", " toy-sd "):
+        expected = _refusal(name.strip(), "micro-sd")
+        for call in (
+            lambda n: run_generate(cache, n, *args),
+            lambda n: run_compare(cache, ["micro-sd", n], "a red circle", "", 2, 7.5, 1, "model default"),
+            cache.drop,
+        ):
+            with pytest.raises(SlimsdError) as e:
+                call(name)
+            assert str(e.value) == expected
+    assert cache.loaded() == []
+
+
+def test_custom_models_are_opt_in_and_never_unpickled(tmp_path, monkeypatch):
+    import slimsd.run.ui
+
+    pickled = tmp_path / "pickled"
+    (pickled / "unet").mkdir(parents=True)
+    (pickled / "model_index.json").write_text("{}")
+    (pickled / "unet" / "diffusion_pytorch_model.bin").write_bytes(b"a pickle")
+    config = UIConfig(models=["micro-sd"], out_dir=tmp_path, allow_pickle=True, allow_custom_models=True)
+    with pytest.raises(
+        SlimsdError, match="pickle file"
+    ):  # refused by the loader: the server's flag is not used
+        ModelCache(config).get(str(pickled))
+    calls = []
+    monkeypatch.setattr(slimsd.run.ui, "load", lambda model, **k: calls.append((model, k["allow_pickle"])))
+    cache = ModelCache(config)
+    cache.get("micro-sd")
+    cache.get("someone/else")
+    assert calls == [("micro-sd", True), ("someone/else", False)]
+
+
+def test_a_custom_model_generates_when_allowed(tmp_path):
+    cache = ModelCache(UIConfig(models=["micro-sd"], out_dir=tmp_path, allow_custom_models=True))
+    items, info = run_generate(cache, "micro-sdxl", "a red circle", "", 2, 7.5, 0, 0, 3, False, 1, "ddim")
+    assert len(items) == 1 and info.startswith("**micro-sdxl** · ddim · 2 steps · 64x64")
+    stored = settings_from_png(items[0][0])
+    assert (stored["model"], stored["seed"], stored["scheduler"]) == ("micro-sdxl", 3, "ddim")
+
+
+def test_the_dropdown_takes_free_text_only_when_custom_models_are_allowed(tmp_path):
+    import gradio as gr
+
+    from slimsd.run.ui import build_app
+
+    for allowed in (False, True):
+        app = build_app(
+            UIConfig(models=["micro-sd", "micro-sdxl"], out_dir=tmp_path, allow_custom_models=allowed)
+        )
+        (dropdown,) = [b for b in app.blocks.values() if isinstance(b, gr.Dropdown) and b.label == "Model"]
+        assert dropdown.allow_custom_value is allowed
+        assert [value for _, value in dropdown.choices] == ["micro-sd", "micro-sdxl"]
+
+
+class _Pipe:
+    """A stand-in pipeline: the cache only stores it."""
+
+
+def test_a_slow_load_does_not_block_requests_on_loaded_models(tmp_path, monkeypatch):
+    import concurrent.futures
+
+    import slimsd.run.ui
+
+    loads, started, release, waiting = [], threading.Event(), threading.Event(), threading.Event()
+
+    def fake_load(model, **kwargs):
+        loads.append(model)
+        if model == "slow":
+            started.set()
+            assert release.wait(60), "the test never released the slow load"
+        return _Pipe()
+
+    class WatchedFuture(concurrent.futures.Future):  # says when a second request waits on the first's load
+        def result(self, timeout=None):
+            waiting.set()
+            return super().result(timeout)
+
+    monkeypatch.setattr(slimsd.run.ui, "load", fake_load)
+    monkeypatch.setattr(slimsd.run.ui, "Future", WatchedFuture)
+    cache = ModelCache(UIConfig(models=["micro-sd", "slow"], out_dir=tmp_path, max_loaded=2))
+    fast = cache.get("micro-sd")
+    with ThreadPoolExecutor(4) as pool:  # (timeouts only bound a failure; a pass never waits for them)
+        first = pool.submit(cache.get, "slow")
+        assert started.wait(30)
+        second = pool.submit(cache.get, "slow")
+        assert waiting.wait(30)  # the second request waits for the same load, not for a lock
+        # The slow load is still running: a request on the loaded model is served now.
+        assert pool.submit(cache.get, "micro-sd").result(timeout=30) is fast
+        assert pool.submit(cache.loaded).result(timeout=30) == ["micro-sd"]
+        assert not first.done() and not second.done()
+        release.set()
+        assert first.result(timeout=30) is second.result(timeout=30)
+    assert loads == ["micro-sd", "slow"] and cache.loaded() == ["micro-sd", "slow"]
+
+
+def test_a_failed_load_reaches_every_waiter_and_the_next_request_retries(tmp_path, monkeypatch):
+    import slimsd.run.ui
+
+    attempts = []
+
+    def failing_once(model, **kwargs):
+        attempts.append(model)
+        if len(attempts) == 1:
+            raise SlimsdError("model folder is broken")
+        return _Pipe()
+
+    monkeypatch.setattr(slimsd.run.ui, "load", failing_once)
+    cache = ModelCache(UIConfig(models=["micro-sd"], out_dir=tmp_path))
+    with pytest.raises(SlimsdError, match="broken"):
+        cache.get("micro-sd")
+    assert isinstance(cache.get("micro-sd"), _Pipe) and attempts == ["micro-sd", "micro-sd"]
 
 
 def test_cache_loads_lazily_and_frees_a_dropped_model(tmp_path):
@@ -179,6 +307,39 @@ def test_gradio_client_drives_a_running_ui(server):
 
 
 @pytest.mark.slow
+def test_generate_needs_only_a_prompt_and_reports_the_runtime(server):
+    from gradio_client import Client
+
+    client = Client(server, verbose=False)
+    images, info = client.predict(prompt="a red circle", api_name="/generate")
+    # The page's defaults: the first listed model, 25 steps, 2 images, a random seed, its own size.
+    assert len(images) == 2 and info.startswith("**micro-sd** · pndm · 25 steps · 64x64")
+    assert "runtime: fp32 on cpu · channels_last · fused QKV · sdpa" in info  # what load() applies on a CPU
+    first = settings_from_png(images[0]["image"])
+    assert (first["prompt"], first["steps"], first["negative_prompt"]) == ("a red circle", 25, "")
+    images, info = client.predict(prompt="a red circle", steps=3, num_images=1, api_name="/generate")
+    assert len(images) == 1 and " · 3 steps · " in info  # any parameter by name, the rest defaulted
+
+
+@pytest.mark.slow
+def test_the_api_serves_only_the_listed_models(server, tmp_path):
+    from gradio_client import Client
+    from gradio_client.exceptions import AppError
+
+    client = Client(server, verbose=False)
+    served = "micro-sd, micro-sdxl"
+    for name in ("toy-sd", str(tmp_path), str(tmp_path / "missing")):
+        for args, api_name in (
+            ((name, "a red circle"), "/generate"),
+            (([name], "a red circle", "", 2, 7.5, 1, "model default"), "/compare"),
+            ((name,), "/unload"),
+        ):
+            with pytest.raises(AppError) as e:
+                client.predict(*args, api_name=api_name)
+            assert str(e.value) == _refusal(name, served), api_name
+
+
+@pytest.mark.slow
 def test_a_burst_is_served_or_cleanly_refused_and_the_app_keeps_serving(server):
     from gradio_client import Client
 
@@ -212,21 +373,30 @@ def test_browser_generates_and_downloads_a_png_with_its_metadata(server, tmp_pat
     playwright = pytest.importorskip("playwright.sync_api")
     if not shutil.which(CHROMIUM):
         pytest.skip(f"{CHROMIUM} is missing (make test installs it)")
+    expect = playwright.expect
     with playwright.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
         try:
             page = browser.new_page(accept_downloads=True)
             page.goto(server, wait_until="domcontentloaded", timeout=60_000)
-            page.locator("#prompt textarea").fill("a small green triangle")
+            # Every value is typed, then waited for until the page holds it: never a click on a page that has
+            # not taken it yet (a loaded machine renders late), and never a wait for time.
+            prompt = page.locator("#prompt textarea")
+            prompt.fill("a small green triangle")
+            expect(prompt).to_have_value("a small green triangle", timeout=60_000)
             page.locator("#advanced").get_by_text("Advanced").click()
             steps = page.locator("#steps input[type=number]")
             steps.fill("2")
             steps.press("Enter")
+            # The slider's range input is bound to the same value: it reports 2 once the component took it.
+            expect(page.locator("#steps input[type=range]")).to_have_value("2", timeout=60_000)
+            expect(steps).to_have_value("2")
             page.locator("#generate").click()
-            page.wait_for_function("document.querySelectorAll('#gallery img').length >= 2", timeout=180_000)
-            captions = page.locator("#gallery .caption-label").all_inner_texts()
-            assert len(captions) == 2 and all(c.startswith("seed ") for c in captions)
-            assert "2 steps" in page.locator("#info").inner_text()
+            expect(page.locator("#gallery img")).to_have_count(2, timeout=180_000)
+            expect(page.locator("#info")).to_contain_text("2 steps", timeout=60_000)
+            captions = page.locator("#gallery .caption-label")
+            expect(captions).to_have_count(2)
+            assert all(c.startswith("seed ") for c in captions.all_inner_texts())
             page.locator("#gallery button.thumbnail-item").first.click()
             with page.expect_download(timeout=60_000) as download:
                 page.locator("#gallery").get_by_label("Download").first.click()

@@ -37,7 +37,8 @@ def _models(ctx, param, value):
     "--out",
     required=True,
     type=click.Path(file_okay=False),
-    help="Output folder: images/<model>/, scores.json, report.html. Existing images are reused.",
+    help="Output folder: images/<model>-<hash>/, scores.json, report.html. An existing image is reused when "
+    "its PNG info matches this run's model and settings, else made again.",
 )
 @click.option(
     "--protocol",
@@ -121,7 +122,8 @@ def eval_(as_json, clip_model, more_models, **options):
     if "shard" in result:
         for model, g in result["generation"].items():
             click.echo(
-                f"{model}: shard {result['shard']}: {g['generated']} generated, {g['skipped']} already there"
+                f"{model}: shard {result['shard']}: {g['generated']} generated ({g['regenerated']} of them "
+                f"made with other settings before), {g['reused']} reused"
             )
         return
     for row in result["models"]:

@@ -24,6 +24,12 @@ from slimsd.commands.options import runtime_options, split_models
 )
 @runtime_options
 @click.option(
+    "--allow-custom-models",
+    is_flag=True,
+    help="Let visitors type any model name, folder or hub id (off: only --models are served). "
+    "--allow-pickle never applies to a visitor's model.",
+)
+@click.option(
     "--max-loaded",
     type=click.IntRange(1, 16),
     default=2,
@@ -55,11 +61,12 @@ def ui(
     dtype,
     optimize,
     allow_pickle,
+    allow_custom_models,
     max_loaded,
     concurrency,
     max_queue,
 ):
-    """The web UI: generate with any model, and compare models side by side (endpoint /generate)."""
+    """The web UI: generate with the listed models, and compare them side by side (endpoint /generate)."""
     from pathlib import Path
 
     from slimsd.devices import resolve_device, resolve_dtype
@@ -74,6 +81,7 @@ def ui(
         dtype=dtype,
         optimize=optimize,
         allow_pickle=allow_pickle,
+        allow_custom_models=allow_custom_models,
         max_loaded=max_loaded,
         concurrency=concurrency,
         max_queue=max_queue,

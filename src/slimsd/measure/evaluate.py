@@ -11,9 +11,12 @@ The MS-COCO 30K protocol of BK-SDM (Kim et al. 2023, "BK-SDM: A Lightweight, Fas
 Stable Diffusion") is a named preset: 30K val2014 captions, 512 px, PNDM 25 steps, guidance 7.5, seed 1234,
 images scored after a PIL bicubic resize to 256 px.
 
-Generation is resumable (existing images are kept; each is written atomically) and shardable: image *i*
-always uses seed S+i, whichever process makes it, so ``--shard k/n`` runs fill one folder with exactly the
-images a single run would make. The feature extractors are swappable (``stand-in`` ones run offline).
+Each model's images live in a folder named from its identity (resolved path, hub id or name, plus a hash), so
+two models never share images. Generation is resumable (an existing image is reused only when its PNG info says
+it was made by this model with this run's settings, else it is made again; each is written atomically) and
+shardable: image *i* always uses seed S+i, whichever process makes it, so ``--shard k/n`` runs fill one folder
+with exactly the images a single run would make. The feature extractors are swappable (``stand-in`` ones run
+offline).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from __future__ import annotations
 import base64
 import csv
 import datetime
+import hashlib
 import html
 import io
 import json
@@ -128,12 +132,31 @@ def save_stats(path: str | Path, mu: np.ndarray, sigma: np.ndarray, **meta) -> P
     return atomic_write_bytes(path, buf.getvalue())
 
 
-def load_stats(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+def load_stats(path: str | Path, dim: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """``mu`` (D) and ``sigma`` (D x D) from an .npz; D must be ``dim`` when given (the extractor's features)."""
     try:
         with np.load(path, allow_pickle=False) as f:
-            return f["mu"], f["sigma"]
-    except (OSError, ValueError, KeyError) as e:
+            mu, sigma = f["mu"], f["sigma"]
+    except (OSError, ValueError, KeyError, EOFError) as e:
         raise SlimsdError(f"{str(path)!r} is not an .npz with 'mu' and 'sigma' arrays: {e}") from None
+    if (
+        mu.ndim != 1
+        or sigma.shape != (len(mu), len(mu))
+        or not np.issubdtype(mu.dtype, np.number)
+        or not np.issubdtype(sigma.dtype, np.number)
+    ):
+        raise SlimsdError(
+            f"{str(path)!r} holds mu {mu.shape} {mu.dtype} and sigma {sigma.shape} {sigma.dtype}; "
+            "expected numbers, mu of shape (D,) and sigma of shape (D, D)"
+        )
+    if dim is not None and len(mu) != dim:
+        raise SlimsdError(
+            f"{str(path)!r} holds statistics of {len(mu)} features; this FID extractor gives {dim} "
+            "(statistics of another extractor?)"
+        )
+    if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
+        raise SlimsdError(f"{str(path)!r} holds NaN or infinite values in mu or sigma")
+    return mu, sigma
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -160,7 +183,8 @@ def clean_resize(image: Image.Image, size: int) -> np.ndarray:
 
 
 def load_fid_extractor(name: str = "inception-v3", weights: str | None = None, allow_pickle: bool = False):
-    """A module mapping B x 3 x S x S images in [0, 1] to (features, logits); S is its ``input_size``."""
+    """A module mapping B x 3 x S x S images in [0, 1] to (features B x D, logits); S is its ``input_size``, D
+    its ``feature_dim``."""
     from slimsd.measure import inception
 
     if name == "inception-v3":
@@ -294,7 +318,27 @@ def read_prompts(
     path = Path(path)
     if not path.is_file():
         raise SlimsdError(f"prompt file {str(path)!r} does not exist")
-    with open(path, newline="", encoding="utf-8") as f:
+    try:
+        return _read_prompts(path, caption_column, id_column, limit)
+    except UnicodeDecodeError:
+        # The reader's offset counts within its buffer: decode the whole file to name the place.
+        data = path.read_bytes()
+        try:
+            data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            line = data.count(b"\n", 0, e.start) + 1
+            raise SlimsdError(
+                f"prompt file {str(path)!r} is not UTF-8 text (byte {data[e.start]:#04x} on line {line}); "
+                "save it as UTF-8"
+            ) from None
+        raise
+    except csv.Error as e:
+        raise SlimsdError(f"prompt file {str(path)!r} is not a readable CSV: {e}") from None
+
+
+def _read_prompts(path: Path, caption_column, id_column, limit) -> list[Prompt]:
+    # utf-8-sig: the byte-order mark a spreadsheet may write is not part of the first column's name.
+    with open(path, newline="", encoding="utf-8-sig") as f:
         reader = csv.DictReader(f)
         columns = reader.fieldnames or []
         if caption_column is None:
@@ -345,15 +389,13 @@ def parse_shard(text: str | None) -> tuple[int, int]:
     return int(m[1]), int(m[2])
 
 
-def model_slug(model: str, taken: Iterable[str] = ()) -> str:
-    """A folder name for MODEL's images: safe characters only, unique among ``taken``."""
-    base = safe_stem(
-        Path(model).name if Path(model).exists() else model, 120, keep="._-", sep="_", lower=False
-    )
-    slug, n = base, 2
-    while slug in set(taken):
-        slug, n = f"{base}-{n}", n + 1
-    return slug
+def model_slug(source: str) -> str:
+    """The folder of a model's images, named from its identity (:func:`slimsd.models.loading.model_source`: a
+    local folder's resolved path, a hub id, a micro or preset name): a readable tail and 8 hex digits of the
+    identity's sha256, so two folders both called ``final`` never share images."""
+    tail = "_".join(Path(source).parts[-2:]) if Path(source).is_absolute() else source
+    digest = hashlib.sha256(source.encode("utf-8")).hexdigest()[:8]
+    return f"{safe_stem(tail, 60, keep='._-', sep='_', lower=False, fallback='model')}-{digest}"
 
 
 @dataclass
@@ -364,10 +406,78 @@ class GenSettings:
     resolution: int | None = None  # None: the model's own
     scheduler: str | None = None  # None: the model's own (names: slimsd.run.generate.SCHEDULERS)
     batch_size: int = 1
+    dtype: str = "fp32"  # the pipeline's, as slimsd.devices names it
 
 
 def image_path(folder: Path, prompt: Prompt) -> Path:
     return folder / f"{prompt.id}.png"
+
+
+def wanted_settings(prompt: Prompt, settings: GenSettings, source: str) -> dict:
+    """What the PNG info of prompt's image must hold for the image to be reused: the model, the prompt and every
+    setting that decides the pixels. A size or scheduler left to the model is stored as asked (``eval_*``
+    None), since the same model always gives the same one; an explicit one must also be what the image has."""
+    want = {
+        "model_source": source,
+        "prompt": prompt.caption,
+        "negative_prompt": "",
+        "steps": settings.steps,
+        "guidance": float(settings.guidance),
+        "seed": settings.seed + prompt.index,
+        "dtype": settings.dtype,
+        "eval_resolution": settings.resolution,
+        "eval_scheduler": settings.scheduler,
+    }
+    if settings.resolution:
+        want["width"] = want["height"] = settings.resolution
+    if settings.scheduler:
+        want["scheduler"] = settings.scheduler
+    return want
+
+
+def differing_setting(path: Path, want: dict) -> str | None:
+    """None when the image at PATH was made as WANT says; else the first setting that differs ('missing' when
+    there is no image, 'unreadable' when its PNG info cannot be read)."""
+    from slimsd.run.pnginfo import settings_from_png
+
+    if not path.is_file():
+        return "missing"
+    try:
+        stored = settings_from_png(path)
+    except SlimsdError:
+        return "unreadable"
+    extra = stored.get("extra")
+    stored = {**stored, **(extra if isinstance(extra, dict) else {})}
+    return next((key for key, value in want.items() if key not in stored or stored[key] != value), None)
+
+
+def plan_images(
+    prompts: Sequence[Prompt],
+    folder: Path,
+    settings: GenSettings,
+    source: str,
+    shard: tuple[int, int] = (0, 1),
+) -> tuple[list[Prompt], dict]:
+    """The prompts of this shard whose image must be made (missing, or made with other settings), and the counts:
+    ``reused``, ``regenerated`` (an image was there, made otherwise), ``generated`` (both kinds of new images),
+    ``differing`` (regenerated images by the first setting that differed) and ``in_shard``."""
+    k, n = shard
+    mine = [p for p in prompts if p.index % n == k]
+    todo, differing = [], {}
+    for p in mine:
+        key = differing_setting(image_path(folder, p), wanted_settings(p, settings, source))
+        if key is not None:
+            todo.append(p)
+        if key not in (None, "missing"):
+            differing[key] = differing.get(key, 0) + 1
+    counts = {
+        "generated": len(todo),
+        "reused": len(mine) - len(todo),
+        "regenerated": sum(differing.values()),
+        "differing": differing,
+        "in_shard": len(mine),
+    }
+    return todo, counts
 
 
 def generate_missing(
@@ -375,23 +485,19 @@ def generate_missing(
     prompts: Sequence[Prompt],
     folder: str | Path,
     settings: GenSettings,
-    shard: tuple[int, int] = (0, 1),
     progress: Callable[[int, int], None] | None = None,
-) -> dict[str, int]:
-    """Generate the images of ``prompts`` in this shard that ``folder`` does not hold yet.
+) -> int:
+    """Generate the image of each of ``prompts`` into ``folder`` (the ones :func:`plan_images` names).
 
-    Prompt i goes to shard i mod n and uses seed S+i (:func:`slimsd.run.generate.generate`'s per-prompt
-    seeds), so a run's images do not depend on the sharding or on what was generated before (nor, beyond float
-    rounding, on the batch size). Each batch's PNGs are written atomically as soon as they are made, with
-    their PNG info, so a killed run leaves only whole images, each reproducible from its file.
+    Prompt i uses seed S+i (:func:`slimsd.run.generate.generate`'s per-prompt seeds), so an image does not
+    depend on the sharding or on what was generated before (nor, beyond float rounding, on the batch size).
+    Each batch's PNGs are written atomically as soon as they are made, with their PNG info and the size and
+    scheduler asked for, so a killed run leaves only whole images, each checked before it is reused.
     """
     from slimsd.run import generate as gen
     from slimsd.run.pnginfo import png_bytes
 
     folder = Path(folder)
-    k, n = shard
-    mine = [p for p in prompts if p.index % n == k]
-    todo = [p for p in mine if not image_path(folder, p).is_file()]
     size = settings.resolution or native_resolution(pipe)
     gen.validate(
         steps=settings.steps,
@@ -402,13 +508,10 @@ def generate_missing(
         batch_size=settings.batch_size,
         scheduler=settings.scheduler,
     )
-    if prompts and settings.seed + prompts[-1].index > gen.MAX_SEED:
-        raise SlimsdError(
-            f"seed {settings.seed} + {prompts[-1].index} prompts passes {gen.MAX_SEED}; use a smaller --seed"
-        )
+    asked = {"eval_resolution": settings.resolution, "eval_scheduler": settings.scheduler}
     done = 0
-    for start in range(0, len(todo), settings.batch_size):
-        batch = todo[start : start + settings.batch_size]
+    for start in range(0, len(prompts), settings.batch_size):
+        batch = prompts[start : start + settings.batch_size]
         results = gen.generate(
             pipe,
             [p.caption for p in batch],
@@ -422,11 +525,12 @@ def generate_missing(
             on_warning=lambda _msg: None,  # long COCO captions are cut at 77 tokens, as in the protocol
         )
         for p, r in zip(batch, results, strict=True):
+            r.settings.extra = dict(asked)
             atomic_write_bytes(image_path(folder, p), png_bytes(r.image, r.settings))
         done += len(batch)
         if progress:
-            progress(done, len(todo))
-    return {"generated": len(todo), "skipped": len(mine) - len(todo), "in_shard": len(mine)}
+            progress(done, len(prompts))
+    return done
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -446,10 +550,15 @@ def list_images(folder: str | Path) -> list[Path]:
 
 
 def _open(paths: Iterable[Path], size: int | None) -> Iterable[Image.Image]:
+    """Each image as RGB (resized when ``size``); an unreadable one stops the run with one line naming it: a
+    reference or a model's image set that silently shrank would change the scores."""
     for p in paths:
-        with Image.open(p) as im:
-            im = im.convert("RGB")
-            yield resize_square(im, size) if size else im
+        try:
+            with Image.open(p) as im:
+                im = im.convert("RGB")
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+            raise SlimsdError(f"image {str(p)!r} is not readable ({e}); remove or replace it") from None
+        yield resize_square(im, size) if size else im
 
 
 def reference_statistics(
@@ -458,7 +567,7 @@ def reference_statistics(
     """mu, sigma and provenance of a reference: an .npz of statistics or a folder of images."""
     reference = Path(reference)
     if reference.suffix == ".npz":
-        mu, sigma = load_stats(reference)
+        mu, sigma = load_stats(reference, getattr(extractor, "feature_dim", None))
         return {"mu": mu, "sigma": sigma, "source": str(reference), "num_images": None}
     files = list_images(reference)
     feats, _ = extract(extractor, _open(files, score_resolution), batch_size, device)
@@ -568,72 +677,95 @@ def run_eval(config: EvalConfig, log: Callable[[str], None] = print) -> dict:
     With a shard (k/n with n > 1), only that shard's images are generated; scoring is left to a final run
     without ``--shard`` (or with ``--score-only``) once all shards are done.
     """
+    from slimsd.models.loading import model_source
+    from slimsd.run import generate as gen
+
     config = resolve(config)
     shard = parse_shard(config.shard)
     prompts = read_prompts(config.prompts, config.caption_column, config.id_column, config.num_prompts)
     out = Path(config.out)
-    slugs: list[str] = []
-    for m in config.models:
-        slugs.append(model_slug(m, slugs))
     settings = GenSettings(
-        config.steps, config.guidance, config.seed, config.resolution, config.scheduler, config.batch_size
+        config.steps,
+        config.guidance,
+        config.seed,
+        config.resolution,
+        config.scheduler,
+        config.batch_size,
+        config.dtype,
     )
+    # Everything that can be checked before hours of work is checked here, each with one line.
+    gen.validate(
+        steps=settings.steps,
+        guidance=settings.guidance,
+        width=settings.resolution or 64,
+        height=settings.resolution or 64,
+        seed=settings.seed,
+        batch_size=settings.batch_size,
+        scheduler=settings.scheduler,
+    )
+    if settings.seed + prompts[-1].index > gen.MAX_SEED:
+        raise SlimsdError(
+            f"seed {settings.seed} + {prompts[-1].index} prompts passes {gen.MAX_SEED}; use a smaller --seed"
+        )
+    if len(prompts) < 2:
+        raise SlimsdError(
+            f"prompt file {config.prompts!r} gives 1 prompt; FID and IS need at least 2 images per model"
+        )
+    for folder in (out, Path(config.save_reference_stats or out).parent):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise SlimsdError(f"cannot create folder {str(folder)!r}: {e.strerror or e}") from None
+    sources = [model_source(m, config.random_weights) for m in config.models]  # an unknown model: now
+    slugs = [model_slug(source) for source in sources]
     if config.reference is not None and not Path(config.reference).exists():
         raise SlimsdError(f"reference {config.reference!r} does not exist (a folder of images or an .npz)")
 
-    extractor = clip = None
-    if (
-        shard[1] == 1
-    ):  # load the scorers first: a missing weights file should not wait for hours of generation
+    extractor = clip = reference = None
+    if shard[1] == 1:  # the scorers and the reference first: a bad file should not wait for the generation
         extractor = load_fid_extractor(config.fid_extractor, config.inception_weights, config.allow_pickle)
         clip = load_clip(config.clip_model, config.device) if config.clip_model else None
+        if config.reference is not None:
+            log(f"reference statistics from {config.reference}")
+            reference = reference_statistics(
+                config.reference, extractor, config.score_resolution, config.score_batch_size, config.device
+            )
+            if config.save_reference_stats:
+                save_stats(
+                    config.save_reference_stats,
+                    reference["mu"],
+                    reference["sigma"],
+                    extractor=config.fid_extractor,
+                    score_resolution=config.score_resolution,
+                )
 
     generation = {}
-    for model, slug in zip(config.models, slugs, strict=True):
+    for model, source, slug in zip(config.models, sources, slugs, strict=True):
         folder = out / "images" / slug
-        missing = [
-            p for p in prompts if p.index % shard[1] == shard[0] and not image_path(folder, p).is_file()
-        ]
-        if config.score_only or not missing:
-            generation[model] = {
-                "generated": 0,
-                "skipped": len(prompts) - len(missing),
-                "missing": len(missing),
-            }
+        todo, counts = plan_images(prompts, folder, settings, source, shard)
+        generation[model] = counts
+        if todo and config.score_only:
+            first = differing_setting(image_path(folder, todo[0]), wanted_settings(todo[0], settings, source))
+            raise SlimsdError(
+                f"{len(todo)} images of {model!r} in {str(folder)!r} are missing or were made with other "
+                f"settings (first: {todo[0].id}.png, {first}); run without --score-only, or finish every shard"
+            )
+        if not todo:
             continue
+        if counts["regenerated"]:
+            log(
+                f"{model}: {counts['regenerated']} images in {folder} were made with other settings "
+                f"({', '.join(f'{k}: {n}' for k, n in counts['differing'].items())}); making them again"
+            )
         pipe = _load(model, config)
-        log(f"{model}: generating {len(missing)} images into {folder}")
-        generation[model] = generate_missing(pipe, prompts, folder, settings, shard)
+        log(f"{model}: generating {len(todo)} images into {folder}")
+        generate_missing(pipe, todo, folder, settings)
         del pipe
     if shard[1] > 1:
         return {"shard": f"{shard[0]}/{shard[1]}", "generation": generation}
 
-    for model, slug in zip(config.models, slugs, strict=True):
-        folder = out / "images" / slug
-        absent = [p.id for p in prompts if not image_path(folder, p).is_file()]
-        if absent:
-            raise SlimsdError(
-                f"{len(absent)} images of {model!r} are missing in {str(folder)!r} (first: "
-                f"{absent[0]}.png); run without --score-only, or finish every shard"
-            )
-
-    reference = None
-    if config.reference is not None:
-        log(f"reference statistics from {config.reference}")
-        reference = reference_statistics(
-            config.reference, extractor, config.score_resolution, config.score_batch_size, config.device
-        )
-        if config.save_reference_stats:
-            save_stats(
-                config.save_reference_stats,
-                reference["mu"],
-                reference["sigma"],
-                extractor=config.fid_extractor,
-                score_resolution=config.score_resolution,
-            )
-
     rows = []
-    for model, slug in zip(config.models, slugs, strict=True):
+    for model, source, slug in zip(config.models, sources, slugs, strict=True):
         folder = out / "images" / slug
         log(f"{model}: scoring {len(prompts)} images")
         scores = score_images(
@@ -650,7 +782,7 @@ def run_eval(config: EvalConfig, log: Callable[[str], None] = print) -> dict:
         mu, sigma = scores.pop("_stats")
         if config.save_stats:
             save_stats(out / "stats" / f"{slug}.npz", mu, sigma, model=model, extractor=config.fid_extractor)
-        rows.append({"model": model, "images": f"images/{slug}", **scores})
+        rows.append({"model": model, "model_source": source, "images": f"images/{slug}", **scores})
 
     result = {
         "protocol": config.protocol,

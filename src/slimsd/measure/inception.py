@@ -178,6 +178,7 @@ class FIDInceptionV3(nn.Module):
     """Images in [0, 1], Bx3x299x299 -> (pool3 features Bx2048, logits Bx1008)."""
 
     input_size = INPUT_SIZE
+    feature_dim = 2048  # pool3
     name = "inception-v3"
 
     def __init__(self):
@@ -312,6 +313,7 @@ class StandInExtractor(nn.Module):
 
     def __init__(self, features: int = 32, classes: int = 10, seed: int = 0):
         super().__init__()
+        self.feature_dim = features
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             self.body = nn.Sequential(

@@ -233,16 +233,10 @@ def load(
     if is_sdxl(pipe) and torch_dtype == torch.float16 and getattr(pipe, "vae", None) is not None:
         pipe.vae.register_to_config(force_upcast=True)
     pipe.set_progress_bar_config(disable=True)
-    if kind == "local":
-        source = str(Path(model).resolve())
-    elif kind == "preset" and not random_weights:
-        source = get_preset(model).hub_id or model
-    else:
-        source = model
     pipe._slimsd = {
         "model": model,
         "kind": kind,
-        "source": source,
+        "source": model_source(model, random_weights),
         "random_weights": random_weights,
         "base_scheduler": dict(pipe.scheduler.config),
         "default_scheduler": scheduler_name(pipe.scheduler),
@@ -252,6 +246,17 @@ def load(
         set_scheduler(pipe, scheduler)
         pipe._slimsd["default_scheduler"] = scheduler
     return pipe
+
+
+def model_source(model: str, random_weights: bool = False) -> str:
+    """Where MODEL's weights come from, as every PNG records it (``model_source``): the resolved path of a local
+    folder, the hub id of a preset or hub model, the name of a micro model or of a preset with random weights."""
+    kind = describe_model(model)
+    if kind == "local":
+        return str(Path(model).resolve())
+    if kind == "preset" and not random_weights:
+        return get_preset(model).hub_id or model
+    return model
 
 
 def model_info(pipe) -> dict:

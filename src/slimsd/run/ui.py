@@ -5,8 +5,13 @@ randomize, number of images, scheduler) and a PNG gallery whose files are the ve
 folder, so a download keeps its ``parameters`` chunk. *Compare*: one prompt and seed on several models side by
 side, each with its time: the source articles' four-model timing notebook, as a page.
 
+Only the operator's models are served: the ``--models`` list, exactly as given. Any other name a visitor types or
+sends to the API is refused with one message that says nothing about the file system, unless the operator
+allows custom models; ``allow_pickle`` applies only to the operator's own list, never to a visitor's name.
+
 Models load on first use and stay in a small LRU cache; dropping one (evicted, or the "Unload" button) deletes
-the pipeline and frees its memory. The queue is on, with a concurrency limit shared by both tabs (one model
+the pipeline and frees its memory. A load runs outside the cache's lock (one future per model: two requests for
+the same model load it once), so generations on loaded models go on while another model loads. The queue is on, with a concurrency limit shared by both tabs (one model
 run at a time on the device by default) and a maximum size: a burst past it is refused cleanly, and the app
 keeps serving. Endpoints ``/generate`` and ``/compare`` work with ``gradio_client``.
 """
@@ -14,11 +19,13 @@ keeps serving. Endpoints ``/generate`` and ``/compare`` work with ``gradio_clien
 from __future__ import annotations
 
 import gc
+import math
 import os
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Iterator
+from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,7 +56,8 @@ class UIConfig:
     device: str | None = None
     dtype: str | None = None
     optimize: bool = True  # the fast runtime (slimsd.run.runtime)
-    allow_pickle: bool = False
+    allow_pickle: bool = False  # for the models above only, never for a visitor's
+    allow_custom_models: bool = False  # visitors may type any model name, folder or hub id
     max_loaded: int = 2  # pipelines kept in memory at once
     concurrency: int = 1  # model runs at once, both tabs together
     max_queue: int = 16  # waiting requests beyond this are refused
@@ -60,42 +68,74 @@ class ModelCache:
 
     def __init__(self, config: UIConfig):
         self.config = config
+        self.models = list(dict.fromkeys(m.strip() for m in config.models if m.strip())) or default_models()
         self._pipes: OrderedDict[str, object] = OrderedDict()
-        self._lock = threading.Lock()  # guards the dict and loading
+        self._loading: dict[str, Future] = {}  # models being loaded, by the request that loads them
+        self._lock = threading.Lock()  # guards the two dicts; never held during a load
         self._run_locks: dict[str, threading.Lock] = {}  # a pipeline's scheduler is state: one run at a time
+
+    def admit(self, model) -> tuple[str, bool]:
+        """(model name, allow_pickle) for a name a visitor sent, or one refusal that does not look at the disk."""
+        model = (model or "").strip() if isinstance(model, str) else ""
+        if not model:
+            raise SlimsdError("no model selected")
+        if model in self.models:
+            return model, self.config.allow_pickle
+        if self.config.allow_custom_models:
+            return model, False  # a visitor's file is never unpickled
+        shown = model if len(model) <= 80 else model[:77] + "..."
+        raise SlimsdError(f"model {shown!r} is not served here; served: {', '.join(self.models)}")
 
     def loaded(self) -> list[str]:
         with self._lock:
             return list(self._pipes)
 
-    def get(self, model: str):
-        model = (model or "").strip()
-        if not model:
-            raise SlimsdError("no model selected")
+    def get(self, model):
+        model, allow_pickle = self.admit(model)
         with self._lock:
             if model in self._pipes:
                 self._pipes.move_to_end(model)
                 return self._pipes[model]
-            while len(self._pipes) >= max(1, self.config.max_loaded):
-                self._drop_locked(next(iter(self._pipes)))
+            future = self._loading.get(model)
+            if future is None:  # this request loads it; make room first, so memory peaks at max_loaded
+                future = self._loading[model] = Future()
+                while self._pipes and len(self._pipes) + len(self._loading) > max(1, self.config.max_loaded):
+                    self._drop_locked(next(iter(self._pipes)))
+                loader = True
+            else:
+                loader = False
+        if not loader:
+            return future.result()  # the same load, or its error
+        try:
             pipe = load(
                 model,
                 device=self.config.device,
                 dtype=self.config.dtype,
                 optimize=self.config.optimize,
-                allow_pickle=self.config.allow_pickle,
+                allow_pickle=allow_pickle,
             )
+        except BaseException as e:
+            with self._lock:
+                del self._loading[model]
+            future.set_exception(e)
+            raise
+        with self._lock:
+            del self._loading[model]
             self._pipes[model] = pipe
             self._run_locks.setdefault(model, threading.Lock())
-            return pipe
+            while len(self._pipes) > max(1, self.config.max_loaded):  # loads that ran side by side
+                self._drop_locked(next(iter(self._pipes)))
+        future.set_result(pipe)
+        return pipe
 
     @contextmanager
-    def using(self, model: str) -> Iterator[object]:
+    def using(self, model) -> Iterator[object]:
         pipe = self.get(model)
         with self._run_locks[model.strip()]:
             yield pipe
 
-    def drop(self, model: str) -> bool:
+    def drop(self, model) -> bool:
+        model, _ = self.admit(model)
         with self._lock:
             return self._drop_locked(model)
 
@@ -110,11 +150,29 @@ class ModelCache:
         return True
 
 
-def _int(value, name: str) -> int:
+# Requests reach the functions below raw (the events skip gradio's preprocessing), so each value is checked here.
+
+
+def _text(value, name: str) -> str:
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise SlimsdError(f"{name} {value!r} is not text")
+    return value
+
+
+def _number(value, name: str) -> float:
     try:
         f = float(value)
     except (TypeError, ValueError):
         raise SlimsdError(f"{name} {value!r} is not a number") from None
+    if isinstance(value, bool) or not math.isfinite(f):
+        raise SlimsdError(f"{name} {value!r} is not a number")
+    return f
+
+
+def _int(value, name: str) -> int:
+    f = _number(value, name)
     if not f.is_integer():
         raise SlimsdError(f"{name} {value!r} is not a whole number")
     return int(f)
@@ -137,7 +195,9 @@ def run_generate(
     warn=None,
 ):
     """One Generate click: -> (gallery items [(png path, caption)], markdown summary). Raises SlimsdError."""
-    prompt = (prompt or "").strip()
+    model, _ = cache.admit(model)
+    prompt, negative = _text(prompt, "prompt").strip(), _text(negative, "negative prompt")
+    guidance = _number(guidance, "guidance")
     if not prompt:
         raise SlimsdError("the prompt is empty; type what the image should show")
     seed = -1 if randomize else _int(seed, "seed")
@@ -148,7 +208,7 @@ def run_generate(
     )
     g.validate(
         steps=steps,
-        guidance=float(guidance),
+        guidance=guidance,
         width=width or 64,
         height=height or 64,
         seed=seed,
@@ -159,9 +219,9 @@ def run_generate(
         results = g.generate(
             pipe,
             prompt,
-            negative=negative or "",
+            negative=negative,
             steps=steps,
-            guidance=float(guidance),
+            guidance=guidance,
             width=width or None,
             height=height or None,
             seed=seed,
@@ -175,7 +235,7 @@ def run_generate(
     save_images(results, cache.config.out_dir)
     items = [(str(r.path), f"seed {r.seed} · {r.time_s:.2f} s") for r in results]
     lines = [
-        f"**{model.strip()}** · {results[0].settings.scheduler} · {steps} steps · "
+        f"**{model}** · {results[0].settings.scheduler} · {steps} steps · "
         f"{results[0].settings.width}x{results[0].settings.height}",
         "",
         f"runtime: {summary(applied)}",
@@ -191,17 +251,19 @@ def run_compare(
     cache: ModelCache, models, prompt, negative, steps, guidance, seed, scheduler, progress=None, warn=None
 ):
     """The same prompt and seed on each model in turn -> (gallery items, table rows)."""
-    models = [m for m in (models or []) if m and m.strip()]
+    models = [models] if isinstance(models, str) else list(models or [])
     if not models:
         raise SlimsdError("no model selected; tick at least one model to compare")
-    prompt = (prompt or "").strip()
+    models = [cache.admit(m)[0] for m in models]  # every one, before the first is run
+    prompt, negative = _text(prompt, "prompt").strip(), _text(negative, "negative prompt")
+    guidance = _number(guidance, "guidance")
     if not prompt:
         raise SlimsdError("the prompt is empty; type what the images should show")
     seed = _int(seed, "seed")
     seed = g.draw_seed() if seed == -1 else seed
     steps = _int(steps, "steps")
     scheduler = None if scheduler in (None, "", DEFAULT_SCHEDULER) else scheduler
-    g.validate(steps=steps, guidance=float(guidance), width=64, height=64, seed=seed, scheduler=scheduler)
+    g.validate(steps=steps, guidance=guidance, width=64, height=64, seed=seed, scheduler=scheduler)
     items, rows = [], []
     for k, model in enumerate(models):
         start = time.perf_counter()
@@ -216,9 +278,9 @@ def run_compare(
             (r,) = g.generate(
                 pipe,
                 prompt,
-                negative=negative or "",
+                negative=negative,
                 steps=steps,
-                guidance=float(guidance),
+                guidance=guidance,
                 seed=seed,
                 scheduler=scheduler,
                 progress=step,
@@ -236,7 +298,7 @@ def build_app(config: UIConfig | None = None, cache: ModelCache | None = None):
 
     config = config or UIConfig()
     cache = cache or ModelCache(config)
-    models = list(dict.fromkeys(config.models)) or default_models()
+    models = cache.models
     schedulers = [DEFAULT_SCHEDULER, *SCHEDULERS]
 
     def progress_cb(progress):
@@ -298,9 +360,12 @@ def build_app(config: UIConfig | None = None, cache: ModelCache | None = None):
             raise gr.Error(f"{type(e).__name__}: {e}") from e
 
     def on_unload(model):
-        dropped = cache.drop((model or "").strip())
+        try:
+            dropped = cache.drop(model)
+        except SlimsdError as e:
+            raise gr.Error(str(e)) from None
         state = ", ".join(cache.loaded()) or "none"
-        return f"{'Unloaded' if dropped else 'Not loaded:'} {model}. Loaded now: {state}."
+        return f"{'Unloaded' if dropped else 'Not loaded:'} {model.strip()}. Loaded now: {state}."
 
     with gr.Blocks(title="slimsd", analytics_enabled=False) as app:
         gr.Markdown("# slimsd\nDistilled Stable Diffusion: generate, and compare models side by side.")
@@ -310,13 +375,17 @@ def build_app(config: UIConfig | None = None, cache: ModelCache | None = None):
                     models,
                     value=models[0],
                     label="Model",
-                    allow_custom_value=True,
-                    info="A preset, micro model, local diffusers folder or hub id",
+                    allow_custom_value=config.allow_custom_models,
+                    info=(
+                        "A listed model, or type a preset, local diffusers folder or hub id"
+                        if config.allow_custom_models
+                        else "The models this server offers"
+                    ),
                     scale=3,
                 )
                 unload = gr.Button("Unload model", scale=1)
             prompt = gr.Textbox(label="Prompt", lines=2, elem_id="prompt")
-            negative = gr.Textbox(label="Negative prompt", lines=1, elem_id="negative")
+            negative = gr.Textbox(value="", label="Negative prompt", lines=1, elem_id="negative")
             with gr.Accordion("Advanced", open=False, elem_id="advanced"):
                 with gr.Row():
                     steps = gr.Slider(1, g.STEPS_RANGE[1], value=25, step=1, label="Steps", elem_id="steps")
@@ -360,12 +429,13 @@ def build_app(config: UIConfig | None = None, cache: ModelCache | None = None):
                 [gallery, info],
                 api_name="generate",
                 concurrency_id="device",
+                preprocess=False,  # raw values: the model check is ModelCache.admit's, one message for all
             )
-            unload.click(on_unload, [model], [status], api_name="unload", queue=False)
+            unload.click(on_unload, [model], [status], api_name="unload", queue=False, preprocess=False)
         with gr.Tab("Compare"):
             c_models = gr.CheckboxGroup(models, value=models[:2], label="Models")
             c_prompt = gr.Textbox(label="Prompt", lines=2)
-            c_negative = gr.Textbox(label="Negative prompt")
+            c_negative = gr.Textbox(value="", label="Negative prompt")
             with gr.Row():
                 c_steps = gr.Slider(1, g.STEPS_RANGE[1], value=25, step=1, label="Steps")
                 c_guidance = gr.Slider(0, g.GUIDANCE_RANGE[1], value=7.5, step=0.5, label="Guidance (CFG)")
@@ -384,6 +454,7 @@ def build_app(config: UIConfig | None = None, cache: ModelCache | None = None):
                 [c_gallery, c_table],
                 api_name="compare",
                 concurrency_id="device",
+                preprocess=False,
             )
     app.queue(max_size=config.max_queue, default_concurrency_limit=config.concurrency)
     app.slimsd_cache = cache
