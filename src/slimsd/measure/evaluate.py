@@ -498,16 +498,7 @@ def generate_missing(
     from slimsd.run.pnginfo import png_bytes
 
     folder = Path(folder)
-    size = settings.resolution or native_resolution(pipe)
-    gen.validate(
-        steps=settings.steps,
-        guidance=settings.guidance,
-        width=size,
-        height=size,
-        seed=settings.seed,
-        batch_size=settings.batch_size,
-        scheduler=settings.scheduler,
-    )
+    size = settings.resolution or native_resolution(pipe)  # generate() validates every setting
     asked = {"eval_resolution": settings.resolution, "eval_scheduler": settings.scheduler}
     done = 0
     for start in range(0, len(prompts), settings.batch_size):

@@ -19,6 +19,7 @@ keeps serving. Endpoints ``/generate`` and ``/compare`` work with ``gradio_clien
 from __future__ import annotations
 
 import gc
+import inspect
 import math
 import os
 import threading
@@ -194,7 +195,9 @@ def run_generate(
     progress=None,
     warn=None,
 ):
-    """One Generate click: -> (gallery items [(png path, caption)], markdown summary). Raises SlimsdError."""
+    """One Generate click: -> (gallery items [(png path, caption)], markdown summary). Raises SlimsdError.
+
+    ``progress`` is Gradio-style: called as ``progress((done, total), desc=...)``."""
     model, _ = cache.admit(model)
     prompt, negative = _text(prompt, "prompt").strip(), _text(negative, "negative prompt")
     guidance = _number(guidance, "guidance")
@@ -228,7 +231,9 @@ def run_generate(
             num_images=num_images,
             batch_size=1,
             scheduler=scheduler,
-            progress=progress,
+            progress=None
+            if progress is None
+            else (lambda done, total: progress((done, total), desc="denoising")),
             on_warning=warn,
         )
         applied = pipe._slimsd["runtime"]
@@ -301,63 +306,24 @@ def build_app(config: UIConfig | None = None, cache: ModelCache | None = None):
     models = cache.models
     schedulers = [DEFAULT_SCHEDULER, *SCHEDULERS]
 
-    def progress_cb(progress):
-        return lambda done, total: progress((done, total), desc="denoising")
+    def handler(fn):
+        """``fn(cache, *inputs, progress, warn)`` as a Gradio event: the inputs keep fn's names (the API's
+        parameter names), Gradio's progress bar and warnings are passed in, errors show in the page."""
 
-    def on_generate(
-        model,
-        prompt,
-        negative,
-        steps,
-        guidance,
-        width,
-        height,
-        seed,
-        randomize,
-        num_images,
-        scheduler,
-        progress=gr.Progress(),
-    ):
-        try:
-            return run_generate(
-                cache,
-                model,
-                prompt,
-                negative,
-                steps,
-                guidance,
-                width,
-                height,
-                seed,
-                randomize,
-                num_images,
-                scheduler,
-                progress=progress_cb(progress),
-                warn=gr.Warning,
-            )
-        except SlimsdError as e:
-            raise gr.Error(str(e)) from None
-        except Exception as e:  # e.g. a broken checkpoint: show it in the page; the app keeps serving
-            raise gr.Error(f"{type(e).__name__}: {e}") from e
+        def on_event(*inputs, **progress):  # Gradio fills `progress` in where the signature below puts it
+            try:
+                return fn(cache, *inputs, warn=gr.Warning, **progress)
+            except SlimsdError as e:
+                raise gr.Error(str(e)) from None
+            except Exception as e:  # e.g. a broken checkpoint: show it in the page; the app keeps serving
+                raise gr.Error(f"{type(e).__name__}: {e}") from e
 
-    def on_compare(selected, prompt, negative, steps, guidance, seed, scheduler, progress=gr.Progress()):
-        try:
-            return run_compare(
-                cache,
-                selected,
-                prompt,
-                negative,
-                steps,
-                guidance,
-                seed,
-                scheduler,
-                progress=progress,
-                warn=gr.Warning,
-            )
-        except SlimsdError as e:
-            raise gr.Error(str(e)) from None
-        except Exception as e:  # e.g. a broken checkpoint: show it in the page; the app keeps serving
-            raise gr.Error(f"{type(e).__name__}: {e}") from e
+        params = [p for name, p in inspect.signature(fn).parameters.items() if name not in ("cache", "warn")]
+        params = [p.replace(default=gr.Progress()) if p.name == "progress" else p for p in params]
+        on_event.__signature__ = inspect.Signature(params)
+        return on_event
+
+    on_generate, on_compare = handler(run_generate), handler(run_compare)
 
     def on_unload(model):
         try:
