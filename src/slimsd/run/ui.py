@@ -377,21 +377,16 @@ def build_app(config: UIConfig | None = None, cache: ModelCache | None = None):
             )
             info = gr.Markdown(elem_id="info")
             status = gr.Markdown()
+            # the components named like run_generate's parameters, in its order: the wiring cannot drift
+            scope = locals()
+            names = [
+                n
+                for n in inspect.signature(run_generate).parameters
+                if isinstance(scope.get(n), gr.Component)
+            ]
             run.click(
                 on_generate,
-                [
-                    model,
-                    prompt,
-                    negative,
-                    steps,
-                    guidance,
-                    width,
-                    height,
-                    seed,
-                    randomize,
-                    num_images,
-                    scheduler,
-                ],
+                [scope[n] for n in names],
                 [gallery, info],
                 api_name="generate",
                 concurrency_id="device",
