@@ -63,10 +63,13 @@ def fail(message: str, prefix: str = "slimsd") -> None:
 
 
 def quiet_libraries() -> None:
-    """Keep the libraries' info chatter and deprecation warnings off the user's terminal (errors still show)."""
+    """Keep the libraries' progress bars, info chatter and warnings off the user's terminal (errors still
+    show). Set before they are imported: huggingface_hub and transformers read these at import time."""
     import os
     import warnings
 
+    # huggingface_hub's bars, and transformers' ("Writing model shards" in every save_pretrained) follow it
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_VERBOSITY", "error")
