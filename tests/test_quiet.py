@@ -89,6 +89,38 @@ CASES = {
         ],
         [r"micro-sd: (generating|scoring) .*", r"micro-sd: FID .*\(2 images\)", r"wrote \S+ and \S+"],
     ),
+    "demo": (
+        [
+            "demo",
+            "--out",
+            "{tmp}/d",
+            "--steps",
+            "2",
+            "--data-images",
+            "8",
+            "--batch-size",
+            "4",
+            "--eval-seeds",
+            "1",
+            "--eval-prompts",
+            "2",
+            "--inference-steps",
+            "2",
+            "--threads",
+            "1",
+        ],
+        [
+            r"compressed toy-sd with bk-small: U-Net [\d,]+ -> [\d,]+ parameters",
+            r"training (KD student|task-only student) \(.*\), 2 steps of batch 4 \.\.\.",
+            r"  done in \d+ s; task loss over the last 2 steps [\d.]+",
+            r"sampling (teacher \(toy-sd\)|KD student|task-only student): 1 seeds x 2 held-out captions",
+            r"model +caption fidelity +colour +shape +U-Net params +step ms",
+            r"-+",
+            r"(teacher \(toy-sd\)|KD student|task-only student) +[\d.]+ +[\d.]+ +[\d.]+ +[\d,]+ +[\d.]+",
+            r"KD student keeps \d+% of the teacher's caption fidelity; the task-only student \d+%\.",
+            r"sample grids and results.json in \S+/d",
+        ],
+    ),
 }
 DISTILL_BAR = (
     "train/distill.py's bar passes disable=False, so it prints even when stderr is not a terminal: "
