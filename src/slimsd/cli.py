@@ -51,17 +51,25 @@ def cli():
     """slimsd: distilled Stable Diffusion. Compress, distill, generate, benchmark, evaluate."""
 
 
-def fail(message: str) -> None:
+def one_line(message: str) -> str:
+    """A message as one line: a library's multi-line reason (tarfile lists every method it tried) is joined."""
+    return " ".join(line.strip() for line in str(message).splitlines() if line.strip())
+
+
+def fail(message: str, prefix: str = "slimsd") -> None:
     """One line on stderr, exit code 2."""
-    click.echo(f"slimsd: error: {message}", err=True)
+    click.echo(f"{prefix}: error: {one_line(message)}", err=True)
     sys.exit(2)
 
 
 def quiet_libraries() -> None:
-    """Keep the libraries' info chatter and deprecation warnings off the user's terminal (errors still show)."""
+    """Keep the libraries' progress bars, info chatter and warnings off the user's terminal (errors still
+    show). Set before they are imported: huggingface_hub and transformers read these at import time."""
     import os
     import warnings
 
+    # huggingface_hub's bars, and transformers' ("Writing model shards" in every save_pretrained) follow it
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_VERBOSITY", "error")
@@ -83,9 +91,7 @@ def main(argv: list[str] | None = None) -> None:
         click.echo(e.ctx.get_help() if e.ctx else str(e))
         sys.exit(2)
     except click.UsageError as e:
-        cmd = e.ctx.command_path if e.ctx else "slimsd"
-        click.echo(f"{cmd}: error: {e.format_message()}", err=True)
-        sys.exit(2)
+        fail(e.format_message(), prefix=e.ctx.command_path if e.ctx else "slimsd")
     except click.ClickException as e:
         fail(e.format_message())
     except SlimsdError as e:

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
+import torch
 from PIL import Image
 
-from slimsd.toy.demo import MODELS, DemoConfig, format_table, run_demo
+from slimsd.toy.demo import LABELS, MODELS, DemoConfig, run_demo
 
 from helpers import run_cli
 
@@ -29,37 +31,123 @@ SMALL = [
 ]
 
 
+def plain_samples(folder, captions: list[str], first_seed: int, steps: int) -> list:
+    """The demo's sampling redone with plain diffusers from the folder on disk: caption i, seed first_seed + i."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(
+        str(folder), local_files_only=True, safety_checker=None, requires_safety_checker=False
+    )
+    pipe.set_progress_bar_config(disable=True)
+    generators = [torch.Generator("cpu").manual_seed(first_seed + i) for i in range(len(captions))]
+    return pipe(
+        captions, generator=generators, num_inference_steps=steps, guidance_scale=5.0, height=64, width=64
+    ).images
+
+
+def table_numbers(table: str) -> dict[str, list[float]]:
+    """The numbers of each model's row of the printed table."""
+    rows = {}
+    for name in MODELS:
+        line = next(line for line in table.splitlines() if line.startswith(LABELS[name]))
+        rows[name] = [float(x.replace(",", "")) for x in line.removeprefix(LABELS[name]).split()]
+    return rows
+
+
 @pytest.mark.slow
-def test_demo_json_end_to_end(tmp_path, capsys):
+def test_demo_end_to_end_checked_independently_and_rerun(tmp_path, capsys):
+    """Two small demo runs into one folder (~1 min); the numbers checked against plain diffusers, the meta-device
+    parameter count and the printed table; the second run replaces the first."""
+    from slimsd.models.counting import summarize
+    from slimsd.toy.shapes import caption_fidelity, make_captions
+    from slimsd.toy.teacher import TOY_DIR
+
     out = tmp_path / "demo"
-    code, stdout, stderr = run_cli(["demo", "--out", str(out), "--json", *SMALL], capsys)
+    # --no-optimize: the demo samples with plain diffusers modules, so plain diffusers must give the same pixels
+    code, stdout, stderr = run_cli(["demo", "--out", str(out), "--json", "--no-optimize", *SMALL], capsys)
     assert code == 0, stderr
     summary = json.loads(stdout)  # stdout holds the JSON object alone
-    teacher = summary["teacher"]
-    for name in MODELS:
-        r = summary[name]
-        assert 0.0 <= r["caption_fidelity"] <= 1.0
-        assert 0.0 <= r["colour_accuracy"] <= 1.0 and 0.0 <= r["shape_accuracy"] <= 1.0
-        assert r["step_latency_ms"] > 0
-        assert isinstance(r["unet_params"], int) and r["unet_params"] > 0
-    assert summary["kd_student"]["unet_params"] == summary["task_only_student"]["unet_params"]
-    assert (
-        summary["kd_student"]["unet_params"] < 0.75 * teacher["unet_params"]
-    )  # bk-small removes ~40% on micro
-    for name in MODELS:
-        grid = Image.open(out / f"grid-{name}.png")
-        assert grid.size[1] >= 64 and grid.size[0] % 64 == 0
-    for name in ("kd_student", "task_only_student"):
-        assert (out / name / "final" / "model_index.json").is_file()
-        assert list((out / name / "final" / "unet").glob("*.safetensors"))
-    assert json.loads((out / "results.json").read_text())["teacher"] == teacher
-    assert "KD student" in format_table(summary)
+    assert json.loads((out / "results.json").read_text()) == summary
+    assert summary["kind"] == "slimsd-demo"
+    folders = {"teacher": TOY_DIR, **{m: out / m / "final" for m in MODELS[1:]}}
 
-    # the output folder is not overwritten without --overwrite: one line, exit 2, nothing touched
-    before = (out / "results.json").read_text()
-    code, stdout, stderr = run_cli(["demo", "--out", str(out), *SMALL], capsys)
-    assert code == 2 and "--overwrite" in stderr and len(stderr.strip().splitlines()) == 1
-    assert (out / "results.json").read_text() == before
+    # U-Net parameters: the meta-device count of each saved model (bk-small drops ~40% of micro-sd)
+    for name, folder in folders.items():
+        assert summary[name]["unet_params"] == summarize(str(folder))["unet_params"], name
+    assert summary["kd_student"]["unet_params"] < 0.65 * summary["teacher"]["unet_params"]
+
+    # caption fidelity: the held-out captions (seed stream 1_000_003 + eval seed, sample seeds 10_000 x
+    # (eval seed + 1) + i) sampled again by plain diffusers from the folders on disk, scored from the pixels
+    captions = make_captions(2, seed=1_000_003)
+    for name, folder in folders.items():
+        r = caption_fidelity(plain_samples(folder, captions, 10_000, steps=2), captions, details=True)
+        got = summary[name]
+        assert got["caption_fidelity_per_seed"] == [r["fidelity"]], name
+        assert (got["caption_fidelity"], got["colour_accuracy"], got["shape_accuracy"]) == (
+            r["fidelity"],
+            r["colour_accuracy"],
+            r["shape_accuracy"],
+        ), name
+    # sample grids: the 8 captions of grid-captions.txt, seeds 1234 + i, one 64 px row
+    grid_captions = (out / "grid-captions.txt").read_text().splitlines()
+    assert len(grid_captions) == 8
+    for name, folder in folders.items():
+        grid = Image.open(out / f"grid-{name}.png").convert("RGB")
+        assert grid.size == (8 * 64, 64)
+        for i, image in enumerate(plain_samples(folder, grid_captions, 1234, steps=2)):
+            tile = grid.crop((64 * i, 0, 64 * (i + 1), 64))
+            assert np.array_equal(np.asarray(tile), np.asarray(image.convert("RGB"))), (name, i)
+    for name in MODELS[1:]:
+        assert list((out / name / "final" / "unet").glob("*.safetensors"))
+
+    # a rerun into the same folder replaces the demo's own output (here with another seed), printing the table
+    code, stdout, stderr = run_cli(["demo", "--out", str(out), "--seed", "1", *SMALL], capsys)
+    assert code == 0, stderr
+    again = json.loads((out / "results.json").read_text())
+    assert again["config"]["seed"] == 1 and summary["config"]["seed"] == 0
+    for name, folder in folders.items():  # this run used the fast runtime: its fused QKV adds no parameters
+        assert again[name]["unet_params"] == summarize(str(folder))["unet_params"], name
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["demo"]  # no temporary or old copy left behind
+    numbers = table_numbers(stdout)
+    for name in MODELS:
+        r = again[name]
+        want = [r["caption_fidelity"], r["colour_accuracy"], r["shape_accuracy"], r["unet_params"]]
+        assert numbers[name][:4] == pytest.approx(want, abs=5e-4), name
+        assert numbers[name][4] == pytest.approx(r["step_latency_ms"], abs=0.0051), name
+
+    # a folder the demo did not write is refused (one line, exit 2) and left alone, even with demo files in it
+    (out / "notes.txt").write_text("mine\n")
+    code, _, stderr = run_cli(["demo", "--out", str(out), *SMALL], capsys)
+    assert code == 2 and len(stderr.strip().splitlines()) == 1, stderr
+    assert str(out) in stderr and "--overwrite" in stderr
+    assert (out / "notes.txt").read_text() == "mine\n" and json.loads(
+        (out / "results.json").read_text()
+    ) == again
+
+
+def test_only_the_demos_own_output_is_replaced_without_overwrite(tmp_path):
+    """What a rerun may replace: a folder whose results.json the demo wrote and that holds nothing else."""
+    from slimsd.errors import SlimsdError
+    from slimsd.toy.demo import check_out
+
+    cfg = DemoConfig(out=str(tmp_path / "demo"))
+    assert check_out(cfg) is False  # nothing there: nothing to replace
+    (tmp_path / "demo").mkdir()
+    (tmp_path / "demo" / "grid-teacher.png").write_bytes(b"")
+    results = tmp_path / "demo" / "results.json"
+    for not_the_demos in (None, {"kind": "something-else"}, ["slimsd-demo"], "{"):
+        if not_the_demos is not None:
+            results.write_text(not_the_demos if isinstance(not_the_demos, str) else json.dumps(not_the_demos))
+        with pytest.raises(SlimsdError, match="not an earlier demo output; pass --overwrite"):
+            check_out(cfg)
+    results.write_text(json.dumps({"kind": "slimsd-demo"}))
+    assert check_out(cfg) is True
+    (tmp_path / "demo" / "mine.txt").write_text(
+        ""
+    )  # a file the demo does not write: not the demo's folder now
+    with pytest.raises(SlimsdError, match="not an earlier demo output"):
+        check_out(cfg)
+    assert check_out(DemoConfig(out=cfg.out, overwrite=True)) is True
 
 
 def test_demo_rejects_bad_options(tmp_path, capsys):

@@ -33,14 +33,25 @@ def test_weights_are_safetensors_only_and_small():
 
 
 def test_loads_offline_as_micro_sd_and_through_load(toy):
+    """Both loaders give exactly the committed weights, read here straight from the safetensors files."""
+    from safetensors.torch import load_file
+
     from slimsd.models.loading import load
     from slimsd.models.presets import MICRO_SD_UNET
 
     assert type(toy).__name__ == "StableDiffusionPipeline"
     assert toy.unet.config.block_out_channels == MICRO_SD_UNET["block_out_channels"]
     assert toy.unet.dtype == torch.float32
-    again = load("toy-sd", device="cpu", dtype="fp32", optimize=False)
-    assert torch.equal(again.unet.conv_in.weight, toy.unet.conv_in.weight)
+    through_load = load("toy-sd", device="cpu", dtype="fp32", optimize=False)
+    for component in ("unet", "vae", "text_encoder"):
+        (weights,) = (TOY_DIR / component).glob("*.safetensors")
+        on_disk = load_file(weights)
+        for pipe in (toy, through_load):
+            state = getattr(pipe, component).state_dict()
+            # every tensor in the file is loaded unchanged (the text encoder may hold derived buffers too)
+            assert set(on_disk) <= set(state), component
+            for key, tensor in on_disk.items():
+                assert torch.equal(state[key], tensor), (component, key)
     assert toy_training_record().get("fidelity_seed0", {}).get("fidelity", 0) >= 0.4  # chance: 1/24
 
 

@@ -15,9 +15,13 @@ KD_WEIGHT = "Weight of this KD term for the KD student (0 for an ablation)."
     default="demo-out",
     show_default=True,
     type=click.Path(file_okay=False),
-    help="Output folder: students, sample grids, results.json.",
+    help="Output folder: students, sample grids, results.json. A rerun replaces the demo's earlier output.",
 )
-@click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
+@click.option(
+    "--overwrite",
+    is_flag=True,
+    help="Replace --out even if it is not an earlier demo output (a rerun replaces its own output anyway).",
+)
 @click.option(
     "--steps",
     default=150,

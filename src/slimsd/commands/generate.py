@@ -30,6 +30,17 @@ def _read_prompts(path: str) -> list[str]:
     return [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
 
 
+def _check_out(out: str) -> None:
+    """Refuse an --out below a file before minutes of loading (click checks only --out itself)."""
+    from slimsd.errors import SlimsdError
+
+    for folder in (Path(out), *Path(out).parents):
+        if folder.exists():
+            if not folder.is_dir():
+                raise SlimsdError(f"--out {out!r} cannot be a folder: {str(folder)!r} is a file")
+            return
+
+
 @click.command()
 @click.argument("model", required=False)
 @click.argument("prompt", required=False)
@@ -150,6 +161,7 @@ def generate(
         batch_size=opts["batch_size"],
         scheduler=opts.get("scheduler"),
     )  # before minutes of loading
+    _check_out(out)
 
     pipe = load(
         model,

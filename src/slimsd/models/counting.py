@@ -6,6 +6,8 @@ layers for one U-Net forward at batch 1; the attention score products (QK^T and 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import nn
 
@@ -170,8 +172,11 @@ def summarize(model: str, resolution: int | None = None) -> dict:
         try:
             unet_cfg, encoders, vae_cfg, default_res = _arch_from_configs(model)
         except (OSError, ValueError) as e:
-            from slimsd.models.loading import hub_error_reason
+            from slimsd.models.loading import _first_line, check_local_folder, hub_error_reason
 
+            if kind == "local":  # a folder that is there but unreadable is broken, not missing from a cache
+                check_local_folder(Path(model), allow_pickle=True)
+                raise SlimsdError(f"model folder {model!r} is broken: {_first_line(e)}") from None
             raise SlimsdError(f"could not read the configs of {model!r}: {hub_error_reason(e)}") from None
     resolution = resolution or default_res
     vae_factor = 2 ** (len(vae_cfg["block_out_channels"]) - 1)

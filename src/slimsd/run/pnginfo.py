@@ -137,17 +137,21 @@ def settings_from_png(path: str | Path) -> dict:
     """The settings stored in a PNG: the ``slimsd`` JSON chunk if present, else A1111's ``parameters``."""
     text = read_png_text(path)
     if PNG_JSON_KEY in text:
+        chunk = f"the {PNG_JSON_KEY!r} chunk of {str(path)!r}"
         try:
             data = json.loads(text[PNG_JSON_KEY])
         except json.JSONDecodeError as e:
-            raise SlimsdError(f"the PNG's {PNG_JSON_KEY!r} chunk is not valid JSON: {e}") from None
+            raise SlimsdError(f"{chunk} is not valid JSON: {e}") from None
         if not isinstance(data, dict):
-            raise SlimsdError(f"the PNG's {PNG_JSON_KEY!r} chunk is not a JSON object")
+            raise SlimsdError(f"{chunk} is a JSON {type(data).__name__}; a JSON object is expected")
         if "grid" in data:
             raise SlimsdError(f"{str(path)!r} is a grid; regenerate from one of its images instead")
         return _checked(data, path)
     if "parameters" in text:
-        return parse_a1111(text["parameters"])
+        try:
+            return parse_a1111(text["parameters"])
+        except SlimsdError as e:
+            raise SlimsdError(f"{str(path)!r}: {e}") from None
     raise SlimsdError(f"{str(path)!r} carries no generation metadata (no 'parameters' or 'slimsd' chunk)")
 
 

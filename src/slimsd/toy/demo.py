@@ -28,6 +28,17 @@ from slimsd.toy.teacher import TOY_SAMPLING
 
 MODELS = ("teacher", "kd_student", "task_only_student")
 LABELS = {"teacher": "teacher (toy-sd)", "kd_student": "KD student", "task_only_student": "task-only student"}
+# results.json says which program wrote the folder: a rerun replaces only the demo's own output
+DEMO_KIND = "slimsd-demo"
+# everything the demo writes at the top of its folder
+DEMO_ENTRIES = {
+    "student-init",
+    "cache",
+    *MODELS[1:],
+    *(f"grid-{m}.png" for m in MODELS),
+    "grid-captions.txt",
+    "results.json",
+}
 
 
 @dataclass
@@ -78,6 +89,30 @@ def _validate(cfg: DemoConfig) -> None:
         raise SlimsdError("demo needs at least one evaluation seed")
     if cfg.threads is not None and cfg.threads < 1:
         raise SlimsdError(f"--threads {cfg.threads!r}: must be at least 1")
+
+
+def demo_output(out: Path) -> bool:
+    """Whether ``out`` holds the demo's own earlier output (its results.json, nothing a user added)."""
+    try:
+        results = json.loads((out / "results.json").read_text(encoding="utf-8"))
+        entries = {p.name for p in out.iterdir()}
+    except (OSError, ValueError):
+        return False
+    return isinstance(results, dict) and results.get("kind") == DEMO_KIND and entries <= DEMO_ENTRIES
+
+
+def check_out(cfg: DemoConfig) -> bool:
+    """Refuse an existing ``cfg.out`` that is not the demo's own output, unless ``cfg.overwrite``; returns
+    whether the run replaces an existing folder (checked before any work starts)."""
+    out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise SlimsdError(f"output path {str(out)!r} exists and is not a folder")
+    if out.exists() and not cfg.overwrite and not demo_output(out):
+        raise SlimsdError(
+            f"output folder {str(out)!r} exists and is not an earlier demo output; pass --overwrite to replace "
+            "it, or choose another --out"
+        )
+    return out.exists()
 
 
 # --- measurements -------------------------------------------------------------------------------------------
@@ -181,23 +216,26 @@ def distill_config(cfg: DemoConfig, student: Path, data: Path, output_dir: Path,
 
 def run_demo(cfg: DemoConfig) -> dict:
     """Compress, distill (KD and task-only), measure and write everything under ``cfg.out``."""
-    from slimsd.atomic import atomic_dir, atomic_write_text, check_output_dir
+    from slimsd.atomic import atomic_dir, atomic_write_text
     from slimsd.images import make_grid
     from slimsd.models.compress import compress
-    from slimsd.models.counting import count_params
     from slimsd.models.loading import load
     from slimsd.toy.shapes import make_captions
     from slimsd.train.cache import write_cache
     from slimsd.train.distill import train
 
     _validate(cfg)
-    out = check_output_dir(cfg.out, cfg.overwrite)
+    out = Path(cfg.out)
+    replace = check_out(cfg)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     log = cfg.log
+    if replace:
+        log(f"replacing the earlier output in {out} when this run completes")
     start = time.perf_counter()
     timings = {}
-    with atomic_dir(out, cfg.overwrite) as tmp:
+    # Built in a temporary sibling and renamed into place: an interrupted rerun leaves the earlier output whole.
+    with atomic_dir(out, overwrite=replace) as tmp:
         t0 = time.perf_counter()
         init = compress(cfg.teacher, cfg.recipe, tmp / "student-init")
         log(
@@ -217,7 +255,7 @@ def run_demo(cfg: DemoConfig) -> dict:
             timings[f"{name}_train_s"] = time.perf_counter() - t0
             last = runs[name]["losses"][-10:]
             log(
-                f"  done in {timings[f'{name}_train_s']:.0f} s; task loss over the last 10 steps "
+                f"  done in {timings[f'{name}_train_s']:.0f} s; task loss over the last {len(last)} steps "
                 f"{statistics.fmean(r['task'] for r in last):.4f}"
             )
 
@@ -227,13 +265,19 @@ def run_demo(cfg: DemoConfig) -> dict:
             name: load(m, device="cpu", dtype="fp32", optimize=cfg.optimize) for name, m in models.items()
         }
 
+        # Counted on the models as compressed: the fast runtime's fused QKV projections are not extra weights.
+        unet_params = {
+            "teacher": init.teacher_unet_params,
+            "kd_student": init.student_unet_params,
+            "task_only_student": init.student_unet_params,
+        }
         t0 = time.perf_counter()
         results = {}
         for name, pipe in pipes.items():
             log(
                 f"sampling {LABELS[name]}: {len(cfg.eval_seeds)} seeds x {cfg.eval_prompts} held-out captions"
             )
-            results[name] = {**fidelity(pipe, cfg), "unet_params": count_params(pipe.unet)}
+            results[name] = {**fidelity(pipe, cfg), "unet_params": unet_params[name]}
         timings["evaluate_s"] = time.perf_counter() - t0
         lat = step_latencies({k: p.unet for k, p in pipes.items()}, cfg.latency_repeats)
         for name in pipes:
@@ -252,6 +296,7 @@ def run_demo(cfg: DemoConfig) -> dict:
 
         teacher_fid = results["teacher"]["caption_fidelity"]
         summary = {
+            "kind": DEMO_KIND,
             **results,
             "kd_vs_teacher": results["kd_student"]["caption_fidelity"] / teacher_fid if teacher_fid else None,
             "task_only_vs_teacher": (

@@ -1,0 +1,192 @@
+"""Quiet, clear output: each command prints its own lines and nothing from the libraries.
+
+The commands run as subprocesses, as a user runs them: stderr is then not a terminal, so slimsd's own
+progress bars stay off (slimsd.progress), and any bar or warning left in the output came from a library.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from slimsd.cli import COMMANDS
+
+CHATTER = (
+    "Loading pipeline components",
+    "it/s]",
+    "s/it]",
+    "WARNING",
+    "Warning:",
+    "warn(",
+    "FutureWarning",
+    "DeprecationWarning",
+    "UserWarning",
+)
+STAND_IN = ["--fid-extractor", "stand-in", "--clip-model", "none"]  # offline scorers
+PNG = r"\S+/\d{5}-\d+-a-red-circle\.png"
+
+# (command line, the lines it may print: each output line must match one of these in full)
+CASES = {
+    "generate": (
+        ["generate", "micro-sd", "a red circle", "--steps", "2", "--num-images", "2", "--out", "{tmp}/g"],
+        [rf"{PNG}  seed \d+  \d+\.\d\d s", r"\S+/grid-\d{5}-a-red-circle\.png  \(grid\)"],
+    ),
+    "compress": (
+        ["compress", "--teacher", "micro-sd", "--recipe", "bk-small", "--out", "{tmp}/c"],
+        [
+            r"wrote \S+/c: U-Net [\d,]+ params \([\d.]+% fewer than the teacher's [\d,]+\); \d+ tensors inherited "
+            r"by recipe bk-small"
+        ],
+    ),
+    "inspect": (
+        ["inspect", "micro-sd"],
+        [
+            r"micro-sd \(micro\) at 64 px",
+            r"  (U-Net|text encoder|VAE|total) +[\d,]+ params( +[\d.]+M MACs)?",
+            r"    down [\d.]+M  mid [\d.]+M  up [\d.]+M",
+        ],
+    ),
+    "cache": (
+        ["cache", "--model", "micro-sd", "--data", "shapes:4", "--out", "{tmp}/k", "--resolution", "64"],
+        [r"wrote \S+/k: 4 examples in 1 shard\(s\)"],
+    ),
+    "distill": (
+        [
+            "distill",
+            "data=shapes:4",
+            "batch_size=2",
+            "max_steps=2",
+            "output_dir={tmp}/run",
+            "tensorboard=false",
+        ],
+        [r"wrote \S+/run/final after 2 steps; last loss [\d.]+ \(task [\d.]+, out [\d.]+, feat [\d.]+\)"],
+    ),
+    "bench": (
+        ["bench", "--models", "micro-sd", "--device", "cpu", "--no-e2e", "--repeats", "1"],
+        [
+            r"step latency: micro-sd round-robin, 1 warm-up \+ 1 timed forwards",
+            r"\|.*\|",
+            r"",
+            r"\d{4}-\d\d-\d\dT\S+ · cpu .*",
+        ],
+    ),
+    "eval": (
+        [
+            "eval",
+            "--models",
+            "micro-sd",
+            "--prompts",
+            "{tmp}/p.csv",
+            "--out",
+            "{tmp}/e",
+            "--steps",
+            "1",
+            *STAND_IN,
+        ],
+        [r"micro-sd: (generating|scoring) .*", r"micro-sd: FID .*\(2 images\)", r"wrote \S+ and \S+"],
+    ),
+    "demo": (
+        [
+            "demo",
+            "--out",
+            "{tmp}/d",
+            "--steps",
+            "2",
+            "--data-images",
+            "8",
+            "--batch-size",
+            "4",
+            "--eval-seeds",
+            "1",
+            "--eval-prompts",
+            "2",
+            "--inference-steps",
+            "2",
+            "--threads",
+            "1",
+        ],
+        [
+            r"compressed toy-sd with bk-small: U-Net [\d,]+ -> [\d,]+ parameters",
+            r"training (KD student|task-only student) \(.*\), 2 steps of batch 4 \.\.\.",
+            r"  done in \d+ s; task loss over the last 2 steps [\d.]+",
+            r"sampling (teacher \(toy-sd\)|KD student|task-only student): 1 seeds x 2 held-out captions",
+            r"model +caption fidelity +colour +shape +U-Net params +step ms",
+            r"-+",
+            r"(teacher \(toy-sd\)|KD student|task-only student) +[\d.]+ +[\d.]+ +[\d.]+ +[\d,]+ +[\d.]+",
+            r"KD student keeps \d+% of the teacher's caption fidelity; the task-only student \d+%\.",
+            r"sample grids and results.json in \S+/d",
+        ],
+    ),
+}
+DISTILL_BAR = (
+    "train/distill.py's bar passes disable=False, so it prints even when stderr is not a terminal: "
+    "fixed in distill.py (disable=None unless progress is off), helper-a or the lead"
+)
+
+
+def slimsd(args: list[str], cwd=None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "slimsd.cli", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=cwd,
+        timeout=300,
+    )
+
+
+def assert_quiet(output: str, allowed: list[str]) -> None:
+    """No library chatter, and every line one of the command's own."""
+    for word in CHATTER:
+        assert word not in output, f"{word!r} in the output:\n{output}"
+    for line in output.splitlines():
+        assert any(re.fullmatch(p, line) for p in allowed), f"not one of slimsd's lines: {line!r}\n{output}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "name",
+    [
+        pytest.param(n, marks=[pytest.mark.xfail(strict=True, reason=DISTILL_BAR)] if n == "distill" else [])
+        for n in CASES
+    ],
+)
+def test_command_prints_only_its_own_lines(name, tmp_path):
+    args, allowed = CASES[name]
+    (tmp_path / "p.csv").write_text("caption\na red circle\na blue square\n")
+    r = slimsd([a.replace("{tmp}", str(tmp_path)) for a in args], cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert_quiet(r.stdout + r.stderr, allowed)
+
+
+EVAL_IMPORTS_TORCH = pytest.mark.xfail(
+    strict=True,
+    reason="commands/eval.py imports slimsd.measure.evaluate (torch) for its choices at import time, and "
+    "`slimsd --help` imports every command: helper-b or the lead",
+)
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["presets"],
+        pytest.param(["--help"], marks=EVAL_IMPORTS_TORCH),
+        *(
+            pytest.param([c, "--help"], marks=[EVAL_IMPORTS_TORCH] if c == "eval" else [])
+            for c in COMMANDS
+            if c != "presets"
+        ),
+    ],
+)
+def test_help_and_presets_do_not_import_torch(args):
+    code = (
+        "import sys\nfrom slimsd.cli import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
+        "print(sorted(m for m in ('torch', 'diffusers', 'transformers', 'gradio') if m in sys.modules))"
+    )
+    r = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=120)
+    assert r.stdout.strip().splitlines()[-1] == "[]", r.stdout + r.stderr
