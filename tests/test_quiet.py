@@ -164,23 +164,12 @@ def test_command_prints_only_its_own_lines(name, tmp_path):
     assert_quiet(r.stdout + r.stderr, allowed)
 
 
-EVAL_IMPORTS_TORCH = pytest.mark.xfail(
-    strict=True,
-    reason="commands/eval.py imports slimsd.measure.evaluate (torch) for its choices at import time, and "
-    "`slimsd --help` imports every command: helper-b or the lead",
-)
-
-
 @pytest.mark.parametrize(
     "args",
     [
         ["presets"],
-        pytest.param(["--help"], marks=EVAL_IMPORTS_TORCH),
-        *(
-            pytest.param([c, "--help"], marks=[EVAL_IMPORTS_TORCH] if c == "eval" else [])
-            for c in COMMANDS
-            if c != "presets"
-        ),
+        ["--help"],
+        *([c, "--help"] for c in COMMANDS if c != "presets"),
     ],
 )
 def test_help_and_presets_do_not_import_torch(args):

@@ -3,7 +3,7 @@ import json
 import click
 
 from slimsd.commands.options import random_weights_option, runtime_options, split_models
-from slimsd.measure.evaluate import FID_EXTRACTORS, PROTOCOLS
+from slimsd.measure.protocols import DEFAULT_CLIP, FID_EXTRACTORS, PROTOCOLS
 from slimsd.run.schedulers import SCHEDULERS
 
 
@@ -87,7 +87,7 @@ def _models(ctx, param, value):
 )
 @click.option(
     "--clip-model",
-    default="openai/clip-vit-large-patch14",
+    default=DEFAULT_CLIP,
     help="CLIP hub id or folder; 'stand-in' (tiny random, offline); 'none' skips the CLIP score.",
 )
 @click.option("--is-splits", type=click.IntRange(1), default=10, help="Inception Score splits [10].")

@@ -73,7 +73,11 @@ def ui(
     from slimsd.run.ui import UIConfig, default_models, launch
 
     resolve_dtype(dtype, resolve_device(device))  # bad --device/--dtype: one line now, not per request
+    from slimsd.models.loading import describe_model
+
     names = split_models((*models, *more_models)) or default_models()
+    for name in names:  # the operator's list: a typo is one line now, not a visitor's error later
+        describe_model(name)
     config = UIConfig(
         models=names,
         out_dir=Path(out),

@@ -42,26 +42,12 @@ from PIL import Image
 from slimsd.atomic import atomic_write_bytes, atomic_write_text
 from slimsd.errors import SlimsdError, unknown
 from slimsd.images import IMAGE_SUFFIXES
+from slimsd.measure.protocols import DEFAULT_CLIP, FID_EXTRACTORS, PROTOCOLS
 from slimsd.models.loading import native_resolution
 from slimsd.run.outputs import safe_stem
 
-FID_EXTRACTORS = ("inception-v3", "stand-in")
-DEFAULT_CLIP = "openai/clip-vit-large-patch14"
 CAPTION_COLUMNS = ("caption", "text", "prompt")
 ID_COLUMNS = ("id", "file_name", "image_id", "filename")
-
-# Named protocols: settings they fix (explicit options still win, and are recorded in the report).
-PROTOCOLS = {
-    "bk-sdm-coco30k": {
-        "resolution": 512,
-        "score_resolution": 256,
-        "scheduler": "pndm",
-        "steps": 25,
-        "guidance": 7.5,
-        "seed": 1234,
-        "num_prompts": 30000,
-    },
-}
 
 
 # ---------------------------------------------------------------------------------------------------------------
