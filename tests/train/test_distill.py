@@ -283,6 +283,7 @@ def test_example_configs_resolve():
     assert {"micro-sd.yaml", "micro-sdxl.yaml", "bk-small.yaml", "bk-tiny.yaml", "ssd-1b.yaml"} <= names
     for p in root.glob("*.yaml"):
         load_config(p)
+    assert load_config(root / "micro-sd.yaml").mixed_precision == "no"  # written `mixed_precision: no`
 
 
 def test_cache_command(tmp_path, capsys):
