@@ -1,6 +1,7 @@
 """`slimsd compress`: folders that plain diffusers loads and runs, and bad input refused cleanly."""
 
 import json
+import subprocess
 
 import pytest
 import torch
@@ -114,21 +115,32 @@ def test_bad_input_is_refused_and_nothing_is_written(args, needles, tmp_path, ca
     assert list(tmp_path.iterdir()) == []
 
 
-def test_existing_output_is_refused_unless_overwrite(tmp_path, capsys):
+def test_a_rerun_is_refused_unless_overwrite_and_a_folder_not_its_own_is_never_replaced(tmp_path, capsys):
+    cmd = ["compress", "--teacher", "micro-sd", "--recipe", "bk-small", "--out"]
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("user data")
+    for extra in ([], ["--overwrite"]):  # not a compress output: never deleted, even with --overwrite
+        code, _, err = run_cli([*cmd, str(mine), *extra], capsys)
+        _assert_one_line_error(code, err, str(mine), "is not a `slimsd compress` output", "'notes.txt'")
+    assert (mine / "notes.txt").read_text() == "user data"
+
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "mine.txt").write_text("user data")
-    code, _, err = run_cli(
-        ["compress", "--teacher", "micro-sd", "--recipe", "bk-small", "--out", str(out)], capsys
-    )
-    _assert_one_line_error(code, err, str(out), "--overwrite")
-    assert (out / "mine.txt").read_text() == "user data"
-    code, _, _ = run_cli(
-        ["compress", "--teacher", "micro-sd", "--recipe", "bk-small", "--out", str(out), "--overwrite"],
-        capsys,
-    )
-    assert code == 0 and (out / "model_index.json").is_file() and not (out / "mine.txt").exists()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    out.mkdir()  # an empty folder is fine
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    (tmp_path / f".out.tmp-{dead.pid}-abcd").mkdir()  # left by a compress that was killed while writing
+    assert run_cli([*cmd, str(out)], capsys)[0] == 0
+    assert (out / "model_index.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine", "out"]  # the killed run's folder is gone
+
+    code, _, err = run_cli([*cmd, str(out)], capsys)  # the same command again: its own output
+    _assert_one_line_error(code, err, str(out), "holds an earlier `slimsd compress` output", "--overwrite")
+    before = (out / "slimsd.json").stat().st_ino
+    code, _, _ = run_cli([*cmd, str(out), "--overwrite", "--recipe", "bk-tiny"], capsys)
+    assert code == 0 and json.loads((out / "slimsd.json").read_text())["recipe"]["name"] == "bk-tiny"
+    assert (out / "slimsd.json").stat().st_ino != before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine", "out"]
 
 
 def test_pickle_only_teacher_is_refused_unless_allowed(tmp_path, micro_sd, capsys):

@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import io
 import json
+import signal
 import tarfile
+from contextlib import contextmanager
 
 import pytest
 import torch
 from PIL import Image
 
 from slimsd.errors import SlimsdError
-from slimsd.train.data import BatchPlan, Examples, collate, open_source, preprocess
+from slimsd.train.data import BatchPlan, Examples, check_rows, collate, epoch_order, open_source, preprocess
+
+from helpers import run_cli
 
 GOOD = [("red", "a red square"), ("blue", "a blue square"), ("green", "a green square")]
 CORRUPT = b"\x89PNG\r\n\x1a\nthis is not a png"
@@ -121,5 +125,149 @@ def test_batch_plan_splits_global_batches_across_processes_and_resumes():
     assert len({i for b in seen[:2] for i, _ in b}) == 8  # no repeat within an epoch
     resumed = iter(BatchPlan(10, 4, 1, 0, seed=3, start=3))
     assert next(resumed) == seen[3]
-    with pytest.raises(SlimsdError, match="fewer than one global batch"):
-        BatchPlan(3, 2, 2, 0, seed=0)
+
+
+def test_too_few_rows_after_indexing_names_what_was_dropped(tmp_path):
+    source = open_source(make_imagefolder(tmp_path))  # 4 rows (one is corrupt, found only when read)
+    check_rows(source, "d", 4)
+    with pytest.raises(
+        SlimsdError,
+        match=r"'d': 4 usable rows, fewer than one global batch \(6\); skipped: "
+        r"missing_caption 1$",
+    ):
+        check_rows(source, "d", 6)
+
+
+# --- data that yields nothing ------------------------------------------------------------------------------------
+
+
+class Hang(BaseException):
+    """Not an Exception: the readers' `except Exception` around image decoding must not swallow it."""
+
+
+@contextmanager
+def no_hang(seconds: int = 120):
+    """Fail instead of hanging: the trainer used to spin forever on data with no readable row."""
+
+    def timeout(*_):
+        raise Hang(f"still running after {seconds} s")
+
+    old = signal.signal(signal.SIGALRM, timeout)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def all_missing_files(root):
+    lines = [{"file_name": f"gone-{i}.png", "text": f"caption {i}"} for i in range(3)]
+    (root / "metadata.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    return str(root), "skipped 3 rows: missing_image 3"
+
+
+def all_corrupt_sidecar(root):
+    for i in range(3):
+        (root / f"{i}.png").write_bytes(CORRUPT)
+        (root / f"{i}.txt").write_text(f"caption {i}")
+    return str(root), "skipped 3 rows: unreadable_image 3"
+
+
+def all_corrupt_webdataset(root):
+    path = root / "shard-000.tar"
+    with tarfile.open(path, "w") as tar:
+        for i in range(3):
+            for name, data in ((f"{i:04d}.png", CORRUPT), (f"{i:04d}.txt", b"a caption")):
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return str(path), "skipped 3 rows: unreadable_image 3"
+
+
+def all_corrupt_parquet(root):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = root / "train.parquet"
+    pq.write_table(pa.table({"image": [CORRUPT] * 3, "text": ["a caption"] * 3}), path, row_group_size=2)
+    return str(path), "skipped 3 rows: unreadable_image 3"
+
+
+def all_captions_missing(root):  # dropped at indexing: refused before any model is loaded
+    for i in range(3):
+        (root / f"{i}.png").write_bytes(png("red"))
+    return str(root), "0 usable rows, fewer than one global batch (2); skipped: missing_caption 3"
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        all_missing_files,
+        all_corrupt_sidecar,
+        all_corrupt_webdataset,
+        all_corrupt_parquet,
+        all_captions_missing,
+    ],
+)
+def test_distill_on_data_with_no_readable_row_ends_with_one_line(make, tmp_path, capsys):
+    data, counts = make(tmp_path)
+    args = ["distill", f"data={data}", f"output_dir={tmp_path / 'run'}", "batch_size=2", "max_steps=2"]
+    with no_hang():
+        code, _, err = run_cli([*args, "resolution=64", "progress=false", "tensorboard=false"], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert counts in err and "Traceback" not in err
+    assert not list((tmp_path / "run").glob("checkpoints/step-*"))
+
+
+def test_a_few_readable_rows_are_trained_on_and_the_rest_counted(tmp_path):
+    from test_distill import cfg
+
+    from slimsd.train.distill import train
+
+    (tmp_path / "0.png").write_bytes(png("red"))
+    (tmp_path / "0.txt").write_text("a red square")
+    for i in range(1, 6):
+        (tmp_path / f"{i}.png").write_bytes(CORRUPT)
+        (tmp_path / f"{i}.txt").write_text("a broken image")
+    with no_hang():
+        result = train(cfg(tmp_path, batch_size=1, max_steps=3, data=str(tmp_path), seed=2))
+    # batch 1: micro-batches walk the epoch orders row by row; the one good row is sorted first ("0.png")
+    order = [i for e in range(10) for i in epoch_order(6, 2, e)]
+    third_good = [k for k, i in enumerate(order) if i == 0][2]
+    assert result["steps"] == 3 and result["skipped"] == {"unreadable_image": third_good + 1 - 3}
+
+
+def test_data_that_goes_away_in_the_middle_of_a_run_ends_with_one_line(tmp_path, capsys):
+    data = tmp_path / "data"
+    data.mkdir()
+    lines = [{"file_name": f"{i}.png", "text": f"caption {i}"} for i in range(4)]
+    (data / "metadata.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    for i in range(4):
+        (data / f"{i}.png").write_bytes(png("red"))
+    args = ["distill", f"data={data}", f"output_dir={tmp_path / 'run'}", "batch_size=2", "resolution=64"]
+    args += ["progress=false", "tensorboard=false"]
+    with no_hang():
+        assert run_cli([*args, "max_steps=1"], capsys)[0] == 0
+        for i in range(
+            4
+        ):  # the files go away (an unmounted disk, a cleaned folder); the index still names them
+            (data / f"{i}.png").unlink()
+        code, _, err = run_cli([*args, "max_steps=3", "resume=latest"], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "no row could be read since step 1; skipped 4 rows: missing_image 4" in err
+
+
+def test_cache_of_data_with_no_readable_row_writes_nothing(tmp_path, capsys):
+    for make in (all_corrupt_sidecar, all_captions_missing):
+        root = tmp_path / make.__name__
+        root.mkdir()
+        data, counts = make(root)
+        out = tmp_path / f"{make.__name__}-cache"
+        cmd = ["cache", "--model", "micro-sd", "--data", data, "--out", str(out), "--resolution", "64"]
+        code, _, err = run_cli(cmd, capsys)
+        assert code == 2 and len(err.strip().splitlines()) == 1, err
+        assert "skipped 3 rows: " + counts.split(" ")[-2] + " 3" in err
+        assert not out.exists() and not list(
+            tmp_path.glob(f".{out.name}.*")
+        )  # no empty cache, no temp folder

@@ -20,16 +20,6 @@ from slimsd.train.distill import train
 
 from helpers import run_cli
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Micro models are far faster on one thread when other work shares the CPU (no OpenMP spinning)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 FAST = {
     "teacher": "micro-sd",
     "student": "bk-small",
@@ -293,6 +283,7 @@ def test_example_configs_resolve():
     assert {"micro-sd.yaml", "micro-sdxl.yaml", "bk-small.yaml", "bk-tiny.yaml", "ssd-1b.yaml"} <= names
     for p in root.glob("*.yaml"):
         load_config(p)
+    assert load_config(root / "micro-sd.yaml").mixed_precision == "no"  # written `mixed_precision: no`
 
 
 def test_cache_command(tmp_path, capsys):
@@ -334,7 +325,15 @@ def test_cache_command(tmp_path, capsys):
         ],
         capsys,
     )
-    assert code == 2 and "already exists" in err
+    assert code == 2 and "holds an earlier `slimsd cache` output; pass --overwrite" in err
+    assert len(err.strip().splitlines()) == 1
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("user data")
+    cmd = ["cache", "--model", "micro-sd", "--data", "shapes:4", "--out", str(mine), "--resolution", "64"]
+    code, _, err = run_cli([*cmd, "--overwrite"], capsys)
+    assert code == 2 and "is not a `slimsd cache` output" in err  # never replaced, even with --overwrite
+    assert (mine / "notes.txt").read_text() == "user data"
     code, _, err = run_cli(
         [
             "cache",
@@ -350,3 +349,13 @@ def test_cache_command(tmp_path, capsys):
         capsys,
     )
     assert code == 2 and "multiple of 8" in err
+
+
+def test_a_missing_tensorboard_is_a_one_line_warning_and_training_goes_on(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "tensorboard", None)  # as if not installed: `import tensorboard` fails
+    result = train(cfg(tmp_path, max_steps=1, tensorboard=True))
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("slimsd: warning:")]
+    assert len(warnings) == 1, warnings
+    assert "the tensorboard package is not installed" in warnings[0] and "tensorboard=false" in warnings[0]
+    assert (Path(result["final_dir"]) / "slimsd.json").is_file()
+    assert not (tmp_path / "run" / "tensorboard").exists()

@@ -28,6 +28,12 @@ def distill(config_file, overrides, dry_run, as_json):
         click.echo(config_yaml(cfg), nl=False)
         return
     result = train(cfg)
+    if result.get("already_finished"):  # train() said so; final/ is left as it is
+        if as_json:
+            click.echo(
+                json.dumps({k: result[k] for k in ("final_dir", "steps", "already_finished")}, indent=1)
+            )
+        return
     summary = {
         k: result[k]
         for k in ("final_dir", "steps", "num_processes", "skipped", "resumed_from", "images_per_second")

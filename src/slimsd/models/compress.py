@@ -97,7 +97,7 @@ def compress(
     if recipe != "identity":
         recipe = load_recipe(recipe)  # a bad recipe fails before the teacher is loaded
     if out is not None:
-        check_output_dir(out, overwrite)
+        check_output_dir(out, overwrite, marker="slimsd.json", command="compress")
     # Weight surgery needs the modules as diffusers builds them (no fused projections), in fp32 on the CPU.
     pipe = load(
         teacher,

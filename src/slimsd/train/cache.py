@@ -11,7 +11,7 @@ import torch
 
 from slimsd.errors import SlimsdError
 from slimsd.models.loading import is_sdxl
-from slimsd.train.data import CACHE_FORMAT, Examples, collate, open_source
+from slimsd.train.data import CACHE_FORMAT, Examples, collate, nothing_readable, open_source
 from slimsd.train.encoders import encode_images, encode_text, time_ids
 
 
@@ -38,10 +38,12 @@ def write_cache(
     from slimsd.atomic import atomic_dir, check_output_dir
     from slimsd.models.loading import load
 
-    check_output_dir(out, overwrite)
+    check_output_dir(out, overwrite, marker="cache.json", command="cache")
     source = open_source(data, seed)
     if source.kind == "cache":
         raise SlimsdError(f"data {data!r} is already a latent cache")
+    if not len(source):  # every row was dropped at indexing: known before the model loads
+        raise nothing_readable(data, source.skipped)
     # fp32 and no runtime: the latents must be what the trainer's own encoding of the same images gives.
     pipe = load(model, device="cpu", dtype="fp32", optimize=False, allow_pickle=allow_pickle)
     sdxl = is_sdxl(pipe)
@@ -79,6 +81,8 @@ def write_cache(
                 flush()
                 n_pending = 0
         flush()
+        if not shards:  # raised inside atomic_dir: no empty cache is left behind
+            raise nothing_readable(data, skipped)
         info = {
             "format": CACHE_FORMAT,
             "model": model,

@@ -2,13 +2,14 @@
 
 ``OUTPUT/checkpoints/step-NNNNNNNN/`` holds the student (safetensors), the EMA weights, the optimizer, the LR
 schedule, the generator and torch RNG states (``trainer.pt``, read with ``weights_only=True``: no code runs on
-load) and ``state.json`` (step, data position, skipped rows, losses).
+load) and ``state.json`` (step, data position, skipped rows, losses, the config that wrote it, its history of
+config changes, and a description of the student's architecture).
 """
 
 from __future__ import annotations
 
 import json
-import shutil
+import re
 from pathlib import Path
 
 import torch
@@ -19,7 +20,16 @@ from slimsd.train.config import DistillConfig
 
 def list_checkpoints(output_dir: Path) -> list[Path]:
     root = output_dir / "checkpoints"
-    return sorted(root.glob("step-*"), key=lambda p: int(p.name.split("-")[1])) if root.is_dir() else []
+    found = [p for p in root.iterdir() if re.fullmatch(r"step-\d+", p.name)] if root.is_dir() else []
+    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+
+
+def read_state(path: Path) -> dict:
+    """A checkpoint's ``state.json`` (cheap: no tensors are read)."""
+    try:
+        return json.loads((path / "state.json").read_text())
+    except (OSError, ValueError) as e:
+        raise SlimsdError(f"checkpoint {str(path)!r}: state.json cannot be read ({e})") from None
 
 
 def resolve_resume(cfg: DistillConfig) -> Path | None:
@@ -43,7 +53,7 @@ def save_checkpoint(
     """Everything an exact resume needs, in one folder renamed into place (never half-written)."""
     from safetensors.torch import save_file
 
-    from slimsd.atomic import atomic_dir
+    from slimsd.atomic import atomic_dir, remove_dir
 
     path = output_dir / "checkpoints" / f"step-{step:08d}"
     with atomic_dir(path, overwrite=True) as tmp:
@@ -64,22 +74,74 @@ def save_checkpoint(
         )
         (tmp / "state.json").write_text(json.dumps(state) + "\n")
     for old in list_checkpoints(output_dir)[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
+        remove_dir(old)  # renamed aside first: a kill never leaves a half-deleted step-N behind
     return path
 
 
-def load_checkpoint(path: Path, student, optimizer, lr_scheduler, ema, gen) -> dict:
+def architecture(unet, label: str) -> str:
+    """A short description of a U-Net's architecture, to name it when a checkpoint does not fit."""
+    c = unet.config
+    params = sum(p.numel() for p in unet.parameters())
+    return (
+        f"{label} (block_out_channels {list(c.block_out_channels)}, layers_per_block {c.layers_per_block}, "
+        f"mid block {c.mid_block_type or 'none'}, {params:,} parameters)"
+    )
+
+
+def _check_architecture(path: Path, student, state: dict, expected: str) -> None:
+    """Refuse a checkpoint whose tensors do not fit the student, naming both architectures."""
+    from safetensors import safe_open
+
+    with safe_open(str(path / "student.safetensors"), framework="pt") as f:
+        saved = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118 (no __iter__)
+    wanted = {k: tuple(v.shape) for k, v in student.state_dict().items()}
+    if saved != wanted:
+        found = state.get("architecture") or (
+            f"{len(saved)} tensors, {sum(torch.Size(s).numel() for s in saved.values()):,} parameters"
+        )
+        raise SlimsdError(
+            f"checkpoint {str(path)!r} is of another architecture: it holds {found}; this run's student is "
+            f"{expected}"
+        )
+
+
+def load_checkpoint(
+    path: Path, student, optimizer, lr_scheduler, ema, gen, expected: str
+) -> tuple[dict, torch.Tensor]:
+    """Restore everything an exact resume needs; ``expected`` describes the student (see ``architecture``).
+    Returns the state and the torch RNG state, which the caller sets once its data iterator has drawn its seed
+    (as the uninterrupted run's did, before the checkpoint)."""
     from safetensors.torch import load_file
 
+    state = read_state(path)
+    _check_architecture(path, student, state, expected)
     student.load_state_dict(load_file(str(path / "student.safetensors")))
     trainer = torch.load(path / "trainer.pt", map_location="cpu", weights_only=True)  # no code runs on load
-    optimizer.load_state_dict(trainer["optimizer"])
+    try:
+        optimizer.load_state_dict(trainer["optimizer"])
+    except (ValueError, KeyError, RuntimeError) as e:  # e.g. use_8bit_adam changed under allow_config_change
+        raise SlimsdError(
+            f"checkpoint {str(path)!r}: its optimizer state does not fit this run ({e})"
+        ) from None
     lr_scheduler.load_state_dict(trainer["lr_scheduler"])
     gen.set_state(trainer["generator"])
-    torch.set_rng_state(trainer["torch_rng"])
     if ema is not None:
         ema_path = path / "ema.safetensors"
         saved = load_file(str(ema_path)) if ema_path.is_file() else dict(student.state_dict())
         for k in ema:
             ema[k].copy_(saved[k])
-    return json.loads((path / "state.json").read_text())
+    return state, trainer["torch_rng"]
+
+
+def apply_optimizer_settings(optimizer, lr_scheduler, cfg: DistillConfig) -> None:
+    """After a resume with allowed config changes: the config's optimizer settings replace the checkpoint's
+    (``load_state_dict`` restores the old ones), from this step on."""
+    for i, group in enumerate(optimizer.param_groups):
+        group.update(
+            betas=(cfg.adam_beta1, cfg.adam_beta2),
+            weight_decay=cfg.weight_decay,
+            eps=cfg.adam_epsilon,
+            initial_lr=cfg.learning_rate,
+        )
+        lr_scheduler.base_lrs[i] = cfg.learning_rate
+        group["lr"] = cfg.learning_rate * lr_scheduler.lr_lambdas[i](lr_scheduler.last_epoch)

@@ -6,6 +6,7 @@ what is allowed (exit code 2 on the command line).
 
 from __future__ import annotations
 
+import math
 import typing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -49,6 +50,8 @@ class DistillConfig:
     checkpoint_every: int = 500  # 0: only at the end
     keep_last: int = 2
     resume: str | None = None  # "latest" or a checkpoint folder
+    overwrite: bool = False  # start over: remove the run already in output_dir (resume is then ignored)
+    allow_config_change: bool = False  # resume even when keys that change the computation differ (recorded)
     stop_at_step: int | None = (
         None  # end this run early after this step (checkpointed), for time-limited jobs
     )
@@ -68,37 +71,68 @@ class DistillConfig:
     allow_pickle: bool = False
 
 
-# (low, high, low inclusive) per numeric key; None: unbounded.
-RANGES: dict[str, tuple[float | None, float | None, bool]] = {
-    "max_steps": (1, None, True),
-    "batch_size": (1, None, True),
-    "gradient_accumulation_steps": (1, None, True),
-    "learning_rate": (0, None, False),
-    "weight_decay": (0, None, True),
-    "adam_beta1": (0, 1, True),
-    "adam_beta2": (0, 1, True),
-    "adam_epsilon": (0, None, False),
-    "max_grad_norm": (0, None, True),
-    "lr_warmup_steps": (0, None, True),
-    "lambda_task": (0, None, True),
-    "lambda_out": (0, None, True),
-    "lambda_feat": (0, None, True),
-    "resolution": (8, None, True),
-    "caption_dropout": (0, 1, True),
-    "checkpoint_every": (0, None, True),
-    "keep_last": (1, None, True),
-    "ema_decay": (0, 1, True),
-    "validation_every": (0, None, True),
-    "validation_steps": (1, None, True),
-    "log_every": (1, None, True),
-    "num_workers": (0, None, True),
-    "stop_at_step": (1, None, True),
+# (low, high, low inclusive, high inclusive) per numeric key; None: unbounded.
+RANGES: dict[str, tuple[float | None, float | None, bool, bool]] = {
+    "max_steps": (1, None, True, True),
+    "batch_size": (1, None, True, True),
+    "gradient_accumulation_steps": (1, None, True, True),
+    "learning_rate": (0, None, False, True),
+    "weight_decay": (0, None, True, True),
+    "adam_beta1": (0, 1, True, False),  # torch's AdamW refuses 1
+    "adam_beta2": (0, 1, True, False),
+    "adam_epsilon": (0, None, False, True),
+    "max_grad_norm": (0, None, True, True),
+    "lr_warmup_steps": (0, None, True, True),
+    "lambda_task": (0, None, True, True),
+    "lambda_out": (0, None, True, True),
+    "lambda_feat": (0, None, True, True),
+    "resolution": (8, None, True, True),
+    "caption_dropout": (0, 1, True, True),
+    "checkpoint_every": (0, None, True, True),
+    "keep_last": (1, None, True, True),
+    "ema_decay": (0, 1, True, True),
+    "validation_every": (0, None, True, True),
+    "validation_steps": (1, None, True, True),
+    "log_every": (1, None, True, True),
+    "num_workers": (0, None, True, True),
+    "stop_at_step": (1, None, True, True),
+    "seed": (0, 2**32 - 1, True, True),  # numpy's seed range (accelerate's set_seed seeds numpy too)
 }
 CHOICES = {
     "mixed_precision": tuple(MIXED_PRECISION),
     "lr_scheduler": LR_SCHEDULERS,
     "feat_norm": ("none", "teacher"),
 }
+
+
+class YamlWord:
+    """A YAML 1.1 boolean as written (``no``, ``Off``, ``true``...): a bool for a bool key, the word for a
+    string key, so that ``mixed_precision: no`` means accelerate's "no" and not False."""
+
+    def __init__(self, text: str, value: bool):
+        self.text, self.value = text, value
+
+    def __repr__(self) -> str:
+        return repr(self.value)
+
+
+class _WordLoader(yaml.SafeLoader):
+    def construct_yaml_bool(self, node):
+        return YamlWord(node.value, super().construct_yaml_bool(node))
+
+
+_WordLoader.add_constructor("tag:yaml.org,2002:bool", _WordLoader.construct_yaml_bool)
+
+
+def _words(value, as_text: bool):
+    """``value`` with every YamlWord in it replaced by its text (``as_text``) or its boolean."""
+    if isinstance(value, YamlWord):
+        return value.text if as_text else value.value
+    if isinstance(value, list):
+        return [_words(v, as_text) for v in value]
+    if isinstance(value, dict):
+        return {_words(k, as_text): _words(v, as_text) for k, v in value.items()}
+    return value
 
 
 def _coerce(key: str, value, hint):
@@ -112,6 +146,7 @@ def _coerce(key: str, value, hint):
         else hint
     )
     origin = typing.get_origin(base) or base
+    value = _words(value, as_text=origin in (str, list))  # lists here hold strings (prompts, module names)
     bad = SlimsdError(f"config key {key!r}: expected {getattr(origin, '__name__', origin)}, got {value!r}")
     if origin is bool:
         if not isinstance(value, bool):
@@ -124,33 +159,43 @@ def _coerce(key: str, value, hint):
     if origin is float:
         if isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string
             try:
-                return float(value)
+                value = float(value)
             except ValueError:
                 raise bad from None
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise bad
+        if not math.isfinite(value):
+            raise SlimsdError(f"config key {key!r}: {value!r} is not a finite number")
         return float(value)
     if origin is str:
         if not isinstance(value, str | int | float) or isinstance(value, bool):
             raise bad
         return str(value)
     if origin is list:
-        if isinstance(value, str) and key == "validation_prompts":
+        item = typing.get_args(base)[0] if typing.get_args(base) else None
+        if isinstance(value, str) and item is str:
             return [value]
         if not isinstance(value, list):
             raise bad
+        if item is str and not all(isinstance(v, str) for v in value):
+            raise SlimsdError(f"config key {key!r}: expected a list of strings, got {value!r}")
         return value
     return value
 
 
 def validate(cfg: DistillConfig) -> DistillConfig:
-    for key, (lo, hi, lo_incl) in RANGES.items():
+    """Check every key's type (also for a config built in Python), range and choices; one line per problem."""
+    hints = typing.get_type_hints(DistillConfig)
+    for key, hint in hints.items():
+        setattr(cfg, key, _coerce(key, getattr(cfg, key), hint))
+    for key, (lo, hi, lo_incl, hi_incl) in RANGES.items():
         v = getattr(cfg, key)
         if v is None:
             continue
-        if (lo is not None and (v < lo or (v == lo and not lo_incl))) or (hi is not None and v > hi):
+        too_low = lo is not None and (v < lo or (v == lo and not lo_incl))
+        if too_low or (hi is not None and (v > hi or (v == hi and not hi_incl))):
             lo_s = "" if lo is None else (f">= {lo}" if lo_incl else f"> {lo}")
-            hi_s = "" if hi is None else f"<= {hi}"
+            hi_s = "" if hi is None else (f"<= {hi}" if hi_incl else f"< {hi}")
             raise SlimsdError(
                 f"config key {key!r}: {v} is out of range; allowed: {' and '.join(filter(None, [lo_s, hi_s]))}"
             )
@@ -159,6 +204,8 @@ def validate(cfg: DistillConfig) -> DistillConfig:
             raise SlimsdError(
                 f"config key {key!r}: {getattr(cfg, key)!r} is not allowed; allowed: {', '.join(allowed)}"
             )
+    if not (cfg.lambda_task or cfg.lambda_out or cfg.lambda_feat):
+        raise SlimsdError("config keys lambda_task, lambda_out and lambda_feat are all 0: nothing to learn")
     if cfg.resolution is not None and cfg.resolution % 8:
         raise SlimsdError(f"config key 'resolution': {cfg.resolution} is not a multiple of 8")
     if cfg.feature_taps is not None:
@@ -171,10 +218,11 @@ def validate(cfg: DistillConfig) -> DistillConfig:
 def make_config(values: dict) -> DistillConfig:
     """A validated config from a mapping; unknown keys are an error that lists the allowed ones."""
     hints = typing.get_type_hints(DistillConfig)
+    values = {_words(k, as_text=True): v for k, v in values.items()}  # a key spelled `no:` is the word
     unknown = [k for k in values if k not in hints]
     if unknown:
         raise SlimsdError(f"unknown config key {unknown[0]!r}; allowed: {', '.join(hints)}")
-    return validate(DistillConfig(**{k: _coerce(k, v, hints[k]) for k, v in values.items()}))
+    return validate(DistillConfig(**values))
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> DistillConfig:
@@ -185,7 +233,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         if not p.is_file():
             raise SlimsdError(f"config file {str(p)!r} does not exist")
         try:
-            values = yaml.safe_load(p.read_text()) or {}
+            values = yaml.load(p.read_bytes().decode("utf-8"), Loader=_WordLoader) or {}
+        except UnicodeDecodeError:
+            raise SlimsdError(f"config file {str(p)!r} is not UTF-8 text") from None
         except yaml.YAMLError as e:
             raise SlimsdError(f"config file {str(p)!r} is not valid YAML: {str(e).splitlines()[0]}") from None
         if not isinstance(values, dict):
@@ -195,7 +245,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         if not sep or not key.strip():
             raise SlimsdError(f"override {item!r}: expected key=value")
         try:
-            values[key.strip()] = yaml.safe_load(raw) if raw.strip() else None
+            values[key.strip()] = yaml.load(raw, Loader=_WordLoader) if raw.strip() else None
         except yaml.YAMLError:
             values[key.strip()] = raw
     return make_config(values)

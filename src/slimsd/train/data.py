@@ -13,7 +13,9 @@ examples whether one process or several read them):
   and text embeddings, so training skips the VAE encoder and the text encoder(s).
 
 A row whose caption is missing is dropped when the source is indexed; a row whose image cannot be decoded is
-dropped when it is read. Both are counted by reason (``skipped``), never a crash.
+dropped when it is read. Both are counted by reason (``skipped``), never a crash. Data with too few rows left
+after indexing (``check_rows``), or whose every row has failed to read (``ReadGuard``), ends the run with one
+line that names what was skipped and why.
 """
 
 from __future__ import annotations
@@ -178,9 +180,13 @@ def _webdataset_source(paths: list[Path]) -> Source:
 
     def read(row):
         path, offset, size, caption, _ = row
-        with open(path, "rb") as f:
-            f.seek(offset)
-            return _decode(f.read(size)), caption
+        try:
+            with open(path, "rb") as f:
+                f.seek(offset)
+                data = f.read(size)
+        except OSError as e:  # the shard went away after indexing
+            raise BadRow("missing_image") from e
+        return _decode(data), caption
 
     return Source("webdataset", rows, read, skipped)
 
@@ -214,8 +220,11 @@ def _parquet_source(paths: list[Path]) -> Source:
     def read(row):
         path, g, r, col, caption = row
         if cache.get("key") != (path, g):  # rows come mostly in order within a row group: keep the last one
+            try:
+                cache["column"] = pq.ParquetFile(path).read_row_group(g, columns=[col]).column(0)
+            except OSError as e:  # the file went away or broke after indexing (pyarrow's errors are OSErrors)
+                raise BadRow("missing_image") from e
             cache["key"] = (path, g)
-            cache["column"] = pq.ParquetFile(path).read_row_group(g, columns=[col]).column(0)
         value = cache["column"][r].as_py()
         if isinstance(value, dict):
             value = value.get("bytes")
@@ -353,10 +362,12 @@ class Examples(torch.utils.data.Dataset):
 
 
 def collate(items: list[dict]) -> dict:
-    """Stack the good examples; bad ones are listed under "skipped" (their reasons) for the trainer to count."""
+    """Stack the good examples; bad ones are listed under "skipped" (their reasons) and "bad_index" (their rows)
+    for the trainer to count."""
     good = [it for it in items if "bad" not in it]
     batch: dict = {
         "skipped": [it["bad"] for it in items if "bad" in it],
+        "bad_index": [it["index"] for it in items if "bad" in it],
         "size": len(good),
         "slot": torch.tensor([s for s, it in enumerate(items) if "bad" not in it], dtype=torch.long),
     }
@@ -370,6 +381,51 @@ def collate(items: list[dict]) -> dict:
         else:
             batch[k] = torch.stack([it[k] for it in good])
     return batch
+
+
+def describe_skipped(skipped: Counter | dict) -> str:
+    """ "missing_caption 3, unreadable_image 2" (by reason), or "none"."""
+    return ", ".join(f"{k} {v}" for k, v in sorted(skipped.items())) or "none"
+
+
+def check_rows(source: Source, spec: str, global_batch: int) -> None:
+    """Before any work: the rows left after indexing fill at least one global batch (else one line that says
+    which rows were dropped, and why)."""
+    if len(source) < global_batch:
+        raise SlimsdError(
+            f"data {spec!r}: {len(source)} usable rows, fewer than one global batch ({global_batch}); "
+            f"skipped: {describe_skipped(source.skipped)}"
+        )
+
+
+def nothing_readable(spec: str, rows: Counter, step: int = 0) -> SlimsdError:
+    """The one line for data that yields nothing: ``rows`` counts its rows by the reason each was skipped."""
+    since = f" since step {step}" if step else ""
+    return SlimsdError(
+        f"data {spec!r}: no row could be read{since}; skipped {sum(rows.values())} rows: {describe_skipped(rows)}"
+    )
+
+
+class ReadGuard:
+    """Ends a run whose data yields nothing instead of spinning on empty micro-batches: once every row of the
+    source has failed to read since the last row that read (all rows bad from the start, or the files gone in
+    the middle of a run), one line names what was skipped and why.
+
+    Rows dropped at indexing are known before training (``check_rows``); rows that fail to decode are known only
+    when read, so the bound is the data itself: about one epoch of failed reads, never a read up front.
+    """
+
+    def __init__(self, spec: str, source: Source):
+        self.spec, self.n, self.dropped = spec, len(source), source.skipped
+        self.failed: dict[int, str] = {}  # row -> reason, for the distinct rows that failed since a good one
+
+    def check(self, batch: dict, step: int) -> None:
+        if batch["size"]:
+            self.failed.clear()
+            return
+        self.failed.update(zip(batch["bad_index"], batch["skipped"], strict=True))
+        if len(self.failed) >= self.n:
+            raise nothing_readable(self.spec, Counter(self.failed.values()) + self.dropped, step)
 
 
 def epoch_order(n: int, seed: int, epoch: int, shuffle: bool = True) -> list[int]:
@@ -398,11 +454,6 @@ class BatchPlan(torch.utils.data.Sampler):
         start: int = 0,
         shuffle: bool = True,
     ):
-        if n < batch_size * num_processes:
-            raise SlimsdError(
-                f"the data has {n} usable rows, fewer than one global batch "
-                f"({batch_size} x {num_processes} processes)"
-            )
         self.n, self.b, self.p, self.rank, self.seed, self.start, self.shuffle = (
             n,
             batch_size,

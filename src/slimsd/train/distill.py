@@ -17,8 +17,10 @@ One ``train(cfg)`` that runs unchanged on one CPU, one GPU or many under ``accel
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
+import sys
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass
@@ -27,8 +29,9 @@ from pathlib import Path
 import torch
 
 from slimsd.errors import SlimsdError
-from slimsd.train.checkpoints import load_checkpoint, resolve_resume, save_checkpoint
+from slimsd.train.checkpoints import apply_optimizer_settings, architecture, load_checkpoint, save_checkpoint
 from slimsd.train.config import DistillConfig, validate
+from slimsd.train.runs import begin_run, plan_run
 
 # --- models ---------------------------------------------------------------------------------------------------
 
@@ -145,6 +148,14 @@ def save_final(
             allow_pickle=cfg.allow_pickle,
         )
     components = dict(base.components) | {"unet": unet}
+    for part in components.values():
+        # A fast tokenizer keeps the padding and truncation of its last call in its backend, and saves them:
+        # clear them, so that final/ is the same whether this process encoded captions or not (a cached run,
+        # or a run resumed at its last step); the pipelines set both on every call anyway.
+        backend = getattr(part, "backend_tokenizer", None)
+        if backend is not None:
+            backend.no_truncation()
+            backend.no_padding()
     pipe = (
         type(base)(**components)
         if "requires_safety_checker" not in _init_params(type(base))
@@ -162,6 +173,7 @@ def save_final(
             "feature_taps": models.taps,
             "step": state["step"],
             "skipped": state["skipped"],
+            "config_changes": state["config_changes"],  # allowed changes on resumes, with their steps
         }
         (tmp / "slimsd.json").write_text(json.dumps(info, indent=1) + "\n")
     return out
@@ -192,18 +204,17 @@ def train(cfg: DistillConfig) -> dict:
 
     cfg = validate(cfg)
     output_dir = Path(cfg.output_dir)
-    log_with = None
-    if cfg.tensorboard:
-        try:
-            import tensorboard  # noqa: F401
-
-            log_with = "tensorboard"
-        except ImportError:
-            pass
+    # 0. The output folder (one run per folder; a resume with a changed config is checked; runs.py), read only.
+    run = plan_run(cfg)
+    if cfg.use_8bit_adam and importlib.util.find_spec("bitsandbytes") is None:
+        raise SlimsdError("use_8bit_adam=true needs bitsandbytes (pip install bitsandbytes; CUDA only)")
+    has_tensorboard = importlib.util.find_spec("tensorboard") is not None
+    log_with = "tensorboard" if cfg.tensorboard and has_tensorboard else None
     # Under a launcher (WORLD_SIZE > 1) on a machine without CUDA, accelerate joins the processes into one gloo
     # group only when told to use the CPU; otherwise each process would train alone on the whole data set and
     # all of them would write the same output_dir. So `accelerate launch --multi_gpu` works on CPUs unchanged.
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    _reset_accelerate_state(world_size)  # a train() that failed earlier in this process may have left it set
     accelerator = Accelerator(
         mixed_precision=cfg.mixed_precision,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
@@ -221,6 +232,27 @@ def train(cfg: DistillConfig) -> dict:
             "DeepSpeed runs need accelerator.save_state checkpoints, which this trainer does not "
             "write yet; use DDP (configs/accelerate/ddp.yaml)"
         )
+    for line in run.notes:
+        accelerator.print(line)
+    if run.finished:
+        accelerator.print(
+            f"{output_dir} already finished: step {run.step} of {cfg.max_steps}; the student is in "
+            f"{output_dir / 'final'}"
+        )
+        return {"final_dir": str(output_dir / "final"), "steps": run.step, "already_finished": True}
+    if cfg.tensorboard and not has_tensorboard and accelerator.is_main_process:
+        print(
+            "slimsd: warning: the tensorboard package is not installed, so this run writes no TensorBoard "
+            "logs (pip install tensorboard, or set tensorboard=false)",
+            file=sys.stderr,
+        )
+    # Rows dropped when the data is indexed end the run here, before the folder is touched or a model loads.
+    source = D.open_source(cfg.data, cfg.seed)
+    D.check_rows(source, cfg.data, cfg.batch_size * accelerator.num_processes)
+    accelerator.wait_for_everyone()  # every process has read the folder before the main one writes it
+    if accelerator.is_main_process:
+        begin_run(run, cfg)
+    accelerator.wait_for_everyone()
     set_seed(cfg.seed)
     weight_dtype = DTYPES[MIXED_PRECISION[cfg.mixed_precision]]
     device = accelerator.device
@@ -252,12 +284,8 @@ def train(cfg: DistillConfig) -> dict:
         "eps": cfg.adam_epsilon,
     }
     if cfg.use_8bit_adam:
-        try:
-            import bitsandbytes as bnb
-        except ImportError:
-            raise SlimsdError(
-                "use_8bit_adam=true needs bitsandbytes (pip install bitsandbytes; CUDA only)"
-            ) from None
+        import bitsandbytes as bnb
+
         optimizer = bnb.optim.AdamW8bit(params, **opt_kwargs)
     else:
         optimizer = torch.optim.AdamW(params, **opt_kwargs)
@@ -269,15 +297,19 @@ def train(cfg: DistillConfig) -> dict:
 
     # 3. Resume: weights, optimizer, schedule, EMA, generator, step and data position.
     state = {"step": 0, "micro_batches": 0, "skipped": {}, "losses": []}
-    resume_from = resolve_resume(cfg)
+    resume_from, torch_rng = run.checkpoint, None
+    arch = architecture(student, models.recipe["name"] if models.recipe else cfg.student)
     if resume_from is not None:
-        state = load_checkpoint(resume_from, student, optimizer, lr_scheduler, ema, gen)
+        state, torch_rng = load_checkpoint(resume_from, student, optimizer, lr_scheduler, ema, gen, arch)
+        if run.changes and cfg.allow_config_change:
+            apply_optimizer_settings(optimizer, lr_scheduler, cfg)
         accelerator.print(f"resumed from {resume_from} at step {state['step']}")
+    # What the next checkpoints record: this run's config, its history of changes, the student it trains.
+    state |= {"config": asdict(cfg), "config_changes": run.history, "architecture": arch}
     skipped = Counter(state["skipped"])
     student, optimizer = accelerator.prepare(student, optimizer)
 
     # 4. Data: this process's slice of every global micro-batch, from the saved position on.
-    source = D.open_source(cfg.data, cfg.seed)
     skipped.update({} if resume_from else source.skipped)
     cached = source.kind == "cache"
     if cached and source.info.get("resolution") != resolution:
@@ -297,7 +329,10 @@ def train(cfg: DistillConfig) -> dict:
     loader = torch.utils.data.DataLoader(
         examples, batch_sampler=plan, collate_fn=D.collate, num_workers=cfg.num_workers
     )
-    batches = iter(loader)
+    batches = iter(loader)  # draws its base seed from the torch RNG
+    if torch_rng is not None:  # restored after that draw: the uninterrupted run made it before its checkpoint
+        torch.set_rng_state(torch_rng)
+    guard = D.ReadGuard(cfg.data, source)
     global_batch = cfg.batch_size * accelerator.num_processes
     empty = (
         {k: v.to(device, weight_dtype) for k, v in encode_text(tp, [""]).items()}
@@ -319,6 +354,16 @@ def train(cfg: DistillConfig) -> dict:
     )
     losses: list[dict] = state["losses"]
     images_seen, t0 = 0, time.perf_counter()
+
+    def next_batch() -> dict:
+        """The next micro-batch with a readable row (every row unreadable: count them, take the next one)."""
+        while True:
+            batch = next(batches)
+            state["micro_batches"] += 1
+            skipped.update(batch["skipped"])
+            guard.check(batch, state["step"])  # ends a run whose data yields nothing
+            if batch["size"]:
+                return batch
 
     def micro_batch_loss(batch) -> dict:
         """The loss terms of one micro-batch on this process."""
@@ -403,13 +448,7 @@ def train(cfg: DistillConfig) -> dict:
     while state["step"] < end:
         step_terms = []
         for _ in range(cfg.gradient_accumulation_steps):
-            batch = next(batches)
-            state["micro_batches"] += 1
-            skipped.update(batch["skipped"])
-            while batch["size"] == 0:  # every row of this micro-batch was unreadable: take the next one
-                batch = next(batches)
-                state["micro_batches"] += 1
-                skipped.update(batch["skipped"])
+            batch = next_batch()
             with accelerator.accumulate(student):
                 terms = micro_batch_loss(batch)
                 accelerator.backward(terms["loss"])
@@ -491,14 +530,14 @@ def train(cfg: DistillConfig) -> dict:
         unet_state = ema if ema is not None else accelerator.unwrap_model(student).state_dict()
         save_final(models, unet_state, cfg, state, reuse_components=weight_dtype == torch.float32)
     if skipped:
-        accelerator.print("skipped rows: " + ", ".join(f"{k} {v}" for k, v in sorted(skipped.items())))
+        accelerator.print(f"skipped rows: {D.describe_skipped(skipped)}")
     accelerator.wait_for_everyone()
     accelerator.end_training()
     for t in (s_taps, t_taps):
         if t is not None:
             t.remove()
     num_processes, process_index = accelerator.num_processes, accelerator.process_index
-    _release_accelerator(accelerator)
+    _reset_accelerate_state(num_processes)
     return {
         "final_dir": str(Path(cfg.output_dir) / "final") if finished else None,
         "losses": losses,
@@ -513,9 +552,9 @@ def train(cfg: DistillConfig) -> dict:
     }
 
 
-def _release_accelerator(accelerator) -> None:
+def _reset_accelerate_state(num_processes: int) -> None:
     """Let a later ``train()`` in the same (single) process pick another mixed precision or accumulation."""
-    if accelerator.num_processes == 1:
+    if num_processes == 1:
         from accelerate.state import AcceleratorState, GradientState
 
         AcceleratorState._reset_state()
