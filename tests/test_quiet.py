@@ -122,10 +122,6 @@ CASES = {
         ],
     ),
 }
-DISTILL_BAR = (
-    "train/distill.py's bar passes disable=False, so it prints even when stderr is not a terminal: "
-    "fixed in distill.py (disable=None unless progress is off), helper-a or the lead"
-)
 
 
 def slimsd(args: list[str], cwd=None) -> subprocess.CompletedProcess:
@@ -149,13 +145,7 @@ def assert_quiet(output: str, allowed: list[str]) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    "name",
-    [
-        pytest.param(n, marks=[pytest.mark.xfail(strict=True, reason=DISTILL_BAR)] if n == "distill" else [])
-        for n in CASES
-    ],
-)
+@pytest.mark.parametrize("name", list(CASES))
 def test_command_prints_only_its_own_lines(name, tmp_path):
     args, allowed = CASES[name]
     (tmp_path / "p.csv").write_text("caption\na red circle\na blue square\n")

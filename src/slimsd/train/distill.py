@@ -348,7 +348,8 @@ def train(cfg: DistillConfig) -> dict:
     bar = tqdm(
         total=cfg.max_steps,
         initial=state["step"],
-        disable=not (cfg.progress and accelerator.is_main_process),
+        # None: tqdm shows the bar only on a terminal (logs and pipes get the summary lines alone)
+        disable=None if cfg.progress and accelerator.is_main_process else True,
         desc="distill",
         dynamic_ncols=True,
     )
