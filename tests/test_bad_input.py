@@ -124,7 +124,7 @@ ROWS = [
     row(
         ["compress", "--teacher", "micro-sd", "--recipe", "bk-small", "--out", "{tmp}/other"],
         "other",
-        "--overwrite",
+        "choose another --out",  # --overwrite never replaces a folder compress did not write
     ),
     row(["compress", "--teacher", "micro-sd", "--recipe", "bk-small", "--out", "{tmp}/a-file"], "a-file"),
     row(
@@ -156,7 +156,7 @@ ROWS = [
     row([*CACHE, "--data", "shapes:0"], "shapes:0"),
     row([*CACHE, "--data", "shapes:2", "--model", "no-such-model"], "no-such-model"),
     row([*CACHE, "--data", "shapes:2", "--resolution", "12"], "--resolution", "12"),
-    row([*CACHE, "--data", "shapes:2", "--out", "{tmp}/other"], "other", "--overwrite"),
+    row([*CACHE, "--data", "shapes:2", "--out", "{tmp}/other"], "other", "choose another --out"),
     row([*CACHE, "--data", "shapes:2", "--batch-size", "0"], "--batch-size", "0"),
     # generate
     row(["generate", "no-such-model", "a red circle"], "no-such-model", "slimsd presets"),

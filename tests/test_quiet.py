@@ -68,7 +68,7 @@ CASES = {
     "bench": (
         ["bench", "--models", "micro-sd", "--device", "cpu", "--no-e2e", "--repeats", "1"],
         [
-            r"step latency: micro-sd round-robin, 1 warm-up \+ 1 timed forwards",
+            r"step latency: micro-sd x slimsd round-robin, 1 warm-up \+ 1 timed forwards",
             r"\|.*\|",
             r"",
             r"\d{4}-\d\d-\d\dT\S+ · cpu .*",
