@@ -71,31 +71,38 @@ class DistillConfig:
     allow_pickle: bool = False
 
 
-# (low, high, low inclusive, high inclusive) per numeric key; None: unbounded.
+# (low, high, low inclusive, high inclusive) per numeric key; None: unbounded. Keys grouped by their range.
+AT_LEAST_1 = (1, None, True, True)
+AT_LEAST_0 = (0, None, True, True)
 RANGES: dict[str, tuple[float | None, float | None, bool, bool]] = {
-    "max_steps": (1, None, True, True),
-    "batch_size": (1, None, True, True),
-    "gradient_accumulation_steps": (1, None, True, True),
-    "learning_rate": (0, None, False, True),
-    "weight_decay": (0, None, True, True),
-    "adam_beta1": (0, 1, True, False),  # torch's AdamW refuses 1
-    "adam_beta2": (0, 1, True, False),
-    "adam_epsilon": (0, None, False, True),
-    "max_grad_norm": (0, None, True, True),
-    "lr_warmup_steps": (0, None, True, True),
-    "lambda_task": (0, None, True, True),
-    "lambda_out": (0, None, True, True),
-    "lambda_feat": (0, None, True, True),
+    **dict.fromkeys(
+        (
+            "max_steps",
+            "batch_size",
+            "gradient_accumulation_steps",
+            "keep_last",
+            "validation_steps",
+            "log_every",
+        ),
+        AT_LEAST_1,
+    ),
+    "stop_at_step": AT_LEAST_1,
+    **dict.fromkeys(
+        (
+            "weight_decay",
+            "max_grad_norm",
+            "lr_warmup_steps",
+            "checkpoint_every",
+            "validation_every",
+            "num_workers",
+        ),
+        AT_LEAST_0,
+    ),
+    **dict.fromkeys(("lambda_task", "lambda_out", "lambda_feat"), AT_LEAST_0),
+    **dict.fromkeys(("learning_rate", "adam_epsilon"), (0, None, False, True)),  # above 0
+    **dict.fromkeys(("adam_beta1", "adam_beta2"), (0, 1, True, False)),  # torch's AdamW refuses 1
+    **dict.fromkeys(("caption_dropout", "ema_decay"), (0, 1, True, True)),
     "resolution": (8, None, True, True),
-    "caption_dropout": (0, 1, True, True),
-    "checkpoint_every": (0, None, True, True),
-    "keep_last": (1, None, True, True),
-    "ema_decay": (0, 1, True, True),
-    "validation_every": (0, None, True, True),
-    "validation_steps": (1, None, True, True),
-    "log_every": (1, None, True, True),
-    "num_workers": (0, None, True, True),
-    "stop_at_step": (1, None, True, True),
     "seed": (0, 2**32 - 1, True, True),  # numpy's seed range (accelerate's set_seed seeds numpy too)
 }
 CHOICES = {
