@@ -258,3 +258,30 @@ def test_bad_input_is_one_line_and_exit_2(args, names, tmp_path, capsys, monkeyp
     assert len(lines) == 1, err
     for name in names:
         assert name in lines[0], lines[0]
+
+
+EVAL_FID = ["eval", "-m", "micro-sd", "--prompts", "{tmp}/p.csv", "--reference", "{tmp}", "--out", "{tmp}/e"]
+
+
+@pytest.mark.parametrize(
+    ("args", "package", "extra"),
+    [
+        (UI, "gradio", "ui"),
+        ([*BENCH, "--json", "{tmp}/b.json"], "matplotlib", "eval"),
+        (EVAL_FID, "scipy", "eval"),
+    ],
+)
+def test_a_missing_optional_package_is_one_line_naming_it(
+    args, package, extra, tmp_path, monkeypatch, capsys
+):
+    import sys
+
+    for name in [m for m in sys.modules if m == package or m.startswith(package + ".")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, package, None)  # `import package` now raises ModuleNotFoundError
+    code, out, err = run_cli([a.replace("{tmp}", str(tmp_path)) for a in args], capsys)
+    assert code == 2 and "Traceback" not in out + err
+    assert out == "" and err.strip().splitlines() == [  # before any work: nothing else was printed
+        f"slimsd: error: this needs the optional package {package!r}, which is not installed: "
+        f"pip install 'slimsd[{extra}]'"
+    ]

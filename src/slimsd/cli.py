@@ -51,6 +51,37 @@ def cli():
     """slimsd: distilled Stable Diffusion. Compress, distill, generate, benchmark, evaluate."""
 
 
+# Optional packages (pyproject's extras): a command that needs a missing one says which, in one line.
+OPTIONAL = {
+    "gradio": "ui",
+    "gradio_client": "ui",
+    "tensorboard": "train",
+    "pyarrow": "train",
+    "scipy": "eval",
+    "matplotlib": "eval",
+}
+
+
+def missing_package(e: ModuleNotFoundError) -> str | None:
+    """The one-line message for a missing optional package, or None when the missing module is not one."""
+    name = (e.name or "").split(".")[0]
+    if name not in OPTIONAL:
+        return None
+    extra = OPTIONAL[name]
+    return f"this needs the optional package {name!r}, which is not installed: pip install 'slimsd[{extra}]'"
+
+
+def require(*packages: str) -> None:
+    """Refuse, before any work, a command whose optional packages are missing (one line naming them)."""
+    for name in packages:
+        try:
+            importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            from slimsd.errors import SlimsdError
+
+            raise SlimsdError(missing_package(e) or str(e)) from None
+
+
 def one_line(message: str) -> str:
     """A message as one line: a library's multi-line reason (tarfile lists every method it tried) is joined."""
     return " ".join(line.strip() for line in str(message).splitlines() if line.strip())
@@ -96,6 +127,11 @@ def main(argv: list[str] | None = None) -> None:
         fail(e.format_message())
     except SlimsdError as e:
         fail(str(e))
+    except ModuleNotFoundError as e:
+        message = missing_package(e)
+        if message is None:
+            raise
+        fail(message)
     except click.exceptions.Exit as e:
         sys.exit(e.exit_code)
 

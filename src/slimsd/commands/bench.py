@@ -133,7 +133,11 @@ def bench(
 ):
     """Latency, memory, parameters and MACs of MODELS, side by side (Markdown table, JSON, chart)."""
     from slimsd.atomic import atomic_write_bytes, atomic_write_text
+    from slimsd.cli import require
     from slimsd.errors import SlimsdError
+
+    if json_path or chart_path:
+        require("matplotlib")  # the chart: before minutes of benchmarking, not after
     from slimsd.measure import bench as b
 
     sizes = None

@@ -110,8 +110,11 @@ def eval_(as_json, clip_model, more_models, **options):
 
     Models: `--models A B C`, repeated `-m A -m B`, or comma-separated.
     """
+    from slimsd.cli import require
     from slimsd.measure.evaluate import EvalConfig, run_eval
 
+    if options["reference"] and not options["shard"]:
+        require("scipy")  # FID's matrix square root
     options["models"] = options["models"] + split_models(more_models)
     config = EvalConfig(clip_model=None if clip_model.lower() == "none" else clip_model, **options)
     log = (lambda msg: click.echo(msg, err=True)) if as_json else click.echo

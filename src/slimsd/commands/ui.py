@@ -73,7 +73,10 @@ def ui(
     from slimsd.run.ui import UIConfig, default_models, launch
 
     resolve_dtype(dtype, resolve_device(device))  # bad --device/--dtype: one line now, not per request
+    from slimsd.cli import require
     from slimsd.models.loading import describe_model
+
+    require("gradio")
 
     names = split_models((*models, *more_models)) or default_models()
     for name in names:  # the operator's list: a typo is one line now, not a visitor's error later
