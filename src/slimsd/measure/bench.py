@@ -452,8 +452,8 @@ def measure_end_to_end(
 ) -> dict:
     """Per variant of one model: time per image (parts apart), images/s per batch size, and peak memory.
 
-    The variants' pipelines are resident together and their timed runs alternate (A B A B ...; the median of
-    ``e2e_repeats`` is kept), so that a shared machine slows them alike. Peak memory is therefore measured per
+    The variants' pipelines are resident together and their timed runs alternate (A B, B A, A B ...; the median
+    of ``e2e_repeats`` is kept), so that a shared machine slows them alike. Peak memory is therefore measured per
     run as the increase over what was resident before it (activations, workspace), plus the variant's own
     weights: the memory that variant alone needs.
     """
@@ -465,8 +465,8 @@ def measure_end_to_end(
         out[v.name]["warmup_s"] = time.perf_counter() - t0
     for batch in cfg.batch_sizes:
         runs: dict[str, list] = {v.name: [] for v in kinds}
-        for _ in range(cfg.e2e_repeats):
-            for v in kinds:
+        for r in range(cfg.e2e_repeats):
+            for v in kinds if r % 2 == 0 else kinds[::-1]:  # A B, B A, ...: no variant always goes first
                 before = resident_memory(device)
                 reset_peak_memory(device)
                 t = generate_timed(pipes[v.name], cfg, v, resolution, batch, cfg.steps)
