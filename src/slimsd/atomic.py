@@ -20,6 +20,24 @@ from slimsd.errors import SlimsdError
 _LEFTOVER = re.compile(r"^\.(?P<name>.+)\.(?:tmp|old)-(?:(?P<pid>\d+)-)?")
 
 
+def _umask() -> int:
+    """The process's umask, read without changing it (os.umask would, for a moment, in every thread)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    return 0o022
+
+
+def usual_mode(path: str | Path, folder: bool) -> None:
+    """mkstemp/mkdtemp make private (0600/0700) entries; what is renamed into place gets the mode a plain
+    open()/mkdir() would have given it, so outputs are as shareable as the user's other files."""
+    os.chmod(path, (0o777 if folder else 0o666) & ~_umask())
+
+
 def is_leftover(name: str) -> bool:
     """Whether ``name`` is a temporary or set-aside name of these writers."""
     return _LEFTOVER.match(name) is not None
@@ -109,6 +127,7 @@ def atomic_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
     out.parent.mkdir(parents=True, exist_ok=True)
     clean_leftovers(out.parent, out.name)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
+    usual_mode(tmp, folder=True)
     try:
         yield tmp
     except BaseException:
@@ -125,6 +144,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-{os.getpid()}-", dir=path.parent)
+    usual_mode(tmp, folder=False)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)

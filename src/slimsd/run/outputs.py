@@ -14,6 +14,7 @@ from pathlib import Path
 
 from PIL.PngImagePlugin import PngInfo
 
+from slimsd.atomic import usual_mode
 from slimsd.errors import SlimsdError
 from slimsd.images import make_grid
 from slimsd.run.pnginfo import PNG_JSON_KEY, png_bytes
@@ -53,6 +54,7 @@ def write_new_file(folder: Path, stem: str, suffix: str, data: bytes) -> Path:
     """
     folder.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".slimsd-", suffix=".tmp", dir=folder)
+    usual_mode(tmp, folder=False)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
