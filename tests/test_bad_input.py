@@ -122,6 +122,10 @@ ROWS = [
     ),
     row(["compress", "--teacher", "micro-sd", "--recipe", "{tmp}/bad.yaml", "--out", "{tmp}/c"], "bad.yaml"),
     row(
+        ["compress", "--teacher", "micro-sd", "--recipe", "bk-small", "--init", "zeros", "--out", "{tmp}/c"],
+        "zeros",
+    ),
+    row(
         ["compress", "--teacher", "micro-sd", "--recipe", "bk-small", "--out", "{tmp}/other"],
         "other",
         "choose another --out",  # --overwrite never replaces a folder compress did not write

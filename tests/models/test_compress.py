@@ -199,3 +199,35 @@ def test_hub_models_offline_are_a_clear_error(args, tmp_path, capsys, monkeypatc
     code, _, err = run_cli([*args, "--out", str(tmp_path / "s")], capsys)
     _assert_one_line_error(code, err, "HF_HUB_OFFLINE")
     assert not (tmp_path / "s").exists()
+
+
+def test_random_init_is_diffusers_default_init_under_the_seed_and_inherits_nothing(tmp_path, capsys):
+    """--init random (BK-SDM's ablation baseline): the student's architecture with the weights a fresh
+    UNet2DConditionModel gets under torch.manual_seed(seed), none of the teacher's; the global RNG is untouched."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    out = tmp_path / "random"
+    args = "compress --teacher micro-sd --recipe bk-small --init random --seed 7 --json --out".split()
+    code, stdout, _ = run_cli([*args, str(out)], capsys)
+    assert code == 0
+    assert torch.equal(torch.get_rng_state(), before)
+    summary = json.loads(stdout)
+    assert summary["init"] == "random" and summary["tensors_inherited"] == 0
+    info = json.loads((out / "slimsd.json").read_text())
+    assert info["init"] == "random" and info["weight_map"] == {}
+
+    got = load_file(out / "unet" / "diffusion_pytorch_model.safetensors")
+    config = UNet2DConditionModel.load_config(out / "unet")
+    torch.manual_seed(7)
+    want = UNet2DConditionModel.from_config(config).state_dict()
+    assert got.keys() == want.keys()
+    assert all(torch.equal(got[k], want[k]) for k in want)
+
+    inherited = tmp_path / "teacher-init"
+    compress("micro-sd", "bk-small", inherited)
+    teacher_init = load_file(inherited / "unet" / "diffusion_pytorch_model.safetensors")
+    # conv_in is copied from the teacher under --init teacher and not under --init random
+    assert not torch.equal(got["conv_in.weight"], teacher_init["conv_in.weight"])
+    assert sum(v.numel() for v in got.values()) == sum(v.numel() for v in teacher_init.values())

@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 from slimsd.toy.demo import LABELS, MODELS, DemoConfig, run_demo
+from slimsd.toy.teacher import TOY_SAMPLING
 
 from helpers import run_cli
 
@@ -41,7 +42,12 @@ def plain_samples(folder, captions: list[str], first_seed: int, steps: int) -> l
     pipe.set_progress_bar_config(disable=True)
     generators = [torch.Generator("cpu").manual_seed(first_seed + i) for i in range(len(captions))]
     return pipe(
-        captions, generator=generators, num_inference_steps=steps, guidance_scale=5.0, height=64, width=64
+        captions,
+        generator=generators,
+        num_inference_steps=steps,
+        guidance_scale=TOY_SAMPLING["guidance_scale"],
+        height=64,
+        width=64,
     ).images
 
 
@@ -76,18 +82,20 @@ def test_demo_end_to_end_checked_independently_and_rerun(tmp_path, capsys):
         assert summary[name]["unet_params"] == summarize(str(folder))["unet_params"], name
     assert summary["kd_student"]["unet_params"] < 0.65 * summary["teacher"]["unet_params"]
 
-    # caption fidelity: the held-out captions (seed stream 1_000_003 + eval seed, sample seeds 10_000 x
-    # (eval seed + 1) + i) sampled again by plain diffusers from the folders on disk, scored from the pixels
-    captions = make_captions(2, seed=1_000_003)
-    for name, folder in folders.items():
-        r = caption_fidelity(plain_samples(folder, captions, 10_000, steps=2), captions, details=True)
-        got = summary[name]
-        assert got["caption_fidelity_per_seed"] == [r["fidelity"]], name
-        assert (got["caption_fidelity"], got["colour_accuracy"], got["shape_accuracy"]) == (
-            r["fidelity"],
-            r["colour_accuracy"],
-            r["shape_accuracy"],
-        ), name
+    # caption fidelity: captions of seen combinations (seed stream 1_000_003 + eval seed) and of held-out ones
+    # (2_000_003 + eval seed), sample seeds 10_000 x (eval seed + 1) + i, sampled again by plain diffusers from
+    # the folders on disk and scored from the pixels
+    for split, suffix, stream in (("seen", "", 1_000_003), ("held_out", "_held_out", 2_000_003)):
+        captions = make_captions(2, seed=stream, split=split)
+        for name, folder in folders.items():
+            r = caption_fidelity(plain_samples(folder, captions, 10_000, steps=2), captions, details=True)
+            got = summary[name]
+            assert got[f"caption_fidelity{suffix}_per_seed"] == [r["fidelity"]], name
+            assert (
+                got[f"caption_fidelity{suffix}"],
+                got[f"colour_accuracy{suffix}"],
+                got[f"shape_accuracy{suffix}"],
+            ) == (r["fidelity"], r["colour_accuracy"], r["shape_accuracy"]), name
     # sample grids: the 8 captions of grid-captions.txt, seeds 1234 + i, one 64 px row
     grid_captions = (out / "grid-captions.txt").read_text().splitlines()
     assert len(grid_captions) == 8
@@ -111,9 +119,15 @@ def test_demo_end_to_end_checked_independently_and_rerun(tmp_path, capsys):
     numbers = table_numbers(stdout)
     for name in MODELS:
         r = again[name]
-        want = [r["caption_fidelity"], r["colour_accuracy"], r["shape_accuracy"], r["unet_params"]]
-        assert numbers[name][:4] == pytest.approx(want, abs=5e-4), name
-        assert numbers[name][4] == pytest.approx(r["step_latency_ms"], abs=0.0051), name
+        want = [
+            r["caption_fidelity"],
+            r["caption_fidelity_held_out"],
+            r["colour_accuracy"],
+            r["shape_accuracy"],
+            r["unet_params"],
+        ]
+        assert numbers[name][:5] == pytest.approx(want, abs=5e-4), name
+        assert numbers[name][5] == pytest.approx(r["step_latency_ms"], abs=0.0051), name
 
     # a folder the demo did not write is refused (one line, exit 2) and left alone, even with demo files in it
     (out / "notes.txt").write_text("mine\n")

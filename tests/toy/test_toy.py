@@ -8,15 +8,17 @@ import torch
 from slimsd.toy.shapes import caption_fidelity
 from slimsd.toy.teacher import TOY_DIR, TOY_SAMPLING, load_toy_teacher, toy_training_record
 
+# plain captions of seen colour x shape combinations (the held-out ones are red square, green triangle,
+# blue cross and yellow circle)
 PROMPTS = [
     "a red circle",
     "a blue square",
-    "a green triangle",
+    "a green cross",
     "a yellow cross",
     "a purple circle",
     "a cyan square",
     "a red triangle",
-    "a blue cross",
+    "a blue triangle",
 ]
 
 
@@ -52,15 +54,28 @@ def test_loads_offline_as_micro_sd_and_through_load(toy):
             assert set(on_disk) <= set(state), component
             for key, tensor in on_disk.items():
                 assert torch.equal(state[key], tensor), (component, key)
-    assert toy_training_record().get("fidelity_seed0", {}).get("fidelity", 0) >= 0.4  # chance: 1/24
+    record = toy_training_record()
+    assert record["scores"]["sampling"] == TOY_SAMPLING  # the recorded scores are for the sampling we use
+    assert record["vae_reconstruction_fidelity"]["seen"] >= 0.98
 
 
 def test_samples_follow_their_captions(toy):
+    """Fresh captions (a seed stream no evaluation uses) sampled with plain diffusers at TOY_SAMPLING."""
     from slimsd.toy.shapes import make_captions
 
     prompts = PROMPTS + make_captions(16, seed=4242)  # plain and sized/placed captions
     gens = [torch.Generator().manual_seed(100 + i) for i in range(len(prompts))]
     images = toy(prompts, generator=gens, **TOY_SAMPLING).images
     r = caption_fidelity(images, prompts, details=True)
-    # chance is 1/6 for colour, 1/4 for shape, 1/24 for both: a teacher that ignores its captions fails this
-    assert r["fidelity"] >= 0.3 and r["colour_accuracy"] >= 0.5, r["per_image"]
+    # chance is 1/6 for colour, 1/4 for shape, 1/24 for both; the demo's protocol measured 0.93 (training.json)
+    assert r["fidelity"] >= 0.75 and r["colour_accuracy"] >= 0.85, r["per_image"]
+
+
+def test_composes_held_out_combinations_above_chance(toy):
+    """Colour x shape pairs it never saw in training: measured 0.79 with the demo's protocol; chance is 1/24."""
+    from slimsd.toy.shapes import make_captions
+
+    prompts = make_captions(16, seed=4243, split="held_out")
+    gens = [torch.Generator().manual_seed(200 + i) for i in range(len(prompts))]
+    r = caption_fidelity(toy(prompts, generator=gens, **TOY_SAMPLING).images, prompts, details=True)
+    assert r["fidelity"] >= 0.4, r["per_image"]

@@ -10,18 +10,35 @@ import click
 )
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Output pipeline folder.")
 @click.option("--random-weights", is_flag=True, help="Build a preset teacher with random weights (offline).")
+@click.option(
+    "--init",
+    default="teacher",
+    show_default=True,
+    type=click.Choice(["teacher", "random"]),
+    help="teacher: copy the teacher's weights by the recipe's map (BK-SDM); random: fresh weights (ablation).",
+)
+@click.option(
+    "--seed", default=0, show_default=True, type=click.IntRange(0, 2**32 - 1), help="Seed of --init random."
+)
 @click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
 @click.option(
     "--allow-pickle", is_flag=True, help="Allow loading pickle (.bin/.ckpt) weights: they can run code."
 )
 @click.option("--show-map", is_flag=True, help="Print the student <- teacher tensor map.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary.")
-def compress(teacher, recipe, out, random_weights, overwrite, allow_pickle, show_map, as_json):
+def compress(teacher, recipe, out, random_weights, init, seed, overwrite, allow_pickle, show_map, as_json):
     """Build a student U-Net from TEACHER by RECIPE and write a full diffusers pipeline folder."""
     from slimsd.models.compress import compress as run
 
     result = run(
-        teacher, recipe, out, random_weights=random_weights, overwrite=overwrite, allow_pickle=allow_pickle
+        teacher,
+        recipe,
+        out,
+        random_weights=random_weights,
+        overwrite=overwrite,
+        allow_pickle=allow_pickle,
+        init=init,
+        seed=seed,
     )
     if show_map:
         for s, t in result.weight_map.items():

@@ -60,10 +60,10 @@ KD_WEIGHT = "Weight of this KD term for the KD student (0 for an ablation)."
     default=24,
     show_default=True,
     type=click.IntRange(min=1),
-    help="Held-out captions sampled per evaluation seed.",
+    help="Captions per evaluation seed, of seen and of held-out colour x shape combinations each.",
 )
 @click.option("--inference-steps", default=25, show_default=True, type=click.IntRange(min=1))
-@click.option("--guidance", default=5.0, show_default=True, type=click.FloatRange(min=0))
+@click.option("--guidance", default=2.0, show_default=True, type=click.FloatRange(min=0))
 @click.option(
     "--threads",
     default=None,

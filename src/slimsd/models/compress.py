@@ -13,9 +13,15 @@ from pathlib import Path
 
 from slimsd import __version__
 from slimsd.atomic import atomic_dir, check_output_dir
+from slimsd.errors import SlimsdError
 from slimsd.models.architecture import Recipe, build_student
 from slimsd.models.counting import count_params
 from slimsd.models.loading import load
+
+
+# How the student's U-Net starts: the teacher's weights copied by the recipe's map (BK-SDM), or fresh
+# random weights of the same architecture (BK-SDM's ablation baseline; no tensor is inherited).
+INITS = ("teacher", "random")
 
 
 @dataclass
@@ -26,11 +32,13 @@ class CompressResult:
     teacher_unet_params: int
     student_unet_params: int
     pipeline: object  # the student pipeline, in memory
+    init: str = "teacher"
 
     def summary(self) -> dict:
         return {
             "out": str(self.path) if self.path else None,
             "recipe": self.recipe.name,
+            "init": self.init,
             "teacher_unet_params": self.teacher_unet_params,
             "student_unet_params": self.student_unet_params,
             "reduction": 1 - self.student_unet_params / self.teacher_unet_params,
@@ -38,12 +46,25 @@ class CompressResult:
         }
 
 
-def compress_pipeline(teacher_pipe, recipe) -> CompressResult:
-    """Swap the teacher's U-Net for the student built by ``recipe`` (in memory; the teacher is not modified)."""
+def compress_pipeline(teacher_pipe, recipe, init: str = "teacher", seed: int = 0) -> CompressResult:
+    """Swap the teacher's U-Net for the student built by ``recipe`` (in memory; the teacher is not modified).
+
+    ``init="random"``: the student keeps the architecture but starts from diffusers' default initialisation,
+    seeded by ``seed`` (the global torch RNG is left as it was).
+    """
     import copy
     import inspect
 
+    import torch
+
+    if init not in INITS:
+        raise SlimsdError(f"init {init!r}: allowed {', '.join(INITS)}")
     student_unet, mapping, recipe = build_student(teacher_pipe.unet, recipe)
+    if init == "random":
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            student_unet = type(student_unet).from_config(student_unet.config)  # fp32, as compress loads
+        mapping = {}
     components = dict(teacher_pipe.components)
     components["unet"] = student_unet
     cls = type(teacher_pipe)
@@ -58,7 +79,7 @@ def compress_pipeline(teacher_pipe, recipe) -> CompressResult:
         }
     )
     return CompressResult(
-        None, recipe, mapping, count_params(teacher_pipe.unet), count_params(student_unet), student_pipe
+        None, recipe, mapping, count_params(teacher_pipe.unet), count_params(student_unet), student_pipe, init
     )
 
 
@@ -71,6 +92,7 @@ def save_student(result: CompressResult, out: str | Path, teacher: str, overwrit
             "recipe": result.recipe.to_dict(),
             "teacher_unet_params": result.teacher_unet_params,
             "student_unet_params": result.student_unet_params,
+            "init": result.init,
             "weight_map": result.weight_map,
         }
         (tmp / "slimsd.json").write_text(json.dumps(info, indent=1) + "\n")
@@ -86,12 +108,17 @@ def compress(
     random_weights: bool = False,
     overwrite: bool = False,
     allow_pickle: bool = False,
+    init: str = "teacher",
+    seed: int = 0,
 ) -> CompressResult:
     """Build the student of ``teacher`` by ``recipe``; write it to ``out`` when given.
 
     ``teacher``: a preset name, a micro model, a local diffusers folder or a hub id.
     ``recipe``: ``bk-base``, ``bk-small``, ``bk-tiny``, ``ssd-1b``, ``vega``, ``identity``, a YAML path or a mapping.
+    ``init``: ``teacher`` (copy the teacher's weights by the recipe's map) or ``random`` (seeded by ``seed``).
     """
+    if init not in INITS:
+        raise SlimsdError(f"--init {init!r}: allowed {', '.join(INITS)}")
     from slimsd.models.architecture import load_recipe
 
     if recipe != "identity":
@@ -107,7 +134,7 @@ def compress(
         random_weights=random_weights,
         allow_pickle=allow_pickle,
     )
-    result = compress_pipeline(pipe, recipe)
+    result = compress_pipeline(pipe, recipe, init=init, seed=seed)
     if out is not None:
         save_student(result, out, teacher, overwrite)
     return result

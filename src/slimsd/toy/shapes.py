@@ -116,30 +116,54 @@ def render(scene: Scene, size: int = 64, jitter: tuple[float, float] = (0.0, 0.0
     return img.resize((size, size), Image.Resampling.LANCZOS)
 
 
-def sample_scene(rng: random.Random) -> Scene:
+# Colour x shape combinations that no training data shows: not the teacher's (VAE and U-Net), not the students',
+# not any cache built from ``shapes:N``. One in six of the 24, each shape once and four different colours, so
+# every held-out colour and every held-out shape is seen in other combinations: a model that follows them
+# composes words it learned apart (compositional generalisation), the only claim "held-out" makes here.
+HELD_OUT = frozenset({("red", "square"), ("green", "triangle"), ("blue", "cross"), ("yellow", "circle")})
+SPLITS = ("seen", "held_out", "all")
+
+
+def combinations(split: str = "seen") -> list[tuple[str, str]]:
+    """The (colour, shape) pairs of a split: ``seen`` (training data), ``held_out`` or ``all``."""
+    if split not in SPLITS:
+        raise ValueError(f"split {split!r}: allowed {', '.join(SPLITS)}")
+    every = [(c, s) for c in PALETTE for s in SHAPES]
+    if split == "all":
+        return every
+    return [p for p in every if (p in HELD_OUT) == (split == "held_out")]
+
+
+def sample_scene(rng: random.Random, split: str = "seen") -> Scene:
+    colour, shape = rng.choice(combinations(split))
     return Scene(
-        colour=rng.choice(list(PALETTE)),
-        shape=rng.choice(SHAPES),
+        colour=colour,
+        shape=shape,
         size=rng.choice(["small", "large"]) if rng.random() < P_SIZE else None,
         position=rng.choice(["left", "right", "top", "bottom"]) if rng.random() < P_POSITION else None,
     )
 
 
-def make_dataset(n: int, seed: int = 0, size: int = 64) -> list[tuple[Image.Image, str]]:
-    """``n`` (image, caption) pairs of the shapes world; the same ``seed`` gives the same pairs."""
+def make_dataset(n: int, seed: int = 0, size: int = 64, split: str = "seen") -> list[tuple[Image.Image, str]]:
+    """``n`` (image, caption) pairs of the shapes world; the same ``seed`` gives the same pairs. Every training
+    set uses the default ``seen`` split; ``held_out`` images are for measuring (a VAE's reconstructions)."""
     rng = random.Random(seed)
     out = []
     for _ in range(n):
-        scene = sample_scene(rng)
+        scene = sample_scene(rng, split)
         jitter = (rng.uniform(-0.04, 0.04), rng.uniform(-0.04, 0.04))
         out.append((render(scene, size, jitter), scene.caption))
     return out
 
 
-def make_captions(n: int, seed: int = 0) -> list[str]:
-    """``n`` captions of the shapes world (prompts for sampling a model), deterministic per seed."""
+def make_captions(n: int, seed: int = 0, split: str = "seen") -> list[str]:
+    """``n`` captions of the shapes world (prompts for sampling a model) from ``split``, deterministic per seed.
+
+    ``seen`` captions are fresh draws of the training combinations (the same caption text may occur in training
+    data: 360 captions exist in all); ``held_out`` captions name only combinations no training set contains.
+    """
     rng = random.Random(seed)
-    return [sample_scene(rng).caption for _ in range(n)]
+    return [sample_scene(rng, split).caption for _ in range(n)]
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -1,0 +1,75 @@
+"""benchmarks/toy_ablation.py at a tiny size: the rows the issue asks for, counted independently, and a
+rerun that resumes from the saved runs instead of training again."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def ablation_module():
+    spec = importlib.util.spec_from_file_location("toy_ablation", ROOT / "benchmarks" / "toy_ablation.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow
+def test_ablation_rows_and_resume(tmp_path, monkeypatch):
+    from slimsd.models.counting import summarize
+
+    ablation = ablation_module()
+    args = [
+        *("--recipes", "bk-tiny", "--arms", "random-init-task", "teacher-init-task-out-feat"),
+        *("--seeds", "0", "1", "--steps", "1", "--eval-seeds", "1", "--eval-prompts", "1"),
+        *("--data-images", "8", "--work", str(tmp_path / "work"), "--out-dir", str(tmp_path / "out")),
+    ]
+    rows = ablation.main(args)
+    written = json.loads((tmp_path / "out" / "toy_ablation.json").read_text())
+    assert isinstance(written, list) and [r["arm"] for r in written] == [r["arm"] for r in rows]
+    keys = {
+        "recipe",
+        "arm",
+        "seeds",
+        "caption_fidelity_mean",
+        "caption_fidelity_std",
+        "caption_fidelity_held_out_mean",
+        "unet_params",
+        "step_ms",
+        "machine",
+        "date",
+        "command",
+    }
+    assert all(keys <= set(r) for r in written)
+    students = {r["arm"]: r for r in written if r["recipe"] == "bk-tiny"}
+    assert set(students) == {"random-init-task", "teacher-init-task-out-feat"}
+    assert all(r["seeds"] == [0, 1] and r["steps"] == 1 for r in students.values())
+    # parameters: the meta-device count of the toy teacher and of its bk-tiny student (no weights involved)
+    teacher = next(r for r in written if r["arm"] == "teacher")
+    assert teacher["unet_params"] == summarize("toy-sd")["unet_params"]
+    assert all(r["unet_params"] < 0.5 * teacher["unet_params"] for r in students.values())
+    # the random-init student really started from fresh weights: its init folder says so and inherits nothing
+    info = json.loads((tmp_path / "work" / "init" / "bk-tiny-random-seed1" / "slimsd.json").read_text())
+    assert info["init"] == "random" and info["weight_map"] == {}
+    md = (tmp_path / "out" / "toy_ablation.md").read_text()
+    assert (
+        "python benchmarks/toy_ablation.py --recipes bk-tiny" in md and "| bk-tiny | random-init-task |" in md
+    )
+    assert (tmp_path / "out" / "toy_ablation.png").read_bytes()[:4] == b"\x89PNG"
+
+    # a rerun over the same work folder trains nothing and gives the same scores
+    def no_training(*_args):
+        raise AssertionError("a finished run was trained again")
+
+    monkeypatch.setattr(ablation, "run_one", no_training)
+    again = ablation.main(args)
+
+    def score(rs):
+        return [(r["arm"], r["caption_fidelity_mean"], r["caption_fidelity_held_out_mean"]) for r in rs]
+
+    assert score(again) == score(rows)
