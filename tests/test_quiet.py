@@ -113,11 +113,13 @@ CASES = {
             r"compressed toy-sd with bk-small: U-Net [\d,]+ -> [\d,]+ parameters",
             r"training (KD student|task-only student) \(.*\), 2 steps of batch 4 \.\.\.",
             r"  done in \d+ s; task loss over the last 2 steps [\d.]+",
-            r"sampling (teacher \(toy-sd\)|KD student|task-only student): 1 seeds x 2 held-out captions",
-            r"model +caption fidelity +colour +shape +U-Net params +step ms",
+            r"sampling (teacher \(toy-sd\)|KD student|task-only student): 1 seeds x 2 captions of seen and of "
+            r"held-out combinations",
+            r"model +fidelity seen +held-out +colour +shape +U-Net params +step ms",
             r"-+",
-            r"(teacher \(toy-sd\)|KD student|task-only student) +[\d.]+ +[\d.]+ +[\d.]+ +[\d,]+ +[\d.]+",
-            r"KD student keeps \d+% of the teacher's caption fidelity; the task-only student \d+%\.",
+            r"(teacher \(toy-sd\)|KD student|task-only student) +[\d.]+ +[\d.]+ +[\d.]+ +[\d.]+ +[\d,]+ +[\d.]+",
+            r"KD student keeps \d+% of the teacher's caption fidelity \(seen combinations\); the task-only "
+            r"student \d+%\. colour, shape: accuracy on seen combinations\.",
             r"sample grids and results.json in \S+/d",
         ],
     ),

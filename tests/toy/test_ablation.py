@@ -27,7 +27,7 @@ def test_ablation_rows_and_resume(tmp_path, monkeypatch):
     args = [
         *("--recipes", "bk-tiny", "--arms", "random-init-task", "teacher-init-task-out-feat"),
         *("--seeds", "0", "1", "--steps", "1", "--eval-seeds", "1", "--eval-prompts", "1"),
-        *("--data-images", "8", "--work", str(tmp_path / "work"), "--out-dir", str(tmp_path / "out")),
+        *("--data-images", "16", "--work", str(tmp_path / "work"), "--out-dir", str(tmp_path / "out")),
     ]
     rows = ablation.main(args)
     written = json.loads((tmp_path / "out" / "toy_ablation.json").read_text())

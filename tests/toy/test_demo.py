@@ -14,6 +14,8 @@ from slimsd.toy.teacher import TOY_SAMPLING
 
 from helpers import run_cli
 
+KD_VS_TEACHER = 0.7  # measured at seed 3: see the note in the test
+
 SMALL = [
     "--steps",
     "2",
@@ -174,22 +176,27 @@ def test_demo_rejects_bad_options(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_kd_student_follows_captions_better_than_task_only(tmp_path):
-    """The demo's claim at its default training settings, scored on 2 x 24 held-out captions (~4 min).
-
-    Measured with 3 x 24: KD 0.58 / task-only 0.29 / teacher 0.39 (training seed 0), 0.39 / 0.17 (seed 1).
+    """The demo's claim at its default training settings, on a training seed used nowhere else (3; the
+    ablation and the README use 0, 1, 2), scored on 2 x 24 captions of seen and of held-out combinations (~5 min).
     """
     cfg = DemoConfig(
         out=str(tmp_path / "demo"),
+        seed=3,
         eval_seeds=(0, 1),
         grid_prompts=1,
         latency_repeats=5,
         log=lambda _msg: None,
     )
     summary = run_demo(cfg)
-    kd = summary["kd_student"]["caption_fidelity"]
-    task_only = summary["task_only_student"]["caption_fidelity"]
-    assert kd > task_only + 0.1, summary
-    assert summary["kd_vs_teacher"] >= 0.8, summary
+    teacher, kd, task_only = (summary[m] for m in MODELS)
+    print({m: (summary[m]["caption_fidelity"], summary[m]["caption_fidelity_held_out"]) for m in MODELS})
+    assert teacher["caption_fidelity"] >= 0.8, summary
+    assert kd["caption_fidelity"] >= task_only["caption_fidelity"] + 0.05, summary
+    assert summary["kd_vs_teacher"] >= KD_VS_TEACHER, summary
+    # held-out combinations: the teacher composes them far above chance (1/24), and the KD student inherits
+    # more of that than the task-only twin
+    assert teacher["caption_fidelity_held_out"] >= 0.5, summary
+    assert kd["caption_fidelity_held_out"] > task_only["caption_fidelity_held_out"], summary
 
 
 def test_cli_defaults_match_demo_config():
