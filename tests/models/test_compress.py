@@ -209,7 +209,19 @@ def test_random_init_is_diffusers_default_init_under_the_seed_and_inherits_nothi
     torch.manual_seed(123)
     before = torch.get_rng_state()
     out = tmp_path / "random"
-    args = "compress --teacher micro-sd --recipe bk-small --init random --seed 7 --json --out".split()
+    args = [
+        "compress",
+        "--teacher",
+        "micro-sd",
+        "--recipe",
+        "bk-small",
+        "--init",
+        "random",
+        "--seed",
+        "7",
+        "--json",
+        "--out",
+    ]
     code, stdout, _ = run_cli([*args, str(out)], capsys)
     assert code == 0
     assert torch.equal(torch.get_rng_state(), before)

@@ -18,7 +18,6 @@ from slimsd.models.architecture import Recipe, build_student
 from slimsd.models.counting import count_params
 from slimsd.models.loading import load
 
-
 # How the student's U-Net starts: the teacher's weights copied by the recipe's map (BK-SDM), or fresh
 # random weights of the same architecture (BK-SDM's ablation baseline; no tensor is inherited).
 INITS = ("teacher", "random")
