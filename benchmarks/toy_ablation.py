@@ -332,12 +332,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
     latency = step_ms(args, args.recipes)
     import torch
 
+    cfg = demo_config(args, 0, 1)  # the sampling every score used
     meta = {
         "name": args.name,
         "machine": f"{cpu_model()}, 1 torch thread per run, {args.jobs} run(s) at a time, torch {torch.__version__}",
         "date": datetime.date.today().isoformat(),
         "command": "python benchmarks/toy_ablation.py " + " ".join(sys.argv[1:] if argv is None else argv),
-        "eval": f"{args.eval_seeds} seeds x {args.eval_prompts} captions, 25 steps, guidance 5",
+        "eval": f"{args.eval_seeds} seeds x {args.eval_prompts} captions, {cfg.inference_steps} steps, guidance "
+        f"{cfg.guidance_scale:g}",
     }
     rows = aggregate(runs, teacher, params, latency, meta)
     from slimsd.atomic import atomic_write_bytes, atomic_write_text

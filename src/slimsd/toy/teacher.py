@@ -18,7 +18,7 @@ from slimsd.errors import SlimsdError
 
 TOY_DIR = Path(__file__).parent / "assets" / "toy-sd"
 # How the toy teacher samples well (measured by scripts/train_toy_teacher.py; see training.json's
-# guidance_sweep). Guidance 2, not SD's 7.5: the trained teacher follows 0.92 of its captions at 2 and 0.48 at 5,
+# guidance_sweep). Guidance 2, not SD's 7.5: the trained teacher follows 0.93 of its captions at 2 and 0.29 at 5,
 # where classifier-free guidance overshoots colours and outlines (the cause of "longer training lost the colours").
 TOY_SAMPLING = {"num_inference_steps": 25, "guidance_scale": 2.0, "height": 64, "width": 64}
 
