@@ -324,11 +324,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
     teacher = teacher_row(args)
     from slimsd.models.compress import compress
 
-    params = {"teacher": compress(TEACHER, "identity").teacher_unet_params}
-    for recipe in args.recipes:
-        params[recipe] = compress(TEACHER, recipe).student_unet_params
-        if not (args.work / "init" / f"{recipe}-teacher" / "slimsd.json").is_file():
-            compress(TEACHER, recipe, args.work / "init" / f"{recipe}-teacher", overwrite=True)
+    params = {}
+    for (
+        recipe
+    ) in args.recipes:  # counted once, by compress, into each teacher-initialised student's slimsd.json
+        folder = args.work / "init" / f"{recipe}-teacher"
+        if not (folder / "slimsd.json").is_file():  # only random-init arms ran: step_ms needs this one too
+            compress(TEACHER, recipe, folder, overwrite=True)
+        info = json.loads((folder / "slimsd.json").read_text())
+        params[recipe], params["teacher"] = info["student_unet_params"], info["teacher_unet_params"]
     latency = step_ms(args, args.recipes)
     import torch
 

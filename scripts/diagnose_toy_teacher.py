@@ -22,7 +22,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from diffusers import StableDiffusionPipeline
 
 sys.path.insert(0, str(Path(__file__).parent))
 import train_toy_teacher as T
@@ -31,15 +30,10 @@ from slimsd.toy import shapes as S
 
 
 def load(folder):
-    p = StableDiffusionPipeline.from_pretrained(
-        folder,
-        use_safetensors=True,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    p.set_progress_bar_config(disable=True)
-    return p
+    # slimsd's one loader, plain modules (optimize=False): they are trained below
+    from slimsd.models.loading import load as slimsd_load
+
+    return slimsd_load(str(folder), device="cpu", dtype="fp32", optimize=False)
 
 
 def data(n, seed=0):  # the old data: every combination

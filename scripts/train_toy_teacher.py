@@ -444,7 +444,8 @@ def score(folder: Path, metrics: dict, quick: bool = False) -> None:
     log(f"teacher caption fidelity {json.dumps(metrics['scores'])}")
     sweep = {}
     for g in GUIDANCE_SWEEP:
-        r = fidelity(pipe, dataclasses.replace(cfg, guidance_scale=g))
+        same = g == cfg.guidance_scale  # already scored just above
+        r = metrics["scores"] if same else fidelity(pipe, dataclasses.replace(cfg, guidance_scale=g))
         sweep[str(g)] = {k: round(r[k], 4) for k in ("caption_fidelity", "colour_accuracy", "shape_accuracy")}
         log(f"guidance {g}: {sweep[str(g)]}")
     metrics["guidance_sweep"] = sweep

@@ -243,3 +243,12 @@ def test_random_init_is_diffusers_default_init_under_the_seed_and_inherits_nothi
     # conv_in is copied from the teacher under --init teacher and not under --init random
     assert not torch.equal(got["conv_in.weight"], teacher_init["conv_in.weight"])
     assert sum(v.numel() for v in got.values()) == sum(v.numel() for v in teacher_init.values())
+
+
+def test_cli_init_choices_are_the_librarys():
+    """The CLI spells --init's choices as literals (no torch on --help); they must stay compress's INITS."""
+    from slimsd.commands.compress import compress as command
+    from slimsd.models.compress import INITS
+
+    init = next(p for p in command.params if p.name == "init")
+    assert tuple(init.type.choices) == INITS and init.default == INITS[0]
