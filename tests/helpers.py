@@ -15,3 +15,17 @@ def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
         code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     out, err = capsys.readouterr()
     return code, out, err
+
+
+# A distillation config that trains in seconds on micro-sd (tests of the trainer and its objectives).
+FAST_DISTILL = {
+    "teacher": "micro-sd",
+    "student": "bk-small",
+    "data": "shapes:16",
+    "batch_size": 4,
+    "learning_rate": 1e-3,
+    "checkpoint_every": 0,
+    "progress": False,
+    "tensorboard": False,
+    "resolution": 64,
+}

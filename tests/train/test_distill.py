@@ -18,19 +18,8 @@ from slimsd.errors import SlimsdError
 from slimsd.train.config import DistillConfig, load_config
 from slimsd.train.distill import train
 
+from helpers import FAST_DISTILL as FAST
 from helpers import run_cli
-
-FAST = {
-    "teacher": "micro-sd",
-    "student": "bk-small",
-    "data": "shapes:16",
-    "batch_size": 4,
-    "learning_rate": 1e-3,
-    "checkpoint_every": 0,
-    "progress": False,
-    "tensorboard": False,
-    "resolution": 64,
-}
 
 
 def cfg(tmp_path, name="run", **kw) -> DistillConfig:
@@ -223,13 +212,14 @@ def _free_port() -> int:
 
 
 @pytest.mark.slow
-def test_two_processes_equal_one_with_the_same_global_batch(tmp_path):
+@pytest.mark.parametrize("objective", ["kd", "lcm"])
+def test_two_processes_equal_one_with_the_same_global_batch(tmp_path, objective):
     """DDP on CPU (gloo), started the way users start it: `accelerate launch --multi_gpu --num_processes 2`.
     (`accelerate launch --cpu --num_processes 2` starts ONE process in accelerate 1.x unless mpirun is set up;
     train() passes cpu=True to the Accelerator itself when launched without CUDA.) adam_epsilon=1e-3 keeps
     Adam from amplifying float-rounding differences of near-zero gradients (m/sqrt(v) ~ ±1 whatever their
     size)."""
-    kw = {"max_steps": 2, "data": "shapes:8", "adam_epsilon": 1e-3}
+    kw = {"max_steps": 2, "data": "shapes:8", "adam_epsilon": 1e-3, "objective": objective}
     one = train(cfg(tmp_path, "one", **kw))
     accelerate = Path(sys.executable).parent / "accelerate"
     overrides = [
@@ -250,7 +240,7 @@ def test_two_processes_equal_one_with_the_same_global_batch(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     two = json.loads(proc.stdout[proc.stdout.index("{") :])  # printed once, by the main process
     assert two["num_processes"] == 2
-    for k in ("loss", "task", "out", "feat"):
+    for k in ("loss", "task", "out", "feat") if objective == "kd" else ("loss", "lcm"):
         assert two["last"][k] == pytest.approx(one["losses"][-1][k], rel=1e-5)
     assert max_diff(unet_weights(one["final_dir"]), unet_weights(tmp_path / "two" / "final")) <= 1e-5
 

@@ -63,6 +63,23 @@ KD_WEIGHT = "Weight of this KD term for the KD student (0 for an ablation)."
     help="Captions per evaluation seed, of seen and of held-out colour x shape combinations each.",
 )
 @click.option("--inference-steps", default=25, show_default=True, type=click.IntRange(min=1))
+@click.option(
+    "--lcm-steps",
+    default=300,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Training steps of the LCM student (the KD student step-distilled).",
+)
+@click.option(
+    "--lcm-learning-rate", default=1e-4, show_default=True, type=click.FloatRange(min=0, min_open=True)
+)
+@click.option(
+    "--lcm-inference-steps",
+    default=4,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Steps the LCM student samples with.",
+)
 @click.option("--guidance", default=2.0, show_default=True, type=click.FloatRange(min=0))
 @click.option(
     "--threads",
@@ -86,12 +103,16 @@ def demo(
     eval_seeds,
     eval_prompts,
     inference_steps,
+    lcm_steps,
+    lcm_learning_rate,
+    lcm_inference_steps,
     guidance,
     threads,
     optimize,
     as_json,
 ):
-    """Compress the toy teacher (bk-small), distill it with KD, train a task-only twin, compare the three."""
+    """Compress the toy teacher (bk-small), distill it with KD, train a task-only twin, step-distil the KD
+    student with LCM to 4 steps, compare the four."""
     from slimsd.toy.demo import DemoConfig, format_table, run_demo
 
     def log(msg):
@@ -111,6 +132,9 @@ def demo(
         eval_seeds=tuple(range(eval_seeds)),
         eval_prompts=eval_prompts,
         inference_steps=inference_steps,
+        lcm_steps=lcm_steps,
+        lcm_learning_rate=lcm_learning_rate,
+        lcm_inference_steps=lcm_inference_steps,
         guidance_scale=guidance,
         threads=threads,
         optimize=optimize,

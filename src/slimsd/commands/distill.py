@@ -15,7 +15,8 @@ import click
 @click.option("--dry-run", is_flag=True, help="Print the resolved config and exit.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary at the end.")
 def distill(config_file, overrides, dry_run, as_json):
-    """Distill a student U-Net from its frozen teacher: task + output-KD + feature-KD.
+    """Distill a student U-Net from its frozen teacher: objective=kd (task + output-KD + feature-KD), or
+    objective=lcm / lcm-lora (latent consistency distillation into a few-step student).
 
     OVERRIDES are key=value pairs on top of the config file, e.g. max_steps=10 mixed_precision=bf16.
     Runs unchanged under `accelerate launch`.
@@ -45,8 +46,8 @@ def distill(config_file, overrides, dry_run, as_json):
         click.echo(json.dumps(summary, indent=1))
     else:
         last = summary["last"] or {}
+        terms = ", ".join(f"{k} {v:.4f}" for k, v in last.items() if k not in ("step", "lr", "loss"))
         click.echo(
             f"wrote {summary['final_dir']} after {summary['steps']} steps; last loss "
-            f"{last.get('loss', float('nan')):.4f} (task {last.get('task', float('nan')):.4f}, "
-            f"out {last.get('out', float('nan')):.4f}, feat {last.get('feat', float('nan')):.4f})"
+            f"{last.get('loss', float('nan')):.4f}" + (f" ({terms})" if terms else "")
         )

@@ -51,9 +51,14 @@ def _check_out(out: str) -> None:
     help="A text file with one prompt per line (blank lines and # comments skipped).",
 )
 @click.option("--negative", default=None, help="Negative prompt.")
-@click.option("--steps", type=int, default=None, help="Denoising steps (1-200; default 25).")
 @click.option(
-    "--guidance", type=float, default=None, help="Classifier-free guidance scale (0-50; default 7.5)."
+    "--steps", type=int, default=None, help="Denoising steps (1-200; default: the model's own, else 25)."
+)
+@click.option(
+    "--guidance",
+    type=float,
+    default=None,
+    help="Classifier-free guidance scale (0-50; default: the model's own, else 7.5).",
 )
 @click.option(
     "--seed", type=int, default=None, help="Seed of image 0; image i uses seed+i; -1 draws one (default)."
@@ -148,12 +153,11 @@ def generate(
         prompts = [prompt] if prompt else _read_prompts(prompts_file) if prompts_file else []
         if not prompts:
             raise SlimsdError("missing PROMPT: give a prompt, or --prompts FILE with one prompt per line")
-    opts = {"negative": "", "steps": 25, "guidance": 7.5, "seed": -1, "batch_size": 1} | {
-        k: v for k, v in given.items() if v is not None
-    }
+    # steps and guidance left out: the model's own (a step-distilled student says 4 steps), known once loaded
+    opts = {"negative": "", "seed": -1, "batch_size": 1} | {k: v for k, v in given.items() if v is not None}
     g.validate(
-        steps=opts["steps"],
-        guidance=opts["guidance"],
+        steps=opts.get("steps", g.DEFAULT_STEPS),
+        guidance=opts.get("guidance", g.DEFAULT_GUIDANCE),
         width=opts.get("width") or 64,
         height=opts.get("height") or 64,
         seed=opts["seed"],
@@ -181,8 +185,8 @@ def generate(
         pipe,
         prompts,
         negative=opts["negative"],
-        steps=opts["steps"],
-        guidance=opts["guidance"],
+        steps=opts.get("steps"),
+        guidance=opts.get("guidance"),
         width=opts.get("width"),
         height=opts.get("height"),
         seed=opts["seed"],

@@ -241,6 +241,8 @@ def load(
         "base_scheduler": dict(pipe.scheduler.config),
         "default_scheduler": scheduler_name(pipe.scheduler),
         "runtime": runtime.applied(pipe.unet, optimized=optimize),
+        # A step-distilled student says how it samples (scheduler, steps, guidance): generate's defaults.
+        "sampling": (read_slimsd_info(model) or {}).get("sampling") if kind == "local" else None,
     }
     if scheduler is not None:  # the pipeline's own from now on: generate() uses it when given none
         set_scheduler(pipe, scheduler)

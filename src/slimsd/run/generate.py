@@ -41,6 +41,17 @@ GUIDANCE_RANGE = (0.0, 50.0)
 MAX_SEED = 2**32 - 1  # A1111's seed range; also what a PNG's "Seed:" field round-trips
 MAX_IMAGES = 100
 MAX_BATCH = 64
+DEFAULT_STEPS, DEFAULT_GUIDANCE = 25, 7.5  # for a model that does not say otherwise
+
+
+def sampling_defaults(pipe) -> dict:
+    """Steps and guidance a model samples with unless told otherwise: a step-distilled student's own (its
+    slimsd.json ``sampling``, e.g. LCM: 4 steps, guidance through its embedding), else 25 and 7.5."""
+    own = model_info(pipe).get("sampling") or {}
+    return {
+        "steps": int(own.get("steps", DEFAULT_STEPS)),
+        "guidance": float(own.get("guidance", DEFAULT_GUIDANCE)),
+    }
 
 
 def validate(
@@ -126,8 +137,8 @@ def generate(
     pipe,
     prompts: str | Sequence[str],
     negative: str = "",
-    steps: int = 25,
-    guidance: float = 7.5,
+    steps: int | None = None,
+    guidance: float | None = None,
     width: int | None = None,
     height: int | None = None,
     seed: int = -1,
@@ -139,7 +150,8 @@ def generate(
     seeds: Sequence[int] | None = None,
 ) -> list[GeneratedImage]:
     """Generate ``num_images`` images for each prompt; image *i* of a prompt uses seed ``seed + i``
-    (``seeds[k] + i`` for prompt *k* when ``seeds`` gives one seed per prompt).
+    (``seeds[k] + i`` for prompt *k* when ``seeds`` gives one seed per prompt). ``steps`` and ``guidance``
+    default to the model's own (:func:`sampling_defaults`).
 
     Returns one :class:`GeneratedImage` per image, prompt-major, with its seed and its share of the wall time.
     ``progress(done_steps, total_steps)`` is called after every denoising step; ``on_warning`` receives
@@ -151,6 +163,9 @@ def generate(
     if not prompts:
         raise SlimsdError("no prompt given; pass a PROMPT or --prompts FILE with one prompt per line")
     info = model_info(pipe)
+    defaults = sampling_defaults(pipe)
+    steps = defaults["steps"] if steps is None else steps
+    guidance = defaults["guidance"] if guidance is None else guidance
     width = width or native_resolution(pipe)
     height = height or native_resolution(pipe)
     if seeds is not None:

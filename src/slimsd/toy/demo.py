@@ -5,12 +5,15 @@
 2. cache the VAE latents and text embeddings of a shapes data set once (both students train on it);
 3. distill student A with knowledge distillation: task + output-KD + feature-KD (λ = 1, 1, 1);
 4. train student B from the same initial weights with the task loss alone, for the same steps and data;
-5. measure, for teacher / KD student / task-only student: caption fidelity (colour and shape read back from
+4b. step-distil the KD student with latent consistency distillation (``objective=lcm``, Luo et al. 2023) into
+   a 4-step student: one run goes teacher -> slim student -> few-step slim student;
+5. measure, for teacher / KD student / task-only student / LCM student: caption fidelity (colour and shape read back from
    the pixels of samples, slimsd.toy.shapes; mean over several seeds) on fresh captions of the colour x shape
    combinations seen in training (``caption_fidelity``) and on combinations no training data contains
-   (``caption_fidelity_held_out``), U-Net parameters, and the median latency of one U-Net step (classifier-free
-   guidance batch, same device and threads);
-6. write sample grids of the three models (same captions, same seeds) and ``results.json``.
+   (``caption_fidelity_held_out``), each model at its own steps (25; the LCM student 4), U-Net parameters, the
+   median latency of one U-Net step (classifier-free guidance batch, same device and threads) and of one whole
+   image (``image_ms``: text encoding, every U-Net evaluation at the model's steps and guidance, VAE decode);
+6. write sample grids of the four models (same captions, same seeds) and ``results.json``.
 
 The training runs through :func:`slimsd.train.distill.train`; nothing here trains on its own.
 """
@@ -28,8 +31,13 @@ import torch
 from slimsd.errors import SlimsdError
 from slimsd.toy.teacher import TOY_SAMPLING
 
-MODELS = ("teacher", "kd_student", "task_only_student")
-LABELS = {"teacher": "teacher (toy-sd)", "kd_student": "KD student", "task_only_student": "task-only student"}
+MODELS = ("teacher", "kd_student", "task_only_student", "lcm_student")
+LABELS = {
+    "teacher": "teacher (toy-sd)",
+    "kd_student": "KD student",
+    "task_only_student": "task-only student",
+    "lcm_student": "LCM student (KD+LCM)",
+}
 # results.json says which program wrote the folder: a rerun replaces only the demo's own output
 DEMO_KIND = "slimsd-demo"
 # everything the demo writes at the top of its folder
@@ -66,8 +74,15 @@ class DemoConfig:
     # the toy teacher's own sampling (it samples poorly at 20 steps)
     inference_steps: int = TOY_SAMPLING["num_inference_steps"]
     guidance_scale: float = TOY_SAMPLING["guidance_scale"]
+    # The KD student step-distilled by LCM (objective=lcm): training steps, learning rate, the teacher's guidance
+    # range it learns (CFG scales around the toy teacher's best, 2), and the steps it samples with.
+    lcm_steps: int = 300
+    lcm_learning_rate: float = 1e-4
+    lcm_guidance_range: tuple[float, float] = (1.5, 3.0)
+    lcm_inference_steps: int = 4
     grid_prompts: int = 8
     latency_repeats: int = 30
+    image_repeats: int = 5  # whole images timed per model (image_ms)
     threads: int | None = None  # torch CPU threads; None: torch's default
     optimize: bool = True  # sample with the fast runtime (slimsd.run.runtime), as `slimsd generate` does
     overwrite: bool = False
@@ -84,6 +99,9 @@ def _validate(cfg: DemoConfig) -> None:
         "inference_steps",
         "grid_prompts",
         "latency_repeats",
+        "lcm_steps",
+        "lcm_inference_steps",
+        "image_repeats",
     ):
         if getattr(cfg, name) < 1:
             raise SlimsdError(f"demo {name.replace('_', '-')} {getattr(cfg, name)!r}: must be at least 1")
@@ -132,14 +150,15 @@ def eval_captions(cfg: DemoConfig, seed: int, split: str = "seen") -> list[str]:
     return make_captions(cfg.eval_prompts, seed=CAPTION_SEEDS[split] + seed, split=split)
 
 
-def sample(pipe, captions: list[str], seed: int, cfg: DemoConfig):
-    """One image per caption; caption i uses seed ``seed + i``, through slimsd's own generation."""
+def sample(pipe, captions: list[str], seed: int, cfg: DemoConfig, steps: int | None = None):
+    """One image per caption; caption i uses seed ``seed + i``, through slimsd's own generation, at ``steps``
+    (default: the teacher's ``cfg.inference_steps``) and the demo's guidance."""
     from slimsd.run.generate import MAX_BATCH, generate
 
     results = generate(
         pipe,
         captions,
-        steps=cfg.inference_steps,
+        steps=steps or cfg.inference_steps,
         guidance=cfg.guidance_scale,
         width=64,
         height=64,
@@ -149,7 +168,7 @@ def sample(pipe, captions: list[str], seed: int, cfg: DemoConfig):
     return [r.image for r in results]
 
 
-def fidelity(pipe, cfg: DemoConfig) -> dict:
+def fidelity(pipe, cfg: DemoConfig, steps: int | None = None) -> dict:
     """Caption fidelity per seed and its mean (plus colour and shape accuracy), on seen and held-out
     combinations (image i of evaluation seed s uses sample seed 10_000 * (s + 1) + i in both)."""
     from slimsd.toy.shapes import caption_fidelity
@@ -159,7 +178,8 @@ def fidelity(pipe, cfg: DemoConfig) -> dict:
         per_seed = []
         for s in cfg.eval_seeds:
             captions = eval_captions(cfg, s, split)
-            r = caption_fidelity(sample(pipe, captions, 10_000 * (s + 1), cfg), captions, details=True)
+            images = sample(pipe, captions, 10_000 * (s + 1), cfg, steps)
+            r = caption_fidelity(images, captions, details=True)
             per_seed.append({k: r[k] for k in ("fidelity", "colour_accuracy", "shape_accuracy")})
         mean = {k: statistics.fmean(p[k] for p in per_seed) for k in per_seed[0]}
         out |= {
@@ -181,6 +201,22 @@ def step_latencies(unets: dict, repeats: int) -> dict[str, float]:
         inputs = unet_inputs(unet, 64, 2, str(unet.device), unet.dtype)
         fns[name] = lambda u=unet, x=inputs: u(**x)
     timings = time_round_robin(fns, "cpu", warmup=3, repeats=repeats)
+    return {name: t["median_ms"] for name, t in timings.items()}
+
+
+def image_latencies(pipes: dict, steps: dict[str, int], cfg: DemoConfig) -> dict[str, float]:
+    """Median ms of one whole 64 px image per model, as ``slimsd generate`` makes it (text encoding, every U-Net
+    evaluation at the model's own steps and guidance, VAE decode), timed round-robin like the steps."""
+    from slimsd.measure.bench import time_round_robin
+    from slimsd.run.generate import generate
+
+    fns = {
+        name: lambda p=pipe, n=steps[name]: generate(
+            p, "a red circle", steps=n, guidance=cfg.guidance_scale, width=64, height=64, seed=0
+        )
+        for name, pipe in pipes.items()
+    }
+    timings = time_round_robin(fns, "cpu", warmup=1, repeats=cfg.image_repeats)
     return {name: t["median_ms"] for name, t in timings.items()}
 
 
@@ -222,6 +258,25 @@ def distill_config(cfg: DemoConfig, student: Path, data: Path, output_dir: Path,
         seed=cfg.seed,
         tensorboard=False,
         progress=cfg.progress,
+    )
+
+
+def lcm_config(cfg: DemoConfig, student: Path, data: Path, output_dir: Path):
+    """Latent consistency distillation of the KD student from the teacher (objective=lcm)."""
+    from dataclasses import replace
+
+    low, high = cfg.lcm_guidance_range
+    return replace(
+        distill_config(cfg, student, data, output_dir, kd=False),
+        objective="lcm",
+        max_steps=cfg.lcm_steps,
+        learning_rate=cfg.lcm_learning_rate,
+        lr_warmup_steps=min(20, cfg.lcm_steps // 10),
+        caption_dropout=0.0,
+        guidance_min=low,
+        guidance_max=high,
+        sample_steps=cfg.lcm_inference_steps,
+        sample_guidance=cfg.guidance_scale,
     )
 
 
@@ -270,6 +325,15 @@ def run_demo(cfg: DemoConfig) -> dict:
                 f"{statistics.fmean(r['task'] for r in last):.4f}"
             )
 
+        t0 = time.perf_counter()
+        log(
+            f"step-distilling the KD student with LCM (objective=lcm), {cfg.lcm_steps} steps, to sample in "
+            f"{cfg.lcm_inference_steps} steps ..."
+        )
+        runs["lcm_student"] = train(lcm_config(cfg, tmp / "kd_student" / "final", cache, tmp / "lcm_student"))
+        timings["lcm_student_train_s"] = time.perf_counter() - t0
+        log(f"  done in {timings['lcm_student_train_s']:.0f} s")
+
         # Sampled as users run them (slimsd.load: the fast runtime), in fp32 on the CPU for comparable numbers.
         models = {"teacher": cfg.teacher} | {name: run["final_dir"] for name, run in runs.items()}
         pipes = {
@@ -281,7 +345,10 @@ def run_demo(cfg: DemoConfig) -> dict:
             "teacher": init.teacher_unet_params,
             "kd_student": init.student_unet_params,
             "task_only_student": init.student_unet_params,
+            # plus the guidance embedding's projection (time_cond_proj_dim -> time embedding)
+            "lcm_student": runs["lcm_student"]["student_unet_params"],
         }
+        steps = {name: cfg.inference_steps for name in pipes} | {"lcm_student": cfg.lcm_inference_steps}
         t0 = time.perf_counter()
         results = {}
         for name, pipe in pipes.items():
@@ -289,19 +356,27 @@ def run_demo(cfg: DemoConfig) -> dict:
                 f"sampling {LABELS[name]}: {len(cfg.eval_seeds)} seeds x {cfg.eval_prompts} captions of seen "
                 "and of held-out combinations"
             )
-            results[name] = {**fidelity(pipe, cfg), "unet_params": unet_params[name]}
+            results[name] = {
+                **fidelity(pipe, cfg, steps[name]),
+                "unet_params": unet_params[name],
+                "steps": steps[name],
+            }
         timings["evaluate_s"] = time.perf_counter() - t0
         lat = step_latencies({k: p.unet for k, p in pipes.items()}, cfg.latency_repeats)
+        images_ms = image_latencies(pipes, steps, cfg)
         for name in pipes:
             results[name]["step_latency_ms"] = lat[name]
+            results[name]["image_ms"] = images_ms[name]
         for name in runs:
             results[name]["final_dir"] = str(out / name / "final")
-            results[name]["final_task_loss"] = statistics.fmean(r["task"] for r in runs[name]["losses"][-10:])
+            last = runs[name]["losses"][-10:]
+            key = "lcm" if name == "lcm_student" else "task"
+            results[name][f"final_{key}_loss"] = statistics.fmean(r[key] for r in last)
 
         grid_captions = make_captions(cfg.grid_prompts, seed=cfg.seed + 7)
         grids = {}
         for name, pipe in pipes.items():
-            images = sample(pipe, grid_captions, 1234, cfg)
+            images = sample(pipe, grid_captions, 1234, cfg, steps[name])
             save_png(make_grid(images, cols=min(8, len(images))), tmp / f"grid-{name}.png")
             grids[name] = str(out / f"grid-{name}.png")
         atomic_write_text(tmp / "grid-captions.txt", "\n".join(grid_captions) + "\n")
@@ -314,6 +389,10 @@ def run_demo(cfg: DemoConfig) -> dict:
             "task_only_vs_teacher": (
                 results["task_only_student"]["caption_fidelity"] / teacher_fid if teacher_fid else None
             ),
+            "lcm_vs_teacher": (
+                results["lcm_student"]["caption_fidelity"] / teacher_fid if teacher_fid else None
+            ),
+            "lcm_image_speedup": results["teacher"]["image_ms"] / results["lcm_student"]["image_ms"],
             "grids": grids,
             "out": str(out),
             "config": {
@@ -330,21 +409,26 @@ def run_demo(cfg: DemoConfig) -> dict:
 def format_table(summary: dict) -> str:
     """The teacher / KD student / task-only student table."""
     header = (
-        f"{'model':<20} {'fidelity seen':>13} {'held-out':>8} {'colour':>7} {'shape':>7} {'U-Net params':>13} "
-        f"{'step ms':>8}"
+        f"{'model':<21} {'steps':>5} {'fidelity seen':>13} {'held-out':>8} {'colour':>7} {'shape':>7} "
+        f"{'U-Net params':>13} {'step ms':>8} {'image ms':>9}"
     )
     lines = [header, "-" * len(header)]
     for name in MODELS:
         r = summary[name]
         lines.append(
-            f"{LABELS[name]:<20} {r['caption_fidelity']:>13.3f} {r['caption_fidelity_held_out']:>8.3f} "
-            f"{r['colour_accuracy']:>7.3f} {r['shape_accuracy']:>7.3f} {r['unet_params']:>13,} "
-            f"{r['step_latency_ms']:>8.2f}"
+            f"{LABELS[name]:<21} {r['steps']:>5} {r['caption_fidelity']:>13.3f} "
+            f"{r['caption_fidelity_held_out']:>8.3f} {r['colour_accuracy']:>7.3f} {r['shape_accuracy']:>7.3f} "
+            f"{r['unet_params']:>13,} {r['step_latency_ms']:>8.2f} {r['image_ms']:>9.1f}"
         )
     if summary.get("kd_vs_teacher") is not None:
         lines.append(
             f"KD student keeps {summary['kd_vs_teacher']:.0%} of the teacher's caption fidelity (seen "
             f"combinations); the task-only student {summary['task_only_vs_teacher']:.0%}. colour, shape: accuracy "
             "on seen combinations."
+        )
+        lines.append(
+            f"LCM student: {summary['lcm_vs_teacher']:.0%} of the teacher's fidelity in "
+            f"{summary['lcm_student']['steps']} steps, an image {summary['lcm_image_speedup']:.1f}x faster "
+            "(image ms: end to end, each model at its own steps and guidance)."
         )
     return "\n".join(lines)

@@ -1,6 +1,7 @@
 """Checkpoints of a distillation run: everything an exact resume needs, each written whole or not at all.
 
-``OUTPUT/checkpoints/step-NNNNNNNN/`` holds the student (safetensors), the EMA weights, the optimizer, the LR
+``OUTPUT/checkpoints/step-NNNNNNNN/`` holds the student (safetensors), its averaged copies (the EMA weights,
+``ema.safetensors``; LCM's target network, ``target.safetensors``), the optimizer, the LR
 schedule, the generator and torch RNG states (``trainer.pt``, read with ``weights_only=True``: no code runs on
 load) and ``state.json`` (step, data position, skipped rows, losses, the config that wrote it, its history of
 config changes, and a description of the student's architecture).
@@ -48,7 +49,15 @@ def resolve_resume(cfg: DistillConfig) -> Path | None:
 
 
 def save_checkpoint(
-    output_dir: Path, step: int, student, optimizer, lr_scheduler, ema, gen, state: dict, keep_last: int
+    output_dir: Path,
+    step: int,
+    student,
+    optimizer,
+    lr_scheduler,
+    averages: dict[str, dict | None],
+    gen,
+    state: dict,
+    keep_last: int,
 ) -> Path:
     """Everything an exact resume needs, in one folder renamed into place (never half-written)."""
     from safetensors.torch import save_file
@@ -61,8 +70,11 @@ def save_checkpoint(
             {k: v.detach().contiguous().cpu() for k, v in student.state_dict().items()},
             str(tmp / "student.safetensors"),
         )
-        if ema is not None:
-            save_file({k: v.contiguous().cpu() for k, v in ema.items()}, str(tmp / "ema.safetensors"))
+        for name, weights in averages.items():
+            if weights is not None:
+                save_file(
+                    {k: v.contiguous().cpu() for k, v in weights.items()}, str(tmp / f"{name}.safetensors")
+                )
         torch.save(
             {
                 "optimizer": optimizer.state_dict(),
@@ -106,7 +118,7 @@ def _check_architecture(path: Path, student, state: dict, expected: str) -> None
 
 
 def load_checkpoint(
-    path: Path, student, optimizer, lr_scheduler, ema, gen, expected: str
+    path: Path, student, optimizer, lr_scheduler, averages: dict[str, dict | None], gen, expected: str
 ) -> tuple[dict, torch.Tensor]:
     """Restore everything an exact resume needs; ``expected`` describes the student (see ``architecture``).
     Returns the state and the torch RNG state, which the caller sets once its data iterator has drawn its seed
@@ -125,11 +137,14 @@ def load_checkpoint(
         ) from None
     lr_scheduler.load_state_dict(trainer["lr_scheduler"])
     gen.set_state(trainer["generator"])
-    if ema is not None:
-        ema_path = path / "ema.safetensors"
-        saved = load_file(str(ema_path)) if ema_path.is_file() else dict(student.state_dict())
-        for k in ema:
-            ema[k].copy_(saved[k])
+    for name, weights in averages.items():
+        if weights is None:
+            continue
+        # No file: the average starts here (ema switched on by a resume with allow_config_change).
+        file = path / f"{name}.safetensors"
+        saved = load_file(str(file)) if file.is_file() else dict(student.state_dict())
+        for k in weights:
+            weights[k].copy_(saved[k])
     return state, trainer["torch_rng"]
 
 

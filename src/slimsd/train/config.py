@@ -17,12 +17,17 @@ from slimsd.devices import MIXED_PRECISION
 from slimsd.errors import SlimsdError
 
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
+OBJECTIVES = ("kd", "lcm", "lcm-lora")
 
 
 @dataclass
 class DistillConfig:
     teacher: str = "micro-sd"  # preset / micro / toy-sd / folder / hub id
-    student: str = "bk-small"  # a `slimsd compress` folder, or a recipe (compressed on the fly)
+    student: str = "bk-small"  # a `slimsd compress` or `distill` folder, or a recipe (compressed on the fly)
+    # kd: BK-SDM's task + output-KD + feature-KD (losses.py). lcm: latent consistency distillation into a
+    # guidance-conditioned few-step student; lcm-lora: the same as LoRA adapters, no guidance input
+    # (consistency.py).
+    objective: str = "kd"
     data: str = "shapes:64"  # folder, .tar shard(s), parquet, `slimsd cache` folder, or shapes:N
     output_dir: str = "runs/distill"
     max_steps: int = 100  # optimizer steps
@@ -69,6 +74,19 @@ class DistillConfig:
     tensorboard: bool = True
     progress: bool = True
     allow_pickle: bool = False
+    # --- lcm / lcm-lora (Luo et al. 2023; defaults as diffusers' train_lcm_distill_sd_wds.py) ---
+    solver_steps: int = 50  # the DDIM solver's schedule: T / solver_steps timesteps per step ("skip 20")
+    guidance_min: float = 6.0  # CFG scale range of the teacher, drawn per sample (w = scale - 1: 5..15)
+    guidance_max: float = 16.0
+    lcm_loss: str = "l2"  # or "huber" (pseudo-Huber)
+    huber_c: float = 0.001
+    target_decay: float = 0.95  # EMA of the target network (lcm)
+    timestep_scaling: float = 10.0  # boundary scalings c_skip / c_out
+    cond_proj_dim: int = 256  # the guidance embedding's size (lcm), when the student has none yet
+    lora_rank: int = 64  # lcm-lora
+    lora_alpha: float | None = None  # default: lora_rank (scale 1)
+    sample_steps: int = 4  # what `slimsd generate` uses for the result by default
+    sample_guidance: float | None = None  # default: guidance_min (lcm), 1 (lcm-lora: guidance is baked in)
 
 
 # (low, high, low inclusive, high inclusive) per numeric key; None: unbounded. Keys grouped by their range.
@@ -87,6 +105,10 @@ RANGES: dict[str, tuple[float | None, float | None, bool, bool]] = {
         AT_LEAST_1,
     ),
     "stop_at_step": AT_LEAST_1,
+    **dict.fromkeys(("solver_steps", "cond_proj_dim", "lora_rank", "sample_steps"), AT_LEAST_1),
+    **dict.fromkeys(("guidance_min", "guidance_max", "sample_guidance"), (1, 50, True, True)),
+    **dict.fromkeys(("huber_c", "timestep_scaling", "lora_alpha"), (0, None, False, True)),
+    "target_decay": (0, 1, True, True),
     **dict.fromkeys(
         (
             "weight_decay",
@@ -109,6 +131,8 @@ CHOICES = {
     "mixed_precision": tuple(MIXED_PRECISION),
     "lr_scheduler": LR_SCHEDULERS,
     "feat_norm": ("none", "teacher"),
+    "objective": OBJECTIVES,
+    "lcm_loss": ("l2", "huber"),
 }
 
 
@@ -211,7 +235,21 @@ def validate(cfg: DistillConfig) -> DistillConfig:
             raise SlimsdError(
                 f"config key {key!r}: {getattr(cfg, key)!r} is not allowed; allowed: {', '.join(allowed)}"
             )
-    if not (cfg.lambda_task or cfg.lambda_out or cfg.lambda_feat):
+    if cfg.guidance_max < cfg.guidance_min:
+        raise SlimsdError(
+            f"config keys guidance_min {cfg.guidance_min:g} > guidance_max {cfg.guidance_max:g}; "
+            "the range needs min <= max"
+        )
+    if (
+        cfg.objective == "lcm"
+        and cfg.sample_guidance is not None
+        and not (cfg.guidance_min <= cfg.sample_guidance <= cfg.guidance_max)
+    ):
+        raise SlimsdError(
+            f"config key 'sample_guidance': {cfg.sample_guidance:g} is outside the trained range "
+            f"{cfg.guidance_min:g} to {cfg.guidance_max:g}"
+        )
+    if cfg.objective == "kd" and not (cfg.lambda_task or cfg.lambda_out or cfg.lambda_feat):
         raise SlimsdError("config keys lambda_task, lambda_out and lambda_feat are all 0: nothing to learn")
     if cfg.resolution is not None and cfg.resolution % 8:
         raise SlimsdError(f"config key 'resolution': {cfg.resolution} is not a multiple of 8")

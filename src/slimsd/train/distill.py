@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from slimsd.errors import SlimsdError
+from slimsd.train import consistency as C
 from slimsd.train.checkpoints import apply_optimizer_settings, architecture, load_checkpoint, save_checkpoint
 from slimsd.train.config import DistillConfig, validate
 from slimsd.train.runs import begin_run, plan_run
@@ -44,6 +45,50 @@ class Models:
     weight_map: dict | None
     taps: list[tuple[str, str]]
     student_source: str | None  # a folder whose non-U-Net parts the final pipeline reuses
+    lora_base: dict | None = None  # lcm-lora: the frozen student weights the adapters sit on
+
+
+LORA_FILE = "pytorch_lora_weights.safetensors"  # diffusers' name for a pipeline's LoRA file
+
+# LCM-LoRA's adapted layers (diffusers' train_lcm_distill_lora_sd_wds.py): attention, feed-forward, convolutions.
+LORA_TARGETS = [
+    "to_q",
+    "to_k",
+    "to_v",
+    "to_out.0",
+    "proj_in",
+    "proj_out",
+    "ff.net.0.proj",
+    "ff.net.2",
+    "conv1",
+    "conv2",
+    "conv_shortcut",
+    "downsamplers.0.conv",
+    "upsamplers.0.conv",
+    "time_emb_proj",
+]
+
+
+def with_guidance_embedding(unet, dim: int):
+    """The U-Net with a guidance input (``time_cond_proj_dim``), its other weights unchanged. The new projection
+    keeps torch's default initialisation, as the reference does (it loads the teacher's weights non-strictly)."""
+    from diffusers import UNet2DConditionModel
+
+    if unet.config.time_cond_proj_dim is not None:
+        return unet
+    out = UNet2DConditionModel.from_config(unet.config, time_cond_proj_dim=dim)
+    missing, unexpected = out.load_state_dict(unet.state_dict(), strict=False)
+    assert not unexpected and all("cond_proj" in k for k in missing), (missing, unexpected)
+    return out
+
+
+def add_lora(unet, rank: int, alpha: float | None):
+    """LoRA adapters on the U-Net (peft; B = 0, so the student starts unchanged); only they train."""
+    from peft import LoraConfig
+
+    unet.requires_grad_(False)
+    unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha or rank, target_modules=LORA_TARGETS))
+    return unet
 
 
 def load_models(cfg: DistillConfig, device, weight_dtype: torch.dtype) -> Models:
@@ -72,6 +117,12 @@ def load_models(cfg: DistillConfig, device, weight_dtype: torch.dtype) -> Models
         result = compress_pipeline(teacher_pipe, recipe_obj)
         student, weight_map, source = result.pipeline.unet, result.weight_map, None
     student = student.float()
+    lora_base = None
+    if cfg.objective == "lcm":
+        student = with_guidance_embedding(student, cfg.cond_proj_dim)
+    elif cfg.objective == "lcm-lora":
+        lora_base = {k: v.detach().clone() for k, v in student.state_dict().items()}
+        student = add_lora(student, cfg.lora_rank, cfg.lora_alpha)
 
     s_cfg, t_cfg = (
         dict(student.config),
@@ -84,7 +135,13 @@ def load_models(cfg: DistillConfig, device, weight_dtype: torch.dtype) -> Models
     else:
         taps = default_taps(s_cfg, t_cfg, plan(t_cfg, recipe_obj)[1] if recipe_obj is not None else None)
     return Models(
-        teacher_pipe, student, recipe_obj.to_dict() if recipe_obj else None, weight_map, taps, source
+        teacher_pipe,
+        student,
+        recipe_obj.to_dict() if recipe_obj else None,
+        weight_map,
+        taps,
+        source,
+        lora_base,
     )
 
 
@@ -135,6 +192,13 @@ def save_final(
     from slimsd.atomic import atomic_dir
     from slimsd.models.loading import load
 
+    lora = None
+    if cfg.objective == "lcm-lora":  # the student's own weights, and the adapters beside them
+        from peft.utils import get_peft_model_state_dict
+
+        # peft's key names (``...to_q.lora_A.weight``), which load_lora_weights reads as they are
+        lora = get_peft_model_state_dict(models.student, student_state)
+        student_state = models.lora_base
     unet = UNet2DConditionModel.from_config(models.student.config)
     unet.load_state_dict({k: v.float() for k, v in student_state.items()})
     if reuse_components:
@@ -148,6 +212,16 @@ def save_final(
             allow_pickle=cfg.allow_pickle,
         )
     components = dict(base.components) | {"unet": unet}
+    sampling = step_sampling(cfg)
+    if sampling:  # a few-step student samples with LCM's scheduler, in plain diffusers too
+        from diffusers import LCMScheduler
+
+        own = set(_init_params(LCMScheduler))  # the teacher's scheduler may have options LCM has not
+        components["scheduler"] = LCMScheduler.from_config(
+            {k: v for k, v in base.scheduler.config.items() if k in own},
+            original_inference_steps=cfg.solver_steps,
+            timestep_scaling=cfg.timestep_scaling,
+        )
     for part in components.values():
         # A fast tokenizer keeps the padding and truncation of its last call in its backend, and saves them:
         # clear them, so that final/ is the same whether this process encoded captions or not (a cached run,
@@ -164,6 +238,8 @@ def save_final(
     out = Path(cfg.output_dir) / "final"
     with atomic_dir(out, overwrite=True) as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
+        if lora is not None:  # diffusers' LoRA format: pipe.load_lora_weights(final/) finds it
+            type(base).save_lora_weights(tmp, unet_lora_layers={k: v.float() for k, v in lora.items()})
         info = {
             "slimsd_version": __version__,
             "teacher": cfg.teacher,
@@ -175,7 +251,28 @@ def save_final(
             "skipped": state["skipped"],
             "config_changes": state["config_changes"],  # allowed changes on resumes, with their steps
         }
+        if sampling:
+            info["sampling"] = sampling
         (tmp / "slimsd.json").write_text(json.dumps(info, indent=1) + "\n")
+    return out
+
+
+def step_sampling(cfg: DistillConfig) -> dict | None:
+    """How a step-distilled student samples by default (``slimsd generate`` reads it from slimsd.json)."""
+    if cfg.objective not in ("lcm", "lcm-lora"):
+        return None
+    lcm = cfg.objective == "lcm"
+    out = {
+        "kind": cfg.objective,
+        "scheduler": "lcm",
+        "steps": cfg.sample_steps,
+        # LCM: the guidance embedding takes the scale (no doubled batch); LCM-LoRA: guidance is baked in
+        "guidance": cfg.sample_guidance or (cfg.guidance_min if lcm else 1.0),
+        "guidance_range": [cfg.guidance_min, cfg.guidance_max] if lcm else None,
+        "solver_steps": cfg.solver_steps,
+    }
+    if not lcm:
+        out["lora"] = LORA_FILE
     return out
 
 
@@ -265,15 +362,34 @@ def train(cfg: DistillConfig) -> dict:
     for m in frozen:
         m.requires_grad_(False).eval()
     student = models.student.to(device)
-    student.requires_grad_(True).train()
+    if cfg.objective != "lcm-lora":  # LoRA: only the adapters train (add_lora froze the rest)
+        student.requires_grad_(True)
+    student.train()
     if cfg.gradient_checkpointing:
         student.enable_gradient_checkpointing()
-    use_teacher = cfg.lambda_out > 0 or cfg.lambda_feat > 0
-    use_feat = cfg.lambda_feat > 0 and bool(models.taps)
+    lcm = cfg.objective in ("lcm", "lcm-lora")
+    use_teacher = lcm or cfg.lambda_out > 0 or cfg.lambda_feat > 0
+    use_feat = not lcm and cfg.lambda_feat > 0 and bool(models.taps)
     s_taps = attach_taps(student, [s for s, _ in models.taps]) if use_feat else None
     t_taps = attach_taps(tp.unet, [t for _, t in models.taps]) if use_feat else None
     noise_scheduler = DDPMScheduler.from_config(tp.scheduler.config)
     resolution = cfg.resolution or native_resolution(tp)
+    # LCM: the solver's timesteps, the schedule's ᾱ, and the target network (an EMA of the student; LCM-LoRA
+    # takes the student itself as its target).
+    num_train_timesteps = noise_scheduler.config.num_train_timesteps
+    if lcm and not 1 <= cfg.solver_steps <= num_train_timesteps // 2:
+        raise SlimsdError(
+            f"config key 'solver_steps': {cfg.solver_steps} is out of range for a teacher with "
+            f"{num_train_timesteps} timesteps; allowed: 1 to {num_train_timesteps // 2}"
+        )
+    ddim_ts = C.solver_timesteps(num_train_timesteps, cfg.solver_steps).to(device)
+    alphas_cumprod = noise_scheduler.alphas_cumprod.to(device)
+    emb_dim = models.student.config.time_cond_proj_dim if cfg.objective == "lcm" else None
+    target_unet = None
+    if cfg.objective == "lcm":
+        import copy
+
+        target_unet = copy.deepcopy(student).requires_grad_(False)
 
     # 2. Optimizer (optionally 8-bit) and LR schedule (stepped once per optimizer step, never per process).
     params = [p for p in student.parameters() if p.requires_grad]
@@ -293,6 +409,8 @@ def train(cfg: DistillConfig) -> dict:
         cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps, num_training_steps=cfg.max_steps
     )
     ema = {k: v.detach().clone().float() for k, v in student.state_dict().items()} if cfg.ema else None
+    target = target_unet.state_dict() if target_unet is not None else None  # views of its parameters
+    averages = {"ema": ema, "target": target}
     gen = torch.Generator().manual_seed(cfg.seed)  # noise, timesteps, VAE samples, caption dropout
 
     # 3. Resume: weights, optimizer, schedule, EMA, generator, step and data position.
@@ -300,7 +418,7 @@ def train(cfg: DistillConfig) -> dict:
     resume_from, torch_rng = run.checkpoint, None
     arch = architecture(student, models.recipe["name"] if models.recipe else cfg.student)
     if resume_from is not None:
-        state, torch_rng = load_checkpoint(resume_from, student, optimizer, lr_scheduler, ema, gen, arch)
+        state, torch_rng = load_checkpoint(resume_from, student, optimizer, lr_scheduler, averages, gen, arch)
         if run.changes and cfg.allow_config_change:
             apply_optimizer_settings(optimizer, lr_scheduler, cfg)
         accelerator.print(f"resumed from {resume_from} at step {state['step']}")
@@ -336,9 +454,11 @@ def train(cfg: DistillConfig) -> dict:
     global_batch = cfg.batch_size * accelerator.num_processes
     empty = (
         {k: v.to(device, weight_dtype) for k, v in encode_text(tp, [""]).items()}
-        if cfg.caption_dropout
+        if cfg.caption_dropout or lcm
         else None
     )
+    if lcm and sdxl and tp.config.get("force_zeros_for_empty_prompt", True):
+        empty = {k: torch.zeros_like(v) for k, v in empty.items()}  # SDXL's "no prompt", as its pipeline does
 
     if log_with and accelerator.is_main_process:
         accelerator.init_trackers(
@@ -366,6 +486,58 @@ def train(cfg: DistillConfig) -> dict:
             if batch["size"]:
                 return batch
 
+    def cast(d, dtype):
+        return {"added_cond_kwargs": {k: v.to(dtype) for k, v in d["added_cond_kwargs"].items()}} if d else {}
+
+    def consistency_terms(latents, noise, index, w, cond, extra) -> dict:
+        """LCD on one micro-batch (consistency.py; Luo et al. 2023, Algorithm 1)."""
+        n, kind = latents.shape[0], noise_scheduler.config.prediction_type
+        start = ddim_ts[index]  # t_{n+k}
+        prev = (start - num_train_timesteps // cfg.solver_steps).clamp(min=0)  # t_n
+        noisy = noise_scheduler.add_noise(latents, noise, start)
+        w_emb = C.guidance_embedding(w, emb_dim).to(device) if emb_dim else None
+        (skip_s, out_s), (skip_p, out_p) = (
+            [x.to(device).view(-1, 1, 1, 1) for x in C.boundary_scalings(t, cfg.timestep_scaling)]
+            for t in (start, prev)
+        )
+        pred = student(
+            noisy, start, cond["prompt_embeds"].float(), timestep_cond=w_emb, **cast(extra, torch.float32)
+        ).sample
+        online = skip_s * noisy + out_s * C.predicted_x0_eps(pred, start, noisy, alphas_cumprod, kind)[0]
+        with torch.no_grad():
+            # The teacher with and without the caption in one batch, guided by w, then one DDIM step to t_n.
+            both = {k: torch.cat([v, empty[k].expand_as(v)]).to(weight_dtype) for k, v in cond.items()}
+            extra2 = {}
+            if extra:
+                ids = extra["added_cond_kwargs"]["time_ids"]
+                extra2 = {
+                    "added_cond_kwargs": {
+                        "text_embeds": both["pooled_prompt_embeds"],
+                        "time_ids": ids.repeat(2, 1),
+                    }
+                }
+            out = tp.unet(
+                torch.cat([noisy, noisy]).to(weight_dtype),
+                torch.cat([start, start]),
+                both["prompt_embeds"],
+                **cast(extra2, weight_dtype),
+            ).sample
+            x0_c, eps_c = C.predicted_x0_eps(out[:n], start, noisy, alphas_cumprod, kind)
+            x0_u, eps_u = C.predicted_x0_eps(out[n:], start, noisy, alphas_cumprod, kind)
+            wv = w.view(-1, 1, 1, 1)
+            x_prev = C.ddim_step(
+                x0_c + wv * (x0_c - x0_u), eps_c + wv * (eps_c - eps_u), prev, alphas_cumprod
+            )
+            net = target_unet if target_unet is not None else accelerator.unwrap_model(student)
+            t_pred = net(
+                x_prev, prev, cond["prompt_embeds"].float(), timestep_cond=w_emb, **cast(extra, torch.float32)
+            ).sample
+            target = (
+                skip_p * x_prev + out_p * C.predicted_x0_eps(t_pred, prev, x_prev, alphas_cumprod, kind)[0]
+            )
+        loss = C.consistency_distance(online, target, cfg.lcm_loss, cfg.huber_c)
+        return {"loss": loss, "lcm": loss}
+
     def micro_batch_loss(batch) -> dict:
         """The loss terms of one micro-batch on this process."""
         # Randomness for the whole global micro-batch, identical on every process; each takes its rows.
@@ -382,21 +554,23 @@ def train(cfg: DistillConfig) -> dict:
                 mean, std = encode_images(tp.vae, batch["pixels"].to(device))
                 cond = encode_text(tp, batch["caption"])
         shape = (global_batch, *mean.shape[1:])
+        # kd: a timestep of the T training ones; lcm: a step n of the solver's schedule
         timesteps = torch.randint(
-            0, noise_scheduler.config.num_train_timesteps, (global_batch,), generator=gen
+            0, cfg.solver_steps if lcm else num_train_timesteps, (global_batch,), generator=gen
         )[rows]
         noise = torch.randn(shape, generator=gen)[rows].to(device)
         sample_eps = torch.randn(shape, generator=gen)[rows].to(device)
         drop = (torch.rand(global_batch, generator=gen)[rows] < cfg.caption_dropout).to(device)
         timesteps = timesteps.to(device)
+        if lcm:  # the teacher's guidance w = scale − 1, one per sample
+            span = cfg.guidance_max - cfg.guidance_min
+            w = (cfg.guidance_min - 1 + span * torch.rand(global_batch, generator=gen))[rows].to(device)
         latents = (mean.float() + std.float() * sample_eps) * tp.vae.config.scaling_factor
         if empty is not None and drop.any():
             cond = {
                 k: torch.where(drop.view(-1, *[1] * (v.dim() - 1)), empty[k].expand_as(v), v)
                 for k, v in cond.items()
             }
-        noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-        target = task_target(noise_scheduler, latents, noise, timesteps)
         extra = {}
         if sdxl:
             ids = (
@@ -408,13 +582,10 @@ def train(cfg: DistillConfig) -> dict:
                 "added_cond_kwargs": {"text_embeds": cond["pooled_prompt_embeds"], "time_ids": ids.to(device)}
             }
 
-        def cast(d, dtype):
-            return (
-                {"added_cond_kwargs": {k: v.to(dtype) for k, v in d["added_cond_kwargs"].items()}}
-                if d
-                else {}
-            )
-
+        if lcm:
+            return consistency_terms(latents, noise, timesteps, w, cond, extra)
+        noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+        target = task_target(noise_scheduler, latents, noise, timesteps)
         teacher_pred = None
         if use_teacher:
             with torch.no_grad():
@@ -457,10 +628,12 @@ def train(cfg: DistillConfig) -> dict:
                     accelerator.clip_grad_norm_(student.parameters(), cfg.max_grad_norm)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-            step_terms.append({k: terms[k].detach() for k in ("loss", "task", "out", "feat")})
+            step_terms.append({k: v.detach() for k, v in terms.items() if "/" not in k})
             images_seen += batch["size"] * accelerator.num_processes
         lr_scheduler.step()
         state["step"] += 1
+        if target is not None:
+            C.update_target(target, accelerator.unwrap_model(student).state_dict(), cfg.target_decay)
         if ema is not None:
             with torch.no_grad():
                 for k, v in accelerator.unwrap_model(student).state_dict().items():
@@ -474,10 +647,7 @@ def train(cfg: DistillConfig) -> dict:
         losses.append(record)
         rate = images_seen / max(time.perf_counter() - t0, 1e-9)
         bar.set_postfix(
-            loss=f"{record['loss']:.4f}",
-            task=f"{record['task']:.4f}",
-            out=f"{record['out']:.4f}",
-            feat=f"{record['feat']:.4f}",
+            **{k: f"{v:.4f}" for k, v in mean_terms.items()},
             img_s=f"{rate:.1f}",
         )
         bar.update(1)
@@ -497,7 +667,7 @@ def train(cfg: DistillConfig) -> dict:
                     accelerator.unwrap_model(student),
                     optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer,
                     lr_scheduler,
-                    ema,
+                    averages,
                     gen,
                     state,
                     cfg.keep_last,

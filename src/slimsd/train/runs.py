@@ -51,6 +51,8 @@ SAFE_KEYS = {
     "validation_every",
     "validation_steps",
     "log_every",
+    "sample_steps",  # only what final/slimsd.json tells generate
+    "sample_guidance",
     "tensorboard",
     "progress",
     "num_workers",
