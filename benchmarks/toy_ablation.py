@@ -135,6 +135,43 @@ def run_one(job: tuple[str, str, int, int], args) -> dict:
     return row
 
 
+def fingerprint(args) -> dict:
+    """What every saved result in --work depends on: the teacher's weights, its sampling, the evaluation."""
+    import hashlib
+
+    from slimsd.toy.teacher import TOY_DIR, TOY_SAMPLING
+
+    weights = sorted(TOY_DIR.rglob("*.safetensors"))
+    digest = hashlib.sha256()
+    for f in weights:
+        digest.update(f.relative_to(TOY_DIR).as_posix().encode() + f.read_bytes())
+    return {
+        "teacher_sha256": digest.hexdigest(),
+        "sampling": TOY_SAMPLING,
+        "eval_seeds": args.eval_seeds,
+        "eval_prompts": args.eval_prompts,
+        "data_images": args.data_images,
+    }
+
+
+def check_work(args) -> None:
+    """Refuse to mix results made with another teacher or protocol into this sweep (resumed results are reused
+    as they are); a work folder without a fingerprint gets this one."""
+    path = args.work / "fingerprint.json"
+    now = fingerprint(args)
+    if path.is_file():
+        saved = json.loads(path.read_text())
+        if saved != now:
+            changed = ", ".join(k for k in now if saved.get(k) != now[k])
+            raise SystemExit(
+                f"toy_ablation: {args.work} holds results made with another {changed}; use another --work "
+                "or remove it"
+            )
+        return
+    args.work.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(now, indent=1) + "\n")
+
+
 def teacher_row(args) -> dict:
     path = args.work / "results" / "teacher.json"
     if path.is_file():
@@ -301,6 +338,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     from slimsd.devices import cpu_model
 
     jobs = [(r, a, s, n) for r in args.recipes for a in args.arms for s in args.seeds for n in args.steps]
+    check_work(args)
     done = {p.stem for p in (args.work / "results").glob("*.json")}
     todo = [j for j in jobs if run_key(*j) not in done]
     log(f"{len(jobs)} runs, {len(jobs) - len(todo)} already done in {args.work}")

@@ -21,7 +21,6 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
 import train_toy_teacher as T
@@ -113,14 +112,9 @@ def run(old, freeze_text, steps, every):
     for step in range(steps):
         for g in opt.param_groups:
             g["lr"] = T.lr_at(step, 2400, 1e-3, 100)
-        idx = torch.randint(0, len(lat), (32,), generator=gen)
-        b = ids[idx].clone()
-        b[torch.rand(32, generator=gen) < 0.1] = unc
-        cond = te(b)[0]
-        t = torch.randint(0, 1000, (32,), generator=gen)
-        n = torch.randn(lat[idx].shape, generator=gen)
-        a = alphas[t].view(-1, 1, 1, 1)
-        loss = F.mse_loss(unet(a.sqrt() * lat[idx] + (1 - a).sqrt() * n, t, cond).sample, n)
+        loss = T.task_loss(
+            unet, te, alphas, lat, ids, unc, 32, 0.1, gen
+        )  # the failed run's batch and dropout
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], 1.0)

@@ -189,6 +189,20 @@ def ema_update(ema: torch.nn.Module, model: torch.nn.Module, step: int) -> None:
             e.lerp_(p, 1.0 - decay)
 
 
+def task_loss(unet, text_encoder, alphas, latents, ids, uncond_ids, batch: int, p_uncond: float, gen):
+    """One batch's epsilon-prediction loss: random rows, captions dropped to "" with ``p_uncond`` (for
+    classifier-free guidance), a random timestep and noise per row, all drawn from ``gen`` in this order."""
+    idx = torch.randint(0, len(latents), (batch,), generator=gen)
+    z0 = latents[idx]
+    batch_ids = ids[idx].clone()
+    batch_ids[torch.rand(batch, generator=gen) < p_uncond] = uncond_ids
+    cond = text_encoder(batch_ids)[0]
+    t = torch.randint(0, len(alphas), (batch,), generator=gen)
+    noise = torch.randn(z0.shape, generator=gen)
+    a = alphas[t].view(-1, 1, 1, 1)
+    return F.mse_loss(unet(a.sqrt() * z0 + (1 - a).sqrt() * noise, t, cond).sample, noise)
+
+
 def train_unet(
     pipe, latents, ids, uncond_ids, steps: int, gen: torch.Generator, ckpt: Path, check=None
 ) -> list:
@@ -238,17 +252,7 @@ def train_unet(
     for step in range(first, steps):
         for g, base in zip(opt.param_groups, (UNET_LR, TEXT_LR), strict=True):
             g["lr"] = lr_at(step, steps, base, UNET_WARMUP)
-        idx = torch.randint(0, len(latents), (UNET_BATCH,), generator=gen)
-        z0 = latents[idx]
-        batch_ids = ids[idx].clone()
-        drop = torch.rand(UNET_BATCH, generator=gen) < P_UNCOND
-        batch_ids[drop] = uncond_ids
-        cond = text_encoder(batch_ids)[0]
-        t = torch.randint(0, scheduler.config.num_train_timesteps, (UNET_BATCH,), generator=gen)
-        noise = torch.randn(z0.shape, generator=gen)
-        a = alphas[t].view(-1, 1, 1, 1)
-        zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
-        loss = F.mse_loss(unet(zt, t, cond).sample, noise)
+        loss = task_loss(unet, text_encoder, alphas, latents, ids, uncond_ids, UNET_BATCH, P_UNCOND, gen)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

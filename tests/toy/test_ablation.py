@@ -73,3 +73,9 @@ def test_ablation_rows_and_resume(tmp_path, monkeypatch):
         return [(r["arm"], r["caption_fidelity_mean"], r["caption_fidelity_held_out_mean"]) for r in rs]
 
     assert score(again) == score(rows)
+
+    # results made under another protocol are not mixed in: a changed evaluation refuses the work folder
+    with pytest.raises(SystemExit, match="another eval_prompts"):
+        ablation.main(
+            [a if a != "1" or i != args.index("--eval-prompts") + 1 else "2" for i, a in enumerate(args)]
+        )
