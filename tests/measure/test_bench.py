@@ -140,7 +140,7 @@ def test_end_to_end_parts_are_timed_where_they_run(monkeypatch):
         bench.Variant("diffusers", torch.float32, False),
     ):
         calls.update(text=0, unet=0, vae=0)
-        t = bench.generate_timed(pipe, cfg, variant, 64, 1, 3)
+        t = bench.generate_timed(pipe, cfg, variant, 64, 1, 3, 7.5)
         assert calls == {
             "text": 2,
             "unet": 3,

@@ -295,3 +295,29 @@ def test_sdxl_ssd1b_student_step_distils_and_loads_with_lcm_scheduler(tmp_path, 
         assert pipe.unet.config.time_cond_proj_dim == 256
     image = pipe("a red circle", num_inference_steps=4, guidance_scale=2.0, output_type="np").images[0]
     assert image.shape == (64, 64, 3)
+
+
+def test_eval_and_bench_run_a_step_distilled_model_at_its_own_steps(tmp_path, capsys):
+    """Left open, steps and guidance are each model's own: the LCM student's 3 steps at guidance 2.5 (its
+    slimsd.json), micro-sd's 25 at 7.5, in one eval; bench's end-to-end row likewise."""
+    import json
+
+    from slimsd.measure import bench
+    from slimsd.run.pnginfo import settings_from_png
+
+    final = train(lcm_cfg(tmp_path, max_steps=1, sample_steps=3, sample_guidance=2.5))["final_dir"]
+    prompts = tmp_path / "p.csv"
+    prompts.write_text("caption\na red circle\na blue square\n")
+    args = ["eval", "-m", "micro-sd", "-m", final, "--prompts", str(prompts), "--out", str(tmp_path / "e")]
+    args += ["--fid-extractor", "stand-in", "--clip-model", "stand-in", "--is-splits", "2", "--json"]
+    code, out, err = run_cli(args, capsys)
+    assert code == 0, err
+    rows = {r["model"]: r for r in json.loads(out)["models"]}
+    assert (rows["micro-sd"]["steps"], rows["micro-sd"]["guidance"]) == (25, 7.5)
+    assert (rows[final]["steps"], rows[final]["guidance"]) == (3, 2.5)
+    png = next((tmp_path / "e").glob("images/*final*/*.png"))
+    stored = settings_from_png(png)
+    assert (stored["steps"], stored["guidance"], stored["scheduler"]) == (3, 2.5, "lcm")
+
+    (row,) = bench.run(bench.BenchConfig(models=[final], device="cpu", dtype="fp32", warmup=0, repeats=1))
+    assert (row["steps"], row["guidance"]) == (3, 2.5)

@@ -34,7 +34,8 @@ from slimsd.commands.options import (
     "--steps",
     type=click.IntRange(1, 1000),
     default=None,
-    help="Denoising steps of the end-to-end run (default: 25 on a GPU, 4 on CPU).",
+    help="Denoising steps of the end-to-end run (default: a step-distilled model's own, else 25 on a GPU, 4 "
+    "on CPU).",
 )
 @device_option
 @dtype_option

@@ -46,8 +46,15 @@ def _models(ctx, param, value):
     default=None,
     help="Named protocol; fixes resolution, scoring size, scheduler, steps, guidance, seed, count.",
 )
-@click.option("--steps", type=click.IntRange(1, 1000), default=None, help="Denoising steps [25].")
-@click.option("--guidance", type=click.FloatRange(0, 50), default=None, help="Guidance scale [7.5].")
+@click.option(
+    "--steps", type=click.IntRange(1, 1000), default=None, help="Denoising steps [the model's own, else 25]."
+)
+@click.option(
+    "--guidance",
+    type=click.FloatRange(0, 50),
+    default=None,
+    help="Guidance scale [the model's own, else 7.5].",
+)
 @click.option("--seed", type=click.IntRange(0, 2**63 - 1), default=None, help="Image i uses seed+i [0].")
 @click.option(
     "--resolution",

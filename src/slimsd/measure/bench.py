@@ -60,7 +60,7 @@ LABELS = {
 class BenchConfig:
     models: list[str]
     resolution: int | None = None  # None: each model's own (512 SD-class, 1024 SDXL-class, 64 micro)
-    steps: int | None = None  # None: 25 on a GPU (the articles' setting), 4 on CPU
+    steps: int | None = None  # None: a step-distilled model's own, else 25 on a GPU (the articles'), 4 on CPU
     device: str = "auto"
     dtype: str = "auto"
     random_weights: bool = False
@@ -75,7 +75,7 @@ class BenchConfig:
     channels_last: bool = True
     fuse_qkv: bool = True
     threads: int | None = None
-    guidance: float = 7.5
+    guidance: float | None = None  # None: a step-distilled model's own, else 7.5
     prompt: str = DEFAULT_PROMPT
     seed: int = 0
     allow_pickle: bool = False
@@ -281,12 +281,28 @@ def resolve(cfg: BenchConfig) -> tuple[BenchConfig, runtime.RuntimeConfig]:
         threads=cfg.threads,
     )
     gpu = rt.device.startswith("cuda")
-    steps = cfg.steps if cfg.steps is not None else (25 if gpu else 4)
     batch_sizes = cfg.batch_sizes or ([1, 4] if gpu else [1])
-    if steps < 1 or cfg.repeats < 1 or cfg.e2e_repeats < 1 or cfg.warmup < 0 or min(batch_sizes) < 1:
+    if (
+        (cfg.steps is not None and cfg.steps < 1)
+        or cfg.repeats < 1
+        or cfg.e2e_repeats < 1
+        or cfg.warmup < 0
+        or min(batch_sizes) < 1
+    ):
         raise SlimsdError("steps, repeats, e2e repeats and batch sizes must be at least 1, warmup at least 0")
-    cfg = replace(cfg, steps=steps, batch_sizes=sorted(set(batch_sizes)))
+    cfg = replace(cfg, batch_sizes=sorted(set(batch_sizes)))
     return cfg, rt
+
+
+def e2e_settings(model: str, cfg: BenchConfig, device: str) -> tuple[int, float]:
+    """The steps and guidance of MODEL's end-to-end run: as given, else a step-distilled model's own (LCM: 4
+    steps, guidance through its embedding), else 25 on a GPU / 4 on a CPU and 7.5."""
+    from slimsd.models.loading import model_sampling
+
+    own = model_sampling(model) or {}
+    steps = cfg.steps if cfg.steps is not None else own.get("steps", 25 if device.startswith("cuda") else 4)
+    guidance = cfg.guidance if cfg.guidance is not None else own.get("guidance", 7.5)
+    return int(steps), float(guidance)
 
 
 def model_resolution(model: str, cfg: BenchConfig) -> int:
@@ -369,7 +385,9 @@ class _Stopwatch:
         return timed
 
 
-def generate_timed(pipe, cfg: BenchConfig, variant: Variant, resolution: int, batch: int, steps: int) -> dict:
+def generate_timed(
+    pipe, cfg: BenchConfig, variant: Variant, resolution: int, batch: int, steps: int, guidance: float
+) -> dict:
     """One batch of images made the way the variant's users make them, timed: total, text encoding, VAE
     decoding, and denoising (the rest: U-Net steps at the CFG batch, scheduler, latents in and out)."""
     device = str(pipe.device)
@@ -392,7 +410,7 @@ def generate_timed(pipe, cfg: BenchConfig, variant: Variant, resolution: int, ba
                 pipe,
                 cfg.prompt,
                 steps=steps,
-                guidance=cfg.guidance,
+                guidance=guidance,
                 width=resolution,
                 height=resolution,
                 seed=cfg.seed,
@@ -405,7 +423,7 @@ def generate_timed(pipe, cfg: BenchConfig, variant: Variant, resolution: int, ba
                 pipe(
                     cfg.prompt,
                     num_inference_steps=steps,
-                    guidance_scale=cfg.guidance,
+                    guidance_scale=guidance,
                     height=resolution,
                     width=resolution,
                     num_images_per_prompt=batch,
@@ -458,10 +476,11 @@ def measure_end_to_end(
     weights: the memory that variant alone needs.
     """
     pipes = {v.name: load_variant(model, cfg, v, device) for v in kinds}
-    out: dict[str, dict] = {v.name: {"images_per_s": {}} for v in kinds}
+    steps, guidance = e2e_settings(model, cfg, device)
+    out: dict[str, dict] = {v.name: {"images_per_s": {}, "steps": steps, "guidance": guidance} for v in kinds}
     for v in kinds:  # warm-up (and compilation, if any)
         t0 = time.perf_counter()
-        generate_timed(pipes[v.name], cfg, v, resolution, 1, 1)
+        generate_timed(pipes[v.name], cfg, v, resolution, 1, 1, guidance)
         out[v.name]["warmup_s"] = time.perf_counter() - t0
     for batch in cfg.batch_sizes:
         runs: dict[str, list] = {v.name: [] for v in kinds}
@@ -469,7 +488,7 @@ def measure_end_to_end(
             for v in kinds if r % 2 == 0 else kinds[::-1]:  # A B, B A, ...: no variant always goes first
                 before = resident_memory(device)
                 reset_peak_memory(device)
-                t = generate_timed(pipes[v.name], cfg, v, resolution, batch, cfg.steps)
+                t = generate_timed(pipes[v.name], cfg, v, resolution, batch, steps, guidance)
                 peak, kind = peak_memory(device)
                 working = None if before is None or peak is None else max(peak - before, 0)
                 runs[v.name].append((t, working, kind))
@@ -537,19 +556,19 @@ def _run(cfg: BenchConfig, rt: runtime.RuntimeConfig, log: Callable[[str], None]
     if cfg.e2e:
         for model in cfg.models:
             log(
-                f"end to end: {model} ({', '.join(v.name for v in kinds)} alternating), {cfg.steps} steps, "
+                f"end to end: {model} ({', '.join(v.name for v in kinds)} alternating), "
+                f"{e2e_settings(model, cfg, rt.device)[0]} steps, "
                 f"batch sizes {cfg.batch_sizes}, {cfg.e2e_repeats} timed run(s) each"
             )
             e2e = measure_end_to_end(model, cfg, kinds, rt.device, resolutions[model])
             for row in rows:
                 if row["model"] == model:
-                    row.update({"steps": cfg.steps, **e2e[row["variant"]]})
+                    row.update(e2e[row["variant"]])
                     row["e2e_s"] = row.pop("total_s")
     _ratios(rows)
     for row in rows:
         row.update(env)
         row["requested_runtime"] = runtime.describe(rt)["requested"]
-        row["guidance"] = cfg.guidance
     return rows
 
 

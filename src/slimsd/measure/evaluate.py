@@ -386,13 +386,29 @@ def model_slug(source: str) -> str:
 
 @dataclass
 class GenSettings:
-    steps: int = 25
-    guidance: float = 7.5
+    steps: int | None = 25  # None: the model's own (a step-distilled student's, else 25)
+    guidance: float | None = 7.5  # None: the model's own (else 7.5)
     seed: int = 0
     resolution: int | None = None  # None: the model's own
     scheduler: str | None = None  # None: the model's own (names: slimsd.run.generate.SCHEDULERS)
     batch_size: int = 1
     dtype: str = "fp32"  # the pipeline's, as slimsd.devices names it
+
+
+def own_settings(settings: GenSettings, model: str) -> GenSettings:
+    """``settings`` with the steps and guidance left open filled from MODEL's own (a step-distilled student
+    samples in 4 steps, a teacher in 25)."""
+    from dataclasses import replace
+
+    from slimsd.models.loading import model_sampling
+    from slimsd.run.generate import sampling_defaults
+
+    own = sampling_defaults(model_sampling(model))
+    return replace(
+        settings,
+        steps=own["steps"] if settings.steps is None else settings.steps,
+        guidance=own["guidance"] if settings.guidance is None else settings.guidance,
+    )
 
 
 def image_path(folder: Path, prompt: Prompt) -> Path:
@@ -633,7 +649,7 @@ def resolve(config: EvalConfig) -> EvalConfig:
     if config.protocol is not None and config.protocol not in PROTOCOLS:
         raise unknown("protocol", config.protocol, PROTOCOLS)
     preset = PROTOCOLS.get(config.protocol, {})
-    defaults = {"steps": 25, "guidance": 7.5, "seed": 0}
+    defaults = {"seed": 0}  # steps and guidance: each model's own (run_eval), unless a protocol fixes them
     for key in ("steps", "guidance", "seed", "resolution", "score_resolution", "scheduler", "num_prompts"):
         if getattr(config, key) is None:
             setattr(config, key, preset.get(key, defaults.get(key)))
@@ -661,7 +677,7 @@ def run_eval(config: EvalConfig, log: Callable[[str], None] = print) -> dict:
     shard = parse_shard(config.shard)
     prompts = read_prompts(config.prompts, config.caption_column, config.id_column, config.num_prompts)
     out = Path(config.out)
-    settings = GenSettings(
+    settings = base_settings = GenSettings(
         config.steps,
         config.guidance,
         config.seed,
@@ -672,8 +688,8 @@ def run_eval(config: EvalConfig, log: Callable[[str], None] = print) -> dict:
     )
     # Everything that can be checked before hours of work is checked here, each with one line.
     gen.validate(
-        steps=settings.steps,
-        guidance=settings.guidance,
+        steps=gen.DEFAULT_STEPS if settings.steps is None else settings.steps,
+        guidance=gen.DEFAULT_GUIDANCE if settings.guidance is None else settings.guidance,
         width=settings.resolution or 64,
         height=settings.resolution or 64,
         seed=settings.seed,
@@ -719,8 +735,9 @@ def run_eval(config: EvalConfig, log: Callable[[str], None] = print) -> dict:
     generation = {}
     for model, source, slug in zip(config.models, sources, slugs, strict=True):
         folder = out / "images" / slug
+        settings = own_settings(base_settings, model)
         todo, counts = plan_images(prompts, folder, settings, source, shard)
-        generation[model] = counts
+        generation[model] = {**counts, "steps": settings.steps, "guidance": settings.guidance}
         if todo and config.score_only:
             first = differing_setting(image_path(folder, todo[0]), wanted_settings(todo[0], settings, source))
             raise SlimsdError(
@@ -759,7 +776,8 @@ def run_eval(config: EvalConfig, log: Callable[[str], None] = print) -> dict:
         mu, sigma = scores.pop("_stats")
         if config.save_stats:
             save_stats(out / "stats" / f"{slug}.npz", mu, sigma, model=model, extractor=config.fid_extractor)
-        rows.append({"model": model, "model_source": source, "images": f"images/{slug}", **scores})
+        own = {k: generation[model][k] for k in ("steps", "guidance")}  # each model's, when left open
+        rows.append({"model": model, "model_source": source, "images": f"images/{slug}", **own, **scores})
 
     result = {
         "protocol": config.protocol,

@@ -242,7 +242,7 @@ def load(
         "default_scheduler": scheduler_name(pipe.scheduler),
         "runtime": runtime.applied(pipe.unet, optimized=optimize),
         # A step-distilled student says how it samples (scheduler, steps, guidance): generate's defaults.
-        "sampling": (read_slimsd_info(model) or {}).get("sampling") if kind == "local" else None,
+        "sampling": model_sampling(model),
     }
     if scheduler is not None:  # the pipeline's own from now on: generate() uses it when given none
         set_scheduler(pipe, scheduler)
@@ -335,6 +335,14 @@ def native_resolution_of(unet_config: dict, vae_config: dict) -> int:
 
 def native_resolution(pipe) -> int:
     return native_resolution_of(dict(pipe.unet.config), dict(pipe.vae.config))
+
+
+def model_sampling(model: str) -> dict | None:
+    """How a step-distilled student samples by default (its slimsd.json ``sampling``: scheduler, steps,
+    guidance), read without loading it; None for other models."""
+    if describe_model(model) != "local":
+        return None
+    return (read_slimsd_info(model) or {}).get("sampling")
 
 
 def read_slimsd_info(folder: str | Path) -> dict | None:

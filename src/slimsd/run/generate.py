@@ -44,10 +44,10 @@ MAX_BATCH = 64
 DEFAULT_STEPS, DEFAULT_GUIDANCE = 25, 7.5  # for a model that does not say otherwise
 
 
-def sampling_defaults(pipe) -> dict:
+def sampling_defaults(sampling: dict | None) -> dict:
     """Steps and guidance a model samples with unless told otherwise: a step-distilled student's own (its
     slimsd.json ``sampling``, e.g. LCM: 4 steps, guidance through its embedding), else 25 and 7.5."""
-    own = model_info(pipe).get("sampling") or {}
+    own = sampling or {}
     return {
         "steps": int(own.get("steps", DEFAULT_STEPS)),
         "guidance": float(own.get("guidance", DEFAULT_GUIDANCE)),
@@ -163,7 +163,7 @@ def generate(
     if not prompts:
         raise SlimsdError("no prompt given; pass a PROMPT or --prompts FILE with one prompt per line")
     info = model_info(pipe)
-    defaults = sampling_defaults(pipe)
+    defaults = sampling_defaults(info.get("sampling"))
     steps = defaults["steps"] if steps is None else steps
     guidance = defaults["guidance"] if guidance is None else guidance
     width = width or native_resolution(pipe)
