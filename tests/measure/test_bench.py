@@ -160,7 +160,7 @@ def test_end_to_end_runs_alternate_abba_and_keep_the_median(monkeypatch):
         def __init__(self, name):
             self.name, self.components, self._slimsd = name, {}, {"runtime": {"optimized": name == "slimsd"}}
 
-    def fake_timed(pipe, cfg, variant, resolution, batch, steps):
+    def fake_timed(pipe, cfg, variant, resolution, batch, steps, guidance):
         order.append((variant.name, steps))
         total = next(totals)
         return {"total_s": total, "text_encode_s": 0.0, "vae_decode_s": 0.0, "denoise_s": total}
