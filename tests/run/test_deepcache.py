@@ -142,8 +142,9 @@ def test_the_cached_call_uses_the_kept_features_not_fresh_ones(micro_sd):
     assert (cached - fresh).abs().max() > 1e-3
 
 
-def test_deep_blocks_run_once_every_n_steps_per_batch(micro_sd):
-    pipe = load("micro-sd")
+@pytest.mark.parametrize("model", ["micro-sd", "micro-sdxl"])
+def test_deep_blocks_run_once_every_n_steps_per_batch(model):
+    pipe = load(model)
     modules, deep, shallow = deep_and_shallow(pipe.unet)
     # euler: one U-Net call per step; guidance > 1: each call is a CFG batch of 2 per image
     kwargs = {"steps": 7, "guidance": 7.5, "seed": 3, "scheduler": "euler", "num_images": 4}

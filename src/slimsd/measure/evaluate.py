@@ -638,20 +638,11 @@ def resolve(config: EvalConfig) -> EvalConfig:
     if config.protocol is not None and config.protocol not in PROTOCOLS:
         raise unknown("protocol", config.protocol, PROTOCOLS)
     preset = PROTOCOLS.get(config.protocol, {})
-    defaults = {"steps": 25, "guidance": 7.5, "seed": 0, "deep_cache": 1}
-    keys = (
-        "steps",
-        "guidance",
-        "seed",
-        "resolution",
-        "score_resolution",
-        "scheduler",
-        "num_prompts",
-        "deep_cache",
-    )
-    for key in keys:
+    defaults = {"steps": 25, "guidance": 7.5, "seed": 0}
+    for key in ("steps", "guidance", "seed", "resolution", "score_resolution", "scheduler", "num_prompts"):
         if getattr(config, key) is None:
             setattr(config, key, preset.get(key, defaults.get(key)))
+    config.deep_cache = 1 if config.deep_cache is None else config.deep_cache  # no protocol sets it
     from slimsd.devices import dtype_name, resolve_device, resolve_dtype
     from slimsd.run.schedulers import check_scheduler
 
