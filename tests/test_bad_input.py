@@ -47,6 +47,12 @@ def bad_files(tmp) -> None:
     png_with_chunk(tmp / "not-json.png", "{steps: 25")
     png_with_chunk(tmp / "big-seed.png", json.dumps({"prompt": "a", "model": "micro-sd", "seed": 2**40}))
     png_with_chunk(tmp / "bad-width.png", json.dumps({"prompt": "a", "model": "micro-sd", "width": 100}))
+    png_with_chunk(
+        tmp / "deep-cache-0.png", json.dumps({"prompt": "a", "model": "micro-sd", "deep_cache": 0})
+    )
+    png_with_chunk(
+        tmp / "deep-cache-x.png", json.dumps({"prompt": "a", "model": "micro-sd", "deep_cache": "x"})
+    )
     png_with_chunk(tmp / "grid.png", json.dumps({"grid": {"cols": 2}}))
     Image.new("RGB", (8, 8), "white").save(tmp / "plain.png")
     Image.new("RGB", (8, 8), "white").save(tmp / "photo.jpg")
@@ -180,6 +186,11 @@ ROWS = [
     row([*GEN, "--seed", "-5"], "seed -5"),
     row([*GEN, "--num-images", "0"], "num-images 0"),
     row([*GEN, "--batch-size", "65"], "batch-size 65"),
+    row([*GEN, "--deep-cache", "0"], "deep-cache 0", "1 to 50"),
+    row([*GEN, "--deep-cache", "51"], "deep-cache 51", "1 to 50"),
+    row([*GEN, "--deep-cache", "x"], "--deep-cache", "'x'"),
+    row(["generate", "--from-png", "{tmp}/deep-cache-0.png"], "deep-cache 0", "1 to 50"),
+    row(["generate", "--from-png", "{tmp}/deep-cache-x.png"], "deep-cache-x.png", "deep_cache", "'x'"),
     row([*GEN, "--out", "{tmp}/a-file"], "--out", "a-file"),
     row([*GEN, "--out", "{tmp}/a-file/images"], "a-file"),
     row(["generate", "{tmp}/other", "a red circle", "--random-weights"], "other", "--random-weights"),
@@ -216,6 +227,8 @@ ROWS = [
     row([*BENCH, "--repeats", "0"], "--repeats", "0"),
     row([*BENCH, "--threads", "none"], "--threads", "none"),
     row(["bench"], "--models"),
+    row([*BENCH, "--deep-cache", "51"], "deep-cache 51", "1 to 50"),
+    row([*BENCH, "--deep-cache", "2", "--compile"], "--deep-cache", "--compile"),
     # eval
     row([*EVAL[:4], "{tmp}/latin1.csv", *EVAL[5:]], "latin1.csv"),
     row([*EVAL[:4], "{tmp}/missing.csv", *EVAL[5:]], "missing.csv"),
@@ -225,6 +238,7 @@ ROWS = [
     row([*EVAL, "--shard", "3/2"], "--shard", "3/2"),
     row([*EVAL, "--shard", "half"], "--shard", "half"),
     row([*EVAL, "--scheduler", "no-such-scheduler"], "--scheduler", "no-such-scheduler"),
+    row([*EVAL, "--deep-cache", "0"], "deep-cache 0", "1 to 50"),
     row(
         [*EVAL, "--fid-extractor", "inception-v3", "--inception-weights", "{tmp}/no.safetensors"],
         "no.safetensors",

@@ -177,6 +177,41 @@ def test_end_to_end_runs_alternate_abba_and_keep_the_median(monkeypatch):
     assert out["slimsd"]["runtime"] == {"optimized": True}
 
 
+def test_slimsd_end_to_end_runs_with_deep_cache_and_records_it(monkeypatch, rows):
+    from slimsd.models.loading import load
+
+    pipe = load("micro-sd", scheduler="euler")  # one U-Net call a step
+    calls = {"deep": 0, "shallow": 0}
+    handles = [
+        pipe.unet.mid_block.register_forward_hook(lambda *a: calls.__setitem__("deep", calls["deep"] + 1)),
+        pipe.unet.up_blocks[-1].register_forward_hook(
+            lambda *a: calls.__setitem__("shallow", calls["shallow"] + 1)
+        ),
+    ]
+    cfg = bench.BenchConfig(models=["micro-sd"], deep_cache=3, batch_sizes=[1])
+    for variant, deep in (
+        (bench.Variant("slimsd", torch.float32, True), 3),
+        (bench.Variant("diffusers", torch.float32, False), 7),
+    ):
+        calls.update(deep=0, shallow=0)
+        bench.generate_timed(pipe, cfg, variant, 64, 1, 7, 7.5)
+        assert calls == {"deep": deep, "shallow": 7}  # plain diffusers has no deep cache: every step full
+    for handle in handles:
+        handle.remove()
+
+    # the rows say so
+    def fake_timed(pipe, cfg, variant, resolution, batch, steps, guidance):
+        return {"total_s": 1.0, "text_encode_s": 0.0, "vae_decode_s": 0.0, "denoise_s": 1.0}
+
+    monkeypatch.setattr(bench, "load_variant", lambda model, cfg, v, device: pipe)
+    monkeypatch.setattr(bench, "generate_timed", fake_timed)
+    kinds = [bench.Variant("slimsd", torch.float32, True), bench.Variant("diffusers", torch.float32, False)]
+    out = bench.measure_end_to_end("micro-sd", cfg, kinds, "cpu", 64)
+    assert (out["slimsd"]["deep_cache"], out["diffusers"]["deep_cache"]) == (3, 1)
+    table = bench.markdown_table([{**rows[0], "deep_cache": 3}, {**rows[1], "deep_cache": 1}])
+    assert "| micro-sd | slimsd, deep cache 3 |" in table and "| micro-sd | diffusers (same dtype) |" in table
+
+
 def test_ratios_from_known_timings():
     rows = [
         {"model": "a", "variant": "slimsd", "unet_macs": 300, "step_latency_ms": 10.0, "e2e_s": 2.0},
@@ -280,6 +315,7 @@ def test_cli_writes_json_markdown_and_chart(tmp_path, capsys):
         (["--models", "org/repo", "--random-weights", "--device", "cpu"], "org/repo"),
         (["--models", "micro-sd", "--device", "cpu", "--batch-sizes", "1,x"], "--batch-sizes"),
         (["--models", "micro-sd", "--dtype", "int4"], "int4"),
+        (["--models", "micro-sd", "--device", "cpu", "--deep-cache", "0"], "deep-cache 0"),
     ],
 )
 def test_cli_bad_input_is_one_line(args, message, capsys):

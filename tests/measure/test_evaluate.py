@@ -424,6 +424,30 @@ def test_two_students_whose_folders_share_a_name_get_their_own_images_and_scores
             assert scores(later, name)[m] == pytest.approx(fresh[name][m], rel=1e-9)
 
 
+def test_an_image_made_with_another_deep_cache_is_made_again(tmp_path):
+    """deep_cache decides the pixels: an image made with another interval is not reused; one from before the
+    option existed (no deep_cache in its PNG info) was made without it, so a run without it reuses it."""
+    from slimsd.atomic import atomic_write_bytes
+    from slimsd.run.pnginfo import Settings, png_bytes
+
+    prompts = [ev.Prompt(i, name, f"a {name} circle") for i, name in enumerate(("two", "one", "old"))]
+    for p, stored in zip(prompts, ({"deep_cache": 2}, {"deep_cache": 1}, None), strict=True):
+        settings = Settings(p.caption, steps=2, seed=p.index, model_source="micro-sd", dtype="fp32")
+        settings.extra = {"eval_resolution": None, "eval_scheduler": None}
+        meta = vars(settings) | (stored or {})
+        if stored is None:
+            del meta["deep_cache"]
+        atomic_write_bytes(ev.image_path(tmp_path, p), png_bytes(Image.new("RGB", (8, 8)), extra_json=meta))
+    assert "deep_cache" not in settings_from_png(ev.image_path(tmp_path, prompts[2]))
+    for interval, todo, differing in (
+        (1, ["two"], {"deep_cache": 1}),
+        (2, ["one", "old"], {"deep_cache": 2}),
+    ):
+        gen = ev.GenSettings(steps=2, deep_cache=interval)
+        made, counts = ev.plan_images(prompts, tmp_path, gen, "micro-sd")
+        assert [p.id for p in made] == todo and counts["differing"] == differing
+
+
 @pytest.mark.slow
 def test_an_image_made_with_other_settings_is_made_again_and_counted(tmp_path, capsys, monkeypatch):
     prompts, _ = _prompts_and_reference(tmp_path)
@@ -441,6 +465,11 @@ def test_an_image_made_with_other_settings_is_made_again_and_counted(tmp_path, c
         {"steps": 3},
     )
     assert {settings_from_png(p)["steps"] for p in images.iterdir()} == {3}
+    cached = _eval([*args, "--deep-cache", "2"], capsys)
+    assert cached["generation"]["micro-sd"]["differing"] == {"deep_cache": 3}
+    assert cached["settings"]["deep_cache"] == 2
+    assert {settings_from_png(p)["deep_cache"] for p in images.iterdir()} == {2}
+    assert _eval(args, capsys)["generation"]["micro-sd"]["differing"] == {"deep_cache": 3}  # and back
     # One image swapped for another prompt's, one without any PNG info: those two are made again, one reused.
     shutil.copy(images / "g.png", images / "b.png")
     Image.new("RGB", (64, 64)).save(images / "r.png")

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from PIL.PngImagePlugin import PngInfo
 
 from slimsd.cli import main
 from slimsd.errors import SlimsdError
@@ -122,6 +123,44 @@ def test_cli_from_png_reproduces_the_image_exactly(tmp_path, capsys):
 
 
 @pytest.mark.slow
+def test_cli_from_png_reproduces_a_deep_cache_image_exactly(tmp_path, capsys):
+    args = [
+        "generate",
+        "micro-sd",
+        "a red circle",
+        "--steps",
+        "4",
+        "--seed",
+        "5",
+        "--scheduler",
+        "euler",
+        "--json",
+    ]
+    code, out, err = run_cli([*args, "--deep-cache", "2", "--out", str(tmp_path / "a")], capsys)
+    assert code == 0, err
+    (first,) = [Image.open(i["path"]) for i in json.loads(out)["images"]]
+    assert ", Model: micro-sd, Deep cache: 2, Version: " in first.text["parameters"]
+    assert json.loads(first.text["slimsd"])["deep_cache"] == 2
+    code, out, err = run_cli([*args, "--out", str(tmp_path / "full")], capsys)
+    full = Image.open(json.loads(out)["images"][0]["path"])
+    assert "Deep cache" not in full.text["parameters"] and json.loads(full.text["slimsd"])["deep_cache"] == 1
+    assert not np.array_equal(np.asarray(first), np.asarray(full))  # the setting decides the pixels
+    # --from-png with the JSON chunk, and with only A1111's parameters text (as another tool would keep it)
+    a1111 = tmp_path / "a1111.png"
+    info = PngInfo()
+    info.add_text("parameters", first.text["parameters"])
+    first.save(a1111, pnginfo=info)
+    for png, out_dir in ((first.filename, "b"), (str(a1111), "c")):
+        code, out, err = run_cli(
+            ["generate", "--from-png", png, "--out", str(tmp_path / out_dir), "--json"], capsys
+        )
+        assert code == 0, err
+        again = json.loads(out)
+        assert again["settings"]["deep_cache"] == 2
+        assert np.array_equal(np.asarray(first), np.asarray(Image.open(again["images"][0]["path"])))
+
+
+@pytest.mark.slow
 def test_png_metadata_round_trip_on_sdxl(micro_sdxl, tmp_path):
     results = g.generate(
         micro_sdxl,
@@ -177,6 +216,9 @@ def test_parse_a1111_quoted_model_and_multiline_prompts():
         "scheduler": "dpm++2m-karras",
         "model": "/models/my, model",
     }
+    s.deep_cache = 3
+    assert ', Model: "/models/my, model", Deep cache: 3, Version: slimsd x' in s.a1111_parameters()
+    assert pnginfo.parse_a1111(s.a1111_parameters()) == {**parsed, "deep_cache": 3}
     a1111 = "a cat\nSteps: 20, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 7, Seed: 9, Size: 512x512"
     assert pnginfo.parse_a1111(a1111)["scheduler"] == "dpm++2m-karras"
     with pytest.raises(SlimsdError, match="Steps"):
@@ -224,6 +266,8 @@ def test_grid_holds_every_image():
         ({"guidance": float("nan")}, "guidance nan"),
         ({"seed": -2}, "seed -2"),
         ({"scheduler": "heun"}, "unknown scheduler 'heun'; allowed: ddim"),
+        ({"deep_cache": 0}, "deep-cache 0 is out of range; allowed: 1 to 50"),
+        ({"deep_cache": 51}, "deep-cache 51 is out of range"),
     ],
 )
 def test_validate_refuses_bad_settings(kwargs, match):
@@ -265,6 +309,9 @@ def test_sdxl_vae_upcasts_in_fp16():
         (["micro-sd", "x", "--width", "63"], "width 63 is not allowed"),
         (["micro-sd", "x", "--scheduler", "heun"], "unknown scheduler 'heun'"),
         (["micro-sd", "x", "--steps", "many"], "'many' is not a valid integer"),
+        (["micro-sd", "x", "--deep-cache", "0"], "deep-cache 0 is out of range; allowed: 1 to 50"),
+        (["micro-sd", "x", "--deep-cache", "51"], "deep-cache 51 is out of range; allowed: 1 to 50"),
+        (["micro-sd", "x", "--deep-cache", "x"], "'--deep-cache': 'x' is not a valid integer"),
         (["not-a-model", "x"], "unknown model 'not-a-model'"),
         (["micro-sd"], "missing PROMPT"),
     ],

@@ -146,6 +146,26 @@ def test_the_dropdown_takes_free_text_only_when_custom_models_are_allowed(tmp_pa
         assert [value for _, value in dropdown.choices] == ["micro-sd", "micro-sdxl"]
 
 
+def test_the_deep_cache_field_reaches_generate(tmp_path):
+    """The page's /generate event, called with its own components' values and the deep cache field at 2."""
+    from slimsd.run.ui import build_app
+
+    app = build_app(UIConfig(models=["micro-sd"], out_dir=tmp_path))
+    (event,) = [f for f in app.fns.values() if f.api_name == "generate"]
+    asked = {"prompt": "a red circle", "steps": 2, "num-images": 1, "deep-cache": 2}
+    values = [asked.get(c.elem_id, c.value) for c in event.inputs]
+    assert [v for c, v in zip(event.inputs, values, strict=True) if c.elem_id == "deep-cache"] == [2]
+    items, info = event.fn(*values)
+    assert info.startswith("**micro-sd** · pndm · 2 steps · 64x64 · deep cache 2\n")
+    stored = settings_from_png(items[0][0])
+    assert (stored["deep_cache"], stored["steps"]) == (2, 2)
+    assert "Deep cache: 2" in Image.open(items[0][0]).text["parameters"]
+    with pytest.raises(SlimsdError, match="deep-cache 0 is out of range"):
+        run_generate(
+            ModelCache(UIConfig(out_dir=tmp_path)), "micro-sd", "x", "", 2, 7.5, 0, 0, 1, False, 1, "ddim", 0
+        )
+
+
 class _Pipe:
     """A stand-in pipeline: the cache only stores it."""
 
@@ -319,6 +339,14 @@ def test_generate_needs_only_a_prompt_and_reports_the_runtime(server):
     assert (first["prompt"], first["steps"], first["negative_prompt"]) == ("a red circle", 25, "")
     images, info = client.predict(prompt="a red circle", steps=3, num_images=1, api_name="/generate")
     assert len(images) == 1 and " · 3 steps · " in info  # any parameter by name, the rest defaulted
+    assert "deep cache" not in info and settings_from_png(images[0]["image"])["deep_cache"] == 1
+    images, info = client.predict(
+        prompt="a red circle", steps=3, num_images=1, deep_cache=3, api_name="/generate"
+    )
+    assert (
+        " · 3 steps · 64x64 · deep cache 3" in info
+        and settings_from_png(images[0]["image"])["deep_cache"] == 3
+    )
 
 
 @pytest.mark.slow

@@ -7,6 +7,7 @@ import click
 
 from slimsd.commands.options import (
     allow_pickle_option,
+    deep_cache_option,
     device_option,
     dtype_option,
     optimize_option,
@@ -79,6 +80,7 @@ from slimsd.commands.options import (
     show_default=True,
     help="Timed end-to-end runs per variant and batch size (alternating between variants; the median is kept).",
 )
+@deep_cache_option
 @optimize_option
 @click.option("--compile", "compile_", is_flag=True, help="torch.compile the U-Net (warm-up reported apart).")
 @click.option("--channels-last/--no-channels-last", default=True, show_default=True)
@@ -121,6 +123,7 @@ def bench(
     repeats,
     e2e,
     e2e_repeats,
+    deep_cache,
     optimize,
     compile_,
     channels_last,
@@ -162,6 +165,7 @@ def bench(
         repeats=repeats,
         e2e=e2e,
         e2e_repeats=e2e_repeats,
+        deep_cache=1 if deep_cache is None else deep_cache,
         optimize=optimize,
         compile=compile_,
         channels_last=channels_last,

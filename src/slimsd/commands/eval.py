@@ -2,7 +2,7 @@ import json
 
 import click
 
-from slimsd.commands.options import random_weights_option, runtime_options, split_models
+from slimsd.commands.options import deep_cache_option, random_weights_option, runtime_options, split_models
 from slimsd.measure.protocols import DEFAULT_CLIP, FID_EXTRACTORS, PROTOCOLS
 from slimsd.run.schedulers import SCHEDULERS
 
@@ -69,6 +69,7 @@ def _models(ctx, param, value):
     help="Resize images (PIL bicubic) to this square size before scoring [no resize].",
 )
 @click.option("--scheduler", type=click.Choice(sorted(SCHEDULERS)), default=None, help="[the model's own]")
+@deep_cache_option
 @click.option("--num-prompts", type=click.IntRange(1), default=None, help="Use the first N prompts [all].")
 @click.option("--caption-column", default=None, help="Caption column of the CSV.")
 @click.option("--id-column", default=None, help="Id column of the CSV (names the image files).")

@@ -3,7 +3,7 @@ from pathlib import Path
 
 import click
 
-from slimsd.commands.options import random_weights_option, runtime_options
+from slimsd.commands.options import deep_cache_option, random_weights_option, runtime_options
 
 # Options that --from-png fills from the file unless given on the command line.
 FROM_PNG_KEYS = {
@@ -15,6 +15,7 @@ FROM_PNG_KEYS = {
     "height": "height",
     "scheduler": "scheduler",
     "batch_size": "batch_size",
+    "deep_cache": "deep_cache",
 }
 
 
@@ -86,6 +87,7 @@ def _check_out(out: str) -> None:
     type=click.Path(exists=True, dir_okay=False),
     help="Regenerate the image from this PNG's own metadata (options given here override it).",
 )
+@deep_cache_option
 @click.option("--no-grid", is_flag=True, help="Do not write a grid image.")
 @runtime_options
 @random_weights_option
@@ -105,6 +107,7 @@ def generate(
     scheduler,
     out,
     from_png,
+    deep_cache,
     no_grid,
     device,
     dtype,
@@ -135,6 +138,7 @@ def generate(
         height=height,
         scheduler=scheduler,
         batch_size=batch_size,
+        deep_cache=deep_cache,
     )
     if from_png:
         stored = settings_from_png(from_png)
@@ -154,7 +158,9 @@ def generate(
         if not prompts:
             raise SlimsdError("missing PROMPT: give a prompt, or --prompts FILE with one prompt per line")
     # steps and guidance left out: the model's own (a step-distilled student says 4 steps), known once loaded
-    opts = {"negative": "", "seed": -1, "batch_size": 1} | {k: v for k, v in given.items() if v is not None}
+    opts = {"negative": "", "seed": -1, "batch_size": 1, "deep_cache": 1} | {
+        k: v for k, v in given.items() if v is not None
+    }
     g.validate(
         steps=opts.get("steps", g.DEFAULT_STEPS),
         guidance=opts.get("guidance", g.DEFAULT_GUIDANCE),
@@ -164,6 +170,7 @@ def generate(
         num_images=num_images,
         batch_size=opts["batch_size"],
         scheduler=opts.get("scheduler"),
+        deep_cache=opts["deep_cache"],
     )  # before minutes of loading
     _check_out(out)
 
@@ -193,6 +200,7 @@ def generate(
         num_images=num_images,
         batch_size=opts["batch_size"],
         scheduler=opts.get("scheduler"),
+        deep_cache=opts["deep_cache"],
         on_warning=warn,
         progress=bar.update_to,
     )

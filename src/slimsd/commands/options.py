@@ -58,6 +58,17 @@ def random_weights_option(f):
     )(f)
 
 
+def deep_cache_option(f):
+    return click.option(
+        "--deep-cache",
+        type=int,
+        default=None,
+        metavar="N",
+        help="DeepCache: run the whole U-Net every N steps, reuse its deep features in between "
+        "(1-50; default 1: off). Faster, approximate.",
+    )(f)
+
+
 def runtime_options(f):
     """--device, --dtype, --optimize/--no-optimize and --allow-pickle: every command that runs a model."""
     for option in (allow_pickle_option, optimize_option, dtype_option, device_option):

@@ -17,7 +17,8 @@ Per row:
   (CUDA events on a GPU, ``perf_counter`` on CPU). All U-Nets of all variants are timed round-robin, A B C A B C
   ..., so that a noisy, shared machine slows all of them alike and the ratios between them stay meaningful;
 - end to end, per image: text encoding + ``steps`` U-Net steps at the classifier-free-guidance batch + VAE
-  decoding (each part timed where it is called), and images/s at each of ``batch_sizes``;
+  decoding (each part timed where it is called), and images/s at each of ``batch_sizes``; the slimsd rows
+  with ``deep_cache`` N run the whole U-Net on every N-th step only (:mod:`slimsd.run.deepcache`);
 - peak memory during generation: CUDA max allocated on a GPU; on CPU the process's peak RSS (VmHWM), reset
   through ``/proc/self/clear_refs`` just before the timed run so that each variant is measured alone.
 
@@ -45,6 +46,7 @@ import torch
 from slimsd import devices
 from slimsd.errors import SlimsdError
 from slimsd.run import runtime
+from slimsd.run.deepcache import check_interval
 
 DEFAULT_PROMPT = "a photograph of an astronaut riding a horse"
 DIFFUSERS_DEFAULT_DTYPE = torch.float32  # what DiffusionPipeline.from_pretrained gives without torch_dtype
@@ -70,6 +72,7 @@ class BenchConfig:
     repeats: int = 3
     e2e: bool = True
     e2e_repeats: int = 1  # timed end-to-end runs per variant and batch size (alternating; the median is kept)
+    deep_cache: int = 1  # the slimsd end-to-end runs' deep-cache interval (slimsd.run.deepcache); 1: off
     optimize: bool = True  # the slimsd rows with the fast runtime (False: slimsd's loader, plain modules)
     compile: bool = False
     channels_last: bool = True
@@ -269,6 +272,9 @@ def resolve(cfg: BenchConfig) -> tuple[BenchConfig, runtime.RuntimeConfig]:
         kind = describe_model(m)
         if cfg.random_weights and kind in ("hub", "local"):
             raise SlimsdError(f"--random-weights needs preset or micro model names; {m!r} is a {kind} model")
+    check_interval(cfg.deep_cache)
+    if cfg.deep_cache > 1 and cfg.compile:
+        raise SlimsdError("--deep-cache does not work with --compile; use one or the other")
     if cfg.baseline not in (None, "diffusers"):
         raise SlimsdError(f"unknown baseline {cfg.baseline!r}; allowed: diffusers")
     device = devices.resolve_device(cfg.device)
@@ -416,6 +422,7 @@ def generate_timed(
                 seed=cfg.seed,
                 num_images=batch,
                 batch_size=batch,
+                deep_cache=cfg.deep_cache,
                 on_warning=lambda _msg: None,
             )
         else:  # what a diffusers user writes
@@ -502,6 +509,7 @@ def measure_end_to_end(
                 o["peak_memory_bytes"] = None if working is None else weights + working
                 o["peak_memory_kind"] = f"weights + increase of {kind}"
                 o["e2e_batch"] = batch
+                o["deep_cache"] = cfg.deep_cache if v.slimsd else 1  # plain diffusers has none
             o["images_per_s"][str(batch)] = batch / t["total_s"]
     for v in kinds:
         out[v.name]["runtime"] = pipes[v.name]._slimsd["runtime"]
@@ -621,9 +629,10 @@ def markdown_table(rows: list[dict]) -> str:
     for r in rows:
         mine = slimsd_rows.get(r["model"], {})
         vs = mine.get(f"step_speedup_vs_{r['variant']}")
+        deep_cache = r.get("deep_cache", 1)
         cells = [
             r["model"],
-            r["label"],
+            r["label"] + (f", deep cache {deep_cache}" if deep_cache > 1 else ""),
             r["dtype"],
             str(r["resolution"]),
             _fmt(r["unet_params"] / 1e6),

@@ -393,6 +393,7 @@ class GenSettings:
     scheduler: str | None = None  # None: the model's own (names: slimsd.run.generate.SCHEDULERS)
     batch_size: int = 1
     dtype: str = "fp32"  # the pipeline's, as slimsd.devices names it
+    deep_cache: int = 1  # slimsd.run.deepcache's interval; 1: off
 
 
 def own_settings(settings: GenSettings, model: str) -> GenSettings:
@@ -427,6 +428,7 @@ def wanted_settings(prompt: Prompt, settings: GenSettings, source: str) -> dict:
         "guidance": float(settings.guidance),
         "seed": settings.seed + prompt.index,
         "dtype": settings.dtype,
+        "deep_cache": settings.deep_cache,
         "eval_resolution": settings.resolution,
         "eval_scheduler": settings.scheduler,
     }
@@ -449,7 +451,8 @@ def differing_setting(path: Path, want: dict) -> str | None:
     except SlimsdError:
         return "unreadable"
     extra = stored.get("extra")
-    stored = {**stored, **(extra if isinstance(extra, dict) else {})}
+    # an image from before deep-cache existed was made without it
+    stored = {"deep_cache": 1, **stored, **(extra if isinstance(extra, dict) else {})}
     return next((key for key, value in want.items() if key not in stored or stored[key] != value), None)
 
 
@@ -515,6 +518,7 @@ def generate_missing(
             batch_size=settings.batch_size,
             scheduler=settings.scheduler,
             seeds=[settings.seed + p.index for p in batch],
+            deep_cache=settings.deep_cache,
             on_warning=lambda _msg: None,  # long COCO captions are cut at 77 tokens, as in the protocol
         )
         for p, r in zip(batch, results, strict=True):
@@ -623,6 +627,7 @@ class EvalConfig:
     resolution: int | None = None
     score_resolution: int | None = None
     scheduler: str | None = None
+    deep_cache: int | None = None  # None: 1 (off)
     num_prompts: int | None = None
     caption_column: str | None = None
     id_column: str | None = None
@@ -653,6 +658,7 @@ def resolve(config: EvalConfig) -> EvalConfig:
     for key in ("steps", "guidance", "seed", "resolution", "score_resolution", "scheduler", "num_prompts"):
         if getattr(config, key) is None:
             setattr(config, key, preset.get(key, defaults.get(key)))
+    config.deep_cache = 1 if config.deep_cache is None else config.deep_cache  # no protocol sets it
     from slimsd.devices import dtype_name, resolve_device, resolve_dtype
     from slimsd.run.schedulers import check_scheduler
 
@@ -685,6 +691,7 @@ def run_eval(config: EvalConfig, log: Callable[[str], None] = print) -> dict:
         config.scheduler,
         config.batch_size,
         config.dtype,
+        config.deep_cache,
     )
     # Everything that can be checked before hours of work is checked here, each with one line.
     gen.validate(
@@ -695,6 +702,7 @@ def run_eval(config: EvalConfig, log: Callable[[str], None] = print) -> dict:
         seed=settings.seed,
         batch_size=settings.batch_size,
         scheduler=settings.scheduler,
+        deep_cache=settings.deep_cache,
     )
     if settings.seed + prompts[-1].index > gen.MAX_SEED:
         raise SlimsdError(
@@ -816,6 +824,7 @@ def _settings(config: EvalConfig, prompts, reference, extractor) -> dict:
         "resolution": config.resolution,
         "score_resolution": config.score_resolution,
         "scheduler": config.scheduler,
+        "deep_cache": config.deep_cache,
         "fid_extractor": config.fid_extractor,
         "fid_input_size": extractor.input_size,
         "fid_resize": "clean (PIL bicubic per channel, float)",

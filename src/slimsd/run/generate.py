@@ -31,6 +31,7 @@ from PIL import Image
 from slimsd.devices import dtype_name
 from slimsd.errors import SlimsdError
 from slimsd.models.loading import model_info, native_resolution
+from slimsd.run import deepcache
 from slimsd.run.pnginfo import Settings
 from slimsd.run.schedulers import check_scheduler, set_scheduler
 
@@ -64,6 +65,7 @@ def validate(
     num_images: int = 1,
     batch_size: int = 1,
     scheduler: str | None = None,
+    deep_cache: int = 1,
 ) -> None:
     """Refuse bad generation settings with one line naming the value and what is allowed."""
     for name, v in (("width", width), ("height", height)):
@@ -89,6 +91,7 @@ def validate(
     if not 1 <= batch_size <= MAX_BATCH:
         raise SlimsdError(f"batch-size {batch_size!r} is out of range; allowed: 1 to {MAX_BATCH}")
     check_scheduler(scheduler)
+    deepcache.check_interval(deep_cache)
 
 
 def draw_seed() -> int:
@@ -148,6 +151,7 @@ def generate(
     progress: Callable[[int, int], None] | None = None,
     on_warning: Callable[[str], None] | None = None,
     seeds: Sequence[int] | None = None,
+    deep_cache: int = 1,
 ) -> list[GeneratedImage]:
     """Generate ``num_images`` images for each prompt; image *i* of a prompt uses seed ``seed + i``
     (``seeds[k] + i`` for prompt *k* when ``seeds`` gives one seed per prompt). ``steps`` and ``guidance``
@@ -155,7 +159,8 @@ def generate(
 
     Returns one :class:`GeneratedImage` per image, prompt-major, with its seed and its share of the wall time.
     ``progress(done_steps, total_steps)`` is called after every denoising step; ``on_warning`` receives
-    warnings (default: :func:`warnings.warn`).
+    warnings (default: :func:`warnings.warn`). ``deep_cache`` N > 1 runs the whole U-Net on every N-th step
+    only, reusing its deep features in between (:mod:`slimsd.run.deepcache`; an approximation, faster).
     """
     from slimsd import __version__
 
@@ -184,6 +189,7 @@ def generate(
         num_images=num_images,
         batch_size=batch_size,
         scheduler=scheduler,
+        deep_cache=deep_cache,
     )
     scheduler = scheduler or info["default_scheduler"]
     for w in prompt_warnings(pipe, prompts, negative):
@@ -215,17 +221,18 @@ def generate(
             if negative:
                 kwargs["negative_prompt"] = [negative] * len(batch)
             start = time.perf_counter()
-            images = pipe(
-                prompt=[p for p, _ in batch],
-                num_inference_steps=steps,
-                guidance_scale=guidance,
-                width=width,
-                height=height,
-                generator=generators,
-                callback_on_step_end=on_step,
-                output_type="pil",
-                **kwargs,
-            ).images
+            with deepcache.deep_cache(pipe.unet, deep_cache):  # counts from 0 for each batch's steps
+                images = pipe(
+                    prompt=[p for p, _ in batch],
+                    num_inference_steps=steps,
+                    guidance_scale=guidance,
+                    width=width,
+                    height=height,
+                    generator=generators,
+                    callback_on_step_end=on_step,
+                    output_type="pil",
+                    **kwargs,
+                ).images
             elapsed = time.perf_counter() - start
             for (prompt, s), image in zip(batch, images, strict=True):
                 settings = Settings(
@@ -240,6 +247,7 @@ def generate(
                     model=info["model"],
                     model_source=info["source"],
                     batch_size=batch_size,
+                    deep_cache=deep_cache,
                     dtype=dtype,
                     device=device,
                     slimsd_version=__version__,

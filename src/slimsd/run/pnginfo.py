@@ -38,6 +38,7 @@ class Settings:
     model: str = ""
     model_source: str | None = None
     batch_size: int = 1
+    deep_cache: int = 1  # a full U-Net pass every N steps (slimsd.run.deepcache); 1: every step
     dtype: str = "fp32"
     device: str = "cpu"
     slimsd_version: str = ""
@@ -49,10 +50,11 @@ class Settings:
         lines = [self.prompt]
         if self.negative_prompt:
             lines.append(f"Negative prompt: {self.negative_prompt}")
+        deep_cache = f"Deep cache: {self.deep_cache}, " if self.deep_cache > 1 else ""
         lines.append(
             f"Steps: {self.steps}, Sampler: {sampler_name(self.scheduler)}, CFG scale: {_num(self.guidance)}, "
             f"Seed: {self.seed}, Size: {self.width}x{self.height}, Model: {_a1111_value(self.model)}, "
-            f"Version: slimsd {self.slimsd_version}"
+            f"{deep_cache}Version: slimsd {self.slimsd_version}"
         )
         return "\n".join(lines)
 
@@ -97,7 +99,7 @@ def read_png_text(path: str | Path) -> dict[str, str]:
 
 def parse_a1111(parameters: str) -> dict:
     """A1111's ``parameters`` text -> {prompt, negative_prompt, steps, guidance, width, height, seed, scheduler,
-    model} (the keys it has)."""
+    model, deep_cache} (the keys it has)."""
     lines = parameters.strip().split("\n")
     if not lines or not lines[-1].startswith("Steps:"):
         raise SlimsdError(
@@ -121,6 +123,8 @@ def parse_a1111(parameters: str) -> dict:
             out["seed"] = int(fields_["Seed"])
         if "Size" in fields_:
             out["width"], out["height"] = (int(x) for x in fields_["Size"].split("x"))
+        if "Deep cache" in fields_:
+            out["deep_cache"] = int(fields_["Deep cache"])
     except ValueError as e:
         raise SlimsdError(f"the PNG's 'parameters' chunk has a malformed value: {e}") from None
     if "Sampler" in fields_:
@@ -166,6 +170,7 @@ _STORED_TYPES = {
     "seed": (int,),
     "scheduler": (str,),
     "batch_size": (int,),
+    "deep_cache": (int,),
     "model": (str,),
     "model_source": (str, type(None)),
 }

@@ -1,9 +1,9 @@
 """The web UI: a Gradio Blocks app over :mod:`slimsd.run.generate`.
 
 Two tabs. *Generate*: model, prompt, negative prompt, an "Advanced" accordion (steps, guidance, size, seed with
-randomize, number of images, scheduler) and a PNG gallery whose files are the very PNGs written to the output
-folder, so a download keeps its ``parameters`` chunk. *Compare*: one prompt and seed on several models side by
-side, each with its time: the source articles' four-model timing notebook, as a page.
+randomize, number of images, scheduler, deep cache) and a PNG gallery whose files are the very PNGs written to
+the output folder, so a download keeps its ``parameters`` chunk. *Compare*: one prompt and seed on several
+models side by side, each with its time: the source articles' four-model timing notebook, as a page.
 
 Only the operator's models are served: the ``--models`` list, exactly as given. Any other name a visitor types or
 sends to the API is refused with one message that says nothing about the file system, unless the operator
@@ -36,6 +36,7 @@ import torch
 from slimsd.errors import SlimsdError
 from slimsd.models.loading import load
 from slimsd.run import generate as g
+from slimsd.run.deepcache import INTERVAL_RANGE
 from slimsd.run.outputs import save_images
 from slimsd.run.runtime import summary
 from slimsd.run.schedulers import SCHEDULERS
@@ -192,6 +193,7 @@ def run_generate(
     randomize,
     num_images,
     scheduler,
+    deep_cache=1,
     progress=None,
     warn=None,
 ):
@@ -209,6 +211,7 @@ def run_generate(
         _int(v, n)
         for v, n in ((steps, "steps"), (width, "width"), (height, "height"), (num_images, "num images"))
     )
+    deep_cache = _int(deep_cache, "deep cache")
     g.validate(
         steps=steps,
         guidance=guidance,
@@ -217,6 +220,7 @@ def run_generate(
         seed=seed,
         num_images=num_images,
         scheduler=scheduler,
+        deep_cache=deep_cache,
     )  # before loading anything
     with cache.using(model) as pipe:
         results = g.generate(
@@ -231,6 +235,7 @@ def run_generate(
             num_images=num_images,
             batch_size=1,
             scheduler=scheduler,
+            deep_cache=deep_cache,
             progress=None
             if progress is None
             else (lambda done, total: progress((done, total), desc="denoising")),
@@ -241,7 +246,8 @@ def run_generate(
     items = [(str(r.path), f"seed {r.seed} · {r.time_s:.2f} s") for r in results]
     lines = [
         f"**{model}** · {results[0].settings.scheduler} · {steps} steps · "
-        f"{results[0].settings.width}x{results[0].settings.height}",
+        f"{results[0].settings.width}x{results[0].settings.height}"
+        + (f" · deep cache {deep_cache}" if deep_cache > 1 else ""),
         "",
         f"runtime: {summary(applied)}",
         "",
@@ -366,6 +372,14 @@ def build_app(config: UIConfig | None = None, cache: ModelCache | None = None):
                     randomize = gr.Checkbox(value=True, label="Randomize seed")
                     num_images = gr.Slider(1, 8, value=2, step=1, label="Images", elem_id="num-images")
                     scheduler = gr.Dropdown(schedulers, value=DEFAULT_SCHEDULER, label="Scheduler")
+                    deep_cache = gr.Slider(
+                        1,
+                        INTERVAL_RANGE[1],
+                        value=1,
+                        step=1,
+                        label="Deep cache (full U-Net every N steps; 1: off)",
+                        elem_id="deep-cache",
+                    )
             run = gr.Button("Generate", variant="primary", elem_id="generate")
             gallery = gr.Gallery(
                 label="Images",
