@@ -3,7 +3,7 @@ from pathlib import Path
 
 import click
 
-from slimsd.commands.options import random_weights_option, runtime_options
+from slimsd.commands.options import lora_option, random_weights_option, runtime_options
 
 # Options that --from-png fills from the file unless given on the command line.
 FROM_PNG_KEYS = {
@@ -84,6 +84,7 @@ def _check_out(out: str) -> None:
 @click.option("--no-grid", is_flag=True, help="Do not write a grid image.")
 @runtime_options
 @random_weights_option
+@lora_option
 @click.option("--json", "as_json", is_flag=True, help="Print paths, seeds, timings and the runtime as JSON.")
 def generate(
     model,
@@ -106,6 +107,7 @@ def generate(
     optimize,
     allow_pickle,
     random_weights,
+    loras,
     as_json,
 ):
     """Generate images for PROMPT (or --prompts FILE) with MODEL; each PNG carries its parameters.
@@ -118,7 +120,7 @@ def generate(
     from slimsd.progress import Progress
     from slimsd.run import generate as g
     from slimsd.run.outputs import save_grid, save_images
-    from slimsd.run.pnginfo import model_to_reload, settings_from_png
+    from slimsd.run.pnginfo import loras_to_reload, model_to_reload, settings_from_png
     from slimsd.run.schedulers import SCHEDULERS
 
     given = dict(
@@ -139,6 +141,7 @@ def generate(
         if given["scheduler"] not in SCHEDULERS:
             given["scheduler"] = None  # the model's own, as when the image was made
         model = model or model_to_reload(stored)
+        loras = loras or loras_to_reload(stored)
         prompts = [prompt] if prompt else [stored.get("prompt", "")]
     else:
         if not model:
@@ -163,6 +166,9 @@ def generate(
     )  # before minutes of loading
     _check_out(out)
 
+    def warn(message: str) -> None:
+        click.echo(f"slimsd: warning: {message}", err=True)
+
     pipe = load(
         model,
         device=device,
@@ -170,10 +176,9 @@ def generate(
         optimize=optimize,
         allow_pickle=allow_pickle,
         random_weights=random_weights,
+        loras=loras,
+        on_warning=warn,
     )
-
-    def warn(message: str) -> None:
-        click.echo(f"slimsd: warning: {message}", err=True)
 
     bar = Progress("generate", disable=as_json)
 
@@ -213,6 +218,7 @@ def generate(
                         if k not in ("prompt", "seed", "time_s", "extra")
                     },
                     "runtime": pipe._slimsd["runtime"],
+                    "loras": pipe._slimsd["loras"],
                 },
                 indent=1,
             )
