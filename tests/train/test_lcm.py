@@ -321,3 +321,39 @@ def test_eval_and_bench_run_a_step_distilled_model_at_its_own_steps(tmp_path, ca
 
     (row,) = bench.run(bench.BenchConfig(models=[final], device="cpu", dtype="fp32", warmup=0, repeats=1))
     assert (row["steps"], row["guidance"]) == (3, 2.5)
+
+
+def test_an_lcm_lora_student_loads_with_its_adapters_merged(tmp_path, capsys):
+    """slimsd.load of an lcm-lora final/ merges its adapters (once, also when --from-png lists them) and
+    samples at its own steps: the same pixels as plain diffusers with load_lora_weights."""
+    import json
+
+    import numpy as np
+    from diffusers import DiffusionPipeline
+    from PIL import Image
+
+    final = train(
+        lcm_cfg(tmp_path, objective="lcm-lora", max_steps=2, lora_rank=4, learning_rate=1e-2, sample_steps=3)
+    )["final_dir"]
+    pipe = DiffusionPipeline.from_pretrained(final)
+    pipe.load_lora_weights(final)
+    pipe.set_progress_bar_config(disable=True)
+    ref = pipe(
+        "a red circle",
+        num_inference_steps=3,
+        guidance_scale=1.0,
+        generator=torch.Generator().manual_seed(3),
+        output_type="np",
+    ).images[0]
+    ref = np.round(ref * 255).astype(int)
+    args = ["generate", final, "a red circle", "--seed", "3", "--no-optimize", "--json"]
+    code, out, err = run_cli([*args, "--out", str(tmp_path / "a")], capsys)
+    assert code == 0, err
+    first = json.loads(out)["images"][0]["path"]
+    assert np.abs(np.asarray(Image.open(first)).astype(int) - ref).max() <= 1
+    code, out, err = run_cli(
+        ["generate", "--from-png", first, "--no-optimize", "--json", "--out", str(tmp_path / "b")], capsys
+    )
+    assert code == 0, err
+    again = np.asarray(Image.open(json.loads(out)["images"][0]["path"])).astype(int)
+    assert np.array_equal(again, np.asarray(Image.open(first)).astype(int))

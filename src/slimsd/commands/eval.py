@@ -2,7 +2,13 @@ import json
 
 import click
 
-from slimsd.commands.options import deep_cache_option, random_weights_option, runtime_options, split_models
+from slimsd.commands.options import (
+    deep_cache_option,
+    lora_option,
+    random_weights_option,
+    runtime_options,
+    split_models,
+)
 from slimsd.measure.protocols import DEFAULT_CLIP, FID_EXTRACTORS, PROTOCOLS
 from slimsd.run.schedulers import SCHEDULERS
 
@@ -111,6 +117,7 @@ def _models(ctx, param, value):
 @click.option("--grid", type=click.IntRange(0, 256), default=8, help="Prompts shown in the report's grid.")
 @runtime_options
 @random_weights_option
+@lora_option
 @click.option("--json", "as_json", is_flag=True, help="Print the scores as JSON.")
 @click.argument("more_models", nargs=-1)
 def eval_(as_json, clip_model, more_models, **options):

@@ -3,7 +3,7 @@ from pathlib import Path
 
 import click
 
-from slimsd.commands.options import deep_cache_option, random_weights_option, runtime_options
+from slimsd.commands.options import deep_cache_option, lora_option, random_weights_option, runtime_options
 
 # Options that --from-png fills from the file unless given on the command line.
 FROM_PNG_KEYS = {
@@ -91,6 +91,7 @@ def _check_out(out: str) -> None:
 @click.option("--no-grid", is_flag=True, help="Do not write a grid image.")
 @runtime_options
 @random_weights_option
+@lora_option
 @click.option("--json", "as_json", is_flag=True, help="Print paths, seeds, timings and the runtime as JSON.")
 def generate(
     model,
@@ -114,6 +115,7 @@ def generate(
     optimize,
     allow_pickle,
     random_weights,
+    loras,
     as_json,
 ):
     """Generate images for PROMPT (or --prompts FILE) with MODEL; each PNG carries its parameters.
@@ -126,7 +128,7 @@ def generate(
     from slimsd.progress import Progress
     from slimsd.run import generate as g
     from slimsd.run.outputs import save_grid, save_images
-    from slimsd.run.pnginfo import model_to_reload, settings_from_png
+    from slimsd.run.pnginfo import loras_to_reload, model_to_reload, settings_from_png
     from slimsd.run.schedulers import SCHEDULERS
 
     given = dict(
@@ -148,6 +150,7 @@ def generate(
         if given["scheduler"] not in SCHEDULERS:
             given["scheduler"] = None  # the model's own, as when the image was made
         model = model or model_to_reload(stored)
+        loras = loras or loras_to_reload(stored)
         prompts = [prompt] if prompt else [stored.get("prompt", "")]
     else:
         if not model:
@@ -174,6 +177,9 @@ def generate(
     )  # before minutes of loading
     _check_out(out)
 
+    def warn(message: str) -> None:
+        click.echo(f"slimsd: warning: {message}", err=True)
+
     pipe = load(
         model,
         device=device,
@@ -181,10 +187,9 @@ def generate(
         optimize=optimize,
         allow_pickle=allow_pickle,
         random_weights=random_weights,
+        loras=loras,
+        on_warning=warn,
     )
-
-    def warn(message: str) -> None:
-        click.echo(f"slimsd: warning: {message}", err=True)
 
     bar = Progress("generate", disable=as_json)
 
@@ -225,6 +230,7 @@ def generate(
                         if k not in ("prompt", "seed", "time_s", "extra")
                     },
                     "runtime": pipe._slimsd["runtime"],
+                    "loras": pipe._slimsd["loras"],
                 },
                 indent=1,
             )

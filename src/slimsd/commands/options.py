@@ -69,6 +69,17 @@ def deep_cache_option(f):
     )(f)
 
 
+def lora_option(f):
+    return click.option(
+        "--lora",
+        "loras",
+        multiple=True,
+        metavar="FILE[:SCALE]",
+        help="Merge a LoRA into the model at load (diffusers or kohya/A1111 .safetensors; SCALE default 1; "
+        "repeatable). A teacher's LoRA on a slimsd student reaches the layers copied from the teacher's.",
+    )(f)
+
+
 def runtime_options(f):
     """--device, --dtype, --optimize/--no-optimize and --allow-pickle: every command that runs a model."""
     for option in (allow_pickle_option, optimize_option, dtype_option, device_option):

@@ -1,6 +1,6 @@
 import click
 
-from slimsd.commands.options import runtime_options, split_models
+from slimsd.commands.options import lora_option, runtime_options, split_models
 
 
 @click.command()
@@ -23,6 +23,7 @@ from slimsd.commands.options import runtime_options, split_models
     help="Where generated PNGs are written.",
 )
 @runtime_options
+@lora_option
 @click.option(
     "--allow-custom-models",
     is_flag=True,
@@ -61,6 +62,7 @@ def ui(
     dtype,
     optimize,
     allow_pickle,
+    loras,
     allow_custom_models,
     max_loaded,
     concurrency,
@@ -75,12 +77,14 @@ def ui(
     resolve_dtype(dtype, resolve_device(device))  # bad --device/--dtype: one line now, not per request
     from slimsd.cli import require
     from slimsd.models.loading import describe_model
+    from slimsd.models.lora import parse_lora_spec
 
     require("gradio")
 
     names = split_models((*models, *more_models)) or default_models()
     for name in names:  # the operator's list: a typo is one line now, not a visitor's error later
         describe_model(name)
+    loras = [parse_lora_spec(spec, allow_pickle) for spec in loras]  # a bad file: one line now
     config = UIConfig(
         models=names,
         out_dir=Path(out),
@@ -92,6 +96,11 @@ def ui(
         max_loaded=max_loaded,
         concurrency=concurrency,
         max_queue=max_queue,
+        loras=loras,
     )
-    click.echo(f"slimsd ui on http://{host}:{port} (models: {', '.join(names)}; images to {out})", err=True)
+    with_loras = f"; LoRAs: {', '.join(f'{p}:{s:g}' for p, s in loras)}" if loras else ""
+    click.echo(
+        f"slimsd ui on http://{host}:{port} (models: {', '.join(names)}{with_loras}; images to {out})",
+        err=True,
+    )
     launch(config, host=host, port=port, share=share)

@@ -32,7 +32,7 @@ import platform
 import re
 import warnings
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -394,6 +394,7 @@ class GenSettings:
     batch_size: int = 1
     dtype: str = "fp32"  # the pipeline's, as slimsd.devices names it
     deep_cache: int = 1  # slimsd.run.deepcache's interval; 1: off
+    loras: list = field(default_factory=list)  # [[sha256, scale], ...] of the LoRAs merged into the model
 
 
 def own_settings(settings: GenSettings, model: str) -> GenSettings:
@@ -436,6 +437,8 @@ def wanted_settings(prompt: Prompt, settings: GenSettings, source: str) -> dict:
         want["width"] = want["height"] = settings.resolution
     if settings.scheduler:
         want["scheduler"] = settings.scheduler
+    if settings.loras:
+        want["eval_loras"] = settings.loras
     return want
 
 
@@ -505,6 +508,8 @@ def generate_missing(
     folder = Path(folder)
     size = settings.resolution or native_resolution(pipe)  # generate() validates every setting
     asked = {"eval_resolution": settings.resolution, "eval_scheduler": settings.scheduler}
+    if settings.loras:
+        asked["eval_loras"] = settings.loras
     done = 0
     for start in range(0, len(prompts), settings.batch_size):
         batch = prompts[start : start + settings.batch_size]
@@ -647,6 +652,7 @@ class EvalConfig:
     optimize: bool = True  # the fast runtime (slimsd.run.runtime)
     random_weights: bool = False
     allow_pickle: bool = False
+    loras: Sequence = ()  # LoRA files ("FILE[:SCALE]") merged into every model (slimsd.models.lora)
 
 
 def resolve(config: EvalConfig) -> EvalConfig:
@@ -677,6 +683,7 @@ def run_eval(config: EvalConfig, log: Callable[[str], None] = print) -> dict:
     without ``--shard`` (or with ``--score-only``) once all shards are done.
     """
     from slimsd.models.loading import model_source
+    from slimsd.models.lora import as_spec, file_sha256
     from slimsd.run import generate as gen
 
     config = resolve(config)
@@ -718,7 +725,11 @@ def run_eval(config: EvalConfig, log: Callable[[str], None] = print) -> dict:
         except OSError as e:
             raise SlimsdError(f"cannot create folder {str(folder)!r}: {e.strerror or e}") from None
     sources = [model_source(m, config.random_weights) for m in config.models]  # an unknown model: now
-    slugs = [model_slug(source) for source in sources]
+    loras = [as_spec(spec, config.allow_pickle) for spec in config.loras]  # a bad LoRA file: now
+    settings.loras = [[file_sha256(spec.path), spec.scale] for spec in loras]
+    # A model with LoRAs is another model: its images get their own folder.
+    with_loras = "".join(f"+lora:{sha[:10]}x{scale:g}" for sha, scale in settings.loras)
+    slugs = [model_slug(source + with_loras) for source in sources]
     if config.reference is not None and not Path(config.reference).exists():
         raise SlimsdError(f"reference {config.reference!r} does not exist (a folder of images or an .npz)")
 
@@ -759,7 +770,7 @@ def run_eval(config: EvalConfig, log: Callable[[str], None] = print) -> dict:
                 f"{model}: {counts['regenerated']} images in {folder} were made with other settings "
                 f"({', '.join(f'{k}: {n}' for k, n in counts['differing'].items())}); making them again"
             )
-        pipe = _load(model, config)
+        pipe = _load(model, config, log)
         log(f"{model}: generating {len(todo)} images into {folder}")
         generate_missing(pipe, todo, folder, settings)
         del pipe
@@ -789,7 +800,13 @@ def run_eval(config: EvalConfig, log: Callable[[str], None] = print) -> dict:
 
     result = {
         "protocol": config.protocol,
-        "settings": _settings(config, prompts, reference, extractor),
+        "settings": {
+            **_settings(config, prompts, reference, extractor),
+            "loras": [
+                {"path": str(Path(spec.path).resolve()), "scale": spec.scale, "sha256": sha}
+                for spec, (sha, _) in zip(loras, settings.loras, strict=True)
+            ],
+        },
         "models": rows,
         "generation": generation,
         "environment": _environment(config),
@@ -799,7 +816,7 @@ def run_eval(config: EvalConfig, log: Callable[[str], None] = print) -> dict:
     return result
 
 
-def _load(model: str, config: EvalConfig):
+def _load(model: str, config: EvalConfig, log: Callable[[str], None]):
     from slimsd.models.loading import load
 
     return load(
@@ -810,6 +827,8 @@ def _load(model: str, config: EvalConfig):
         optimize=config.optimize,
         allow_pickle=config.allow_pickle,
         random_weights=config.random_weights,
+        loras=config.loras,
+        on_warning=lambda message: log(f"{model}: warning: {message}"),
     )
 
 

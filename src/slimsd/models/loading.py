@@ -21,7 +21,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -205,6 +205,8 @@ def load(
     allow_pickle: bool = False,
     random_weights: bool = False,
     seed: int = 0,
+    loras: Sequence = (),
+    on_warning: Callable[[str], None] | None = None,
 ):
     """A ready diffusers pipeline for MODEL on ``device`` in ``dtype`` (see the module docstring).
 
@@ -212,7 +214,11 @@ def load(
     ``scheduler`` picks a named scheduler (:mod:`slimsd.run.schedulers`); ``random_weights`` builds a preset
     with random weights seeded by ``seed`` (offline). An SDXL VAE in fp16 overflows to NaN (black images), so
     in fp16 it is marked ``force_upcast``: diffusers decodes in fp32.
+
+    ``loras``: LoRA adapters (``"FILE[:SCALE]"`` or ``(path, scale)``), merged into the weights before the
+    runtime (:mod:`slimsd.models.lora`); ``on_warning`` receives the line about layers a LoRA skipped.
     """
+    from slimsd.models import lora
     from slimsd.run import runtime
     from slimsd.run.schedulers import check_scheduler, scheduler_name, set_scheduler
 
@@ -220,10 +226,19 @@ def load(
     torch_dtype = resolve_dtype(dtype, device)
     check_scheduler(scheduler)
     kind = describe_model(model)
+    sampling = model_sampling(model)
+    if sampling and sampling.get("lora"):  # an LCM-LoRA student: its adapters come with it, merged first
+        loras = [(str(Path(model) / sampling["lora"]), 1.0), *loras]
+    loras = [lora.as_spec(s, allow_pickle) for s in loras]  # a bad file fails before minutes of loading
+    if sampling and sampling.get("lora"):  # --from-png lists the student's own adapters again: merge them once
+        own = Path(loras[0].path).resolve()
+        loras = loras[:1] + [s for s in loras[1:] if Path(s.path).resolve() != own]
     with quiet_loading():
         pipe = _diffusers_pipeline(model, kind, torch_dtype, allow_pickle, random_weights, seed)
     if getattr(pipe, "safety_checker", None) is not None:
         pipe.safety_checker = None
+    weight_map = lora.student_weight_map(model, kind, pipe.unet) if loras else None
+    applied_loras = lora.apply_loras(pipe, loras, allow_pickle, weight_map, on_warning)
     if optimize:
         runtime.optimize_pipeline(
             pipe, runtime.RuntimeConfig(device=device, dtype=torch_dtype, compile=compile)
@@ -242,7 +257,8 @@ def load(
         "default_scheduler": scheduler_name(pipe.scheduler),
         "runtime": runtime.applied(pipe.unet, optimized=optimize),
         # A step-distilled student says how it samples (scheduler, steps, guidance): generate's defaults.
-        "sampling": model_sampling(model),
+        "sampling": sampling,
+        "loras": applied_loras,
     }
     if scheduler is not None:  # the pipeline's own from now on: generate() uses it when given none
         set_scheduler(pipe, scheduler)
@@ -275,6 +291,7 @@ def model_info(pipe) -> dict:
             "base_scheduler": dict(pipe.scheduler.config),
             "default_scheduler": scheduler_name(pipe.scheduler),
             "runtime": applied(pipe.unet, optimized=False),
+            "loras": [],
         }
         pipe._slimsd = info
     return info

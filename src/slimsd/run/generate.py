@@ -252,6 +252,7 @@ def generate(
                     device=device,
                     slimsd_version=__version__,
                     time_s=round(elapsed / len(batch), 4),
+                    loras=list(info.get("loras", [])),
                 )
                 results.append(GeneratedImage(image=image, settings=settings, index=len(results)))
     finally:

@@ -43,6 +43,7 @@ class Settings:
     device: str = "cpu"
     slimsd_version: str = ""
     time_s: float = 0.0  # this image's share of its batch's wall time
+    loras: list = field(default_factory=list)  # LoRAs merged into the model (slimsd.models.lora records)
     extra: dict = field(default_factory=dict)
 
     def a1111_parameters(self) -> str:
@@ -54,9 +55,16 @@ class Settings:
         lines.append(
             f"Steps: {self.steps}, Sampler: {sampler_name(self.scheduler)}, CFG scale: {_num(self.guidance)}, "
             f"Seed: {self.seed}, Size: {self.width}x{self.height}, Model: {_a1111_value(self.model)}, "
-            f"{deep_cache}Version: slimsd {self.slimsd_version}"
+            f"{deep_cache}"
+            + (f"Lora hashes: {json.dumps(lora_hashes(self.loras))}, " if self.loras else "")
+            + f"Version: slimsd {self.slimsd_version}"
         )
         return "\n".join(lines)
+
+
+def lora_hashes(loras: list) -> str:
+    """A1111's ``Lora hashes`` value: ``name: first 10 hex digits of the file's sha256``, comma separated."""
+    return ", ".join(f"{r['name']}: {r['sha256'][:10]}" for r in loras)
 
 
 def _num(x: float) -> str:
@@ -173,6 +181,7 @@ _STORED_TYPES = {
     "deep_cache": (int,),
     "model": (str,),
     "model_source": (str, type(None)),
+    "loras": (list,),
 }
 
 
@@ -201,3 +210,27 @@ def model_to_reload(settings: dict) -> str:
     if not model:
         raise SlimsdError("the PNG names no model; pass MODEL on the command line")
     return model
+
+
+def loras_to_reload(settings: dict) -> list[tuple[str, float, str]]:
+    """The LoRAs a PNG records, as (path, scale, sha256): each file must still exist (its hash is checked
+    when it is loaded)."""
+    out = []
+    for entry in settings.get("loras") or []:
+        ok = (
+            isinstance(entry, dict)
+            and isinstance(entry.get("path"), str)
+            and isinstance(entry.get("sha256"), str)
+        )
+        scale = entry.get("scale") if isinstance(entry, dict) else None
+        if not ok or isinstance(scale, bool) or not isinstance(scale, int | float):
+            raise SlimsdError(
+                f"the PNG's {PNG_JSON_KEY!r} chunk has a LoRA entry {entry!r}; expected path, scale and sha256"
+            )
+        if not Path(entry["path"]).is_file():
+            raise SlimsdError(
+                f"the image was made with LoRA file {entry['path']!r}, which does not exist any more; restore "
+                "it, or choose LoRAs with --lora"
+            )
+        out.append((entry["path"], float(scale), entry["sha256"]))
+    return out

@@ -22,6 +22,7 @@ import gc
 import inspect
 import math
 import os
+import sys
 import threading
 import time
 from collections import OrderedDict
@@ -63,6 +64,7 @@ class UIConfig:
     max_loaded: int = 2  # pipelines kept in memory at once
     concurrency: int = 1  # model runs at once, both tabs together
     max_queue: int = 16  # waiting requests beyond this are refused
+    loras: list = field(default_factory=list)  # (path, scale): merged into every model served
 
 
 class ModelCache:
@@ -115,6 +117,8 @@ class ModelCache:
                 dtype=self.config.dtype,
                 optimize=self.config.optimize,
                 allow_pickle=allow_pickle,
+                loras=self.config.loras,
+                on_warning=lambda m: print(f"slimsd: warning: {model}: {m}", file=sys.stderr, flush=True),
             )
         except BaseException as e:
             with self._lock:
@@ -242,6 +246,7 @@ def run_generate(
             on_warning=warn,
         )
         applied = pipe._slimsd["runtime"]
+        loras = pipe._slimsd.get("loras", [])
     save_images(results, cache.config.out_dir)
     items = [(str(r.path), f"seed {r.seed} · {r.time_s:.2f} s") for r in results]
     lines = [
@@ -252,10 +257,18 @@ def run_generate(
         f"runtime: {summary(applied)}",
         "",
     ]
+    if loras:
+        lines += ["LoRA: " + ", ".join(lora_summary(r) for r in loras), ""]
     lines += [
         f"- image {i}: seed `{r.seed}`, {r.time_s:.2f} s — `{r.path.name}`" for i, r in enumerate(results)
     ]
     return items, "\n".join(lines)
+
+
+def lora_summary(record: dict) -> str:
+    """'lcm ×0.8 (72 layers, 56 skipped)': one merged LoRA, for the info line."""
+    skipped = f", {record['layers_skipped']} skipped" if record["layers_skipped"] else ""
+    return f"{record['name']} ×{record['scale']:g} ({record['layers_applied']} layers{skipped})"
 
 
 def run_compare(
