@@ -319,11 +319,11 @@ def test_gradio_client_drives_a_running_ui(server):
     with pytest.raises(AppError, match="width 63 is not allowed"):
         client.predict(*_generate_args("x", seed=1, width=63), api_name="/generate")
     gallery, table = client.predict(
-        ["micro-sd", "micro-sdxl"], "a red circle", "", 2, 7.5, 3, "euler", api_name="/compare"
+        ["micro-sd", "micro-sdxl"], "a red circle", "", 2, 7.5, 3, "euler", True, api_name="/compare"
     )
     assert [g["caption"].split(" · ")[0] for g in gallery] == ["micro-sd", "micro-sdxl"]
     assert [row[0] for row in table["data"]] == ["micro-sd", "micro-sdxl"]
-    assert all(row[1] > 0 and row[4] == 3 for row in table["data"])
+    assert all(row[1] == 2 and row[2] > 0 and row[5] == 3 for row in table["data"])
 
 
 @pytest.mark.slow

@@ -357,3 +357,20 @@ def test_an_lcm_lora_student_loads_with_its_adapters_merged(tmp_path, capsys):
     assert code == 0, err
     again = np.asarray(Image.open(json.loads(out)["images"][0]["path"])).astype(int)
     assert np.array_equal(again, np.asarray(Image.open(first)).astype(int))
+
+
+def test_ui_compares_a_step_distilled_student_at_its_own_steps(tmp_path):
+    """The UI's Compare tab runs the LCM student at its own 3 steps and guidance 2.5 beside micro-sd at the
+    sliders' 2 steps; unticked, both at the sliders'. The Generate tab's sliders follow the chosen model."""
+    from slimsd.run.pnginfo import settings_from_png
+    from slimsd.run.ui import ModelCache, UIConfig, own_sampling, run_compare
+
+    final = train(lcm_cfg(tmp_path, max_steps=1, sample_steps=3, sample_guidance=2.5))["final_dir"]
+    cache = ModelCache(UIConfig(models=["micro-sd", final], out_dir=tmp_path / "ui", device="cpu"))
+    assert own_sampling(cache, final) == (3, 2.5) and own_sampling(cache, "micro-sd") == (25, 7.5)
+    for own, want in ((True, [(2, 7.5), (3, 2.5)]), (False, [(2, 7.5), (2, 7.5)])):
+        items, rows = run_compare(
+            cache, ["micro-sd", final], "a red circle", "", 2, 7.5, 1, "model default", own
+        )
+        got = [(s["steps"], s["guidance"]) for s in (settings_from_png(path) for path, _ in items)]
+        assert got == want and [r[1] for r in rows] == [w[0] for w in want]

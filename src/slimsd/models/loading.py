@@ -230,7 +230,9 @@ def load(
     if sampling and sampling.get("lora"):  # an LCM-LoRA student: its adapters come with it, merged first
         loras = [(str(Path(model) / sampling["lora"]), 1.0), *loras]
     loras = [lora.as_spec(s, allow_pickle) for s in loras]  # a bad file fails before minutes of loading
-    if sampling and sampling.get("lora"):  # --from-png lists the student's own adapters again: merge them once
+    if sampling and sampling.get(
+        "lora"
+    ):  # --from-png lists the student's own adapters again: merge them once
         own = Path(loras[0].path).resolve()
         loras = loras[:1] + [s for s in loras[1:] if Path(s.path).resolve() != own]
     with quiet_loading():

@@ -271,10 +271,32 @@ def lora_summary(record: dict) -> str:
     return f"{record['name']} ×{record['scale']:g} ({record['layers_applied']} layers{skipped})"
 
 
+def own_sampling(cache: ModelCache, model) -> tuple[int, float]:
+    """The steps and guidance MODEL samples with by default (a step-distilled student's own, e.g. LCM 4 steps;
+    else 25 and 7.5), read from its folder without loading it: the Generate tab's sliders follow the model."""
+    from slimsd.models.loading import model_sampling
+
+    model, _ = cache.admit(model)
+    own = g.sampling_defaults(model_sampling(model))
+    return own["steps"], own["guidance"]
+
+
 def run_compare(
-    cache: ModelCache, models, prompt, negative, steps, guidance, seed, scheduler, progress=None, warn=None
+    cache: ModelCache,
+    models,
+    prompt,
+    negative,
+    steps,
+    guidance,
+    seed,
+    scheduler,
+    own_steps=True,
+    progress=None,
+    warn=None,
 ):
-    """The same prompt and seed on each model in turn -> (gallery items, table rows)."""
+    """The same prompt and seed on each model in turn -> (gallery items, table rows). With ``own_steps``, a
+    step-distilled model samples at its own steps and guidance (an LCM student: 4 steps, its guidance embedding)
+    and every other model at ``steps`` and ``guidance``: a comparison as each is meant to be used."""
     models = [models] if isinstance(models, str) else list(models or [])
     if not models:
         raise SlimsdError("no model selected; tick at least one model to compare")
@@ -299,20 +321,21 @@ def run_compare(
                 if progress is not None:
                     progress((_k * total + done, len(models) * total), desc=_m)
 
+            distilled = bool(own_steps) and bool(pipe._slimsd.get("sampling"))
             (r,) = g.generate(
                 pipe,
                 prompt,
                 negative=negative,
-                steps=steps,
-                guidance=guidance,
+                steps=None if distilled else steps,
+                guidance=None if distilled else guidance,
                 seed=seed,
-                scheduler=scheduler,
+                scheduler=None if distilled else scheduler,
                 progress=step,
                 on_warning=warn,
             )
         save_images([r], cache.config.out_dir)
-        items.append((str(r.path), f"{model} · {r.time_s:.2f} s"))
-        rows.append([model, round(r.time_s, 3), round(load_s, 2), round(unet_m, 2), r.seed])
+        items.append((str(r.path), f"{model} · {r.settings.steps} steps · {r.time_s:.2f} s"))
+        rows.append([model, r.settings.steps, round(r.time_s, 3), round(load_s, 2), round(unet_m, 2), r.seed])
     return items, rows
 
 
@@ -373,8 +396,13 @@ def build_app(config: UIConfig | None = None, cache: ModelCache | None = None):
             negative = gr.Textbox(value="", label="Negative prompt", lines=1, elem_id="negative")
             with gr.Accordion("Advanced", open=False, elem_id="advanced"):
                 with gr.Row():
-                    steps = gr.Slider(1, g.STEPS_RANGE[1], value=25, step=1, label="Steps", elem_id="steps")
-                    guidance = gr.Slider(0, g.GUIDANCE_RANGE[1], value=7.5, step=0.5, label="Guidance (CFG)")
+                    first_steps, first_guidance = own_sampling(cache, models[0])
+                    steps = gr.Slider(
+                        1, g.STEPS_RANGE[1], value=first_steps, step=1, label="Steps", elem_id="steps"
+                    )
+                    guidance = gr.Slider(
+                        0, g.GUIDANCE_RANGE[1], value=first_guidance, step=0.5, label="Guidance (CFG)"
+                    )
                 with gr.Row():
                     width = gr.Slider(0, g.SIZE_RANGE[1], value=0, step=8, label="Width (0: the model's own)")
                     height = gr.Slider(
@@ -420,6 +448,14 @@ def build_app(config: UIConfig | None = None, cache: ModelCache | None = None):
                 preprocess=False,  # raw values: the model check is ModelCache.admit's, one message for all
             )
             unload.click(on_unload, [model], [status], api_name="unload", queue=False, preprocess=False)
+
+            def on_model(name):  # the sliders follow the model: an LCM student samples in 4 steps
+                try:
+                    return own_sampling(cache, name)
+                except SlimsdError:
+                    return gr.update(), gr.update()
+
+            model.change(on_model, [model], [steps, guidance], queue=False, api_name=False)
         with gr.Tab("Compare"):
             c_models = gr.CheckboxGroup(models, value=models[:2], label="Models")
             c_prompt = gr.Textbox(label="Prompt", lines=2)
@@ -429,16 +465,20 @@ def build_app(config: UIConfig | None = None, cache: ModelCache | None = None):
                 c_guidance = gr.Slider(0, g.GUIDANCE_RANGE[1], value=7.5, step=0.5, label="Guidance (CFG)")
                 c_seed = gr.Number(value=0, precision=0, label="Seed (-1: random)")
                 c_scheduler = gr.Dropdown(schedulers, value=DEFAULT_SCHEDULER, label="Scheduler")
+            c_own = gr.Checkbox(
+                value=True,
+                label="Step-distilled models at their own steps and guidance (others: the sliders)",
+            )
             c_run = gr.Button("Compare", variant="primary")
             c_gallery = gr.Gallery(label="Side by side", format="png", type="filepath", columns=4)
             c_table = gr.Dataframe(
-                headers=["model", "generate s", "load s", "U-Net params (M)", "seed"],
+                headers=["model", "steps", "generate s", "load s", "U-Net params (M)", "seed"],
                 label="Times (generation excludes loading)",
                 interactive=False,
             )
             c_run.click(
                 on_compare,
-                [c_models, c_prompt, c_negative, c_steps, c_guidance, c_seed, c_scheduler],
+                [c_models, c_prompt, c_negative, c_steps, c_guidance, c_seed, c_scheduler, c_own],
                 [c_gallery, c_table],
                 api_name="compare",
                 concurrency_id="device",

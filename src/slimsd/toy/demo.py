@@ -150,9 +150,12 @@ def eval_captions(cfg: DemoConfig, seed: int, split: str = "seen") -> list[str]:
     return make_captions(cfg.eval_prompts, seed=CAPTION_SEEDS[split] + seed, split=split)
 
 
-def sample(pipe, captions: list[str], seed: int, cfg: DemoConfig, steps: int | None = None):
+def sample(
+    pipe, captions: list[str], seed: int, cfg: DemoConfig, steps: int | None = None, deep_cache: int = 1
+):
     """One image per caption; caption i uses seed ``seed + i``, through slimsd's own generation, at ``steps``
-    (default: the teacher's ``cfg.inference_steps``) and the demo's guidance."""
+    (default: the teacher's ``cfg.inference_steps``) and the demo's guidance (``deep_cache``: DeepCache's
+    interval, for benchmarks)."""
     from slimsd.run.generate import MAX_BATCH, generate
 
     results = generate(
@@ -164,11 +167,12 @@ def sample(pipe, captions: list[str], seed: int, cfg: DemoConfig, steps: int | N
         height=64,
         batch_size=min(len(captions), MAX_BATCH),
         seeds=[seed + i for i in range(len(captions))],
+        deep_cache=deep_cache,
     )
     return [r.image for r in results]
 
 
-def fidelity(pipe, cfg: DemoConfig, steps: int | None = None) -> dict:
+def fidelity(pipe, cfg: DemoConfig, steps: int | None = None, deep_cache: int = 1) -> dict:
     """Caption fidelity per seed and its mean (plus colour and shape accuracy), on seen and held-out
     combinations (image i of evaluation seed s uses sample seed 10_000 * (s + 1) + i in both)."""
     from slimsd.toy.shapes import caption_fidelity
@@ -178,7 +182,7 @@ def fidelity(pipe, cfg: DemoConfig, steps: int | None = None) -> dict:
         per_seed = []
         for s in cfg.eval_seeds:
             captions = eval_captions(cfg, s, split)
-            images = sample(pipe, captions, 10_000 * (s + 1), cfg, steps)
+            images = sample(pipe, captions, 10_000 * (s + 1), cfg, steps, deep_cache)
             r = caption_fidelity(images, captions, details=True)
             per_seed.append({k: r[k] for k in ("fidelity", "colour_accuracy", "shape_accuracy")})
         mean = {k: statistics.fmean(p[k] for p in per_seed) for k in per_seed[0]}
