@@ -270,7 +270,14 @@ def test_config_file_overrides_and_errors(tmp_path, capsys):
 def test_example_configs_resolve():
     root = Path(__file__).parents[2] / "configs"
     names = {p.name for p in root.glob("*.yaml")}
-    assert {"micro-sd.yaml", "micro-sdxl.yaml", "bk-small.yaml", "bk-tiny.yaml", "ssd-1b.yaml"} <= names
+    assert {
+        "micro-sd.yaml",
+        "micro-sdxl.yaml",
+        "bk-small.yaml",
+        "bk-tiny.yaml",
+        "ssd-1b.yaml",
+        "micro-sd-lcm.yaml",
+    } <= names
     for p in root.glob("*.yaml"):
         load_config(p)
     assert load_config(root / "micro-sd.yaml").mixed_precision == "no"  # written `mixed_precision: no`
