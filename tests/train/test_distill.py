@@ -212,7 +212,7 @@ def _free_port() -> int:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("objective", ["kd", "lcm"])
+@pytest.mark.parametrize("objective", ["kd", "lcm", "progressive"])
 def test_two_processes_equal_one_with_the_same_global_batch(tmp_path, objective):
     """DDP on CPU (gloo), started the way users start it: `accelerate launch --multi_gpu --num_processes 2`.
     (`accelerate launch --cpu --num_processes 2` starts ONE process in accelerate 1.x unless mpirun is set up;
@@ -220,6 +220,8 @@ def test_two_processes_equal_one_with_the_same_global_batch(tmp_path, objective)
     Adam from amplifying float-rounding differences of near-zero gradients (m/sqrt(v) ~ ±1 whatever their
     size)."""
     kw = {"max_steps": 2, "data": "shapes:8", "adam_epsilon": 1e-3, "objective": objective}
+    if objective == "progressive":  # one step of each stage
+        kw["progressive_steps"] = [8, 4]
     one = train(cfg(tmp_path, "one", **kw))
     accelerate = Path(sys.executable).parent / "accelerate"
     overrides = [
@@ -240,7 +242,7 @@ def test_two_processes_equal_one_with_the_same_global_batch(tmp_path, objective)
     assert proc.returncode == 0, proc.stderr[-3000:]
     two = json.loads(proc.stdout[proc.stdout.index("{") :])  # printed once, by the main process
     assert two["num_processes"] == 2
-    for k in ("loss", "task", "out", "feat") if objective == "kd" else ("loss", "lcm"):
+    for k in ("loss", "task", "out", "feat") if objective == "kd" else ("loss", objective):
         assert two["last"][k] == pytest.approx(one["losses"][-1][k], rel=1e-5)
     assert max_diff(unet_weights(one["final_dir"]), unet_weights(tmp_path / "two" / "final")) <= 1e-5
 

@@ -15,7 +15,14 @@ from slimsd.train import consistency as C
 from slimsd.train.config import make_config
 from slimsd.train.distill import train
 
-from helpers import FAST_DISTILL, run_cli
+from helpers import (
+    FAST_DISTILL,
+    assert_generate_uses_own_sampling,
+    encode_prompts,
+    guided_step_draws,
+    run_cli,
+    sd_ddim,
+)
 
 FAST = {**FAST_DISTILL, "objective": "lcm", "guidance_min": 2.0, "guidance_max": 4.0}
 
@@ -50,18 +57,7 @@ def test_guidance_embedding_equals_the_pipelines():
 def test_guided_ddim_step_equals_ddim_schedulers(prediction_type):
     """x̂₀/ε̂ from a guided teacher output, one DDIM step to t − 20: diffusers' DDIMScheduler (trailing
     spacing, 50 steps: the solver's own timesteps) on the classic CFG formula ε_u + s·(ε_c − ε_u)."""
-    from diffusers import DDIMScheduler
-
-    ddim = DDIMScheduler(
-        beta_schedule="scaled_linear",
-        beta_start=0.00085,
-        beta_end=0.012,
-        prediction_type=prediction_type,
-        timestep_spacing="trailing",
-        set_alpha_to_one=False,
-        clip_sample=False,
-    )
-    ddim.set_timesteps(50)
+    ddim = sd_ddim(50, prediction_type, set_alpha_to_one=False)
     assert ddim.timesteps.flip(0).tolist() == C.solver_timesteps(1000, 50).tolist()
     g = torch.Generator().manual_seed(0)
     z, out_c, out_u = (torch.randn(1, 4, 8, 8, generator=g) for _ in range(3))
@@ -118,7 +114,6 @@ def test_first_lcm_step_equals_the_formula(tmp_path):
     examples = Examples(open_source("shapes:16", seed=5), 64, seed=5)
     batch = collate([examples[(i, 0)] for i in epoch_order(16, 5, 0)[:4]])
     gen = torch.Generator().manual_seed(5)
-    index = torch.randint(0, 50, (4,), generator=gen)
     ddim = DDIMScheduler.from_config(
         teacher.scheduler.config, timestep_spacing="trailing", set_alpha_to_one=False, clip_sample=False
     )
@@ -126,17 +121,8 @@ def test_first_lcm_step_equals_the_formula(tmp_path):
     lcm = LCMScheduler.from_config(teacher.scheduler.config, timestep_scaling=10.0)
     ac = teacher.scheduler.alphas_cumprod
     with torch.no_grad():
-        dist = teacher.vae.encode(batch["pixels"]).latent_dist
-        noise = torch.randn(dist.mean.shape, generator=gen)
-        latents = (dist.mean + dist.std * torch.randn(dist.mean.shape, generator=gen)) * 0.18215
-        torch.rand(4, generator=gen)  # the caption-dropout draw (dropout 0 here)
-        scale = 2.0 + 2.0 * torch.rand(4, generator=gen)  # guidance_min + span · U
-
-        def encode(texts):
-            ids = teacher.tokenizer(texts, padding="max_length", max_length=77, return_tensors="pt").input_ids
-            return teacher.text_encoder(ids)[0]
-
-        text, empty = encode(batch["caption"]), encode([""])
+        index, noise, latents, scale = guided_step_draws(teacher, batch, gen, 50)
+        text, empty = encode_prompts(teacher, batch["caption"]), encode_prompts(teacher, [""])
         emb = StableDiffusionPipeline.get_guidance_scale_embedding(None, scale - 1, embedding_dim=256)
         sq = []
         for i in range(4):
@@ -178,47 +164,13 @@ def test_lcm_student_loads_in_plain_diffusers_and_generate_uses_its_own_sampling
     """final/ is a plain diffusers pipeline with LCMScheduler; slimsd generate, given no steps or guidance,
     samples it as its slimsd.json says (3 steps, guidance 2.5 through the embedding), pixel for pixel what
     plain diffusers gives with those settings."""
-    import numpy as np
     from diffusers import DiffusionPipeline, LCMScheduler
-    from PIL import Image
 
     result = train(lcm_cfg(tmp_path, max_steps=2, sample_steps=3, sample_guidance=2.5))
     pipe = DiffusionPipeline.from_pretrained(result["final_dir"])
     assert isinstance(pipe.scheduler, LCMScheduler)
     assert pipe.scheduler.config.original_inference_steps == 50
-    pipe.set_progress_bar_config(disable=True)
-    ref = pipe(
-        "a red circle",
-        num_inference_steps=3,
-        guidance_scale=2.5,
-        generator=torch.Generator().manual_seed(7),
-        output_type="np",
-    ).images[0]
-    code, out, err = run_cli(
-        [
-            "generate",
-            result["final_dir"],
-            "a red circle",
-            "--seed",
-            "7",
-            "--no-optimize",
-            "--out",
-            str(tmp_path / "o"),
-            "--json",
-        ],
-        capsys,
-    )
-    assert code == 0, err
-    import json
-
-    info = json.loads(out)
-    assert (info["settings"]["steps"], info["settings"]["guidance"], info["settings"]["scheduler"]) == (
-        3,
-        2.5,
-        "lcm",
-    )
-    ours = np.asarray(Image.open(info["images"][0]["path"])).astype(int)
-    assert np.abs(ours - np.round(ref * 255).astype(int)).max() <= 1
+    assert_generate_uses_own_sampling(pipe, result["final_dir"], (3, 2.5, "lcm"), tmp_path / "o", capsys)
 
 
 def test_lcm_lora_saves_adapters_plain_diffusers_loads(tmp_path):

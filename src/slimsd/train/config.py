@@ -6,6 +6,7 @@ what is allowed (exit code 2 on the command line).
 
 from __future__ import annotations
 
+import itertools
 import math
 import typing
 from dataclasses import asdict, dataclass, field
@@ -17,7 +18,7 @@ from slimsd.devices import MIXED_PRECISION
 from slimsd.errors import SlimsdError
 
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
-OBJECTIVES = ("kd", "lcm", "lcm-lora")
+OBJECTIVES = ("kd", "lcm", "lcm-lora", "progressive")
 
 
 @dataclass
@@ -26,7 +27,8 @@ class DistillConfig:
     student: str = "bk-small"  # a `slimsd compress` or `distill` folder, or a recipe (compressed on the fly)
     # kd: BK-SDM's task + output-KD + feature-KD (losses.py). lcm: latent consistency distillation into a
     # guidance-conditioned few-step student; lcm-lora: the same as LoRA adapters, no guidance input
-    # (consistency.py).
+    # (consistency.py). progressive: guided progressive distillation, rounds that halve the DDIM steps of a
+    # guidance-conditioned student (progressive.py).
     objective: str = "kd"
     data: str = "shapes:64"  # folder, .tar shard(s), parquet, `slimsd cache` folder, or shapes:N
     output_dir: str = "runs/distill"
@@ -85,8 +87,16 @@ class DistillConfig:
     cond_proj_dim: int = 256  # the guidance embedding's size (lcm), when the student has none yet
     lora_rank: int = 64  # lcm-lora
     lora_alpha: float | None = None  # default: lora_rank (scale 1)
-    sample_steps: int = 4  # what `slimsd generate` uses for the result by default
-    sample_guidance: float | None = None  # default: guidance_min (lcm), 1 (lcm-lora: guidance is baked in)
+    sample_steps: int = (
+        4  # what `slimsd generate` uses for the result by default (progressive: its last round)
+    )
+    # default: guidance_min (lcm, progressive), 1 (lcm-lora: guidance is baked in)
+    sample_guidance: float | None = None
+    # --- progressive (Meng et al. 2023; Salimans & Ho 2022) ---
+    # DDIM steps per round, each half the one before: round 0 (stage 1) learns the guided teacher at the first
+    # count's timesteps; each next round learns in one step two steps of the round before.
+    progressive_steps: list[int] = field(default_factory=lambda: [32, 16, 8, 4])
+    steps_per_round: int | None = None  # optimizer steps per round; default: max_steps / rounds
 
 
 # (low, high, low inclusive, high inclusive) per numeric key; None: unbounded. Keys grouped by their range.
@@ -104,7 +114,7 @@ RANGES: dict[str, tuple[float | None, float | None, bool, bool]] = {
         ),
         AT_LEAST_1,
     ),
-    "stop_at_step": AT_LEAST_1,
+    **dict.fromkeys(("stop_at_step", "steps_per_round"), AT_LEAST_1),
     **dict.fromkeys(("solver_steps", "cond_proj_dim", "lora_rank", "sample_steps"), AT_LEAST_1),
     **dict.fromkeys(("guidance_min", "guidance_max", "sample_guidance"), (1, 50, True, True)),
     **dict.fromkeys(("huber_c", "timestep_scaling", "lora_alpha"), (0, None, False, True)),
@@ -210,6 +220,8 @@ def _coerce(key: str, value, hint):
             raise bad
         if item is str and not all(isinstance(v, str) for v in value):
             raise SlimsdError(f"config key {key!r}: expected a list of strings, got {value!r}")
+        if item is int and not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            raise SlimsdError(f"config key {key!r}: expected a list of whole numbers, got {value!r}")
         return value
     return value
 
@@ -241,7 +253,7 @@ def validate(cfg: DistillConfig) -> DistillConfig:
             "the range needs min <= max"
         )
     if (
-        cfg.objective == "lcm"
+        cfg.objective in ("lcm", "progressive")
         and cfg.sample_guidance is not None
         and not (cfg.guidance_min <= cfg.sample_guidance <= cfg.guidance_max)
     ):
@@ -249,6 +261,8 @@ def validate(cfg: DistillConfig) -> DistillConfig:
             f"config key 'sample_guidance': {cfg.sample_guidance:g} is outside the trained range "
             f"{cfg.guidance_min:g} to {cfg.guidance_max:g}"
         )
+    if cfg.objective == "progressive":
+        check_rounds(cfg)
     if cfg.objective == "kd" and not (cfg.lambda_task or cfg.lambda_out or cfg.lambda_feat):
         raise SlimsdError("config keys lambda_task, lambda_out and lambda_feat are all 0: nothing to learn")
     if cfg.resolution is not None and cfg.resolution % 8:
@@ -258,6 +272,43 @@ def validate(cfg: DistillConfig) -> DistillConfig:
 
         parse_taps(cfg.feature_taps)
     return cfg
+
+
+def check_rounds(cfg: DistillConfig) -> None:
+    """progressive: a schedule that halves at each round, and max_steps that splits into its rounds."""
+    counts, rounds = cfg.progressive_steps, len(cfg.progressive_steps)
+    if not counts or any(n < 1 for n in counts):
+        raise SlimsdError(
+            f"config key 'progressive_steps': {counts} is not allowed; allowed: DDIM step counts >= 1, "
+            "e.g. [32, 16, 8, 4]"
+        )
+    for a, b in itertools.pairwise(counts):
+        if a != 2 * b:
+            raise SlimsdError(
+                f"config key 'progressive_steps': {counts} does not halve at each round ({a} -> {b}); "
+                "allowed: each count half the one before, e.g. [32, 16, 8, 4]"
+            )
+    if cfg.ema:
+        raise SlimsdError(
+            "config key 'ema': true is not allowed with objective progressive: each round's student starts "
+            "from the last one and learns other steps, so an average over rounds mixes step counts"
+        )
+    per_round = cfg.steps_per_round
+    if per_round is None and cfg.max_steps % rounds:
+        raise SlimsdError(
+            f"config key 'max_steps': {cfg.max_steps} does not split into the {rounds} rounds of "
+            f"progressive_steps {counts}; allowed: a multiple of {rounds}, or set steps_per_round"
+        )
+    if per_round is not None and cfg.max_steps != rounds * per_round:
+        raise SlimsdError(
+            f"config key 'max_steps': {cfg.max_steps} is not {rounds} rounds (progressive_steps {counts}) x "
+            f"steps_per_round {per_round}; allowed: max_steps={rounds * per_round}"
+        )
+
+
+def round_length(cfg: DistillConfig) -> int:
+    """Optimizer steps per progressive round."""
+    return cfg.steps_per_round or cfg.max_steps // len(cfg.progressive_steps)
 
 
 def make_config(values: dict) -> DistillConfig:

@@ -47,7 +47,8 @@ def boundary_scalings(
     return c_skip.float(), c_out.float()
 
 
-def _per_sample(values: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+def per_sample(values: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``values[t]`` per sample, shaped to broadcast over ``like`` (one value per row)."""
     return values.to(like.device)[t.to(like.device)].float().view(-1, *[1] * (like.dim() - 1))
 
 
@@ -59,8 +60,8 @@ def predicted_x0_eps(
     prediction_type: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(x̂₀, ε̂) from a U-Net output at timesteps t, for ε- or v-prediction (z_t = α_t·x₀ + σ_t·ε)."""
-    a = _per_sample(alphas_cumprod, t, sample).sqrt()
-    s = _per_sample(1 - alphas_cumprod, t, sample).sqrt()
+    a = per_sample(alphas_cumprod, t, sample).sqrt()
+    s = per_sample(1 - alphas_cumprod, t, sample).sqrt()
     out, z = model_output.float(), sample.float()
     if prediction_type == "epsilon":
         return (z - s * out) / a, out
@@ -73,7 +74,7 @@ def ddim_step(
     x0: torch.Tensor, eps: torch.Tensor, t_prev: torch.Tensor, alphas_cumprod: torch.Tensor
 ) -> torch.Tensor:
     """One deterministic DDIM step (η = 0) to timestep t_prev: sqrt(ᾱ)·x̂₀ + sqrt(1 − ᾱ)·ε̂."""
-    a = _per_sample(alphas_cumprod, t_prev, x0)
+    a = per_sample(alphas_cumprod, t_prev, x0)
     return a.sqrt() * x0 + (1 - a).sqrt() * eps
 
 

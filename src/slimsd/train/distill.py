@@ -30,8 +30,9 @@ import torch
 
 from slimsd.errors import SlimsdError
 from slimsd.train import consistency as C
+from slimsd.train import progressive as P
 from slimsd.train.checkpoints import apply_optimizer_settings, architecture, load_checkpoint, save_checkpoint
-from slimsd.train.config import DistillConfig, validate
+from slimsd.train.config import DistillConfig, round_length, validate
 from slimsd.train.runs import begin_run, plan_run
 
 # --- models ---------------------------------------------------------------------------------------------------
@@ -49,6 +50,7 @@ class Models:
 
 
 LORA_FILE = "pytorch_lora_weights.safetensors"  # diffusers' name for a pipeline's LoRA file
+GUIDANCE_INPUT = ("lcm", "progressive")  # objectives whose student takes the guidance w as an input
 
 # LCM-LoRA's adapted layers (diffusers' train_lcm_distill_lora_sd_wds.py): attention, feed-forward, convolutions.
 LORA_TARGETS = [
@@ -118,7 +120,7 @@ def load_models(cfg: DistillConfig, device, weight_dtype: torch.dtype) -> Models
         student, weight_map, source = result.pipeline.unet, result.weight_map, None
     student = student.float()
     lora_base = None
-    if cfg.objective == "lcm":
+    if cfg.objective in GUIDANCE_INPUT:
         student = with_guidance_embedding(student, cfg.cond_proj_dim)
     elif cfg.objective == "lcm-lora":
         lora_base = {k: v.detach().clone() for k, v in student.state_dict().items()}
@@ -213,15 +215,8 @@ def save_final(
         )
     components = dict(base.components) | {"unet": unet}
     sampling = step_sampling(cfg)
-    if sampling:  # a few-step student samples with LCM's scheduler, in plain diffusers too
-        from diffusers import LCMScheduler
-
-        own = set(_init_params(LCMScheduler))  # the teacher's scheduler may have options LCM has not
-        components["scheduler"] = LCMScheduler.from_config(
-            {k: v for k, v in base.scheduler.config.items() if k in own},
-            original_inference_steps=cfg.solver_steps,
-            timestep_scaling=cfg.timestep_scaling,
-        )
+    if sampling:  # a few-step student samples with its own scheduler, in plain diffusers too
+        components["scheduler"] = step_scheduler(cfg, base.scheduler.config)
     for part in components.values():
         # A fast tokenizer keeps the padding and truncation of its last call in its backend, and saves them:
         # clear them, so that final/ is the same whether this process encoded captions or not (a cached run,
@@ -259,21 +254,42 @@ def save_final(
 
 def step_sampling(cfg: DistillConfig) -> dict | None:
     """How a step-distilled student samples by default (``slimsd generate`` reads it from slimsd.json)."""
-    if cfg.objective not in ("lcm", "lcm-lora"):
+    if cfg.objective == "kd":
         return None
-    lcm = cfg.objective == "lcm"
+    embedded = cfg.objective in GUIDANCE_INPUT
     out = {
         "kind": cfg.objective,
-        "scheduler": "lcm",
-        "steps": cfg.sample_steps,
-        # LCM: the guidance embedding takes the scale (no doubled batch); LCM-LoRA: guidance is baked in
-        "guidance": cfg.sample_guidance or (cfg.guidance_min if lcm else 1.0),
-        "guidance_range": [cfg.guidance_min, cfg.guidance_max] if lcm else None,
-        "solver_steps": cfg.solver_steps,
+        "scheduler": "ddim" if cfg.objective == "progressive" else "lcm",
+        "steps": cfg.progressive_steps[-1] if cfg.objective == "progressive" else cfg.sample_steps,
+        # a guidance embedding takes the scale (no doubled batch); LCM-LoRA: guidance is baked in
+        "guidance": cfg.sample_guidance or (cfg.guidance_min if embedded else 1.0),
+        "guidance_range": [cfg.guidance_min, cfg.guidance_max] if embedded else None,
     }
-    if not lcm:
+    if cfg.objective == "progressive":
+        out["progressive_steps"] = cfg.progressive_steps
+    else:
+        out["solver_steps"] = cfg.solver_steps
+    if cfg.objective == "lcm-lora":
         out["lora"] = LORA_FILE
     return out
+
+
+def step_scheduler(cfg: DistillConfig, teacher_config: dict):
+    """The scheduler of a step-distilled student, on the teacher's noise schedule: LCM's, or (progressive) DDIM
+    with trailing spacing that ends at ᾱ = 1, i.e. on the timesteps the last round trained (progressive.py)."""
+    from diffusers import DDIMScheduler, LCMScheduler
+
+    if cfg.objective == "progressive":
+        # clip_sample: DDIM's default clips x̂₀ to [-1, 1], which suits pixels, not latents
+        cls, options = (
+            DDIMScheduler,
+            {"timestep_spacing": "trailing", "set_alpha_to_one": True, "clip_sample": False},
+        )
+    else:
+        cls = LCMScheduler
+        options = {"original_inference_steps": cfg.solver_steps, "timestep_scaling": cfg.timestep_scaling}
+    own = set(_init_params(cls))  # the teacher's scheduler may have options this one has not
+    return cls.from_config({k: v for k, v in teacher_config.items() if k in own}, **options)
 
 
 def _init_params(cls) -> set[str]:
@@ -368,8 +384,10 @@ def train(cfg: DistillConfig) -> dict:
     if cfg.gradient_checkpointing:
         student.enable_gradient_checkpointing()
     lcm = cfg.objective in ("lcm", "lcm-lora")
-    use_teacher = lcm or cfg.lambda_out > 0 or cfg.lambda_feat > 0
-    use_feat = not lcm and cfg.lambda_feat > 0 and bool(models.taps)
+    progressive = cfg.objective == "progressive"
+    guided = lcm or progressive  # the teacher guided by a w drawn per sample
+    use_teacher = guided or cfg.lambda_out > 0 or cfg.lambda_feat > 0
+    use_feat = not guided and cfg.lambda_feat > 0 and bool(models.taps)
     s_taps = attach_taps(student, [s for s, _ in models.taps]) if use_feat else None
     t_taps = attach_taps(tp.unet, [t for _, t in models.taps]) if use_feat else None
     noise_scheduler = DDPMScheduler.from_config(tp.scheduler.config)
@@ -384,9 +402,25 @@ def train(cfg: DistillConfig) -> dict:
         )
     ddim_ts = C.solver_timesteps(num_train_timesteps, cfg.solver_steps).to(device)
     alphas_cumprod = noise_scheduler.alphas_cumprod.to(device)
-    emb_dim = models.student.config.time_cond_proj_dim if cfg.objective == "lcm" else None
+    emb_dim = models.student.config.time_cond_proj_dim if cfg.objective in GUIDANCE_INPUT else None
+    # progressive: each round's DDIM schedule, ᾱ with the clean end, the optimizer steps per round.
+    if progressive and (
+        num_train_timesteps % cfg.progressive_steps[-1] or cfg.progressive_steps[0] > num_train_timesteps
+    ):
+        raise SlimsdError(
+            f"config key 'progressive_steps': {cfg.progressive_steps} does not fit a teacher with "
+            f"{num_train_timesteps} timesteps; allowed: counts up to {num_train_timesteps}, the last one a "
+            f"divisor of {num_train_timesteps} (DDIM then samples the timesteps it was trained on)"
+        )
+    grids = (
+        [P.schedule(num_train_timesteps, n).to(device) for n in cfg.progressive_steps] if progressive else []
+    )
+    alphas_end = P.alphas_with_end(alphas_cumprod)
+    per_round = round_length(cfg) if progressive else None
+    # The target network: LCM's (an EMA of the student), or progressive's round teacher (the student as the
+    # last round ended). LCM-LoRA takes the student itself as its target.
     target_unet = None
-    if cfg.objective == "lcm":
+    if cfg.objective in GUIDANCE_INPUT:
         import copy
 
         target_unet = copy.deepcopy(student).requires_grad_(False)
@@ -454,10 +488,10 @@ def train(cfg: DistillConfig) -> dict:
     global_batch = cfg.batch_size * accelerator.num_processes
     empty = (
         {k: v.to(device, weight_dtype) for k, v in encode_text(tp, [""]).items()}
-        if cfg.caption_dropout or lcm
+        if cfg.caption_dropout or guided
         else None
     )
-    if lcm and sdxl and tp.config.get("force_zeros_for_empty_prompt", True):
+    if guided and sdxl and tp.config.get("force_zeros_for_empty_prompt", True):
         empty = {k: torch.zeros_like(v) for k, v in empty.items()}  # SDXL's "no prompt", as its pipeline does
 
     if log_with and accelerator.is_main_process:
@@ -489,9 +523,33 @@ def train(cfg: DistillConfig) -> dict:
     def cast(d, dtype):
         return {"added_cond_kwargs": {k: v.to(dtype) for k, v in d["added_cond_kwargs"].items()}} if d else {}
 
+    def guided_teacher(noisy, t, cond, extra, w) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x̂₀, ε̂) of the teacher guided by w: with and without the caption in one batch, ε_c + w·(ε_c − ε_u)."""
+        n, kind = noisy.shape[0], noise_scheduler.config.prediction_type
+        both = {k: torch.cat([v, empty[k].expand_as(v)]).to(weight_dtype) for k, v in cond.items()}
+        extra2 = {}
+        if extra:
+            ids = extra["added_cond_kwargs"]["time_ids"]
+            extra2 = {
+                "added_cond_kwargs": {
+                    "text_embeds": both["pooled_prompt_embeds"],
+                    "time_ids": ids.repeat(2, 1),
+                }
+            }
+        out = tp.unet(
+            torch.cat([noisy, noisy]).to(weight_dtype),
+            torch.cat([t, t]),
+            both["prompt_embeds"],
+            **cast(extra2, weight_dtype),
+        ).sample
+        x0_c, eps_c = C.predicted_x0_eps(out[:n], t, noisy, alphas_cumprod, kind)
+        x0_u, eps_u = C.predicted_x0_eps(out[n:], t, noisy, alphas_cumprod, kind)
+        wv = w.view(-1, 1, 1, 1)
+        return x0_c + wv * (x0_c - x0_u), eps_c + wv * (eps_c - eps_u)
+
     def consistency_terms(latents, noise, index, w, cond, extra) -> dict:
         """LCD on one micro-batch (consistency.py; Luo et al. 2023, Algorithm 1)."""
-        n, kind = latents.shape[0], noise_scheduler.config.prediction_type
+        kind = noise_scheduler.config.prediction_type
         start = ddim_ts[index]  # t_{n+k}
         prev = (start - num_train_timesteps // cfg.solver_steps).clamp(min=0)  # t_n
         noisy = noise_scheduler.add_noise(latents, noise, start)
@@ -504,30 +562,8 @@ def train(cfg: DistillConfig) -> dict:
             noisy, start, cond["prompt_embeds"].float(), timestep_cond=w_emb, **cast(extra, torch.float32)
         ).sample
         online = skip_s * noisy + out_s * C.predicted_x0_eps(pred, start, noisy, alphas_cumprod, kind)[0]
-        with torch.no_grad():
-            # The teacher with and without the caption in one batch, guided by w, then one DDIM step to t_n.
-            both = {k: torch.cat([v, empty[k].expand_as(v)]).to(weight_dtype) for k, v in cond.items()}
-            extra2 = {}
-            if extra:
-                ids = extra["added_cond_kwargs"]["time_ids"]
-                extra2 = {
-                    "added_cond_kwargs": {
-                        "text_embeds": both["pooled_prompt_embeds"],
-                        "time_ids": ids.repeat(2, 1),
-                    }
-                }
-            out = tp.unet(
-                torch.cat([noisy, noisy]).to(weight_dtype),
-                torch.cat([start, start]),
-                both["prompt_embeds"],
-                **cast(extra2, weight_dtype),
-            ).sample
-            x0_c, eps_c = C.predicted_x0_eps(out[:n], start, noisy, alphas_cumprod, kind)
-            x0_u, eps_u = C.predicted_x0_eps(out[n:], start, noisy, alphas_cumprod, kind)
-            wv = w.view(-1, 1, 1, 1)
-            x_prev = C.ddim_step(
-                x0_c + wv * (x0_c - x0_u), eps_c + wv * (eps_c - eps_u), prev, alphas_cumprod
-            )
+        with torch.no_grad():  # the guided teacher, then one DDIM step to t_n
+            x_prev = C.ddim_step(*guided_teacher(noisy, start, cond, extra, w), prev, alphas_cumprod)
             net = target_unet if target_unet is not None else accelerator.unwrap_model(student)
             t_pred = net(
                 x_prev, prev, cond["prompt_embeds"].float(), timestep_cond=w_emb, **cast(extra, torch.float32)
@@ -537,6 +573,30 @@ def train(cfg: DistillConfig) -> dict:
             )
         loss = C.consistency_distance(online, target, cfg.lcm_loss, cfg.huber_c)
         return {"loss": loss, "lcm": loss}
+
+    def progressive_terms(latents, noise, index, w, cond, extra, rnd: int) -> dict:
+        """Guided progressive distillation on one micro-batch (progressive.py): round 0 learns the guided
+        teacher's x̂₀; round r learns in one step of its schedule two DDIM steps of the round's teacher."""
+        kind = noise_scheduler.config.prediction_type
+        t = grids[rnd][index]
+        noisy = noise_scheduler.add_noise(latents, noise, t)
+        w_emb = C.guidance_embedding(w, emb_dim).to(device)
+        text, extra32 = cond["prompt_embeds"].float(), cast(extra, torch.float32)
+        with torch.no_grad():
+            if rnd == 0:
+                target = guided_teacher(noisy, t, cond, extra, w)[0]
+            else:
+                s, mid = grids[rnd][index + 1], grids[rnd - 1][2 * index + 1]  # t = 2N-schedule[2i]
+
+                def round_teacher(z, at):
+                    return target_unet(z, at, text, timestep_cond=w_emb, **extra32).sample
+
+                z2 = P.two_ddim_steps(round_teacher, noisy, t, mid, s, alphas_end, kind)
+                target = P.one_step_target(noisy, z2, t, s, alphas_end)
+        pred = student(noisy, t, text, timestep_cond=w_emb, **extra32).sample
+        x0 = C.predicted_x0_eps(pred, t, noisy, alphas_end, kind)[0]
+        loss = P.x0_loss(x0, target, t, alphas_end)
+        return {"loss": loss, "progressive": loss}
 
     def micro_batch_loss(batch) -> dict:
         """The loss terms of one micro-batch on this process."""
@@ -554,15 +614,16 @@ def train(cfg: DistillConfig) -> dict:
                 mean, std = encode_images(tp.vae, batch["pixels"].to(device))
                 cond = encode_text(tp, batch["caption"])
         shape = (global_batch, *mean.shape[1:])
-        # kd: a timestep of the T training ones; lcm: a step n of the solver's schedule
-        timesteps = torch.randint(
-            0, cfg.solver_steps if lcm else num_train_timesteps, (global_batch,), generator=gen
-        )[rows]
+        # kd: a timestep of the T training ones; lcm: a step n of the solver's schedule; progressive: a step i
+        # of this round's schedule
+        rnd = state["step"] // per_round if progressive else 0
+        high = cfg.solver_steps if lcm else cfg.progressive_steps[rnd] if progressive else num_train_timesteps
+        timesteps = torch.randint(0, high, (global_batch,), generator=gen)[rows]
         noise = torch.randn(shape, generator=gen)[rows].to(device)
         sample_eps = torch.randn(shape, generator=gen)[rows].to(device)
         drop = (torch.rand(global_batch, generator=gen)[rows] < cfg.caption_dropout).to(device)
         timesteps = timesteps.to(device)
-        if lcm:  # the teacher's guidance w = scale − 1, one per sample
+        if guided:  # the teacher's guidance w = scale − 1, one per sample
             span = cfg.guidance_max - cfg.guidance_min
             w = (cfg.guidance_min - 1 + span * torch.rand(global_batch, generator=gen))[rows].to(device)
         latents = (mean.float() + std.float() * sample_eps) * tp.vae.config.scaling_factor
@@ -584,6 +645,8 @@ def train(cfg: DistillConfig) -> dict:
 
         if lcm:
             return consistency_terms(latents, noise, timesteps, w, cond, extra)
+        if progressive:
+            return progressive_terms(latents, noise, timesteps, w, cond, extra, rnd)
         noisy = noise_scheduler.add_noise(latents, noise, timesteps)
         target = task_target(noise_scheduler, latents, noise, timesteps)
         teacher_pred = None
@@ -632,8 +695,12 @@ def train(cfg: DistillConfig) -> dict:
             images_seen += batch["size"] * accelerator.num_processes
         lr_scheduler.step()
         state["step"] += 1
-        if target is not None:
+        if target is not None and lcm:
             C.update_target(target, accelerator.unwrap_model(student).state_dict(), cfg.target_decay)
+        if progressive and state["step"] % per_round == 0:  # a round ends: its student teaches the next one
+            with torch.no_grad():
+                for k, v in accelerator.unwrap_model(student).state_dict().items():
+                    target[k].copy_(v)
         if ema is not None:
             with torch.no_grad():
                 for k, v in accelerator.unwrap_model(student).state_dict().items():
@@ -644,6 +711,8 @@ def train(cfg: DistillConfig) -> dict:
             k: accelerator.reduce(v.reshape(1), reduction="mean").item() for k, v in mean_terms.items()
         }
         record = {"step": state["step"], **mean_terms, "lr": lr_scheduler.get_last_lr()[0]}
+        if progressive:
+            record["round"] = (state["step"] - 1) // per_round
         losses.append(record)
         rate = images_seen / max(time.perf_counter() - t0, 1e-9)
         bar.set_postfix(

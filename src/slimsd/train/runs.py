@@ -122,7 +122,9 @@ def _start_fresh(cfg: DistillConfig, out: Path) -> tuple[bool, list[str]]:
 
 def _breaking(changes: dict, cfg: DistillConfig) -> list[str]:
     keys = [k for k in changes if k not in SAFE_KEYS]
-    if "max_steps" in changes and cfg.lr_scheduler in SCHEDULES_OVER_MAX_STEPS:
+    if "max_steps" in changes and (
+        cfg.lr_scheduler in SCHEDULES_OVER_MAX_STEPS or cfg.objective == "progressive"
+    ):
         keys.append("max_steps")
     return keys
 
@@ -163,7 +165,13 @@ def plan_run(cfg: DistillConfig) -> RunPlan:
     plan.finished = plan.step >= cfg.max_steps and _final_step(out) == plan.step
     breaking = _breaking(plan.changes, cfg)
     if breaking and not plan.finished and not cfg.allow_config_change:
-        why = f" (lr_scheduler={cfg.lr_scheduler} decays over max_steps)" if "max_steps" in breaking else ""
+        why = ""
+        if "max_steps" in breaking:
+            why = (
+                " (the rounds of progressive_steps split max_steps)"
+                if cfg.objective == "progressive"
+                else f" (lr_scheduler={cfg.lr_scheduler} decays over max_steps)"
+            )
         changed = ", ".join(
             f"{k} {_show(plan.changes[k][0])} -> {_show(plan.changes[k][1])}" for k in breaking
         )
