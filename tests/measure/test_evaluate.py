@@ -516,6 +516,8 @@ def test_eval_cli_end_to_end_on_micro_sd_and_resume(tmp_path, capsys, monkeypatc
         "regenerated": 0,
         "differing": {},
         "in_shard": 3,
+        "steps": 2,
+        "guidance": 7.5,
     }
     assert (images / "g.png").read_bytes() == g_bytes  # kept, not regenerated
     meta = settings_from_png(images / "b.png")  # prompt row 2: seed 0 + 2
