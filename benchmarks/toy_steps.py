@@ -24,7 +24,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -137,12 +136,14 @@ def aggregate(rows: list[dict]) -> list[dict]:
 def write(out: Path, table: list[dict], rows: list[dict], command: str) -> None:
     import matplotlib
 
+    from slimsd.devices import cpu_model
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import torch
 
     meta = {
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, 1 torch thread",
+        "machine": f"{cpu_model()}, {os.cpu_count()} cores, 1 torch thread, other jobs running alike for all rows",
         "torch": torch.__version__,
         "date": datetime.date.today().isoformat(),
         "command": command,
