@@ -97,10 +97,3 @@ def consistency_distance(
     if kind == "huber":
         return (diff.pow(2) + huber_c**2).sqrt().sub(huber_c).mean()
     raise SlimsdError(f"lcm_loss {kind!r} is not allowed; allowed: {', '.join(LCM_LOSSES)}")
-
-
-@torch.no_grad()
-def update_target(target: dict[str, torch.Tensor], online: dict[str, torch.Tensor], decay: float) -> None:
-    """θ⁻ ← decay·θ⁻ + (1 − decay)·θ: the target network trails the online student (LCM's μ = 0.95)."""
-    for k, v in target.items():
-        v.mul_(decay).add_(online[k].detach().float(), alpha=1 - decay)

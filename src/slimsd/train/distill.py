@@ -292,6 +292,13 @@ def step_scheduler(cfg: DistillConfig, teacher_config: dict):
     return cls.from_config({k: v for k, v in teacher_config.items() if k in own}, **options)
 
 
+@torch.no_grad()
+def update_average(average: dict[str, torch.Tensor], online: dict[str, torch.Tensor], decay: float) -> None:
+    """θ_avg ← decay·θ_avg + (1 − decay)·θ, in place, in fp32: the EMA weights and LCM's target network."""
+    for k, v in average.items():
+        v.mul_(decay).add_(online[k].detach().float(), alpha=1 - decay)
+
+
 def _init_params(cls) -> set[str]:
     import inspect
 
@@ -695,16 +702,15 @@ def train(cfg: DistillConfig) -> dict:
             images_seen += batch["size"] * accelerator.num_processes
         lr_scheduler.step()
         state["step"] += 1
-        if target is not None and lcm:
-            C.update_target(target, accelerator.unwrap_model(student).state_dict(), cfg.target_decay)
+        online = accelerator.unwrap_model(student).state_dict()
+        if target is not None and lcm:  # LCM's target network trails the student (μ = target_decay)
+            update_average(target, online, cfg.target_decay)
         if progressive and state["step"] % per_round == 0:  # a round ends: its student teaches the next one
             with torch.no_grad():
-                for k, v in accelerator.unwrap_model(student).state_dict().items():
+                for k, v in online.items():
                     target[k].copy_(v)
         if ema is not None:
-            with torch.no_grad():
-                for k, v in accelerator.unwrap_model(student).state_dict().items():
-                    ema[k].mul_(cfg.ema_decay).add_(v.detach().float(), alpha=1 - cfg.ema_decay)
+            update_average(ema, online, cfg.ema_decay)
 
         mean_terms = {k: torch.stack([t[k] for t in step_terms]).mean() for k in step_terms[0]}
         mean_terms = {
