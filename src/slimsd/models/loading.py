@@ -227,14 +227,11 @@ def load(
     check_scheduler(scheduler)
     kind = describe_model(model)
     sampling = model_sampling(model)
-    if sampling and sampling.get("lora"):  # an LCM-LoRA student: its adapters come with it, merged first
-        loras = [(str(Path(model) / sampling["lora"]), 1.0), *loras]
     loras = [lora.as_spec(s, allow_pickle) for s in loras]  # a bad file fails before minutes of loading
-    if sampling and sampling.get(
-        "lora"
-    ):  # --from-png lists the student's own adapters again: merge them once
-        own = Path(loras[0].path).resolve()
-        loras = loras[:1] + [s for s in loras[1:] if Path(s.path).resolve() != own]
+    if sampling and sampling.get("lora"):
+        # An LCM-LoRA student's adapters come with it, merged first and once (--from-png lists them again).
+        own = lora.as_spec((str(Path(model) / sampling["lora"]), 1.0), allow_pickle)
+        loras = [own, *(s for s in loras if Path(s.path).resolve() != Path(own.path).resolve())]
     with quiet_loading():
         pipe = _diffusers_pipeline(model, kind, torch_dtype, allow_pickle, random_weights, seed)
     if getattr(pipe, "safety_checker", None) is not None:
