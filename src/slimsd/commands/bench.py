@@ -11,6 +11,7 @@ from slimsd.commands.options import (
     device_option,
     dtype_option,
     optimize_option,
+    prediction_type_option,
     random_weights_option,
 )
 
@@ -88,6 +89,7 @@ from slimsd.commands.options import (
 @click.option("--threads", type=click.IntRange(1, 1024), default=None, help="torch intra-op threads.")
 @click.option("--prompt", default=None, help="Prompt of the end-to-end runs.")
 @allow_pickle_option
+@prediction_type_option
 @click.option(
     "--json",
     "json_path",
@@ -131,6 +133,7 @@ def bench(
     threads,
     prompt,
     allow_pickle,
+    prediction_type,
     json_path,
     md_path,
     chart_path,
@@ -173,6 +176,7 @@ def bench(
         threads=threads,
         prompt=prompt or b.DEFAULT_PROMPT,
         allow_pickle=allow_pickle,
+        prediction_type=prediction_type,
     )
     rows = b.run(cfg, log=lambda msg: click.echo(msg, err=True))
     table = b.markdown_table(rows)

@@ -2,6 +2,8 @@ import json
 
 import click
 
+from slimsd.commands.options import prediction_type_option
+
 
 @click.command()
 @click.option("--model", required=True, help="The teacher whose VAE and text encoder(s) encode the data.")
@@ -16,9 +18,21 @@ import click
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
 @click.option("--allow-pickle", is_flag=True, help="Allow loading pickle weights: they can run code.")
+@prediction_type_option
 @click.option("--json", "as_json", is_flag=True, help="Print the cache summary as JSON.")
 def cache(
-    model, data, out, resolution, batch_size, flip, random_crop, seed, overwrite, allow_pickle, as_json
+    model,
+    data,
+    out,
+    resolution,
+    batch_size,
+    flip,
+    random_crop,
+    seed,
+    overwrite,
+    allow_pickle,
+    prediction_type,
+    as_json,
 ):
     """Precompute VAE latents and text embeddings, so that `slimsd distill data=OUT` skips both encoders."""
     from slimsd.errors import SlimsdError
@@ -37,6 +51,7 @@ def cache(
         seed=seed,
         overwrite=overwrite,
         allow_pickle=allow_pickle,
+        prediction_type=prediction_type,
     )
     if as_json:
         click.echo(json.dumps({k: v for k, v in info.items() if k != "shards"} | {"out": str(out)}, indent=1))

@@ -2,9 +2,15 @@ import json
 
 import click
 
+from slimsd.commands.options import prediction_type_option
+
 
 @click.command()
-@click.option("--teacher", required=True, help="Preset name, micro model, local diffusers folder or hub id.")
+@click.option(
+    "--teacher",
+    required=True,
+    help="Preset name, micro model, local diffusers folder, single .safetensors file or hub id.",
+)
 @click.option(
     "--recipe", required=True, help="bk-base | bk-small | bk-tiny | ssd-1b | vega | identity | FILE.yaml"
 )
@@ -24,9 +30,22 @@ import click
 @click.option(
     "--allow-pickle", is_flag=True, help="Allow loading pickle (.bin/.ckpt) weights: they can run code."
 )
+@prediction_type_option
 @click.option("--show-map", is_flag=True, help="Print the student <- teacher tensor map.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary.")
-def compress(teacher, recipe, out, random_weights, init, seed, overwrite, allow_pickle, show_map, as_json):
+def compress(
+    teacher,
+    recipe,
+    out,
+    random_weights,
+    init,
+    seed,
+    overwrite,
+    allow_pickle,
+    prediction_type,
+    show_map,
+    as_json,
+):
     """Build a student U-Net from TEACHER by RECIPE and write a full diffusers pipeline folder."""
     from slimsd.models.compress import compress as run
 
@@ -39,6 +58,7 @@ def compress(teacher, recipe, out, random_weights, init, seed, overwrite, allow_
         allow_pickle=allow_pickle,
         init=init,
         seed=seed,
+        prediction_type=prediction_type,
     )
     if show_map:
         for s, t in result.weight_map.items():

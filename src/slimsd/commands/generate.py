@@ -114,13 +114,15 @@ def generate(
     dtype,
     optimize,
     allow_pickle,
+    prediction_type,
     random_weights,
     loras,
     as_json,
 ):
     """Generate images for PROMPT (or --prompts FILE) with MODEL; each PNG carries its parameters.
 
-    MODEL is a preset, micro-sd, micro-sdxl, toy-sd, a local diffusers folder or a hub id. With --from-png,
+    MODEL is a preset, micro-sd, micro-sdxl, toy-sd, a local diffusers folder, a single .safetensors file
+    (A1111/ComfyUI layout) or a hub id. With --from-png,
     MODEL and PROMPT default to those stored in the file.
     """
     from slimsd.errors import SlimsdError
@@ -189,6 +191,7 @@ def generate(
         random_weights=random_weights,
         loras=loras,
         on_warning=warn,
+        prediction_type=prediction_type,
     )
 
     bar = Progress("generate", disable=as_json)

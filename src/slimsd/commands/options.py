@@ -50,6 +50,19 @@ def allow_pickle_option(f):
     )(f)
 
 
+PREDICTION_TYPES = ("epsilon", "v_prediction")  # checked against slimsd.models.single_file by the tests
+
+
+def prediction_type_option(f):
+    return click.option(
+        "--prediction-type",
+        type=click.Choice(PREDICTION_TYPES),
+        default=None,
+        help="What the model predicts, overriding what it says (default: its own; a single .safetensors file "
+        "without slimsd's metadata: epsilon for SD 1.x/SDXL, required for SD 2.x).",
+    )(f)
+
+
 def random_weights_option(f):
     return click.option(
         "--random-weights",
@@ -81,7 +94,8 @@ def lora_option(f):
 
 
 def runtime_options(f):
-    """--device, --dtype, --optimize/--no-optimize and --allow-pickle: every command that runs a model."""
-    for option in (allow_pickle_option, optimize_option, dtype_option, device_option):
+    """--device, --dtype, --optimize/--no-optimize, --allow-pickle and --prediction-type: every command that
+    runs a model."""
+    for option in (prediction_type_option, allow_pickle_option, optimize_option, dtype_option, device_option):
         f = option(f)
     return f

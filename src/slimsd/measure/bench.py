@@ -82,6 +82,7 @@ class BenchConfig:
     prompt: str = DEFAULT_PROMPT
     seed: int = 0
     allow_pickle: bool = False
+    prediction_type: str | None = None  # None: each model's own
     extra: dict = field(default_factory=dict)
 
 
@@ -233,6 +234,7 @@ def load_variant(model: str, cfg: BenchConfig, variant: Variant, device: str):
         random_weights=cfg.random_weights,
         seed=cfg.seed,
         allow_pickle=cfg.allow_pickle,
+        prediction_type=cfg.prediction_type,
     )
 
 

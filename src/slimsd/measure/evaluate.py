@@ -652,6 +652,7 @@ class EvalConfig:
     optimize: bool = True  # the fast runtime (slimsd.run.runtime)
     random_weights: bool = False
     allow_pickle: bool = False
+    prediction_type: str | None = None  # None: each model's own
     loras: Sequence = ()  # LoRA files ("FILE[:SCALE]") merged into every model (slimsd.models.lora)
 
 
@@ -829,6 +830,7 @@ def _load(model: str, config: EvalConfig, log: Callable[[str], None]):
         random_weights=config.random_weights,
         loras=config.loras,
         on_warning=lambda message: log(f"{model}: warning: {message}"),
+        prediction_type=config.prediction_type,
     )
 
 

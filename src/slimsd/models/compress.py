@@ -109,6 +109,7 @@ def compress(
     allow_pickle: bool = False,
     init: str = "teacher",
     seed: int = 0,
+    prediction_type: str | None = None,
 ) -> CompressResult:
     """Build the student of ``teacher`` by ``recipe``; write it to ``out`` when given.
 
@@ -132,6 +133,7 @@ def compress(
         optimize=False,
         random_weights=random_weights,
         allow_pickle=allow_pickle,
+        prediction_type=prediction_type,
     )
     result = compress_pipeline(pipe, recipe, init=init, seed=seed)
     if out is not None:

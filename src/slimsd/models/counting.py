@@ -168,6 +168,10 @@ def summarize(model: str, resolution: int | None = None) -> dict:
     kind = describe_model(model)
     if kind in ("micro", "preset"):
         unet_cfg, encoders, vae_cfg, default_res = preset_architecture(model)
+    elif kind == "single-file":
+        from slimsd.models.single_file import file_architecture
+
+        unet_cfg, encoders, vae_cfg, default_res = file_architecture(model)
     else:
         try:
             unet_cfg, encoders, vae_cfg, default_res = _arch_from_configs(model)

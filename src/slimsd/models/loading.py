@@ -1,7 +1,8 @@
 """MODEL -> a ready diffusers pipeline: the one loader (:func:`load`, also ``slimsd.load``).
 
 MODEL is a preset name (``slimsd presets``), an offline model (``micro-sd``, ``micro-sdxl``, ``toy-sd``), a
-local diffusers folder or a hub id. Every command that runs a model (generate, ui, eval, demo, bench, cache,
+local diffusers folder, a single-file checkpoint in the original layout (``.safetensors``, or ``.ckpt`` with
+``allow_pickle``; :mod:`slimsd.models.single_file`) or a hub id. Every command that runs a model (generate, ui, eval, demo, bench, cache,
 distill, compress) gets its pipeline here, so the same rules hold everywhere:
 
 - weights load from safetensors only: a folder or hub repo that holds only pickle files (``.bin``, ``.ckpt``,
@@ -35,9 +36,15 @@ PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
 
 def describe_model(model: str) -> str:
     """What kind of MODEL string this is: 'micro' (offline: micro-sd, micro-sdxl, toy-sd), 'preset',
-    'local' or 'hub'."""
+    'local' (a diffusers folder), 'single-file' or 'hub'."""
+    from slimsd.models.single_file import SUFFIXES
+
     if model in PRESETS:
         return "micro" if PRESETS[model].kind == "micro" else "preset"
+    if Path(model).suffix.lower() in SUFFIXES:
+        if not Path(model).is_file():
+            raise SlimsdError(f"model file {model!r} does not exist (a single-file checkpoint was expected)")
+        return "single-file"
     if Path(model).exists():
         return "local"
     if _looks_like_hub_id(model):
@@ -172,7 +179,13 @@ def quiet_loading() -> Iterator[None]:
 
 
 def _diffusers_pipeline(
-    model: str, kind: str, torch_dtype, allow_pickle: bool, random_weights: bool, seed: int
+    model: str,
+    kind: str,
+    torch_dtype,
+    allow_pickle: bool,
+    random_weights: bool,
+    seed: int,
+    prediction_type: str | None = None,
 ):
     """The plain diffusers pipeline of MODEL, in ``torch_dtype``, on the CPU."""
     if random_weights and kind not in ("preset", "micro"):
@@ -187,6 +200,10 @@ def _diffusers_pipeline(
         return build_micro(model)
     if kind == "preset" and random_weights:
         return build_random_pipeline(get_preset(model), seed, torch_dtype)
+    if kind == "single-file":
+        from slimsd.models.single_file import load_single_file
+
+        return load_single_file(model, allow_pickle, prediction_type)
     if kind == "local":
         check_local_folder(Path(model), allow_pickle)
         return _from_pretrained(model, allow_pickle, torch_dtype, local=True)
@@ -207,6 +224,7 @@ def load(
     seed: int = 0,
     loras: Sequence = (),
     on_warning: Callable[[str], None] | None = None,
+    prediction_type: str | None = None,
 ):
     """A ready diffusers pipeline for MODEL on ``device`` in ``dtype`` (see the module docstring).
 
@@ -217,6 +235,9 @@ def load(
 
     ``loras``: LoRA adapters (``"FILE[:SCALE]"`` or ``(path, scale)``), merged into the weights before the
     runtime (:mod:`slimsd.models.lora`); ``on_warning`` receives the line about layers a LoRA skipped.
+
+    ``prediction_type`` (``epsilon`` | ``v_prediction``) overrides what the model says it predicts: a single
+    file written by another tool may not say (an SD 2.x one must be told).
     """
     from slimsd.models import lora
     from slimsd.run import runtime
@@ -225,6 +246,10 @@ def load(
     device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device)
     check_scheduler(scheduler)
+    if prediction_type is not None:
+        from slimsd.models.single_file import check_prediction_type
+
+        check_prediction_type(prediction_type)
     kind = describe_model(model)
     sampling = model_sampling(model)
     loras = [lora.as_spec(s, allow_pickle) for s in loras]  # a bad file fails before minutes of loading
@@ -233,7 +258,13 @@ def load(
         own = lora.as_spec((str(Path(model) / sampling["lora"]), 1.0), allow_pickle)
         loras = [own, *(s for s in loras if Path(s.path).resolve() != Path(own.path).resolve())]
     with quiet_loading():
-        pipe = _diffusers_pipeline(model, kind, torch_dtype, allow_pickle, random_weights, seed)
+        pipe = _diffusers_pipeline(
+            model, kind, torch_dtype, allow_pickle, random_weights, seed, prediction_type
+        )
+    if prediction_type is not None and pipe.scheduler.config.get("prediction_type") != prediction_type:
+        pipe.scheduler = type(pipe.scheduler).from_config(
+            pipe.scheduler.config, prediction_type=prediction_type
+        )
     if getattr(pipe, "safety_checker", None) is not None:
         pipe.safety_checker = None
     weight_map = lora.student_weight_map(model, kind, pipe.unet) if loras else None
@@ -269,7 +300,7 @@ def model_source(model: str, random_weights: bool = False) -> str:
     """Where MODEL's weights come from, as every PNG records it (``model_source``): the resolved path of a local
     folder, the hub id of a preset or hub model, the name of a micro model or of a preset with random weights."""
     kind = describe_model(model)
-    if kind == "local":
+    if kind in ("local", "single-file"):
         return str(Path(model).resolve())
     if kind == "preset" and not random_weights:
         return get_preset(model).hub_id or model

@@ -60,6 +60,7 @@ class UIConfig:
     dtype: str | None = None
     optimize: bool = True  # the fast runtime (slimsd.run.runtime)
     allow_pickle: bool = False  # for the models above only, never for a visitor's
+    prediction_type: str | None = None  # None: each model's own
     allow_custom_models: bool = False  # visitors may type any model name, folder or hub id
     max_loaded: int = 2  # pipelines kept in memory at once
     concurrency: int = 1  # model runs at once, both tabs together
@@ -117,6 +118,7 @@ class ModelCache:
                 dtype=self.config.dtype,
                 optimize=self.config.optimize,
                 allow_pickle=allow_pickle,
+                prediction_type=self.config.prediction_type,
                 loras=self.config.loras,
                 on_warning=lambda m: print(f"slimsd: warning: {model}: {m}", file=sys.stderr, flush=True),
             )

@@ -27,6 +27,7 @@ def write_cache(
     shard_size: int = 1024,
     overwrite: bool = False,
     allow_pickle: bool = False,
+    prediction_type: str | None = None,
 ) -> dict:
     """Precompute VAE posteriors and text embeddings of ``data`` with ``model``'s VAE and text encoder(s).
 
@@ -45,7 +46,14 @@ def write_cache(
     if not len(source):  # every row was dropped at indexing: known before the model loads
         raise nothing_readable(data, source.skipped)
     # fp32 and no runtime: the latents must be what the trainer's own encoding of the same images gives.
-    pipe = load(model, device="cpu", dtype="fp32", optimize=False, allow_pickle=allow_pickle)
+    pipe = load(
+        model,
+        device="cpu",
+        dtype="fp32",
+        optimize=False,
+        allow_pickle=allow_pickle,
+        prediction_type=prediction_type,
+    )
     sdxl = is_sdxl(pipe)
     examples = Examples(source, resolution, center_crop=center_crop, seed=seed)
     skipped = Counter(source.skipped)
