@@ -393,6 +393,11 @@ def model_sampling(model: str) -> dict | None:
 
 
 def read_slimsd_info(folder: str | Path) -> dict | None:
-    """The provenance compress writes beside a student (teacher, recipe, weight map), if there is one."""
+    """The provenance compress writes beside a student (teacher, recipe, weight map), if there is one; a
+    single file exported by slimsd carries it in its header."""
+    if Path(folder).is_file():
+        from slimsd.models.single_file import provenance
+
+        return provenance(folder)
     path = Path(folder) / "slimsd.json"
     return json.loads(path.read_text()) if path.is_file() else None

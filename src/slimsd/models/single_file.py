@@ -662,7 +662,20 @@ def export_metadata(pipe, family: str, info: dict | None) -> dict[str, str]:
     if info:
         meta["slimsd.teacher"] = str(info.get("teacher", ""))
         meta["slimsd.recipe"] = json.dumps(info.get("recipe"))
+        meta["slimsd.weight_map"] = json.dumps(info.get("weight_map") or {})
     return meta
+
+
+def provenance(path: str | Path) -> dict | None:
+    """A slimsd export's teacher, recipe and weight map (what slimsd.json holds beside a folder), or None."""
+    meta = read_metadata(path)
+    if "slimsd.teacher" not in meta:
+        return None
+    return {
+        "teacher": meta["slimsd.teacher"],
+        "recipe": json.loads(meta.get("slimsd.recipe") or "null"),
+        "weight_map": json.loads(meta.get("slimsd.weight_map") or "{}"),
+    }
 
 
 def export_single_file(
@@ -697,10 +710,8 @@ def export_single_file(
         prediction_type=prediction_type,
     )
     state, family = original_state(pipe)
-    info = read_slimsd_info(model) if describe_model(model) == "local" else None
+    info = read_slimsd_info(model) if describe_model(model) in ("local", "single-file") else None
     meta = export_metadata(pipe, family, info)
-    if describe_model(model) == "single-file":  # keep the provenance a re-export would otherwise lose
-        meta = {**read_metadata(model), **meta}
     tensors = {k: v.detach().to(torch_dtype).contiguous() for k, v in state.items()}
     if meta["slimsd.prediction_type"] == "v_prediction":
         tensors[V_PRED] = torch.zeros(0)

@@ -24,7 +24,7 @@ OBJECTIVES = ("kd", "lcm", "lcm-lora", "progressive")
 @dataclass
 class DistillConfig:
     teacher: str = "micro-sd"  # preset / micro / toy-sd / folder / hub id
-    student: str = "bk-small"  # a `slimsd compress` or `distill` folder, or a recipe (compressed on the fly)
+    student: str = "bk-small"  # a `slimsd compress`/`distill` folder or its single-file export, or a recipe
     # kd: BK-SDM's task + output-KD + feature-KD (losses.py). lcm: latent consistency distillation into a
     # guidance-conditioned few-step student; lcm-lora: the same as LoRA adapters, no guidance input
     # (consistency.py). progressive: guided progressive distillation, rounds that halve the DDIM steps of a

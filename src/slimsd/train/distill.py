@@ -99,9 +99,10 @@ def load_models(cfg: DistillConfig, device, weight_dtype: torch.dtype) -> Models
     from slimsd.models.architecture import load_recipe, parse_recipe, plan
     from slimsd.models.compress import compress_pipeline
     from slimsd.models.loading import load, read_slimsd_info
+    from slimsd.models.single_file import is_single_file
     from slimsd.train.losses import default_taps, parse_taps
 
-    student_is_folder = Path(cfg.student).is_dir()
+    student_is_folder = Path(cfg.student).is_dir() or is_single_file(cfg.student)
     if not student_is_folder:
         recipe_obj = load_recipe(cfg.student)  # a bad recipe fails before the teacher is loaded
     # No fast runtime in training: the taps, the weight map and exact resumption need the modules as they are.
