@@ -89,6 +89,10 @@ CASES = {
         ],
         [r"micro-sd: (generating|scoring) .*", r"micro-sd: FID .*\(2 images\)", r"wrote \S+ and \S+"],
     ),
+    "export": (
+        ["export", "micro-sdxl", "--to", "single-file", "--out", "{tmp}/m.safetensors"],
+        [r"wrote \S+/m\.safetensors \(fp16, single-file original layout\)"],
+    ),
     "demo": (
         [
             "demo",

@@ -174,15 +174,17 @@ def test_architecture_is_read_from_the_keys(exported, name):
     }
 
 
-def test_import_without_metadata(exported, tmp_path):
-    """A file another tool wrote (no slimsd header) loads: same tensors; SD 1.x defaults to epsilon."""
-    folder, file = exported["bk-small"]
+@pytest.mark.parametrize(("name", "heads"), [("bk-small", 8), ("ssd-1b", [1, 1, 1])])
+def test_import_without_metadata(exported, tmp_path, name, heads):
+    """A file another tool wrote (no slimsd header) loads: same tensors; epsilon; what no shape holds by the
+    published families' convention (SD 1.x: 8 heads; SDXL: 64 channels per head), not micro's own values."""
+    folder, file = exported[name]
     bare = tmp_path / "bare.safetensors"
     save_file(load_file(file), bare)
     pipe = load_single_file(str(bare))
     _assert_same_tensors(_folder(folder), pipe)
     assert pipe.scheduler.config.prediction_type == "epsilon"
-    assert pipe.unet.config.attention_head_dim == 8  # SD 1.x's published value, not micro-sd's metadata
+    assert pipe.unet.config.attention_head_dim == heads
 
 
 def test_header_metadata(exported):
@@ -316,3 +318,10 @@ def test_distill_from_files_equals_distill_from_folders(exported, tmp_path):
     # equal up to float rounding: the same weights at another memory alignment take other CPU kernels
     assert [row.keys() for row in files] == [row.keys() for row in folders]
     assert files == [pytest.approx(row, rel=1e-6) for row in folders]
+
+
+def test_prediction_type_choices_match():
+    from slimsd.commands.options import PREDICTION_TYPES as OPTION
+    from slimsd.models.single_file import PREDICTION_TYPES
+
+    assert OPTION == PREDICTION_TYPES

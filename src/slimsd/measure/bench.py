@@ -272,7 +272,7 @@ def resolve(cfg: BenchConfig) -> tuple[BenchConfig, runtime.RuntimeConfig]:
         raise SlimsdError("no models given; pass --models with at least one model name")
     for m in cfg.models:
         kind = describe_model(m)
-        if cfg.random_weights and kind in ("hub", "local"):
+        if cfg.random_weights and kind in ("hub", "local", "single-file"):
             raise SlimsdError(f"--random-weights needs preset or micro model names; {m!r} is a {kind} model")
     check_interval(cfg.deep_cache)
     if cfg.deep_cache > 1 and cfg.compile:

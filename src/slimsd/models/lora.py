@@ -338,12 +338,13 @@ def fit_layers(
 
 def student_weight_map(model: str, kind: str, unet) -> dict[str, str] | None:
     """{student weight: teacher weight} of a student slimsd knows the making of: a folder written by
-    ``slimsd compress`` or ``distill`` (its slimsd.json), or a student preset (its recipe); else None."""
+    ``slimsd compress`` or ``distill`` (its slimsd.json) or its single-file export (its header), or a student
+    preset (its recipe); else None."""
     from slimsd.models.architecture import load_recipe, plan, weight_map
     from slimsd.models.loading import read_slimsd_info
     from slimsd.models.presets import PRESETS, student_teacher_unet
 
-    if kind == "local":
+    if kind in ("local", "single-file"):
         return (read_slimsd_info(model) or {}).get("weight_map") or None
     preset = PRESETS.get(model)
     if kind != "preset" or preset is None or preset.kind != "student" or not preset.recipe:
