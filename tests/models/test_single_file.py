@@ -325,3 +325,16 @@ def test_prediction_type_choices_match():
     from slimsd.models.single_file import PREDICTION_TYPES
 
     assert OPTION == PREDICTION_TYPES
+
+
+@pytest.mark.parametrize(
+    "drop", ["model.diffusion_model.out.2.bias", "first_stage_model.encoder.conv_in.weight"]
+)
+def test_incomplete_file_is_one_error(exported, tmp_path, drop):
+    _, file = exported["micro-sd"]
+    state = load_file(file)
+    state.pop(drop)
+    bad = tmp_path / "bad.safetensors"
+    save_file(state, bad)
+    with pytest.raises(SlimsdError, match="incomplete or inconsistent sd1 checkpoint"):
+        load_single_file(str(bad))

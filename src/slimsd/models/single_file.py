@@ -289,6 +289,8 @@ TEXT_FIELDS = (
     "projection_dim",
 )
 IGNORED = ("position_ids", "logit_scale", "attn_mask")  # buffers and training-only values of the originals
+# what original training checkpoints also hold: EMA copies and the noise schedule's buffers (not weights)
+TRAINING_ONLY = ("model_ema.", "alphas_cumprod", "betas", "posterior_", "sqrt_", "log_one_minus")
 V_PRED = "v_pred"  # an empty tensor that marks a v-prediction file (what A1111 and ComfyUI look for)
 
 
@@ -460,16 +462,24 @@ def _meta_json(meta: dict, name: str) -> dict:
 def load_single_file(path: str, allow_pickle: bool = False, prediction_type: str | None = None):
     """The diffusers pipeline of a single-file checkpoint (weights in the file's dtype; tokenizers from the
     offline fixture when the vocabulary is its size, else from the family's hub repository)."""
+    state, meta = read_file(path, allow_pickle)
+    family = detect_family(state)
+    if family is None:
+        raise SlimsdError(f"{path!r}: layout not recognised; {EXPECTED}")
+    try:
+        return _build(path, family, state, meta, prediction_type)
+    except (KeyError, IndexError, RuntimeError, json.JSONDecodeError) as e:  # a tensor missing or misshapen
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise SlimsdError(f"{path!r}: an incomplete or inconsistent {family} checkpoint ({first})") from None
+
+
+def _build(path: str, family: str, state: dict, meta: dict, prediction_type: str | None):
     import diffusers
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     from slimsd.models.presets import get_preset
 
-    state, meta = read_file(path, allow_pickle)
-    family = detect_family(state)
-    if family is None:
-        raise SlimsdError(f"{path!r}: layout not recognised; {EXPECTED}")
     what = f"{path!r}"
     used = {UNET, VAE}
     preset = get_preset(HUB_FAMILY[family])
@@ -477,10 +487,8 @@ def load_single_file(path: str, allow_pickle: bool = False, prediction_type: str
     for i, (prefix, layout) in enumerate(TEXT[family]):
         used.add(prefix)
         part = _section(state, prefix)
-        if family == "sd2":
-            part.pop(
-                "text_projection", None
-            )  # diffusers' SD 2.x encoder has none (the hidden states are used)
+        if family == "sd2":  # diffusers' SD 2.x encoder has no projection (the hidden states are used)
+            part.pop("text_projection", None)
         bare = text_from_original(part, layout, drop_last=family == "sd2")
         cfg = read_text_config(bare, layout) | _meta_json(meta, f"text_encoder{'_2' if i else ''}_config")
         cls = CLIPTextModelWithProjection if "text_projection.weight" in bare else CLIPTextModel
@@ -489,12 +497,7 @@ def load_single_file(path: str, allow_pickle: bool = False, prediction_type: str
         model.load_state_dict(_dress(model, bare), strict=True)
         encoders.append(model)
     unused = [
-        k for k in state if not any(k.startswith(p) for p in used) and not k.endswith((*IGNORED, V_PRED))
-    ]
-    unused = [
-        k
-        for k in unused
-        if not k.startswith(("model_ema.", "alphas_cumprod", "betas", "posterior_", "sqrt_", "log_one_minus"))
+        k for k in state if not k.startswith((*used, *TRAINING_ONLY)) and not k.endswith((*IGNORED, V_PRED))
     ]
     if unused:
         raise SlimsdError(f"{what}: tensor {unused[0]!r} belongs to no part; {EXPECTED}")
