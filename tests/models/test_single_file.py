@@ -275,6 +275,7 @@ def test_bad_files_are_one_line(tmp_path, capsys):
         assert "Traceback" not in err
 
 
+@pytest.mark.slow
 def test_cli_export_then_inspect(tmp_path, capsys):
     out = tmp_path / "micro.safetensors"
     code, _, err = run_cli(["export", "micro-sdxl", "--to", "single-file", "--out", str(out)], capsys)
