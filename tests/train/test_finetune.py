@@ -161,6 +161,14 @@ def test_resume_is_exact_and_reuses_the_class_images(tmp_path):
     assert [r["loss"] for r in whole["losses"]] == [r["loss"] for r in resumed["losses"]]
 
 
+def test_overwrite_starts_over_a_run_with_class_images(tmp_path):
+    """class_images/ belongs to the run: overwrite=true removes it with the rest (not refused as foreign)."""
+    keys = {"model": "micro-sd", "max_steps": 1, "batch_size": 2, **PRIOR}
+    finetune(tmp_path, **keys)
+    again = finetune(tmp_path, **keys, overwrite=True)
+    assert again["steps"] == 1 and len(list((tmp_path / "run" / "class_images").glob("class-*.png"))) == 3
+
+
 def test_finetune_loss_known_values():
     from slimsd.train.losses import finetune_loss
 
