@@ -85,10 +85,12 @@ def with_guidance_embedding(unet, dim: int):
     return out
 
 
-def add_lora(unet, rank: int, alpha: float | None, targets: list[str]):
-    """LoRA adapters on the U-Net's TARGETS (peft; B = 0, so the model starts unchanged); only they train."""
+def add_lora(unet, rank: int, alpha: float | None, targets: list[str] | None = None):
+    """LoRA adapters on the U-Net's TARGETS (default: LCM-LoRA's; peft; B = 0, so the model starts unchanged);
+    only they train."""
     from peft import LoraConfig
 
+    targets = targets or LORA_TARGETS
     unet.requires_grad_(False)
     try:
         unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha or rank, target_modules=targets))
@@ -149,7 +151,7 @@ def load_models(cfg: DistillConfig, device, weight_dtype: torch.dtype) -> Models
         student = with_guidance_embedding(student, cfg.cond_proj_dim)
     elif cfg.objective == "lcm-lora":
         lora_base = {k: v.detach().clone() for k, v in student.state_dict().items()}
-        student = add_lora(student, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets or LORA_TARGETS)
+        student = add_lora(student, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
 
     s_cfg, t_cfg = (
         dict(student.config),
