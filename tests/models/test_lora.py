@@ -439,7 +439,7 @@ def unfused_unet_output(model, lora_file) -> torch.Tensor:
         return pipe.unet(x, torch.tensor([500]), text, **extra).sample
 
 
-@pytest.mark.parametrize("model", ["micro-sd", "micro-sdxl"])
+@pytest.mark.parametrize("model", ["micro-sd", pytest.param("micro-sdxl", marks=pytest.mark.slow)])
 def test_a1111_export_round_trips_and_plain_diffusers_reads_it_as_the_peft_file(model, tmp_path, capsys):
     """`slimsd export FINETUNE_DIR --to a1111-lora`: kohya keys (lora_unet_..., alpha with the scale of peft's
     alpha/rank); slimsd's reader gives the same layers as from the peft file, and diffusers' own kohya
