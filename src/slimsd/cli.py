@@ -20,6 +20,8 @@ COMMANDS = {
     "inspect": "slimsd.commands.inspect:inspect",
     "compress": "slimsd.commands.compress:compress",
     "distill": "slimsd.commands.distill:distill",
+    "finetune": "slimsd.commands.finetune:finetune",
+    "export": "slimsd.commands.export:export",
     "cache": "slimsd.commands.cache:cache",
     "generate": "slimsd.commands.generate:generate",
     "ui": "slimsd.commands.ui:ui",

@@ -405,3 +405,101 @@ def test_a_student_preset_maps_teacher_layers_by_its_recipe():
     assert mapping[f"down_blocks.2.attentions.0.{block}"] == f"down_blocks.2.attentions.0.{block}"
     assert student_weight_map("sd-v1.4", "preset", unet) is None
     assert student_weight_map("micro-sd", "micro", unet) is None
+
+
+def peft_lora(folder, model="micro-sd", rank=4, alpha=8.0):
+    """A LoRA as `slimsd finetune` writes it (peft's keys, peft's config with alpha != rank in the header),
+    with random B so that it changes the model."""
+    from slimsd.train.distill import add_lora, write_adapters
+
+    pipe = build_micro(model)
+    unet = add_lora(pipe.unet, rank, alpha, UNET_TARGETS)
+    torch.manual_seed(3)
+    for name, p in unet.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0, 0.05)
+    folder.mkdir(parents=True, exist_ok=True)
+    write_adapters(folder, type(pipe), unet, unet.state_dict())
+    return folder / "pytorch_lora_weights.safetensors"
+
+
+def unfused_unet_output(model, lora_file) -> torch.Tensor:
+    """Plain diffusers: the U-Net's output with LORA_FILE loaded by load_lora_weights (not fused)."""
+    pipe = build_micro(model)
+    if lora_file is not None:
+        pipe.load_lora_weights(str(lora_file.parent), weight_name=lora_file.name)
+    torch.manual_seed(0)
+    c = pipe.unet.config
+    x = torch.randn(1, c.in_channels, 8, 8)
+    text = torch.randn(1, 77, c.cross_attention_dim)
+    extra = {}
+    if c.addition_embed_type == "text_time":
+        extra = {"added_cond_kwargs": {"text_embeds": torch.randn(1, 32), "time_ids": torch.ones(1, 6)}}
+    with torch.no_grad():
+        return pipe.unet(x, torch.tensor([500]), text, **extra).sample
+
+
+@pytest.mark.parametrize("model", ["micro-sd", pytest.param("micro-sdxl", marks=pytest.mark.slow)])
+def test_a1111_export_round_trips_and_plain_diffusers_reads_it_as_the_peft_file(model, tmp_path, capsys):
+    """`slimsd export FINETUNE_DIR --to a1111-lora`: kohya keys (lora_unet_..., alpha with the scale of peft's
+    alpha/rank); slimsd's reader gives the same layers as from the peft file, and diffusers' own kohya
+    conversion (load_lora_weights, unfused) the same U-Net output."""
+    from slimsd.models.lora import lora_layers
+
+    source = peft_lora(tmp_path / "final", model)
+    out = tmp_path / "a1111.safetensors"
+    code, stdout, err = run_cli(
+        ["export", str(tmp_path / "final"), "--to", "a1111-lora", "--out", str(out)], capsys
+    )
+    assert code == 0, err
+    kohya = lora_tensors(out)
+    first = next(iter(lora_tensors(source))).removeprefix("unet.").rsplit(".lora_", 1)[0]
+    q = "lora_unet_" + first.replace(".", "_")
+    assert {f"{q}.lora_down.weight", f"{q}.lora_up.weight", f"{q}.alpha"} <= kohya.keys()
+    assert all(re.fullmatch(r"lora_unet_\w+\.(lora_down\.weight|lora_up\.weight|alpha)", k) for k in kohya)
+    assert kohya[f"{q}.alpha"].item() == 8.0 and stdout.startswith(f"wrote {out} (")
+    pipe = build_micro(model)
+    ours, theirs = lora_layers(pipe, str(source)), lora_layers(pipe, str(out))
+    assert ours.keys() == theirs.keys() and ours["unet"].keys() == theirs["unet"].keys()
+    for module, tensors in ours["unet"].items():  # B carries alpha/rank = 2 in both
+        for name, tensor in tensors.items():
+            assert torch.equal(tensor, theirs["unet"][module][name]), (module, name)
+    reference = unfused_unet_output(model, source)
+    assert not torch.allclose(reference, unfused_unet_output(model, None), atol=1e-3)  # the LoRA matters
+    assert torch.allclose(unfused_unet_output(model, out), reference, atol=1e-5)
+
+
+def test_a1111_export_of_a_lora_with_text_encoder_layers_matches_plain_diffusers(loras, tmp_path, capsys):
+    """A diffusers-format LoRA with U-Net and text-encoder layers: the kohya file gives plain diffusers the
+    same image as the original."""
+    out = tmp_path / "a.safetensors"
+    code, _, err = run_cli(["export", str(loras["a"]), "--to", "a1111-lora", "--out", str(out)], capsys)
+    assert code == 0, err
+    keys = lora_tensors(out)
+    assert any(k.startswith("lora_te_text_model_encoder_layers_0_self_attn_q_proj.") for k in keys)
+    assert (
+        np.abs(
+            diffusers_image("micro-sd", [out], [1.0]) - diffusers_image("micro-sd", [loras["a"]], [1.0])
+        ).max()
+        == 0
+    )
+
+
+def test_bad_exports_are_one_line_errors(loras, tmp_path, capsys):
+    kohya = kohya_copy(loras["a"], tmp_path / "kohya.safetensors")
+    cases = [
+        (
+            [str(tmp_path / "nothing"), "--out", str(tmp_path / "x.safetensors")],
+            "is neither a LoRA file nor a folder",
+        ),
+        ([str(loras["a"]), "--out", str(tmp_path / "x.ckpt")], "the file name must end in .safetensors"),
+        ([str(kohya), "--out", str(tmp_path / "x.safetensors")], "is not a diffusers/peft LoRA layer"),
+    ]
+    for args, message in cases:
+        code, out, err = run_cli(["export", args[0], "--to", "a1111-lora", *args[1:]], capsys)
+        assert code == 2 and len(err.strip().splitlines()) == 1 and message in err and out == "", err
+    code, _, err = run_cli(
+        ["export", str(loras["a"]), "--to", "ckpt", "--out", str(tmp_path / "y.safetensors")], capsys
+    )
+    assert code == 2 and "'ckpt' is not 'a1111-lora'" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kohya.safetensors"]  # nothing half-written

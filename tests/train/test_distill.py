@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from slimsd.errors import SlimsdError
-from slimsd.train.config import DistillConfig, load_config
+from slimsd.train.config import DistillConfig, finetune_config, load_config, read_values
 from slimsd.train.distill import train
 
 from helpers import FAST_DISTILL as FAST
@@ -279,9 +279,13 @@ def test_example_configs_resolve():
         "bk-tiny.yaml",
         "ssd-1b.yaml",
         "micro-sd-lcm.yaml",
+        "finetune-micro-sd.yaml",
     } <= names
     for p in root.glob("*.yaml"):
-        load_config(p)
+        if p.name.startswith("finetune-"):  # `slimsd finetune`'s key names
+            finetune_config(read_values(p))
+        else:
+            load_config(p)
     assert load_config(root / "micro-sd.yaml").mixed_precision == "no"  # written `mixed_precision: no`
 
 

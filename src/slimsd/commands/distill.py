@@ -28,7 +28,11 @@ def distill(config_file, overrides, dry_run, as_json):
     if dry_run:
         click.echo(config_yaml(cfg), nl=False)
         return
-    result = train(cfg)
+    report(train(cfg), as_json)
+
+
+def report(result: dict, as_json: bool) -> None:
+    """The end of a training command: one line (or a JSON summary) from the main process."""
     if result.get("already_finished"):  # train() said so; final/ is left as it is
         if as_json:
             click.echo(

@@ -444,3 +444,83 @@ def apply_loras(
                 }
             )
     return records
+
+
+# Writing a LoRA in kohya/A1111's layout (`slimsd export --to a1111-lora`).
+
+LORA_FILE = "pytorch_lora_weights.safetensors"  # diffusers' name for a pipeline's LoRA file
+KOHYA_PREFIXES = {"unet": "lora_unet_", "text_encoder": "lora_te_", "text_encoder_2": "lora_te2_"}
+_TAILS = {  # how each format names a layer's down (A) and up (B) matrices
+    "lora_A.weight": "down",
+    "lora_B.weight": "up",
+    "lora.down.weight": "down",
+    "lora.up.weight": "up",
+    "lora_linear_layer.down.weight": "down",
+    "lora_linear_layer.up.weight": "up",
+}
+
+
+def lora_file_of(path: str | os.PathLike) -> Path:
+    """The LoRA file a user names: the file itself, or a folder holding pytorch_lora_weights.safetensors (a
+    `slimsd finetune` final/ or its run folder, an lcm-lora student)."""
+    p = Path(path)
+    for candidate in (p, p / LORA_FILE, p / "final" / LORA_FILE):
+        if candidate.is_file():
+            return candidate
+    raise SlimsdError(
+        f"{str(p)!r} is neither a LoRA file nor a folder holding {LORA_FILE} (a `slimsd finetune` output)"
+    )
+
+
+def to_kohya(state: dict, metadata: dict | None, path: str = "LoRA") -> dict[str, torch.Tensor]:
+    """A diffusers/peft LoRA state dict in kohya/A1111's layout: ``lora_unet_<module, dots as _>.lora_down.weight``,
+    ``.lora_up.weight`` and ``.alpha`` (kohya scales by alpha/rank: alpha is set so that the scale is peft's);
+    text encoder layers as ``lora_te_text_model_...`` (SDXL: ``lora_te1_``/``lora_te2_``)."""
+    layers: dict[str, dict[str, dict]] = {}
+    for key, tensor in state.items():
+        component, _, rest = key.partition(".")
+        tail = next((t for t in _TAILS if rest.endswith(f".{t}")), None)
+        if component not in KOHYA_PREFIXES or tail is None:
+            raise SlimsdError(
+                f"{path!r}: key {key!r} is not a diffusers/peft LoRA layer (unet./text_encoder. ... "
+                ".lora_A/.lora_B); allowed: a LoRA in diffusers' format"
+            )
+        module = rest[: -len(tail) - 1]
+        layers.setdefault(component, {}).setdefault(module, {})[
+            f"lora_{'AB'[_TAILS[tail] == 'up']}.weight"
+        ] = tensor
+    sdxl = "text_encoder_2" in layers
+    out = {}
+    for component, comp_layers in layers.items():
+        prefix = "lora_te1_" if component == "text_encoder" and sdxl else KOHYA_PREFIXES[component]
+        factors = _scale_factors(comp_layers, metadata, component)
+        for module, tensors in comp_layers.items():
+            if set(tensors) != {"lora_A.weight", "lora_B.weight"}:
+                raise SlimsdError(f"{path!r}: layer {component}.{module} lacks its down or up matrix")
+            down = tensors["lora_A.weight"]
+            alpha = factors[module] * down.shape[0]
+            if component != "unet" and not module.startswith("text_model."):  # kohya names CLIP's text_model
+                module = f"text_model.{module}"
+            name = prefix + module.replace(".", "_")
+            out[f"{name}.lora_down.weight"] = down.contiguous()
+            out[f"{name}.lora_up.weight"] = tensors["lora_B.weight"].contiguous()
+            out[f"{name}.alpha"] = torch.tensor(float(alpha))
+    return out
+
+
+def export_a1111_lora(src: str | os.PathLike, out: str | os.PathLike, overwrite: bool = False) -> dict:
+    """Write the LoRA SRC (a file or a finetune folder) to OUT in kohya/A1111's layout, whole or not at all."""
+    from safetensors.torch import save
+
+    from slimsd.atomic import atomic_write_bytes
+
+    if Path(out).suffix.lower() != ".safetensors":
+        raise SlimsdError(f"--out {str(out)!r}: the file name must end in .safetensors")
+    if Path(out).exists() and not overwrite:
+        raise SlimsdError(f"--out {str(out)!r} exists; pass --overwrite to replace it")
+    path = str(lora_file_of(src))
+    check_lora_file(path, allow_pickle=False)
+    state, metadata = read_lora_file(path)
+    kohya = to_kohya(state, metadata, path)
+    atomic_write_bytes(out, save(kohya, metadata={"ss_network_module": "networks.lora"}))
+    return {"source": path, "out": str(out), "layers": sum(k.endswith(".alpha") for k in kohya)}

@@ -18,7 +18,8 @@ from slimsd.devices import MIXED_PRECISION
 from slimsd.errors import SlimsdError
 
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
-OBJECTIVES = ("kd", "lcm", "lcm-lora", "progressive")
+OBJECTIVES = ("kd", "lcm", "lcm-lora", "progressive", "finetune")
+ATTENTION_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]  # finetune's LoRA layers: the attention projections
 
 
 @dataclass
@@ -28,7 +29,8 @@ class DistillConfig:
     # kd: BK-SDM's task + output-KD + feature-KD (losses.py). lcm: latent consistency distillation into a
     # guidance-conditioned few-step student; lcm-lora: the same as LoRA adapters, no guidance input
     # (consistency.py). progressive: guided progressive distillation, rounds that halve the DDIM steps of a
-    # guidance-conditioned student (progressive.py).
+    # guidance-conditioned student (progressive.py). finetune: LoRA adapters on the student slot's model trained
+    # with the task loss alone, no teacher (`slimsd finetune`, which names the keys below as FINETUNE_NAMES).
     objective: str = "kd"
     data: str = "shapes:64"  # folder, .tar shard(s), parquet, `slimsd cache` folder, or shapes:N
     output_dir: str = "runs/distill"
@@ -87,6 +89,7 @@ class DistillConfig:
     cond_proj_dim: int = 256  # the guidance embedding's size (lcm), when the student has none yet
     lora_rank: int = 64  # lcm-lora
     lora_alpha: float | None = None  # default: lora_rank (scale 1)
+    lora_targets: list[str] | None = None  # module names (peft target_modules); default: the objective's
     sample_steps: int = (
         4  # what `slimsd generate` uses for the result by default (progressive: its last round)
     )
@@ -97,6 +100,11 @@ class DistillConfig:
     # count's timesteps; each next round learns in one step two steps of the round before.
     progressive_steps: list[int] = field(default_factory=lambda: [32, 16, 8, 4])
     steps_per_round: int | None = None  # optimizer steps per round; default: max_steps / rounds
+    # --- finetune: DreamBooth prior preservation (Ruiz et al. 2023), on when class_prompt is set ---
+    class_prompt: str | None = None  # e.g. "a photo of a dog": the frozen model's images of the class
+    num_class_images: int = 100  # generated once (seeded) into OUTPUT/class_images, reused on resume
+    class_steps: int = 25  # sampling steps of each class image
+    prior_loss_weight: float = 1.0  # the class images' task loss, added with this weight
 
 
 # (low, high, low inclusive, high inclusive) per numeric key; None: unbounded. Keys grouped by their range.
@@ -116,6 +124,8 @@ RANGES: dict[str, tuple[float | None, float | None, bool, bool]] = {
     ),
     **dict.fromkeys(("stop_at_step", "steps_per_round"), AT_LEAST_1),
     **dict.fromkeys(("solver_steps", "cond_proj_dim", "lora_rank", "sample_steps"), AT_LEAST_1),
+    **dict.fromkeys(("num_class_images", "class_steps"), AT_LEAST_1),
+    "prior_loss_weight": AT_LEAST_0,
     **dict.fromkeys(("guidance_min", "guidance_max", "sample_guidance"), (1, 50, True, True)),
     **dict.fromkeys(("huber_c", "timestep_scaling", "lora_alpha"), (0, None, False, True)),
     "target_decay": (0, 1, True, True),
@@ -267,6 +277,13 @@ def validate(cfg: DistillConfig) -> DistillConfig:
         raise SlimsdError("config keys lambda_task, lambda_out and lambda_feat are all 0: nothing to learn")
     if cfg.resolution is not None and cfg.resolution % 8:
         raise SlimsdError(f"config key 'resolution': {cfg.resolution} is not a multiple of 8")
+    if cfg.lora_targets is not None and not [t for t in cfg.lora_targets if t.strip()]:
+        raise SlimsdError(
+            "config key 'lora_targets': an empty list is not allowed; allowed: module names such as "
+            "[to_q, to_k, to_v, to_out.0]"
+        )
+    if cfg.class_prompt is not None and cfg.objective != "finetune":
+        raise SlimsdError(f"config key 'class_prompt' is for objective finetune, not {cfg.objective!r}")
     if cfg.feature_taps is not None:
         from slimsd.train.losses import parse_taps
 
@@ -323,6 +340,11 @@ def make_config(values: dict) -> DistillConfig:
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> DistillConfig:
     """A YAML config file (optional) with ``key=value`` overrides on top; values are parsed as YAML scalars."""
+    return make_config(read_values(path, overrides))
+
+
+def read_values(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> dict:
+    """The mapping of a YAML config file (optional) with ``key=value`` overrides on top, not yet checked."""
     values: dict = {}
     if path is not None:
         p = Path(path)
@@ -344,8 +366,62 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             values[key.strip()] = yaml.load(raw, Loader=_WordLoader) if raw.strip() else None
         except yaml.YAMLError:
             values[key.strip()] = raw
-    return make_config(values)
+    return values
 
 
 def config_yaml(cfg: DistillConfig) -> str:
     return yaml.safe_dump(asdict(cfg), sort_keys=False)
+
+
+# `slimsd finetune`: the same config under the names a fine-tuner expects; the model takes the student's slot
+# (and the teacher's, which no finetune run loads), and only the keys that mean something without a teacher.
+FINETUNE_NAMES = {
+    "model": "student",
+    "rank": "lora_rank",
+    "alpha": "lora_alpha",
+    "target_modules": "lora_targets",
+}
+FINETUNE_KEYS = (
+    *("data", "output_dir", "max_steps", "batch_size", "gradient_accumulation_steps", "learning_rate"),
+    *("weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon", "max_grad_norm", "lr_scheduler"),
+    *("lr_warmup_steps", "resolution", "center_crop", "random_flip", "caption_dropout", "checkpoint_every"),
+    *("keep_last", "resume", "overwrite", "allow_config_change", "stop_at_step", "mixed_precision", "seed"),
+    *("gradient_checkpointing", "use_8bit_adam", "validation_prompts", "validation_every"),
+    *("validation_steps", "log_every", "num_workers", "tensorboard", "progress", "allow_pickle"),
+    *("class_prompt", "num_class_images", "class_steps", "prior_loss_weight"),
+)
+FINETUNE_DEFAULTS = {
+    "objective": "finetune",
+    "lambda_out": 0.0,
+    "lambda_feat": 0.0,
+    "learning_rate": 1e-4,  # diffusers' train_text_to_image_lora.py
+    "lora_rank": 4,
+    "lora_targets": ATTENTION_TARGETS,
+    "output_dir": "runs/finetune",
+}
+
+
+def finetune_config(values: dict) -> DistillConfig:
+    """A validated finetune config from a mapping in finetune's key names (``model``, ``rank`` ...)."""
+    values = {_words(k, as_text=True): v for k, v in values.items()}
+    allowed = [*FINETUNE_NAMES, *FINETUNE_KEYS]
+    unknown = [k for k in values if k not in allowed]
+    if unknown:
+        raise SlimsdError(f"unknown config key {unknown[0]!r}; allowed: {', '.join(allowed)}")
+    if values.get("model") is None:
+        raise SlimsdError("config key 'model' is required: a preset or micro name, or a model folder")
+    mapped = FINETUNE_DEFAULTS | {FINETUNE_NAMES.get(k, k): v for k, v in values.items()}
+    mapped["teacher"] = mapped["student"]  # the base model; finetune loads no teacher
+    try:
+        return make_config(mapped)
+    except SlimsdError as e:  # name the key as the user wrote it
+        message = str(e)
+        for name, key in FINETUNE_NAMES.items():
+            message = message.replace(f"config key {key!r}", f"config key {name!r}")
+        raise SlimsdError(message) from None
+
+
+def finetune_view(cfg: DistillConfig) -> dict:
+    """The config under finetune's key names: what `slimsd finetune --dry-run` prints and final/ records."""
+    values = asdict(cfg)
+    return {name: values[key] for name, key in FINETUNE_NAMES.items()} | {k: values[k] for k in FINETUNE_KEYS}

@@ -29,10 +29,11 @@ from pathlib import Path
 import torch
 
 from slimsd.errors import SlimsdError
+from slimsd.models.lora import LORA_FILE
 from slimsd.train import consistency as C
 from slimsd.train import progressive as P
 from slimsd.train.checkpoints import apply_optimizer_settings, architecture, load_checkpoint, save_checkpoint
-from slimsd.train.config import DistillConfig, round_length, validate
+from slimsd.train.config import ATTENTION_TARGETS, DistillConfig, round_length, validate
 from slimsd.train.runs import begin_run, plan_run
 
 # --- models ---------------------------------------------------------------------------------------------------
@@ -49,8 +50,8 @@ class Models:
     lora_base: dict | None = None  # lcm-lora: the frozen student weights the adapters sit on
 
 
-LORA_FILE = "pytorch_lora_weights.safetensors"  # diffusers' name for a pipeline's LoRA file
 GUIDANCE_INPUT = ("lcm", "progressive")  # objectives whose student takes the guidance w as an input
+LORA_OBJECTIVES = ("lcm-lora", "finetune")  # objectives that train LoRA adapters on a frozen U-Net
 
 # LCM-LoRA's adapted layers (diffusers' train_lcm_distill_lora_sd_wds.py): attention, feed-forward, convolutions.
 LORA_TARGETS = [
@@ -84,13 +85,37 @@ def with_guidance_embedding(unet, dim: int):
     return out
 
 
-def add_lora(unet, rank: int, alpha: float | None):
-    """LoRA adapters on the U-Net (peft; B = 0, so the student starts unchanged); only they train."""
+def add_lora(unet, rank: int, alpha: float | None, targets: list[str] | None = None):
+    """LoRA adapters on the U-Net's TARGETS (default: LCM-LoRA's; peft; B = 0, so the model starts unchanged);
+    only they train."""
     from peft import LoraConfig
 
+    targets = targets or LORA_TARGETS
     unet.requires_grad_(False)
-    unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha or rank, target_modules=LORA_TARGETS))
+    try:
+        unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha or rank, target_modules=targets))
+    except ValueError:  # peft: none of the names is a module of this U-Net
+        raise SlimsdError(
+            f"LoRA target modules {targets} name no layer of this U-Net; allowed: module names such as "
+            "to_q, to_k, to_v, to_out.0"
+        ) from None
     return unet
+
+
+def load_finetune_models(cfg: DistillConfig, device, weight_dtype: torch.dtype) -> Models:
+    """objective=finetune: ONE model, whose U-Net (fp32) gets the adapters and fills the student's slot; its
+    other parts serve as the frozen VAE and text encoder(s), in the compute dtype. No teacher is loaded."""
+    from slimsd.models.loading import load, read_slimsd_info
+
+    pipe = load(cfg.student, device="cpu", dtype="fp32", optimize=False, allow_pickle=cfg.allow_pickle)
+    for part in pipe.components.values():
+        if isinstance(part, torch.nn.Module) and part is not pipe.unet:
+            part.to(device)
+            if weight_dtype != torch.float32:  # (a cast to the dtype it has already makes diffusers warn)
+                part.to(weight_dtype)
+    info = (read_slimsd_info(cfg.student) or {}) if Path(cfg.student).is_dir() else {}
+    unet = add_lora(pipe.unet, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets or ATTENTION_TARGETS)
+    return Models(pipe, unet, info.get("recipe"), info.get("weight_map"), [], None)
 
 
 def load_models(cfg: DistillConfig, device, weight_dtype: torch.dtype) -> Models:
@@ -102,6 +127,8 @@ def load_models(cfg: DistillConfig, device, weight_dtype: torch.dtype) -> Models
     from slimsd.models.single_file import is_single_file
     from slimsd.train.losses import default_taps, parse_taps
 
+    if cfg.objective == "finetune":
+        return load_finetune_models(cfg, device, weight_dtype)
     student_is_folder = Path(cfg.student).is_dir() or is_single_file(cfg.student)
     if not student_is_folder:
         recipe_obj = load_recipe(cfg.student)  # a bad recipe fails before the teacher is loaded
@@ -125,7 +152,7 @@ def load_models(cfg: DistillConfig, device, weight_dtype: torch.dtype) -> Models
         student = with_guidance_embedding(student, cfg.cond_proj_dim)
     elif cfg.objective == "lcm-lora":
         lora_base = {k: v.detach().clone() for k, v in student.state_dict().items()}
-        student = add_lora(student, cfg.lora_rank, cfg.lora_alpha)
+        student = add_lora(student, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
 
     s_cfg, t_cfg = (
         dict(student.config),
@@ -195,12 +222,10 @@ def save_final(
     from slimsd.atomic import atomic_dir
     from slimsd.models.loading import load
 
-    lora = None
-    if cfg.objective == "lcm-lora":  # the student's own weights, and the adapters beside them
-        from peft.utils import get_peft_model_state_dict
-
-        # peft's key names (``...to_q.lora_A.weight``), which load_lora_weights reads as they are
-        lora = get_peft_model_state_dict(models.student, student_state)
+    if cfg.objective == "finetune":
+        return save_adapters(models, student_state, cfg, state)
+    trained, lcm_lora = student_state, cfg.objective == "lcm-lora"
+    if lcm_lora:  # the student's own weights, and the adapters beside them
         student_state = models.lora_base
     unet = UNet2DConditionModel.from_config(models.student.config)
     unet.load_state_dict({k: v.float() for k, v in student_state.items()})
@@ -234,8 +259,8 @@ def save_final(
     out = Path(cfg.output_dir) / "final"
     with atomic_dir(out, overwrite=True) as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
-        if lora is not None:  # diffusers' LoRA format: pipe.load_lora_weights(final/) finds it
-            type(base).save_lora_weights(tmp, unet_lora_layers={k: v.float() for k, v in lora.items()})
+        if lcm_lora:  # diffusers' LoRA format: pipe.load_lora_weights(final/) finds it
+            write_adapters(tmp, type(base), models.student, trained)
         info = {
             "slimsd_version": __version__,
             "teacher": cfg.teacher,
@@ -249,6 +274,44 @@ def save_final(
         }
         if sampling:
             info["sampling"] = sampling
+        (tmp / "slimsd.json").write_text(json.dumps(info, indent=1) + "\n")
+    return out
+
+
+def write_adapters(folder: Path, pipe_cls, unet, unet_state: dict) -> None:
+    """The adapters of UNET (values from UNET_STATE) as FOLDER/pytorch_lora_weights.safetensors in diffusers'
+    LoRA format: peft's key names (``unet....to_q.lora_A.weight``), which ``load_lora_weights`` reads as they are,
+    and peft's config (rank, alpha, layers) in the header, from which diffusers and slimsd take alpha/rank."""
+    from peft.utils import get_peft_model_state_dict
+
+    lora = get_peft_model_state_dict(unet, unet_state)
+    pipe_cls.save_lora_weights(
+        folder,
+        unet_lora_layers={k: v.detach().float().cpu().contiguous() for k, v in lora.items()},
+        unet_lora_adapter_metadata=unet.peft_config["default"].to_dict(),
+    )
+
+
+def save_adapters(models: Models, unet_state: dict, cfg: DistillConfig, state: dict) -> Path:
+    """objective=finetune: final/ holds the adapters alone (pytorch_lora_weights.safetensors) and slimsd.json,
+    which names the base model; the base model is not copied (use it with ``--lora``)."""
+    from slimsd import __version__
+    from slimsd.atomic import atomic_dir
+    from slimsd.train.config import finetune_view
+
+    out = Path(cfg.output_dir) / "final"
+    with atomic_dir(out, overwrite=True) as tmp:
+        write_adapters(tmp, type(models.teacher_pipe), models.student, unet_state)
+        info = {
+            "slimsd_version": __version__,
+            "kind": "lora",
+            "base_model": cfg.student,
+            "lora": LORA_FILE,
+            "finetune": finetune_view(cfg),
+            "step": state["step"],
+            "skipped": state["skipped"],
+            "config_changes": state["config_changes"],
+        }
         (tmp / "slimsd.json").write_text(json.dumps(info, indent=1) + "\n")
     return out
 
@@ -321,7 +384,7 @@ def train(cfg: DistillConfig) -> dict:
     from slimsd.models.loading import is_sdxl, native_resolution
     from slimsd.train import data as D
     from slimsd.train.encoders import encode_images, encode_text, time_ids
-    from slimsd.train.losses import attach_taps, distill_loss, task_target
+    from slimsd.train.losses import attach_taps, distill_loss, finetune_loss, task_target
 
     cfg = validate(cfg)
     output_dir = Path(cfg.output_dir)
@@ -384,9 +447,10 @@ def train(cfg: DistillConfig) -> dict:
     sdxl = is_sdxl(tp)
     frozen = [tp.unet, tp.vae, tp.text_encoder] + ([tp.text_encoder_2] if sdxl else [])
     for m in frozen:
-        m.requires_grad_(False).eval()
+        if m is not models.student:  # finetune: the model's own U-Net is the one trained
+            m.requires_grad_(False).eval()
     student = models.student.to(device)
-    if cfg.objective != "lcm-lora":  # LoRA: only the adapters train (add_lora froze the rest)
+    if cfg.objective not in LORA_OBJECTIVES:  # LoRA: only the adapters train (add_lora froze the rest)
         student.requires_grad_(True)
     student.train()
     if cfg.gradient_checkpointing:
@@ -400,6 +464,14 @@ def train(cfg: DistillConfig) -> dict:
     t_taps = attach_taps(tp.unet, [t for _, t in models.taps]) if use_feat else None
     noise_scheduler = DDPMScheduler.from_config(tp.scheduler.config)
     resolution = cfg.resolution or native_resolution(tp)
+    prior = None  # finetune with class_prompt: the class images, sampled before the first step
+    if cfg.class_prompt is not None:
+        from slimsd.train import prior as PR
+
+        if accelerator.is_main_process:
+            PR.ensure_class_images(tp, cfg, resolution, accelerator.autocast)
+        accelerator.wait_for_everyone()
+        prior = PR.read_class_rows(tp, output_dir / PR.CLASS_DIR, cfg, resolution, sdxl)
     # LCM: the solver's timesteps, the schedule's ᾱ, and the target network (an EMA of the student; LCM-LoRA
     # takes the student itself as its target).
     num_train_timesteps = noise_scheduler.config.num_train_timesteps
@@ -512,7 +584,7 @@ def train(cfg: DistillConfig) -> dict:
         initial=state["step"],
         # None: tqdm shows the bar only on a terminal (logs and pipes get the summary lines alone)
         disable=None if cfg.progress and accelerator.is_main_process else True,
-        desc="distill",
+        desc=cfg.objective if cfg.objective == "finetune" else "distill",
         dynamic_ncols=True,
     )
     losses: list[dict] = state["losses"]
@@ -655,6 +727,17 @@ def train(cfg: DistillConfig) -> dict:
             return consistency_terms(latents, noise, timesteps, w, cond, extra)
         if progressive:
             return progressive_terms(latents, noise, timesteps, w, cond, extra, rnd)
+        instances = latents.shape[0]
+        if prior is not None:  # finetune's class rows (DreamBooth), after the instance rows
+            latents, noise, timesteps, cond, extra = PR.add_class_rows(
+                prior,
+                gen,
+                global_batch,
+                rows,
+                num_train_timesteps,
+                tp.vae.config.scaling_factor,
+                (latents, noise, timesteps, cond, extra),
+            )
         noisy = noise_scheduler.add_noise(latents, noise, timesteps)
         target = task_target(noise_scheduler, latents, noise, timesteps)
         teacher_pred = None
@@ -673,6 +756,8 @@ def train(cfg: DistillConfig) -> dict:
         student_pred = student(
             noisy, timesteps, cond["prompt_embeds"].float(), **cast(extra, torch.float32)
         ).sample
+        if cfg.objective == "finetune":  # the task loss alone, no teacher
+            return finetune_loss(student_pred, target, instances, cfg.prior_loss_weight)
         return distill_loss(
             student_pred,
             target,

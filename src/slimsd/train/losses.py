@@ -199,3 +199,20 @@ def distill_loss(
         loss = loss + lambda_feat * terms["feat"]
     terms["loss"] = loss
     return terms
+
+
+def finetune_loss(
+    pred: torch.Tensor, target: torch.Tensor, instances: int, prior_weight: float = 1.0
+) -> dict[str, torch.Tensor]:
+    """objective=finetune: the task loss of the first ``instances`` rows (the training data), plus, when the
+    batch holds more rows (DreamBooth's class images, Ruiz et al. 2023), ``prior_weight`` times theirs.
+
+        L = ||ε − ε_θ||²(instance rows) + w_prior · ||ε − ε_θ||²(class rows)
+    """
+    pred, target = pred.float(), target.float()
+    task = F.mse_loss(pred[:instances], target[:instances])
+    terms = {"loss": task, "task": task}
+    if pred.shape[0] > instances:
+        terms["prior"] = F.mse_loss(pred[instances:], target[instances:])
+        terms["loss"] = task + prior_weight * terms["prior"]
+    return terms

@@ -35,6 +35,7 @@ RUN_ENTRIES = {
     "final",
     "validation",
     "tensorboard",
+    "class_images",  # finetune's prior preservation (train/prior.py)
 }  # what a run writes in its folder
 # Keys that only say how this invocation starts, not what the run computes: never compared.
 INVOCATION_KEYS = {"resume", "overwrite", "allow_config_change"}
