@@ -28,7 +28,6 @@ COMMANDS = {
     "bench": "slimsd.commands.bench:bench",
     "eval": "slimsd.commands.eval:eval_",
     "demo": "slimsd.commands.demo:demo",
-    "export": "slimsd.commands.export:export",
 }
 
 

@@ -494,6 +494,7 @@ def test_bad_exports_are_one_line_errors(loras, tmp_path, capsys):
         ),
         ([str(loras["a"]), "--out", str(tmp_path / "x.ckpt")], "the file name must end in .safetensors"),
         ([str(kohya), "--out", str(tmp_path / "x.safetensors")], "is not a diffusers/peft LoRA layer"),
+        ([str(loras["a"]), "--out", str(kohya)], "exists; pass --overwrite to replace it"),
     ]
     for args, message in cases:
         code, out, err = run_cli(["export", args[0], "--to", "a1111-lora", *args[1:]], capsys)
@@ -501,5 +502,5 @@ def test_bad_exports_are_one_line_errors(loras, tmp_path, capsys):
     code, _, err = run_cli(
         ["export", str(loras["a"]), "--to", "ckpt", "--out", str(tmp_path / "y.safetensors")], capsys
     )
-    assert code == 2 and "'ckpt' is not 'a1111-lora'" in err
+    assert code == 2 and "'ckpt' is not one of 'single-file', 'a1111-lora'" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["kohya.safetensors"]  # nothing half-written
