@@ -272,3 +272,26 @@ def test_cli_bad_img2img_input_is_one_line_and_exit_2(extra, match, inputs, tmp_
     assert code == 2, err
     assert match.format(**names) in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
     assert not (tmp_path / "out").exists()  # refused before anything was written
+
+
+def test_img2img_with_a_step_distilled_schedule_equals_plain_diffusers(micro_sd, inputs):
+    """LCM sampling (a step-distilled student's own): the same pipeline with diffusers' LCMScheduler."""
+    from diffusers import LCMScheduler
+
+    init, _ = inputs
+    (r,) = g.generate(
+        micro_sd, PROMPT, init_image=init, strength=0.5, steps=4, seed=8, guidance=1.0, scheduler="lcm"
+    )
+    task = plain("StableDiffusionImg2ImgPipeline", micro_sd)
+    task.scheduler = LCMScheduler.from_config(micro_sd.scheduler.config)
+    expected = task(
+        prompt=[PROMPT],
+        image=lanczos(init, (72, 80)),
+        strength=0.5,
+        num_inference_steps=4,
+        guidance_scale=1.0,
+        generator=[torch.Generator("cpu").manual_seed(8)],
+        width=72,
+        height=80,
+    ).images[0]
+    assert np.array_equal(as_int(r.image), as_int(expected))

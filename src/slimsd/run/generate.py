@@ -339,11 +339,9 @@ def generate(
             if negative:
                 kwargs["negative_prompt"] = [negative] * len(batch)
             start = time.perf_counter()
-            # _quiet: SDXL img2img casts its VAE to fp32 on every call, and diffusers warns about every cast
-            with (
-                deepcache.deep_cache(pipe.unet, deep_cache),
-                _quiet(),
-            ):  # counts from 0 for each batch's steps
+            # deep_cache counts from 0 for each batch's steps; _quiet: SDXL img2img casts its VAE to fp32 on
+            # every call, and diffusers warns about every cast
+            with deepcache.deep_cache(pipe.unet, deep_cache), _quiet():
                 images = task(
                     prompt=[p for p, _ in batch],
                     num_inference_steps=steps,
