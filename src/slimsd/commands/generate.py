@@ -98,8 +98,8 @@ def _check_out(out: str) -> None:
     "--strength",
     type=float,
     default=None,
-    help="img2img: how far the init image is noised, above 0 up to 1 (default 0.75; 1: nothing of it is kept "
-    "but its colours' hint through the VAE).",
+    help="img2img: how far the init image is noised, above 0 up to 1 (default 0.75; 1: almost entirely); "
+    "the last steps x strength steps run.",
 )
 @click.option(
     "--mask",
@@ -238,7 +238,7 @@ def generate(
     )  # before minutes of loading
     _check_out(out)
     cn = None
-    if controlnet is not None:  # a few MB: before the model, so a bad folder fails first
+    if controlnet is not None:  # before the model: a bad folder fails before minutes of loading
         from slimsd.run.controlnet import load_controlnet
 
         cn = load_controlnet(controlnet, allow_pickle=allow_pickle)
