@@ -141,9 +141,11 @@ def test_the_dropdown_takes_free_text_only_when_custom_models_are_allowed(tmp_pa
         app = build_app(
             UIConfig(models=["micro-sd", "micro-sdxl"], out_dir=tmp_path, allow_custom_models=allowed)
         )
-        (dropdown,) = [b for b in app.blocks.values() if isinstance(b, gr.Dropdown) and b.label == "Model"]
-        assert dropdown.allow_custom_value is allowed
-        assert [value for _, value in dropdown.choices] == ["micro-sd", "micro-sdxl"]
+        dropdowns = [b for b in app.blocks.values() if isinstance(b, gr.Dropdown) and b.label == "Model"]
+        assert len(dropdowns) == 2  # the Generate and img2img tabs'
+        for dropdown in dropdowns:
+            assert dropdown.allow_custom_value is allowed
+            assert [value for _, value in dropdown.choices] == ["micro-sd", "micro-sdxl"]
 
 
 def test_the_deep_cache_field_reaches_generate(tmp_path):
@@ -449,3 +451,113 @@ def test_browser_generates_and_downloads_a_png_with_its_metadata(server, tmp_pat
     text = Image.open(path).text
     assert text["parameters"].startswith("a small green triangle\nSteps: 2, Sampler: PLMS")
     assert '"prompt": "a small green triangle"' in text["slimsd"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# img2img
+
+
+@pytest.fixture(scope="module")
+def init_files(tmp_path_factory):
+    import numpy as np
+
+    folder = tmp_path_factory.mktemp("img2img-in")
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(folder / "init.png")
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (16, 16, 48, 48))
+    mask.save(folder / "mask.png")
+    Image.new("L", (32, 32), 255).save(folder / "small.png")
+    return folder
+
+
+def test_bad_img2img_requests_fail_before_loading_anything(tmp_path, init_files):
+    from slimsd.run.ui import run_img2img
+
+    cache = ModelCache(UIConfig(models=["micro-sd"], out_dir=tmp_path))
+    init, mask = str(init_files / "init.png"), {"path": str(init_files / "mask.png")}
+    for kwargs, match in [
+        ({"init_image": None}, "no init image"),
+        ({"strength": 0}, "strength 0.0 is out of range"),
+        ({"strength": "x"}, "strength 'x' is not a number"),
+        (
+            {"mask": str(init_files / "small.png")},
+            "mask 'small.png' is 32x32 but init image 'init.png' is 64x64",
+        ),
+        ({"init_image": str(init_files / "missing.png")}, "init image .*missing.png' does not exist"),
+        ({"model": "toy-sd"}, "'toy-sd' is not served here"),
+    ]:
+        args = {"model": "micro-sd", "prompt": "a red circle", "init_image": init, "mask": mask} | kwargs
+        with pytest.raises(SlimsdError, match=match):
+            run_img2img(cache, **args, steps=4)
+    assert cache.loaded() == []
+
+
+@pytest.mark.slow
+def test_gradio_client_drives_img2img(server, init_files):
+    import hashlib
+
+    from gradio_client import Client, handle_file
+    from gradio_client.exceptions import AppError
+
+    client = Client(server, verbose=False)
+    images, info = client.predict(
+        model="micro-sd",
+        prompt="a blue square",
+        init_image=handle_file(str(init_files / "init.png")),
+        mask=handle_file(str(init_files / "mask.png")),
+        strength=0.5,
+        steps=4,
+        seed=11,
+        randomize=False,
+        api_name="/img2img",
+    )
+    assert len(images) == 1 and images[0]["caption"].startswith("seed 11 ")
+    assert info.startswith("**micro-sd** · pndm · 4 steps · 64x64 · strength 0.5 · inpainting")
+    text = Image.open(images[0]["image"]).text
+    assert "Seed: 11, Size: 64x64, Model: micro-sd, Denoising strength: 0.5, Version: " in text["parameters"]
+    stored = settings_from_png(images[0]["image"])
+    for key, name in (("init_image", "init.png"), ("mask", "mask.png")):  # the uploads, byte for byte
+        assert stored[key]["sha256"] == hashlib.sha256((init_files / name).read_bytes()).hexdigest()
+    # A payload naming a file on the server that nobody uploaded: Gradio refuses it before slimsd sees it
+    # (sent by hand: gradio_client would upload a local file first).
+    not_uploaded = {"path": str(init_files / "init.png"), "meta": {"_type": "gradio.FileData"}}
+    settings = [
+        0.75,
+        "",
+        4,
+        7.5,
+        0,
+        0,
+        1,
+        False,
+        1,
+        "model default",
+        1,
+    ]  # strength, negative, ..., deep cache
+    error = _raw_event_error(server, "img2img", ["micro-sd", "x", not_uploaded, None, *settings])
+    assert "it was not uploaded by a user" in error, error
+    with pytest.raises(AppError, match="model 'toy-sd' is not served here"):
+        client.predict(
+            model="toy-sd",
+            prompt="x",
+            init_image=handle_file(str(init_files / "init.png")),
+            api_name="/img2img",
+        )
+
+
+def _raw_event_error(server: str, api_name: str, data: list) -> str:
+    """The error message of one call of API_NAME with DATA sent as is (Gradio's HTTP API, no client)."""
+    import json
+
+    request = urllib.request.Request(
+        f"{server}gradio_api/call/{api_name}",
+        data=json.dumps({"data": data}).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=60) as r:
+        event_id = json.loads(r.read())["event_id"]
+    with urllib.request.urlopen(f"{server}gradio_api/call/{api_name}/{event_id}", timeout=120) as r:
+        stream = r.read().decode()
+    assert "event: error" in stream, stream
+    return stream

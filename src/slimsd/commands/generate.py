@@ -16,6 +16,7 @@ FROM_PNG_KEYS = {
     "scheduler": "scheduler",
     "batch_size": "batch_size",
     "deep_cache": "deep_cache",
+    "strength": "strength",
 }
 
 
@@ -87,6 +88,32 @@ def _check_out(out: str) -> None:
     type=click.Path(exists=True, dir_okay=False),
     help="Regenerate the image from this PNG's own metadata (options given here override it).",
 )
+@click.option(
+    "--init-image",
+    default=None,
+    metavar="FILE",
+    help="img2img: start from this image (stretched to the output size; the size defaults to the image's).",
+)
+@click.option(
+    "--strength",
+    type=float,
+    default=None,
+    help="img2img: how far the init image is noised, above 0 up to 1 (default 0.75; 1: almost entirely); "
+    "the last steps x strength steps run.",
+)
+@click.option(
+    "--mask",
+    default=None,
+    metavar="FILE",
+    help="Inpainting: white is repainted, black kept; the init image's size.",
+)
+@click.option(
+    "--controlnet", default=None, metavar="DIR", help="A diffusers ControlNet folder to steer with."
+)
+@click.option("--control-image", default=None, metavar="FILE", help="The ControlNet's condition image.")
+@click.option(
+    "--control-scale", type=float, default=None, help="How strongly the ControlNet steers (0-2; default 1)."
+)
 @deep_cache_option
 @click.option("--no-grid", is_flag=True, help="Do not write a grid image.")
 @runtime_options
@@ -108,6 +135,12 @@ def generate(
     scheduler,
     out,
     from_png,
+    init_image,
+    strength,
+    mask,
+    controlnet,
+    control_image,
+    control_scale,
     deep_cache,
     no_grid,
     device,
@@ -122,15 +155,17 @@ def generate(
     """Generate images for PROMPT (or --prompts FILE) with MODEL; each PNG carries its parameters.
 
     MODEL is a preset, micro-sd, micro-sdxl, toy-sd, a local diffusers folder, a single .safetensors file
-    (A1111/ComfyUI layout) or a hub id. With --from-png,
-    MODEL and PROMPT default to those stored in the file.
+    (A1111/ComfyUI layout) or a hub id. With --from-png, MODEL and PROMPT default to those stored in the file,
+    and so do the init image, mask and ControlNet when they are still at their recorded paths, unchanged (else
+    give them again).
     """
     from slimsd.errors import SlimsdError
+    from slimsd.images import read_input_image
     from slimsd.models.loading import load
     from slimsd.progress import Progress
     from slimsd.run import generate as g
     from slimsd.run.outputs import save_grid, save_images
-    from slimsd.run.pnginfo import loras_to_reload, model_to_reload, settings_from_png
+    from slimsd.run.pnginfo import input_to_reload, loras_to_reload, model_to_reload, settings_from_png
     from slimsd.run.schedulers import SCHEDULERS
 
     given = dict(
@@ -143,7 +178,11 @@ def generate(
         scheduler=scheduler,
         batch_size=batch_size,
         deep_cache=deep_cache,
+        strength=strength,
     )
+    init = read_input_image(init_image, "init image") if init_image else None
+    mask_image = read_input_image(mask, "mask") if mask else None
+    control = read_input_image(control_image, "control image") if control_image else None
     if from_png:
         stored = settings_from_png(from_png)
         for opt, key in FROM_PNG_KEYS.items():
@@ -154,6 +193,18 @@ def generate(
         model = model or model_to_reload(stored)
         loras = loras or loras_to_reload(stored)
         prompts = [prompt] if prompt else [stored.get("prompt", "")]
+        init = init or input_to_reload(stored, "init_image", "init image", "--init-image")
+        if init is None and stored.get("strength") is not None:  # A1111 text only: no file recorded
+            raise SlimsdError(
+                f"the image was made by img2img (strength {stored['strength']:g}) from an init image the PNG "
+                "does not record; give it with --init-image FILE"
+            )
+        mask_image = mask_image or (input_to_reload(stored, "mask", "mask", "--mask") if init else None)
+        recorded = stored.get("controlnet")
+        if isinstance(recorded, dict) and not controlnet:
+            controlnet = recorded.get("path")
+            control_scale = recorded.get("scale") if control_scale is None else control_scale
+            control = control or input_to_reload(recorded, "image", "control image", "--control-image")
     else:
         if not model:
             raise SlimsdError("missing MODEL: a preset, micro-sd, micro-sdxl, toy-sd, a folder or a hub id")
@@ -166,18 +217,33 @@ def generate(
     opts = {"negative": "", "seed": -1, "batch_size": 1, "deep_cache": 1} | {
         k: v for k, v in given.items() if v is not None
     }
+    if init is None and opts.get("strength") is not None:
+        raise SlimsdError("--strength applies to img2img: give --init-image FILE with it")
+    g.check_mask(init, mask_image)
+    if (controlnet is None) != (control is None):
+        raise SlimsdError("--controlnet DIR and --control-image FILE go together: give both")
+    if controlnet is not None:
+        control_scale = 1.0 if control_scale is None else control_scale
+        g.check_control_scale(control_scale)
+    own_w, own_h = g.input_size(init) if init else (64, 64)  # without an init image: the model's own, >= 64
     g.validate(
         steps=opts.get("steps", g.DEFAULT_STEPS),
         guidance=opts.get("guidance", g.DEFAULT_GUIDANCE),
-        width=opts.get("width") or 64,
-        height=opts.get("height") or 64,
+        width=opts.get("width") or own_w,
+        height=opts.get("height") or own_h,
         seed=opts["seed"],
         num_images=num_images,
         batch_size=opts["batch_size"],
         scheduler=opts.get("scheduler"),
         deep_cache=opts["deep_cache"],
+        strength=opts.get("strength", g.DEFAULT_STRENGTH) if init else None,
     )  # before minutes of loading
     _check_out(out)
+    cn = None
+    if controlnet is not None:  # before the model: a bad folder fails before minutes of loading
+        from slimsd.run.controlnet import load_controlnet
+
+        cn = load_controlnet(controlnet, allow_pickle=allow_pickle)
 
     def warn(message: str) -> None:
         click.echo(f"slimsd: warning: {message}", err=True)
@@ -211,6 +277,12 @@ def generate(
         deep_cache=opts["deep_cache"],
         on_warning=warn,
         progress=bar.update_to,
+        init_image=init,
+        strength=opts.get("strength"),
+        mask=mask_image,
+        controlnet=cn,
+        control_image=control,
+        control_scale=1.0 if control_scale is None else control_scale,
     )
     bar.close()
     paths = save_images(results, out)

@@ -30,7 +30,9 @@ from PIL import Image
 
 from slimsd.devices import dtype_name
 from slimsd.errors import SlimsdError
-from slimsd.models.loading import model_info, native_resolution
+from slimsd.images import InputImage, as_input_image, fit
+from slimsd.models.loading import is_sdxl, model_info, native_resolution
+from slimsd.models.lora import _quiet
 from slimsd.run import deepcache
 from slimsd.run.pnginfo import Settings
 from slimsd.run.schedulers import check_scheduler, set_scheduler
@@ -43,6 +45,8 @@ MAX_SEED = 2**32 - 1  # A1111's seed range; also what a PNG's "Seed:" field roun
 MAX_IMAGES = 100
 MAX_BATCH = 64
 DEFAULT_STEPS, DEFAULT_GUIDANCE = 25, 7.5  # for a model that does not say otherwise
+DEFAULT_STRENGTH = 0.75  # A1111's img2img default
+CONTROL_SCALE_RANGE = (0.0, 2.0)
 
 
 def sampling_defaults(sampling: dict | None) -> dict:
@@ -66,8 +70,10 @@ def validate(
     batch_size: int = 1,
     scheduler: str | None = None,
     deep_cache: int = 1,
+    strength: float | None = None,
 ) -> None:
-    """Refuse bad generation settings with one line naming the value and what is allowed."""
+    """Refuse bad generation settings with one line naming the value and what is allowed (``strength``: only
+    for img2img and inpainting)."""
     for name, v in (("width", width), ("height", height)):
         if not isinstance(v, int) or v % 8 or not SIZE_RANGE[0] <= v <= SIZE_RANGE[1]:
             raise SlimsdError(
@@ -92,6 +98,69 @@ def validate(
         raise SlimsdError(f"batch-size {batch_size!r} is out of range; allowed: 1 to {MAX_BATCH}")
     check_scheduler(scheduler)
     deepcache.check_interval(deep_cache)
+    if strength is not None:
+        if isinstance(strength, bool) or not isinstance(strength, int | float) or not 0 < strength <= 1:
+            raise SlimsdError(f"strength {strength!r} is out of range; allowed: above 0, up to 1")
+        if int(steps * strength) < 1:  # diffusers runs int(steps * strength) of the steps
+            raise SlimsdError(
+                f"strength {strength:g} with {steps} steps runs no denoising step (steps x strength < 1); "
+                "raise --strength or --steps"
+            )
+
+
+def input_size(init: InputImage) -> tuple[int, int]:
+    """The output size an init image asks for when none is given: its own, rounded down to multiples of 8."""
+    return init.image.width // 8 * 8, init.image.height // 8 * 8
+
+
+def check_mask(init: InputImage | None, mask: InputImage | None) -> None:
+    if mask is None:
+        return
+    if init is None:
+        raise SlimsdError("a mask needs an init image: give --init-image FILE with --mask FILE")
+    if mask.image.size != init.image.size:
+        raise SlimsdError(
+            f"mask {mask.name!r} is {mask.image.width}x{mask.image.height} but init image {init.name!r} is "
+            f"{init.image.width}x{init.image.height}; they must be the same size"
+        )
+
+
+def check_control_scale(scale: float) -> None:
+    if (
+        isinstance(scale, bool)
+        or not isinstance(scale, int | float)
+        or not (CONTROL_SCALE_RANGE[0] <= scale <= CONTROL_SCALE_RANGE[1])
+    ):
+        raise SlimsdError(
+            f"control-scale {scale!r} is out of range; allowed: {CONTROL_SCALE_RANGE[0]:g} to "
+            f"{CONTROL_SCALE_RANGE[1]:g}"
+        )
+
+
+def task_pipeline(pipe, init: InputImage | None, mask: InputImage | None, controlnet=None):
+    """The diffusers pipeline for the task, built from PIPE's own components (``from_pipe``: no copy, the same
+    U-Net, runtime and scheduler): text-to-image (PIPE itself), img2img, or inpainting (a mask given, or a
+    9-channel inpainting U-Net: diffusers feeds it the mask; a 4-channel U-Net takes diffusers' masked img2img
+    path, which puts the unmasked part of the noised init image back after every step); with ControlNet."""
+    import diffusers
+
+    xl = "XL" if is_sdxl(pipe) else ""
+    if controlnet is not None:
+        if init is not None:
+            raise SlimsdError("--controlnet with --init-image is not supported yet; use one or the other")
+        name, extra = f"StableDiffusion{xl}ControlNetPipeline", {"controlnet": controlnet}
+        if (controlnet.device, controlnet.dtype) != (pipe.device, pipe.unet.dtype):
+            with _quiet():  # diffusers warns on every cast
+                controlnet.to(device=pipe.device, dtype=pipe.unet.dtype)
+    elif init is None:
+        return pipe
+    else:
+        inpaint = mask is not None or pipe.unet.config.in_channels == 9
+        name, extra = f"StableDiffusion{xl}{'Inpaint' if inpaint else 'Img2Img'}Pipeline", {}
+    with _quiet():  # diffusers' chatter on building a pipeline: errors only
+        task = getattr(diffusers, name).from_pipe(pipe, **extra)
+    task.set_progress_bar_config(disable=True)
+    return task
 
 
 def draw_seed() -> int:
@@ -152,6 +221,12 @@ def generate(
     on_warning: Callable[[str], None] | None = None,
     seeds: Sequence[int] | None = None,
     deep_cache: int = 1,
+    init_image=None,
+    strength: float | None = None,
+    mask=None,
+    controlnet=None,
+    control_image=None,
+    control_scale: float = 1.0,
 ) -> list[GeneratedImage]:
     """Generate ``num_images`` images for each prompt; image *i* of a prompt uses seed ``seed + i``
     (``seeds[k] + i`` for prompt *k* when ``seeds`` gives one seed per prompt). ``steps`` and ``guidance``
@@ -161,6 +236,14 @@ def generate(
     ``progress(done_steps, total_steps)`` is called after every denoising step; ``on_warning`` receives
     warnings (default: :func:`warnings.warn`). ``deep_cache`` N > 1 runs the whole U-Net on every N-th step
     only, reusing its deep features in between (:mod:`slimsd.run.deepcache`; an approximation, faster).
+
+    img2img: ``init_image`` (a file path, a PIL image or an :class:`~slimsd.images.InputImage`) noised by
+    ``strength`` (0 < S <= 1, default 0.75: the last ``int(steps * S)`` steps run); with ``mask`` (white:
+    repainted, black: kept; the init image's size), inpainting. The output size defaults to the init image's,
+    rounded down to multiples of 8, and the init image and mask are stretched to the output size with Lanczos
+    (:func:`slimsd.images.fit`). ``controlnet`` (a diffusers ``ControlNetModel``, e.g. from
+    :func:`slimsd.run.controlnet.load_controlnet`) steers a text-to-image run with ``control_image`` at
+    ``control_scale``.
     """
     from slimsd import __version__
 
@@ -171,8 +254,23 @@ def generate(
     defaults = sampling_defaults(info.get("sampling"))
     steps = defaults["steps"] if steps is None else steps
     guidance = defaults["guidance"] if guidance is None else guidance
-    width = width or native_resolution(pipe)
-    height = height or native_resolution(pipe)
+    init = as_input_image(init_image, "init image")
+    mask = as_input_image(mask, "mask")
+    check_mask(init, mask)
+    if init is None and strength is not None:
+        raise SlimsdError("strength applies to img2img: give an init image with it")
+    if init is not None and strength is None:
+        strength = DEFAULT_STRENGTH
+    control = as_input_image(control_image, "control image")
+    if (controlnet is None) != (control is None):
+        raise SlimsdError("a ControlNet needs a control image and a control image a ControlNet: give both")
+    if controlnet is not None:
+        check_control_scale(control_scale)
+        if deep_cache > 1:  # DeepCache reuses deep features that the ControlNet's residuals would change
+            raise SlimsdError("deep cache with a ControlNet is not supported; use --deep-cache 1")
+    own_w, own_h = input_size(init) if init is not None else (native_resolution(pipe),) * 2
+    width = width or own_w
+    height = height or own_h
     if seeds is not None:
         seeds = list(seeds)
         if len(seeds) != len(prompts):
@@ -190,6 +288,7 @@ def generate(
         batch_size=batch_size,
         scheduler=scheduler,
         deep_cache=deep_cache,
+        strength=strength,
     )
     scheduler = scheduler or info["default_scheduler"]
     for w in prompt_warnings(pipe, prompts, negative):
@@ -199,7 +298,23 @@ def generate(
     seed_cap = MAX_SEED + 1
     jobs = [(p, (s + i) % seed_cap) for p, s in zip(prompts, seeds, strict=True) for i in range(num_images)]
     batches = [jobs[i : i + batch_size] for i in range(0, len(jobs), batch_size)]
-    total_steps = len(batches) * steps
+    run_steps = steps if init is None else min(int(steps * strength), steps)  # img2img skips the first ones
+    total_steps = len(batches) * run_steps
+    task_kwargs = task_inputs(pipe, init, mask, control, width, height)
+    if init is not None:
+        task_kwargs["strength"] = strength
+    if controlnet is not None:
+        task_kwargs["controlnet_conditioning_scale"] = float(control_scale)
+    controlnet_record = (
+        None
+        if controlnet is None
+        else {
+            "name": Path(getattr(controlnet, "_slimsd_path", "") or "controlnet").name,
+            "path": getattr(controlnet, "_slimsd_path", None),
+            "scale": float(control_scale),
+            "image": control.record(),
+        }
+    )
     device = str(pipe.device)
     dtype = dtype_name(pipe.unet.dtype)
     # The pipeline's own scheduler comes back afterwards: a call's choice must not leak into the next one.
@@ -207,22 +322,27 @@ def generate(
     try:
         if scheduler is not None:
             set_scheduler(pipe, scheduler)
+        task = task_pipeline(pipe, init, mask, controlnet)  # after the scheduler: it shares pipe's
         results: list[GeneratedImage] = []
         for b, batch in enumerate(batches):
             generators = [torch.Generator("cpu").manual_seed(s) for _, s in batch]
 
             def on_step(_pipe, step, _t, kwargs, _b=b):
                 if progress is not None:
-                    progress(_b * steps + step + 1, total_steps)
+                    progress(_b * run_steps + step + 1, total_steps)
                 return kwargs
 
-            kwargs = {}
+            kwargs = {
+                k: [v] * len(batch) if isinstance(v, Image.Image) else v for k, v in task_kwargs.items()
+            }
             # Only when given: SDXL uses zero embeddings for "no negative prompt", not the embedding of "".
             if negative:
                 kwargs["negative_prompt"] = [negative] * len(batch)
             start = time.perf_counter()
-            with deepcache.deep_cache(pipe.unet, deep_cache):  # counts from 0 for each batch's steps
-                images = pipe(
+            # deep_cache counts from 0 for each batch's steps; _quiet: SDXL img2img casts its VAE to fp32 on
+            # every call, and diffusers warns about every cast
+            with deepcache.deep_cache(pipe.unet, deep_cache), _quiet():
+                images = task(
                     prompt=[p for p, _ in batch],
                     num_inference_steps=steps,
                     guidance_scale=guidance,
@@ -253,8 +373,26 @@ def generate(
                     slimsd_version=__version__,
                     time_s=round(elapsed / len(batch), 4),
                     loras=list(info.get("loras", [])),
+                    strength=None if strength is None else float(strength),
+                    init_image=None if init is None else init.record(),
+                    mask=None if mask is None else mask.record(),
+                    controlnet=controlnet_record,
                 )
                 results.append(GeneratedImage(image=image, settings=settings, index=len(results)))
     finally:
         pipe.scheduler = original_scheduler
     return results
+
+
+def task_inputs(pipe, init, mask, control, width: int, height: int) -> dict:
+    """The images the task pipeline takes, stretched to the output size (:func:`slimsd.images.fit`)."""
+    if control is not None:
+        return {"image": fit(control.image, width, height)}
+    if init is None:
+        return {}
+    out = {"image": fit(init.image, width, height)}
+    if mask is not None:
+        out["mask_image"] = fit(mask.image, width, height, "L")
+    elif pipe.unet.config.in_channels == 9:  # an inpainting U-Net without a mask: repaint everything
+        out["mask_image"] = Image.new("L", (width, height), 255)
+    return out

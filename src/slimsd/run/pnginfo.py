@@ -44,6 +44,13 @@ class Settings:
     slimsd_version: str = ""
     time_s: float = 0.0  # this image's share of its batch's wall time
     loras: list = field(default_factory=list)  # LoRAs merged into the model (slimsd.models.lora records)
+    # img2img / inpainting: how far the init image is noised (A1111's "Denoising strength"), and the init image
+    # and mask as slimsd.images.InputImage records (name, path, sha256); None for text-to-image
+    strength: float | None = None
+    init_image: dict | None = None
+    mask: dict | None = None
+    # {"path", "name", "scale", "image": InputImage record} of the ControlNet the image was made with
+    controlnet: dict | None = None
     extra: dict = field(default_factory=dict)
 
     def a1111_parameters(self) -> str:
@@ -52,10 +59,21 @@ class Settings:
         if self.negative_prompt:
             lines.append(f"Negative prompt: {self.negative_prompt}")
         deep_cache = f"Deep cache: {self.deep_cache}, " if self.deep_cache > 1 else ""
+        # A1111 writes the strength right after the model, its extras (LoRA, ControlNet) after that
+        strength = f"Denoising strength: {_num(self.strength)}, " if self.strength is not None else ""
+        controlnet = (
+            "ControlNet 0: "
+            + json.dumps(
+                f"Module: none, Model: {self.controlnet['name']}, Weight: {_num(self.controlnet['scale'])}"
+            )
+            + ", "
+            if self.controlnet
+            else ""
+        )
         lines.append(
             f"Steps: {self.steps}, Sampler: {sampler_name(self.scheduler)}, CFG scale: {_num(self.guidance)}, "
             f"Seed: {self.seed}, Size: {self.width}x{self.height}, Model: {_a1111_value(self.model)}, "
-            f"{deep_cache}"
+            f"{strength}{deep_cache}{controlnet}"
             + (f"Lora hashes: {json.dumps(lora_hashes(self.loras))}, " if self.loras else "")
             + f"Version: slimsd {self.slimsd_version}"
         )
@@ -107,7 +125,7 @@ def read_png_text(path: str | Path) -> dict[str, str]:
 
 def parse_a1111(parameters: str) -> dict:
     """A1111's ``parameters`` text -> {prompt, negative_prompt, steps, guidance, width, height, seed, scheduler,
-    model, deep_cache} (the keys it has)."""
+    model, deep_cache, strength} (the keys it has)."""
     lines = parameters.strip().split("\n")
     if not lines or not lines[-1].startswith("Steps:"):
         raise SlimsdError(
@@ -133,6 +151,8 @@ def parse_a1111(parameters: str) -> dict:
             out["width"], out["height"] = (int(x) for x in fields_["Size"].split("x"))
         if "Deep cache" in fields_:
             out["deep_cache"] = int(fields_["Deep cache"])
+        if "Denoising strength" in fields_:
+            out["strength"] = float(fields_["Denoising strength"])
     except ValueError as e:
         raise SlimsdError(f"the PNG's 'parameters' chunk has a malformed value: {e}") from None
     if "Sampler" in fields_:
@@ -182,6 +202,10 @@ _STORED_TYPES = {
     "model": (str,),
     "model_source": (str, type(None)),
     "loras": (list,),
+    "strength": (int, float, type(None)),
+    "init_image": (dict, type(None)),
+    "mask": (dict, type(None)),
+    "controlnet": (dict, type(None)),
 }
 
 
@@ -234,3 +258,31 @@ def loras_to_reload(settings: dict) -> list[tuple[str, float, str]]:
             )
         out.append((entry["path"], float(scale), entry["sha256"]))
     return out
+
+
+def input_to_reload(settings: dict, key: str, what: str, option: str):
+    """The file a PNG's ``init_image`` / ``mask`` record (KEY) names, as an InputImage, when it is still at its
+    recorded path with its recorded sha256; None when the image had none. Pixel-equal regeneration needs the
+    very same file: a changed or missing one is refused, and OPTION gives one again."""
+    from slimsd.images import read_input_image
+
+    record = settings.get(key)
+    if record is None:
+        return None
+    if not (isinstance(record, dict) and isinstance(record.get("sha256"), str)):
+        raise SlimsdError(
+            f"the PNG's {PNG_JSON_KEY!r} chunk has {key} = {record!r}; expected name, path, sha256"
+        )
+    path = record.get("path")
+    if not isinstance(path, str) or not Path(path).is_file():
+        raise SlimsdError(
+            f"the image was made from {what} {record.get('name')!r}, which is not at its recorded path "
+            f"{path!r}; give it with {option} FILE"
+        )
+    found = read_input_image(path, what)
+    if found.sha256 != record["sha256"]:
+        raise SlimsdError(
+            f"{what} {path!r} has changed: its sha256 is {found.sha256[:10]}..., the image was made with "
+            f"{record['sha256'][:10]}...; restore that file, or give one with {option} FILE"
+        )
+    return found

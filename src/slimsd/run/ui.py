@@ -1,8 +1,9 @@
 """The web UI: a Gradio Blocks app over :mod:`slimsd.run.generate`.
 
-Two tabs. *Generate*: model, prompt, negative prompt, an "Advanced" accordion (steps, guidance, size, seed with
+Three tabs. *Generate*: model, prompt, negative prompt, an "Advanced" accordion (steps, guidance, size, seed with
 randomize, number of images, scheduler, deep cache) and a PNG gallery whose files are the very PNGs written to
-the output folder, so a download keeps its ``parameters`` chunk. *Compare*: one prompt and seed on several
+the output folder, so a download keeps its ``parameters`` chunk. *img2img*: the same settings, an init image, an
+optional mask (inpainting) and the denoising strength. *Compare*: one prompt and seed on several
 models side by side, each with its time: the source articles' four-model timing notebook, as a page.
 
 Only the operator's models are served: the ``--models`` list, exactly as given. Any other name a visitor types or
@@ -13,7 +14,8 @@ Models load on first use and stay in a small LRU cache; dropping one (evicted, o
 the pipeline and frees its memory. A load runs outside the cache's lock (one future per model: two requests for
 the same model load it once), so generations on loaded models go on while another model loads. The queue is on, with a concurrency limit shared by both tabs (one model
 run at a time on the device by default) and a maximum size: a burst past it is refused cleanly, and the app
-keeps serving. Endpoints ``/generate`` and ``/compare`` work with ``gradio_client``.
+keeps serving. Endpoints ``/generate``, ``/img2img`` and ``/compare`` work with ``gradio_client``; an image sent
+to ``/img2img`` must be an upload (Gradio refuses a payload naming any other file on the server).
 """
 
 from __future__ import annotations
@@ -206,6 +208,106 @@ def run_generate(
     """One Generate click: -> (gallery items [(png path, caption)], markdown summary). Raises SlimsdError.
 
     ``progress`` is Gradio-style: called as ``progress((done, total), desc=...)``."""
+    return _run(
+        cache,
+        model,
+        prompt,
+        negative,
+        steps,
+        guidance,
+        width,
+        height,
+        seed,
+        randomize,
+        num_images,
+        scheduler,
+        deep_cache,
+        progress,
+        warn,
+    )
+
+
+def run_img2img(
+    cache: ModelCache,
+    model,
+    prompt,
+    init_image,
+    mask=None,
+    strength=g.DEFAULT_STRENGTH,
+    negative="",
+    steps=25,
+    guidance=7.5,
+    width=0,
+    height=0,
+    seed=0,
+    randomize=True,
+    num_images=1,
+    scheduler=DEFAULT_SCHEDULER,
+    deep_cache=1,
+    progress=None,
+    warn=None,
+):
+    """One img2img click: as :func:`run_generate`, from ``init_image`` (and ``mask``: inpainting) at
+    ``strength``. The images arrive as Gradio file payloads, which Gradio has already checked to be uploads."""
+    cache.admit(model)  # first, as for every request: one refusal for a model not served
+    init = _image_file(init_image, "init image")
+    if init is None:
+        raise SlimsdError("no init image; upload the image to start from")
+    return _run(
+        cache,
+        model,
+        prompt,
+        negative,
+        steps,
+        guidance,
+        width,
+        height,
+        seed,
+        randomize,
+        num_images,
+        scheduler,
+        deep_cache,
+        progress,
+        warn,
+        init=init,
+        mask=_image_file(mask, "mask"),
+        strength=_number(strength, "strength"),
+    )
+
+
+def _image_file(value, name: str):
+    """An uploaded image (a Gradio file payload, or a path from a caller in this process) as an InputImage."""
+    from slimsd.images import read_input_image
+
+    if isinstance(value, dict):  # FileData: {"path": ..., "orig_name": ...}
+        value = value.get("path")
+    if value in (None, ""):
+        return None
+    if not isinstance(value, str):
+        raise SlimsdError(f"{name} {value!r} is not an uploaded image")
+    return read_input_image(value, name)
+
+
+def _run(
+    cache: ModelCache,
+    model,
+    prompt,
+    negative,
+    steps,
+    guidance,
+    width,
+    height,
+    seed,
+    randomize,
+    num_images,
+    scheduler,
+    deep_cache,
+    progress,
+    warn,
+    init=None,
+    mask=None,
+    strength=None,
+):
     model, _ = cache.admit(model)
     prompt, negative = _text(prompt, "prompt").strip(), _text(negative, "negative prompt")
     guidance = _number(guidance, "guidance")
@@ -218,15 +320,18 @@ def run_generate(
         for v, n in ((steps, "steps"), (width, "width"), (height, "height"), (num_images, "num images"))
     )
     deep_cache = _int(deep_cache, "deep cache")
+    g.check_mask(init, mask)
+    own_w, own_h = g.input_size(init) if init is not None else (64, 64)
     g.validate(
         steps=steps,
         guidance=guidance,
-        width=width or 64,
-        height=height or 64,
+        width=width or own_w,
+        height=height or own_h,
         seed=seed,
         num_images=num_images,
         scheduler=scheduler,
         deep_cache=deep_cache,
+        strength=strength,
     )  # before loading anything
     with cache.using(model) as pipe:
         results = g.generate(
@@ -246,6 +351,9 @@ def run_generate(
             if progress is None
             else (lambda done, total: progress((done, total), desc="denoising")),
             on_warning=warn,
+            init_image=init,
+            mask=mask,
+            strength=strength,
         )
         applied = pipe._slimsd["runtime"]
         loras = pipe._slimsd.get("loras", [])
@@ -254,6 +362,7 @@ def run_generate(
     lines = [
         f"**{model}** · {results[0].settings.scheduler} · {steps} steps · "
         f"{results[0].settings.width}x{results[0].settings.height}"
+        + (f" · strength {strength:g}" + (" · inpainting" if mask else "") if init is not None else "")
         + (f" · deep cache {deep_cache}" if deep_cache > 1 else ""),
         "",
         f"runtime: {summary(applied)}",
@@ -341,6 +450,85 @@ def run_compare(
     return items, rows
 
 
+def settings_fields(gr, cache: ModelCache, config: UIConfig, models: list[str], prefix: str = "") -> dict:
+    """The model and the settings a generation takes (prompt, negative prompt, the "Advanced" accordion),
+    by the names of :func:`run_generate`'s parameters; element ids start with PREFIX. The Generate and img2img
+    tabs each have a set; the sliders follow the model (an LCM student samples in 4 steps)."""
+    schedulers = [DEFAULT_SCHEDULER, *SCHEDULERS]
+    f: dict = {}
+    with gr.Row():
+        f["model"] = gr.Dropdown(
+            models,
+            value=models[0],
+            label="Model",
+            allow_custom_value=config.allow_custom_models,
+            info=(
+                "A listed model, or type a preset, local diffusers folder or hub id"
+                if config.allow_custom_models
+                else "The models this server offers"
+            ),
+            scale=3,
+        )
+        f["unload"] = gr.Button("Unload model", scale=1)
+    f["prompt"] = gr.Textbox(label="Prompt", lines=2, elem_id=f"{prefix}prompt")
+    f["negative"] = gr.Textbox(value="", label="Negative prompt", lines=1, elem_id=f"{prefix}negative")
+    with gr.Accordion("Advanced", open=False, elem_id=f"{prefix}advanced"):
+        with gr.Row():
+            first_steps, first_guidance = own_sampling(cache, models[0])
+            f["steps"] = gr.Slider(
+                1, g.STEPS_RANGE[1], value=first_steps, step=1, label="Steps", elem_id=f"{prefix}steps"
+            )
+            f["guidance"] = gr.Slider(
+                0, g.GUIDANCE_RANGE[1], value=first_guidance, step=0.5, label="Guidance (CFG)"
+            )
+        with gr.Row():
+            own = "the image's" if prefix else "the model's own"
+            f["width"] = gr.Slider(0, g.SIZE_RANGE[1], value=0, step=8, label=f"Width (0: {own})")
+            f["height"] = gr.Slider(0, g.SIZE_RANGE[1], value=0, step=8, label=f"Height (0: {own})")
+        with gr.Row():
+            f["seed"] = gr.Number(value=0, precision=0, label="Seed (image i uses seed+i)")
+            f["randomize"] = gr.Checkbox(value=True, label="Randomize seed")
+            f["num_images"] = gr.Slider(
+                1, 8, value=1 if prefix else 2, step=1, label="Images", elem_id=f"{prefix}num-images"
+            )
+            f["scheduler"] = gr.Dropdown(schedulers, value=DEFAULT_SCHEDULER, label="Scheduler")
+            f["deep_cache"] = gr.Slider(
+                1,
+                INTERVAL_RANGE[1],
+                value=1,
+                step=1,
+                label="Deep cache (full U-Net every N steps; 1: off)",
+                elem_id=f"{prefix}deep-cache",
+            )
+
+    def on_model(name):
+        try:
+            return own_sampling(cache, name)
+        except SlimsdError:
+            return gr.update(), gr.update()
+
+    f["model"].change(on_model, [f["model"]], [f["steps"], f["guidance"]], queue=False, api_name=False)
+    return f
+
+
+def result_fields(gr, prefix: str = ""):
+    """The PNG gallery (its files are the PNGs written, so a download keeps the metadata) and the info line."""
+    gallery = gr.Gallery(
+        label="Images",
+        format="png",
+        type="filepath",
+        columns=4,
+        elem_id=f"{prefix}gallery",
+        buttons=["download", "fullscreen"],
+    )
+    return gallery, gr.Markdown(elem_id=f"{prefix}info")
+
+
+def wired(fn, fields: dict) -> list:
+    """FIELDS named like FN's parameters, in its order: the wiring cannot drift."""
+    return [fields[n] for n in inspect.signature(fn).parameters if n in fields]
+
+
 def build_app(config: UIConfig | None = None, cache: ModelCache | None = None):
     """The Gradio Blocks app (not launched)."""
     import gradio as gr
@@ -348,7 +536,7 @@ def build_app(config: UIConfig | None = None, cache: ModelCache | None = None):
     config = config or UIConfig()
     cache = cache or ModelCache(config)
     models = cache.models
-    schedulers = [DEFAULT_SCHEDULER, *SCHEDULERS]
+    schedulers = [DEFAULT_SCHEDULER, *SCHEDULERS]  # the Compare tab's
 
     def handler(fn):
         """``fn(cache, *inputs, progress, warn)`` as a Gradio event: the inputs keep fn's names (the API's
@@ -378,86 +566,61 @@ def build_app(config: UIConfig | None = None, cache: ModelCache | None = None):
         return f"{'Unloaded' if dropped else 'Not loaded:'} {model.strip()}. Loaded now: {state}."
 
     with gr.Blocks(title="slimsd", analytics_enabled=False) as app:
-        gr.Markdown("# slimsd\nDistilled Stable Diffusion: generate, and compare models side by side.")
+        gr.Markdown(
+            "# slimsd\nDistilled Stable Diffusion: generate, from text or from an image, and compare models "
+            "side by side."
+        )
         with gr.Tab("Generate"):
-            with gr.Row():
-                model = gr.Dropdown(
-                    models,
-                    value=models[0],
-                    label="Model",
-                    allow_custom_value=config.allow_custom_models,
-                    info=(
-                        "A listed model, or type a preset, local diffusers folder or hub id"
-                        if config.allow_custom_models
-                        else "The models this server offers"
-                    ),
-                    scale=3,
-                )
-                unload = gr.Button("Unload model", scale=1)
-            prompt = gr.Textbox(label="Prompt", lines=2, elem_id="prompt")
-            negative = gr.Textbox(value="", label="Negative prompt", lines=1, elem_id="negative")
-            with gr.Accordion("Advanced", open=False, elem_id="advanced"):
-                with gr.Row():
-                    first_steps, first_guidance = own_sampling(cache, models[0])
-                    steps = gr.Slider(
-                        1, g.STEPS_RANGE[1], value=first_steps, step=1, label="Steps", elem_id="steps"
-                    )
-                    guidance = gr.Slider(
-                        0, g.GUIDANCE_RANGE[1], value=first_guidance, step=0.5, label="Guidance (CFG)"
-                    )
-                with gr.Row():
-                    width = gr.Slider(0, g.SIZE_RANGE[1], value=0, step=8, label="Width (0: the model's own)")
-                    height = gr.Slider(
-                        0, g.SIZE_RANGE[1], value=0, step=8, label="Height (0: the model's own)"
-                    )
-                with gr.Row():
-                    seed = gr.Number(value=0, precision=0, label="Seed (image i uses seed+i)")
-                    randomize = gr.Checkbox(value=True, label="Randomize seed")
-                    num_images = gr.Slider(1, 8, value=2, step=1, label="Images", elem_id="num-images")
-                    scheduler = gr.Dropdown(schedulers, value=DEFAULT_SCHEDULER, label="Scheduler")
-                    deep_cache = gr.Slider(
-                        1,
-                        INTERVAL_RANGE[1],
-                        value=1,
-                        step=1,
-                        label="Deep cache (full U-Net every N steps; 1: off)",
-                        elem_id="deep-cache",
-                    )
+            fields = settings_fields(gr, cache, config, models)
             run = gr.Button("Generate", variant="primary", elem_id="generate")
-            gallery = gr.Gallery(
-                label="Images",
-                format="png",
-                type="filepath",
-                columns=4,
-                elem_id="gallery",
-                buttons=["download", "fullscreen"],
-            )
-            info = gr.Markdown(elem_id="info")
+            gallery, info = result_fields(gr)
             status = gr.Markdown()
-            # the components named like run_generate's parameters, in its order: the wiring cannot drift
-            scope = locals()
-            names = [
-                n
-                for n in inspect.signature(run_generate).parameters
-                if isinstance(scope.get(n), gr.Component)
-            ]
             run.click(
                 on_generate,
-                [scope[n] for n in names],
+                wired(run_generate, fields),
                 [gallery, info],
                 api_name="generate",
                 concurrency_id="device",
                 preprocess=False,  # raw values: the model check is ModelCache.admit's, one message for all
             )
-            unload.click(on_unload, [model], [status], api_name="unload", queue=False, preprocess=False)
-
-            def on_model(name):  # the sliders follow the model: an LCM student samples in 4 steps
-                try:
-                    return own_sampling(cache, name)
-                except SlimsdError:
-                    return gr.update(), gr.update()
-
-            model.change(on_model, [model], [steps, guidance], queue=False, api_name=False)
+            fields["unload"].click(
+                on_unload, [fields["model"]], [status], api_name="unload", queue=False, preprocess=False
+            )
+        with gr.Tab("img2img"):
+            fields = settings_fields(gr, cache, config, models, prefix="img2img-")
+            with gr.Row():
+                fields["init_image"] = gr.Image(
+                    type="filepath", label="Init image", elem_id="img2img-init", format="png"
+                )
+                fields["mask"] = gr.Image(
+                    type="filepath",
+                    label="Mask (optional; white is repainted, black kept; the init image's size)",
+                    elem_id="img2img-mask",
+                    format="png",
+                )
+            fields["strength"] = gr.Slider(
+                0.01,
+                1,
+                value=g.DEFAULT_STRENGTH,
+                step=0.01,
+                label="Denoising strength (1: nothing of the image is kept)",
+                elem_id="img2img-strength",
+            )
+            i_run = gr.Button("Generate from the image", variant="primary", elem_id="img2img-generate")
+            i_gallery, i_info = result_fields(gr, prefix="img2img-")
+            i_status = gr.Markdown()
+            fields["unload"].click(
+                on_unload, [fields["model"]], [i_status], api_name=False, queue=False, preprocess=False
+            )
+            i_run.click(
+                handler(run_img2img),
+                wired(run_img2img, fields),
+                [i_gallery, i_info],
+                api_name="img2img",
+                concurrency_id="device",
+                # raw values, as for /generate; Gradio still checks that a file payload is an upload
+                preprocess=False,
+            )
         with gr.Tab("Compare"):
             c_models = gr.CheckboxGroup(models, value=models[:2], label="Models")
             c_prompt = gr.Textbox(label="Prompt", lines=2)
