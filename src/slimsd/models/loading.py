@@ -178,6 +178,24 @@ def quiet_loading() -> Iterator[None]:
             hub_utils.enable_progress_bars()
 
 
+@contextlib.contextmanager
+def quiet_libraries() -> Iterator[None]:
+    """diffusers and transformers warn as they build pipelines and load adapters: errors only, and no
+    progress bars, for this call."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    was = diffusers_logging.get_verbosity(), transformers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()
+    transformers_logging.set_verbosity_error()
+    try:
+        with quiet_loading():
+            yield
+    finally:
+        diffusers_logging.set_verbosity(was[0])
+        transformers_logging.set_verbosity(was[1])
+
+
 def _diffusers_pipeline(
     model: str,
     kind: str,

@@ -20,21 +20,20 @@ Each LoRA is recorded (``pipe._slimsd["loras"]``, the PNG info): name, resolved 
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import hashlib
 import json
 import math
 import os
 import re
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
 
 from slimsd.errors import SlimsdError
-from slimsd.models.loading import PICKLE_SUFFIXES
+from slimsd.models.loading import PICKLE_SUFFIXES, quiet_libraries
 
 SCALE_RANGE = (-10.0, 10.0)
 SHOWN_SKIPPED = 3  # skipped layer names shown in the warning
@@ -354,26 +353,6 @@ def student_weight_map(model: str, kind: str, unet) -> dict[str, str] | None:
     return weight_map(unet.state_dict().keys(), p)
 
 
-@contextlib.contextmanager
-def _quiet() -> Iterator[None]:
-    """diffusers and transformers report every adapter they load, with progress bars: errors only, and no
-    bars, for this call."""
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
-
-    from slimsd.models.loading import quiet_loading
-
-    was = diffusers_logging.get_verbosity(), transformers_logging.get_verbosity()
-    diffusers_logging.set_verbosity_error()
-    transformers_logging.set_verbosity_error()
-    try:
-        with quiet_loading():
-            yield
-    finally:
-        diffusers_logging.set_verbosity(was[0])
-        transformers_logging.set_verbosity(was[1])
-
-
 def adapter_names(paths: Sequence[str]) -> list[str]:
     """Adapter names from the file stems (peft names cannot hold dots), made unique: x, x_2, ..."""
     from slimsd.run.outputs import safe_stem
@@ -408,7 +387,7 @@ def apply_loras(
     names = adapter_names([s.path for s in specs])
     teacher_map = teacher_to_student(weight_map)
     records = []
-    with _quiet():
+    with quiet_libraries():
         for spec, name in zip(specs, names, strict=True):
             layers = lora_layers(pipe, spec.path)
             check_family(pipe, layers, spec.path)

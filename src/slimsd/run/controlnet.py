@@ -37,7 +37,7 @@ def controlnet_for(unet, conditioning_channels: int = 3):
     from diffusers import ControlNetModel
     from diffusers.configuration_utils import FrozenDict
 
-    from slimsd.models.lora import _quiet
+    from slimsd.models.loading import quiet_libraries
 
     unet = getattr(unet, "_orig_mod", unet)  # a torch.compile wrapper
     if any(getattr(m, "fused_projections", False) for m in unet.modules()):
@@ -59,7 +59,7 @@ def controlnet_for(unet, conditioning_channels: int = 3):
         part = getattr(controlnet, name, None)
         if part is not None:
             part.load_state_dict(getattr(unet, name).state_dict())
-    with _quiet():  # diffusers warns on every cast
+    with quiet_libraries():  # diffusers warns on every cast
         return controlnet.to(device=unet.device, dtype=unet.dtype)
 
 
@@ -68,7 +68,7 @@ def load_controlnet(folder: str | Path, allow_pickle: bool = False):
     safetensors only unless ``allow_pickle``; it remembers its path for the PNG (``_slimsd_path``)."""
     from diffusers import ControlNetModel
 
-    from slimsd.models.lora import _quiet  # diffusers' loading chatter: errors only
+    from slimsd.models.loading import quiet_libraries  # diffusers' loading chatter: errors only
 
     folder = Path(folder)
     if not (folder / "config.json").is_file():
@@ -81,7 +81,7 @@ def load_controlnet(folder: str | Path, allow_pickle: bool = False):
             f"--controlnet {str(folder)!r} has no diffusion_pytorch_model.safetensors; a pickle file can run "
             "code: pass --allow-pickle to load it anyway"
         )
-    with _quiet():
+    with quiet_libraries():
         try:
             controlnet = ControlNetModel.from_pretrained(folder, use_safetensors=not allow_pickle)
         except (OSError, ValueError, RuntimeError) as e:

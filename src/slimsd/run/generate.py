@@ -31,8 +31,7 @@ from PIL import Image
 from slimsd.devices import dtype_name
 from slimsd.errors import SlimsdError
 from slimsd.images import InputImage, as_input_image, fit
-from slimsd.models.loading import is_sdxl, model_info, native_resolution
-from slimsd.models.lora import _quiet
+from slimsd.models.loading import is_sdxl, model_info, native_resolution, quiet_libraries
 from slimsd.run import deepcache
 from slimsd.run.pnginfo import Settings
 from slimsd.run.schedulers import check_scheduler, set_scheduler
@@ -150,14 +149,14 @@ def task_pipeline(pipe, init: InputImage | None, mask: InputImage | None, contro
             raise SlimsdError("--controlnet with --init-image is not supported yet; use one or the other")
         name, extra = f"StableDiffusion{xl}ControlNetPipeline", {"controlnet": controlnet}
         if (controlnet.device, controlnet.dtype) != (pipe.device, pipe.unet.dtype):
-            with _quiet():  # diffusers warns on every cast
+            with quiet_libraries():  # diffusers warns on every cast
                 controlnet.to(device=pipe.device, dtype=pipe.unet.dtype)
     elif init is None:
         return pipe
     else:
         inpaint = mask is not None or pipe.unet.config.in_channels == 9
         name, extra = f"StableDiffusion{xl}{'Inpaint' if inpaint else 'Img2Img'}Pipeline", {}
-    with _quiet():  # diffusers' chatter on building a pipeline: errors only
+    with quiet_libraries():  # diffusers' chatter on building a pipeline: errors only
         task = getattr(diffusers, name).from_pipe(pipe, **extra)
     task.set_progress_bar_config(disable=True)
     return task
@@ -339,9 +338,9 @@ def generate(
             if negative:
                 kwargs["negative_prompt"] = [negative] * len(batch)
             start = time.perf_counter()
-            # deep_cache counts from 0 for each batch's steps; _quiet: SDXL img2img casts its VAE to fp32 on
+            # deep_cache counts from 0 for each batch's steps; quiet_libraries: SDXL img2img casts its VAE to fp32 on
             # every call, and diffusers warns about every cast
-            with deepcache.deep_cache(pipe.unet, deep_cache), _quiet():
+            with deepcache.deep_cache(pipe.unet, deep_cache), quiet_libraries():
                 images = task(
                     prompt=[p for p, _ in batch],
                     num_inference_steps=steps,
