@@ -72,3 +72,27 @@ def test_two_sharded_processes_equal_one_and_a_stopped_run_resumes_exactly(tmp_p
     assert resumed["last"]["loss"] == pytest.approx(one["losses"][-1]["loss"], rel=1e-5)
     assert max_diff(student_at(tmp_path / "one", 3), student_at(two, 3)) <= 1e-5
     assert max_diff(unet_weights(one["final_dir"]), unet_weights(two / "final")) <= 1e-5  # the EMA weights
+
+
+@pytest.mark.slow
+def test_a_checkpoint_of_the_layout_before_sharding_still_resumes(tmp_path):
+    """Checkpoints written before sharding.py keyed the optimizer state by parameter position
+    (``optimizer.state_dict()``); such a run still resumes exactly."""
+    import torch
+
+    kw = {**COMMON, "ema": False}
+    whole = train(cfg(tmp_path, "whole", **kw))
+    train(cfg(tmp_path, "old", stop_at_step=2, **kw))
+    trainer_pt = tmp_path / "old" / "checkpoints" / "step-00000002" / "trainer.pt"
+    trainer = torch.load(trainer_pt, weights_only=True)
+    by_name = trainer["optimizer"]
+    names = [g["params"] for g in by_name["param_groups"]]
+    position = {name: i for i, name in enumerate(n for group in names for n in group)}
+    trainer["optimizer"] = {  # the old layout: what optimizer.state_dict() gives
+        "state": {position[k]: v for k, v in by_name["state"].items()},
+        "param_groups": [g | {"params": [position[n] for n in g["params"]]} for g in by_name["param_groups"]],
+    }
+    torch.save(trainer, trainer_pt)
+    resumed = train(cfg(tmp_path, "old", resume="latest", **kw))
+    assert resumed["resumed_from"].endswith("step-00000002")
+    assert max_diff(unet_weights(whole["final_dir"]), unet_weights(resumed["final_dir"])) <= 1e-6

@@ -98,7 +98,17 @@ def load_weights(engine: str, model, weights: dict[str, torch.Tensor]) -> None:
 def load_optimizer(engine: str, model, optimizer, saved: dict) -> None:
     from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
-    set_optimizer_state_dict(model, _raw(optimizer), saved, options=_options())
+    if engine in ("single", "ddp") and all(isinstance(p, int) for p in saved["param_groups"][0]["params"]):
+        _raw(optimizer).load_state_dict(saved)  # written by slimsd before sharding: keyed by position
+        return
+    raw = _raw(optimizer)
+    set_optimizer_state_dict(model, raw, saved, options=_options())
+    for (
+        group
+    ) in raw.param_groups:  # it hands tuples (AdamW's betas) back as lists; checkpoints stay byte-equal
+        for k, v in raw.defaults.items():
+            if isinstance(v, tuple) and isinstance(group.get(k), list):
+                group[k] = tuple(group[k])
 
 
 def save_engine(model, folder: Path) -> None:
