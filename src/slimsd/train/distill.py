@@ -788,7 +788,9 @@ def train(cfg: DistillConfig) -> dict:
     # early (stop_at_step) leaves only its checkpoint: resume=latest finishes it.
     finished = state["step"] >= cfg.max_steps
     state["skipped"] = dict(skipped)
-    unet_state = ema if ema is not None or not finished else S.full_weights(accelerator, engine, student)
+    unet_state = ema
+    if ema is None and finished:  # gathered on every process (a collective under FSDP / ZeRO-3)
+        unet_state = S.full_weights(accelerator, engine, student)
     if accelerator.is_main_process and finished:
         save_final(models, unet_state, cfg, state, reuse_components=weight_dtype == torch.float32)
     if skipped:

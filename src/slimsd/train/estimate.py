@@ -60,18 +60,19 @@ def architecture(cfg: DistillConfig) -> Architecture:
         student = student_config(teacher["unet_config"], load_recipe(cfg.student))
     if cfg.objective in ("lcm", "progressive") and student.get("time_cond_proj_dim") is None:
         student["time_cond_proj_dim"] = cfg.cond_proj_dim  # the guidance input the trainer adds
-    factor = 2 ** (len(teacher["unet_config"].get("block_out_channels", [0] * 4)) - 1)
-    return Architecture(student, teacher, teacher["resolution"], 8 if factor < 2 else factor)
+    return Architecture(student, teacher, teacher["resolution"], teacher["vae_factor"])
 
 
-def saved_bytes(unet_config: dict, resolution: int, batch: int, checkpointing: bool) -> int:
+def saved_bytes(
+    unet_config: dict, resolution: int, batch: int, checkpointing: bool, vae_factor: int = 8
+) -> int:
     """Bytes autograd saves for the backward in one training forward of the U-Net (meta device, fp32)."""
     from slimsd.models.counting import build_unet_meta, unet_dummy_inputs
 
     unet = build_unet_meta(unet_config).train()
     if checkpointing:
         unet.enable_gradient_checkpointing()
-    inputs = unet_dummy_inputs(unet, resolution, batch=batch)
+    inputs = unet_dummy_inputs(unet, resolution, batch=batch, vae_factor=vae_factor)
     seen: dict[int, int] = {}  # one tensor saved by several ops is counted once
 
     def pack(t):
@@ -84,17 +85,19 @@ def saved_bytes(unet_config: dict, resolution: int, batch: int, checkpointing: b
         out = unet(**inputs).sample  # noqa: F841 (kept alive: the ids of what it saved stay unique)
     total = sum(seen.values())
     if checkpointing:  # the backward recomputes one block at a time: its activations exist once more
-        total += max(saved_bytes_by_block(unet_config, resolution, batch).values(), default=0)
+        total += max(saved_bytes_by_block(unet_config, resolution, batch, vae_factor).values(), default=0)
     return total
 
 
-def saved_bytes_by_block(unet_config: dict, resolution: int, batch: int) -> dict[str, int]:
+def saved_bytes_by_block(
+    unet_config: dict, resolution: int, batch: int, vae_factor: int = 8
+) -> dict[str, int]:
     """Bytes saved for the backward inside each down / mid / up block of one training forward (no
     checkpointing): what the backward of a checkpointed block recomputes."""
     from slimsd.models.counting import build_unet_meta, unet_dummy_inputs
 
     unet = build_unet_meta(unet_config).train()
-    inputs = unet_dummy_inputs(unet, resolution, batch=batch)
+    inputs = unet_dummy_inputs(unet, resolution, batch=batch, vae_factor=vae_factor)
     out: dict[str, int] = {}
     current = ["outside"]
     seen: set[int] = set()
@@ -145,7 +148,7 @@ def estimate(cfg: DistillConfig, num_processes: int) -> dict:
     t = arch.teacher
     frozen = (t["unet_params"] + t["text_encoder_params"] + t["vae_params"]) * frozen_bytes
     averages = (1 if cfg.ema else 0) + (1 if cfg.objective in ("lcm", "progressive") else 0)
-    activations = saved_bytes(arch.student, res, cfg.batch_size, cfg.gradient_checkpointing)
+    activations = saved_bytes(arch.student, res, cfg.batch_size, cfg.gradient_checkpointing, arch.vae_factor)
     n = num_processes
     engines = {}
     for name, (shard_states, shard_weights) in SHARDS.items():
