@@ -460,6 +460,7 @@ def train(cfg: DistillConfig) -> dict:
     shapes = {k: tuple(v.shape) for k, v in student.state_dict().items()}
     # Prepared first: the checkpoint's whole weights and optimizer state are then put into each process's shard.
     student, optimizer = accelerator.prepare(student, optimizer)
+    S.cast_inputs(accelerator, engine, student)
     if resume_from is not None:
         state, torch_rng = load_checkpoint(
             engine,

@@ -68,11 +68,18 @@ def full_weights(accelerator, engine: str, model) -> dict[str, torch.Tensor]:
         from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
         return get_model_state_dict(model, options=_options())
-    if engine == "deepspeed" and _zero_stage(accelerator) == 3:
+    if engine == "deepspeed":
         import deepspeed
+        from deepspeed.utils import safe_get_full_fp32_param
 
-        with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
-            return {k: v.detach().clone() for k, v in model.module.state_dict().items()}
+        module, zero3 = model.module, _zero_stage(accelerator) == 3
+        with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None, enabled=zero3):
+            out = {k: v.detach().clone() for k, v in module.state_dict().items()}
+        for name, p in module.named_parameters():
+            full = safe_get_full_fp32_param(p)  # the fp32 master copy (the module holds the compute dtype)
+            if full is not None:
+                out[name] = full.detach().clone()
+        return out
     return accelerator.unwrap_model(model).state_dict()
 
 
@@ -145,3 +152,25 @@ def process_group_kwargs(world_size: int) -> list:
     if world_size > 1 and deepspeed_requested() and not torch.cuda.is_available():
         return [InitProcessGroupKwargs(backend="gloo")]
     return []
+
+
+def cast_inputs(accelerator, engine: str, model) -> None:
+    """DeepSpeed holds the student in the compute dtype (bf16 / fp16; its fp32 master copy lives in the
+    optimizer), where the other engines keep it fp32 under autocast: the trainer's fp32 inputs are cast to it."""
+    if engine != "deepspeed":
+        return
+    module = accelerator.unwrap_model(model)
+    dtype = next(module.parameters()).dtype
+    if dtype == torch.float32:
+        return
+
+    def cast(x):
+        if isinstance(x, torch.Tensor):
+            return x.to(dtype) if x.is_floating_point() else x
+        if isinstance(x, dict):
+            return {k: cast(v) for k, v in x.items()}
+        if isinstance(x, list | tuple):
+            return type(x)(cast(v) for v in x)
+        return x
+
+    module.register_forward_pre_hook(lambda _m, args, kwargs: (cast(args), cast(kwargs)), with_kwargs=True)
