@@ -41,6 +41,7 @@ def test_step_memory_is_within_25_percent_of_the_measured_peak(teacher, student,
     assert added == pytest.approx(measured, rel=0.25), (added, measured)
 
 
+@pytest.mark.slow  # ~10-30 s: meta-device forwards of the student and the teacher's configs
 def test_sharding_divides_what_each_engine_shards():
     est = estimate(DistillConfig(teacher="micro-sd", student="bk-small", resolution=64, ema=True), 4)
     m, params = est["memory_per_process"], est["student_params"]
@@ -52,6 +53,7 @@ def test_sharding_divides_what_each_engine_shards():
     assert est["macs_per_sample"]["student_backward"] == 2 * est["macs_per_sample"]["student_forward"]
 
 
+@pytest.mark.slow  # ~10-30 s: meta-device forwards of the student and the teacher's configs
 def test_dry_run_prints_the_estimate_and_json(capsys):
     code, out, _ = run_cli(
         ["distill", "teacher=micro-sd", "resolution=64", "--dry-run", "--num-processes", "2"], capsys
