@@ -1,10 +1,12 @@
 """Checkpoints of a distillation run: everything an exact resume needs, each written whole or not at all.
 
-``OUTPUT/checkpoints/step-NNNNNNNN/`` holds the student (safetensors), its averaged copies (the EMA weights,
-``ema.safetensors``; LCM's target network, ``target.safetensors``), the optimizer, the LR
-schedule, the generator and torch RNG states (``trainer.pt``, read with ``weights_only=True``: no code runs on
-load) and ``state.json`` (step, data position, skipped rows, losses, the config that wrote it, its history of
-config changes, and a description of the student's architecture).
+``OUTPUT/checkpoints/step-NNNNNNNN/`` holds the whole student (safetensors), its averaged copies (the EMA
+weights, ``ema.safetensors``; LCM's target network, ``target.safetensors``), the whole optimizer state (keyed by
+parameter name), the LR schedule, the generator and torch RNG states (``trainer.pt``, read with
+``weights_only=True``: no code runs on load) and ``state.json`` (step, data position, skipped rows, losses, the
+config that wrote it, its history of config changes, a description of the student's architecture, and the
+engine). The same layout under every engine (sharding.py gathers and scatters the shards); a DeepSpeed run adds
+``engine/``, DeepSpeed's own checkpoint of its fp32 master weights and optimizer partitions.
 """
 
 from __future__ import annotations
