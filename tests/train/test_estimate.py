@@ -62,3 +62,8 @@ def test_dry_run_prints_the_estimate_and_json(capsys):
     code, out, _ = run_cli(["distill", "teacher=micro-sd", "resolution=64", "--dry-run", "--json"], capsys)
     data = json.loads(out)
     assert data["config"]["teacher"] == "micro-sd" and data["estimate"]["num_processes"] == 1
+
+
+def test_dry_run_without_an_estimate_still_prints_the_config(capsys):
+    code, out, _ = run_cli(["distill", "teacher=someone/not-here", "--dry-run"], capsys)
+    assert code == 0 and "teacher: someone/not-here" in out and "# estimate: not available (" in out

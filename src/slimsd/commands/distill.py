@@ -43,12 +43,18 @@ def distill(config_file, overrides, dry_run, num_processes, as_json):
         from slimsd.train.config import validate
         from slimsd.train.estimate import describe, estimate
 
+        from slimsd.errors import SlimsdError
+
         cfg = validate(cfg)
-        est = estimate(cfg, num_processes)
+        try:
+            est = estimate(cfg, num_processes)
+        except SlimsdError as e:  # e.g. a hub teacher offline: the config is still worth printing
+            est = {"error": str(e)}
         if as_json:
             click.echo(json.dumps({"config": asdict(cfg), "estimate": est}, indent=1))
         else:
-            click.echo(config_yaml(cfg) + describe(est), nl=False)
+            lines = describe(est) if "error" not in est else f"# estimate: not available ({est['error']})\n"
+            click.echo(config_yaml(cfg) + lines, nl=False)
         return
     result = train(cfg)
     if result.get("already_finished"):  # train() said so; final/ is left as it is
