@@ -40,10 +40,9 @@ def distill(config_file, overrides, dry_run, num_processes, as_json):
     if dry_run:
         from dataclasses import asdict
 
+        from slimsd.errors import SlimsdError
         from slimsd.train.config import validate
         from slimsd.train.estimate import describe, estimate
-
-        from slimsd.errors import SlimsdError
 
         cfg = validate(cfg)
         try:
