@@ -12,9 +12,21 @@ import click
     help="YAML config (see configs/); keys as in slimsd.train.distill.DistillConfig.",
 )
 @click.argument("overrides", nargs=-1)
-@click.option("--dry-run", is_flag=True, help="Print the resolved config and exit.")
+@click.option(
+    "--dry-run",
+    is_flag=True,
+    help="Print the resolved config, the estimated memory per process (DDP, FSDP, ZeRO-2/3) and compute per "
+    "step, and exit.",
+)
+@click.option(
+    "--num-processes",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Processes (GPUs) the --dry-run estimate plans for.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary at the end.")
-def distill(config_file, overrides, dry_run, as_json):
+def distill(config_file, overrides, dry_run, num_processes, as_json):
     """Distill a student U-Net from its frozen teacher: objective=kd (task + output-KD + feature-KD), or
     objective=lcm / lcm-lora (latent consistency distillation into a few-step student).
 
@@ -26,7 +38,22 @@ def distill(config_file, overrides, dry_run, as_json):
 
     cfg = load_config(config_file, overrides)
     if dry_run:
-        click.echo(config_yaml(cfg), nl=False)
+        from dataclasses import asdict
+
+        from slimsd.errors import SlimsdError
+        from slimsd.train.config import validate
+        from slimsd.train.estimate import describe, estimate
+
+        cfg = validate(cfg)
+        try:
+            est = estimate(cfg, num_processes)
+        except SlimsdError as e:  # e.g. a hub teacher offline: the config is still worth printing
+            est = {"error": str(e)}
+        if as_json:
+            click.echo(json.dumps({"config": asdict(cfg), "estimate": est}, indent=1))
+        else:
+            lines = describe(est) if "error" not in est else f"# estimate: not available ({est['error']})\n"
+            click.echo(config_yaml(cfg) + lines, nl=False)
         return
     report(train(cfg), as_json)
 
@@ -41,7 +68,15 @@ def report(result: dict, as_json: bool) -> None:
         return
     summary = {
         k: result[k]
-        for k in ("final_dir", "steps", "num_processes", "skipped", "resumed_from", "images_per_second")
+        for k in (
+            "final_dir",
+            "steps",
+            "num_processes",
+            "engine",
+            "skipped",
+            "resumed_from",
+            "images_per_second",
+        )
     }
     summary["last"] = result["losses"][-1] if result["losses"] else None
     if result["process_index"] != 0:  # under accelerate launch / torchrun: one report, from the main process

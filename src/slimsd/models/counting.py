@@ -195,6 +195,7 @@ def summarize(model: str, resolution: int | None = None) -> dict:
         "model": model,
         "kind": PRESETS[model].kind if model in PRESETS else kind,
         "resolution": resolution,
+        "vae_factor": vae_factor,
         "unet_params": up,
         "unet_macs": macs,
         "unet_blocks": block_params(unet),

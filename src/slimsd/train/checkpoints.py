@@ -1,21 +1,26 @@
 """Checkpoints of a distillation run: everything an exact resume needs, each written whole or not at all.
 
-``OUTPUT/checkpoints/step-NNNNNNNN/`` holds the student (safetensors), its averaged copies (the EMA weights,
-``ema.safetensors``; LCM's target network, ``target.safetensors``), the optimizer, the LR
-schedule, the generator and torch RNG states (``trainer.pt``, read with ``weights_only=True``: no code runs on
-load) and ``state.json`` (step, data position, skipped rows, losses, the config that wrote it, its history of
-config changes, and a description of the student's architecture).
+``OUTPUT/checkpoints/step-NNNNNNNN/`` holds the whole student (safetensors), its averaged copies (the EMA
+weights, ``ema.safetensors``; LCM's target network, ``target.safetensors``), the whole optimizer state (keyed by
+parameter name), the LR schedule, the generator and torch RNG states (``trainer.pt``, read with
+``weights_only=True``: no code runs on load) and ``state.json`` (step, data position, skipped rows, losses, the
+config that wrote it, its history of config changes, a description of the student's architecture, and the
+engine). The same layout under every engine (sharding.py gathers and scatters the shards); a DeepSpeed run adds
+``engine/``, DeepSpeed's own checkpoint of its fp32 master weights and optimizer partitions.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
+import tempfile
 from pathlib import Path
 
 import torch
 
 from slimsd.errors import SlimsdError
+from slimsd.train import sharding as S
 from slimsd.train.config import DistillConfig
 
 
@@ -49,6 +54,8 @@ def resolve_resume(cfg: DistillConfig) -> Path | None:
 
 
 def save_checkpoint(
+    accelerator,
+    engine: str,
     output_dir: Path,
     step: int,
     student,
@@ -59,34 +66,55 @@ def save_checkpoint(
     state: dict,
     keep_last: int,
 ) -> Path:
-    """Everything an exact resume needs, in one folder renamed into place (never half-written)."""
+    """Everything an exact resume needs, in one folder renamed into place (never half-written). Called on every
+    process: the whole weights and optimizer state are gathered from the engine (sharding.py), the main process
+    writes them. DeepSpeed's engine checkpoint is written by all processes into a staging folder that the main
+    process moves inside before the rename."""
+    from accelerate.utils import broadcast_object_list
     from safetensors.torch import save_file
 
     from slimsd.atomic import atomic_dir, remove_dir
 
+    weights = S.full_weights(accelerator, engine, student)
+    optimizer_state = S.full_optimizer(engine, student, optimizer)
     path = output_dir / "checkpoints" / f"step-{step:08d}"
-    with atomic_dir(path, overwrite=True) as tmp:
-        save_file(
-            {k: v.detach().contiguous().cpu() for k, v in student.state_dict().items()},
-            str(tmp / "student.safetensors"),
-        )
-        for name, weights in averages.items():
-            if weights is not None:
-                save_file(
-                    {k: v.contiguous().cpu() for k, v in weights.items()}, str(tmp / f"{name}.safetensors")
-                )
-        torch.save(
-            {
-                "optimizer": optimizer.state_dict(),
-                "lr_scheduler": lr_scheduler.state_dict(),
-                "generator": gen.get_state(),
-                "torch_rng": torch.get_rng_state(),
-            },
-            tmp / "trainer.pt",
-        )
-        (tmp / "state.json").write_text(json.dumps(state) + "\n")
-    for old in list_checkpoints(output_dir)[:-keep_last]:
-        remove_dir(old)  # renamed aside first: a kill never leaves a half-deleted step-N behind
+    staging = None
+    if engine == "deepspeed":  # a leftover-pattern name: a killed run's staging folder is cleaned on restart
+        name = [None]
+        if accelerator.is_main_process:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            name = [tempfile.mkdtemp(prefix=f".{path.name}.tmp-{os.getpid()}-", dir=path.parent)]
+        broadcast_object_list(name)
+        staging = Path(name[0])
+        S.save_engine(student, staging)
+        accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        with atomic_dir(path, overwrite=True) as tmp:
+            save_file(
+                {k: v.detach().contiguous().cpu() for k, v in weights.items()},
+                str(tmp / "student.safetensors"),
+            )
+            for name, average in averages.items():
+                if average is not None:
+                    save_file(
+                        {k: v.contiguous().cpu() for k, v in average.items()},
+                        str(tmp / f"{name}.safetensors"),
+                    )
+            torch.save(
+                {
+                    "optimizer": optimizer_state,
+                    "lr_scheduler": lr_scheduler.state_dict(),
+                    "generator": gen.get_state(),
+                    "torch_rng": torch.get_rng_state(),
+                },
+                tmp / "trainer.pt",
+            )
+            if staging is not None:
+                os.replace(staging, tmp / "engine")
+            (tmp / "state.json").write_text(json.dumps(state | {"engine": engine}) + "\n")
+        for old in list_checkpoints(output_dir)[:-keep_last]:
+            remove_dir(old)  # renamed aside first: a kill never leaves a half-deleted step-N behind
+    accelerator.wait_for_everyone()
     return path
 
 
@@ -100,13 +128,12 @@ def architecture(unet, label: str) -> str:
     )
 
 
-def _check_architecture(path: Path, student, state: dict, expected: str) -> None:
+def _check_architecture(path: Path, wanted: dict[str, tuple], state: dict, expected: str) -> None:
     """Refuse a checkpoint whose tensors do not fit the student, naming both architectures."""
     from safetensors import safe_open
 
     with safe_open(str(path / "student.safetensors"), framework="pt") as f:
         saved = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118 (no __iter__)
-    wanted = {k: tuple(v.shape) for k, v in student.state_dict().items()}
     if saved != wanted:
         found = state.get("architecture") or (
             f"{len(saved)} tensors, {sum(torch.Size(s).numel() for s in saved.values()):,} parameters"
@@ -118,33 +145,49 @@ def _check_architecture(path: Path, student, state: dict, expected: str) -> None
 
 
 def load_checkpoint(
-    path: Path, student, optimizer, lr_scheduler, averages: dict[str, dict | None], gen, expected: str
+    engine: str,
+    path: Path,
+    student,
+    optimizer,
+    lr_scheduler,
+    averages: dict[str, dict | None],
+    gen,
+    expected: str,
+    shapes: dict[str, tuple],
 ) -> tuple[dict, torch.Tensor]:
-    """Restore everything an exact resume needs; ``expected`` describes the student (see ``architecture``).
+    """Restore everything an exact resume needs into the prepared ``student`` and ``optimizer``, on every
+    process; ``expected`` describes the student (see ``architecture``), ``shapes`` are its tensors' shapes (taken
+    before ``prepare``: ZeRO-3 leaves empty partitions in the module).
     Returns the state and the torch RNG state, which the caller sets once its data iterator has drawn its seed
     (as the uninterrupted run's did, before the checkpoint)."""
     from safetensors.torch import load_file
 
     state = read_state(path)
-    _check_architecture(path, student, state, expected)
-    student.load_state_dict(load_file(str(path / "student.safetensors")))
+    _check_architecture(path, shapes, state, expected)
+    weights = load_file(str(path / "student.safetensors"))
+    S.load_weights(engine, student, weights)
     trainer = torch.load(path / "trainer.pt", map_location="cpu", weights_only=True)  # no code runs on load
     try:
-        optimizer.load_state_dict(trainer["optimizer"])
+        if engine == "deepspeed":
+            S.load_engine(student, path / "engine")
+        elif trainer["optimizer"] is None:
+            raise ValueError("it was written by a DeepSpeed run, whose optimizer state only DeepSpeed reads")
+        else:
+            S.load_optimizer(engine, student, optimizer, trainer["optimizer"])
     except (ValueError, KeyError, RuntimeError) as e:  # e.g. use_8bit_adam changed under allow_config_change
         raise SlimsdError(
             f"checkpoint {str(path)!r}: its optimizer state does not fit this run ({e})"
         ) from None
     lr_scheduler.load_state_dict(trainer["lr_scheduler"])
     gen.set_state(trainer["generator"])
-    for name, weights in averages.items():
-        if weights is None:
+    for name, average in averages.items():
+        if average is None:
             continue
         # No file: the average starts here (ema switched on by a resume with allow_config_change).
         file = path / f"{name}.safetensors"
-        saved = load_file(str(file)) if file.is_file() else dict(student.state_dict())
-        for k in weights:
-            weights[k].copy_(saved[k])
+        saved = load_file(str(file)) if file.is_file() else weights
+        for k in average:
+            average[k].copy_(saved[k])
     return state, trainer["torch_rng"]
 
 

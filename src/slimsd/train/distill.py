@@ -32,6 +32,7 @@ from slimsd.errors import SlimsdError
 from slimsd.models.lora import LORA_FILE
 from slimsd.train import consistency as C
 from slimsd.train import progressive as P
+from slimsd.train import sharding as S
 from slimsd.train.checkpoints import apply_optimizer_settings, architecture, load_checkpoint, save_checkpoint
 from slimsd.train.config import ATTENTION_TARGETS, DistillConfig, round_length, validate
 from slimsd.train.runs import begin_run, plan_run
@@ -179,7 +180,7 @@ def load_models(cfg: DistillConfig, device, weight_dtype: torch.dtype) -> Models
 
 
 def save_validation(
-    pipe_cls, teacher_pipe, student, cfg: DistillConfig, resolution: int, path: Path, autocast
+    pipe_cls, teacher_pipe, student, cfg: DistillConfig, resolution: int, path: Path, autocast, write=True
 ):
     """Images of the fixed prompts from the current student (same seeds every time), as one PNG grid."""
     import io
@@ -208,7 +209,8 @@ def save_validation(
     buf = io.BytesIO()
     grid = make_grid(images, cols=len(images))
     grid.save(buf, format="PNG")
-    atomic_write_bytes(path, buf.getvalue())
+    if write:
+        atomic_write_bytes(path, buf.getvalue())
     return grid
 
 
@@ -375,7 +377,7 @@ def _init_params(cls) -> set[str]:
 def train(cfg: DistillConfig) -> dict:
     """Distill ``cfg.student`` from ``cfg.teacher`` on ``cfg.data``. Returns {"final_dir", "losses", ...}."""
     from accelerate import Accelerator
-    from accelerate.utils import DistributedType, set_seed
+    from accelerate.utils import set_seed
     from diffusers import DDPMScheduler
     from diffusers.optimization import get_scheduler
     from tqdm.auto import tqdm
@@ -404,18 +406,15 @@ def train(cfg: DistillConfig) -> dict:
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         log_with=log_with,
         project_dir=str(output_dir),
-        cpu=world_size > 1 and not torch.cuda.is_available(),
+        cpu=world_size > 1 and not torch.cuda.is_available() and not S.deepspeed_requested(),
+        kwargs_handlers=S.process_group_kwargs(world_size),
     )
     if world_size > 1 and accelerator.num_processes != world_size:
         raise SlimsdError(
             f"launched as {world_size} processes but accelerate sees {accelerator.num_processes}: "
             "start them with `accelerate launch --multi_gpu --num_processes N` or torchrun"
         )
-    if accelerator.distributed_type == DistributedType.DEEPSPEED:
-        raise SlimsdError(
-            "DeepSpeed runs need accelerator.save_state checkpoints, which this trainer does not "
-            "write yet; use DDP (configs/accelerate/ddp.yaml)"
-        )
+    engine = S.setup(accelerator, cfg.batch_size)  # single, ddp, fsdp or deepspeed (sharding.py)
     for line in run.notes:
         accelerator.print(line)
     if run.finished:
@@ -531,15 +530,28 @@ def train(cfg: DistillConfig) -> dict:
     state = {"step": 0, "micro_batches": 0, "skipped": {}, "losses": []}
     resume_from, torch_rng = run.checkpoint, None
     arch = architecture(student, models.recipe["name"] if models.recipe else cfg.student)
+    shapes = {k: tuple(v.shape) for k, v in student.state_dict().items()}
+    # Prepared first: the checkpoint's whole weights and optimizer state are then put into each process's shard.
+    student, optimizer = accelerator.prepare(student, optimizer)
+    S.cast_inputs(accelerator, engine, student)
     if resume_from is not None:
-        state, torch_rng = load_checkpoint(resume_from, student, optimizer, lr_scheduler, averages, gen, arch)
+        state, torch_rng = load_checkpoint(
+            engine,
+            resume_from,
+            student,
+            optimizer,
+            lr_scheduler,
+            averages,
+            gen,
+            arch,
+            shapes,
+        )
         if run.changes and cfg.allow_config_change:
             apply_optimizer_settings(optimizer, lr_scheduler, cfg)
         accelerator.print(f"resumed from {resume_from} at step {state['step']}")
     # What the next checkpoints record: this run's config, its history of changes, the student it trains.
     state |= {"config": asdict(cfg), "config_changes": run.history, "architecture": arch}
     skipped = Counter(state["skipped"])
-    student, optimizer = accelerator.prepare(student, optimizer)
 
     # 4. Data: this process's slice of every global micro-batch, from the saved position on.
     skipped.update({} if resume_from else source.skipped)
@@ -788,7 +800,10 @@ def train(cfg: DistillConfig) -> dict:
             images_seen += batch["size"] * accelerator.num_processes
         lr_scheduler.step()
         state["step"] += 1
-        online = accelerator.unwrap_model(student).state_dict()
+        # the whole weights (gathered under FSDP / ZeRO-3) only when an average needs them
+        online = (
+            S.full_weights(accelerator, engine, student) if target is not None or ema is not None else None
+        )
         if target is not None and lcm:  # LCM's target network trails the student (μ = target_decay)
             update_average(target, online, cfg.target_decay)
         if progressive and state["step"] % per_round == 0:  # a round ends: its student teaches the next one
@@ -821,21 +836,22 @@ def train(cfg: DistillConfig) -> dict:
         last = state["step"] == end
         if (cfg.checkpoint_every and state["step"] % cfg.checkpoint_every == 0) or last:
             state["skipped"] = dict(skipped)
-            if accelerator.is_main_process:
-                save_checkpoint(
-                    output_dir,
-                    state["step"],
-                    accelerator.unwrap_model(student),
-                    optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer,
-                    lr_scheduler,
-                    averages,
-                    gen,
-                    state,
-                    cfg.keep_last,
-                )
-            accelerator.wait_for_everyone()
+            save_checkpoint(
+                accelerator,
+                engine,
+                output_dir,
+                state["step"],
+                student,
+                optimizer,
+                lr_scheduler,
+                averages,
+                gen,
+                state,
+                cfg.keep_last,
+            )
         if cfg.validation_every and cfg.validation_prompts and state["step"] % cfg.validation_every == 0:
-            if accelerator.is_main_process:
+            # a sharded student runs its forward on every process (collectives); the main one writes
+            if accelerator.is_main_process or engine in ("fsdp", "deepspeed"):
                 grid = save_validation(
                     type(tp),
                     tp,
@@ -844,8 +860,9 @@ def train(cfg: DistillConfig) -> dict:
                     resolution,
                     output_dir / "validation" / f"step-{state['step']:08d}.png",
                     accelerator.autocast,
+                    write=accelerator.is_main_process,
                 )
-                if log_with:
+                if log_with and accelerator.is_main_process:
                     import numpy as np
 
                     accelerator.get_tracker("tensorboard").writer.add_image(
@@ -858,8 +875,10 @@ def train(cfg: DistillConfig) -> dict:
     # early (stop_at_step) leaves only its checkpoint: resume=latest finishes it.
     finished = state["step"] >= cfg.max_steps
     state["skipped"] = dict(skipped)
+    unet_state = ema
+    if ema is None and finished:  # gathered on every process (a collective under FSDP / ZeRO-3)
+        unet_state = S.full_weights(accelerator, engine, student)
     if accelerator.is_main_process and finished:
-        unet_state = ema if ema is not None else accelerator.unwrap_model(student).state_dict()
         save_final(models, unet_state, cfg, state, reuse_components=weight_dtype == torch.float32)
     if skipped:
         accelerator.print(f"skipped rows: {D.describe_skipped(skipped)}")
@@ -877,6 +896,7 @@ def train(cfg: DistillConfig) -> dict:
         "steps": state["step"],
         "num_processes": num_processes,
         "process_index": process_index,
+        "engine": engine,
         "taps": models.taps,
         "images_per_second": images_seen / max(time.perf_counter() - t0, 1e-9),
         "resumed_from": str(resume_from) if resume_from else None,
