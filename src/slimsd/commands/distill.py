@@ -27,6 +27,10 @@ def distill(config_file, overrides, dry_run, as_json):
     cfg = load_config(config_file, overrides)
     if dry_run:
         click.echo(config_yaml(cfg), nl=False)
+        if cfg.stages:
+            from slimsd.train.stages import describe
+
+            click.echo(describe(cfg), nl=False)
         return
     result = train(cfg)
     if result.get("already_finished"):  # train() said so; final/ is left as it is
