@@ -16,11 +16,13 @@ Folder layout (each stage folder is a normal run folder of runs.py):
 
     OUTPUT/plan.json        the stages, as first started (a resume refuses another plan)
     OUTPUT/stage-1/         run.json, checkpoints/, final/
-    OUTPUT/stage-2-init/    stage 2's student before training (a `slimsd compress` folder)
+    OUTPUT/stage-2-init/    stage 2's student before training (a `slimsd compress` folder; stage 1 has one
+                            only when another model than the original teacher teaches it)
     OUTPUT/stage-2/ ...
     OUTPUT/final/           the last stage's final student; slimsd.json also lists the stages
 
-Steps count across the plan: stage k's step s is global step offset_k + s. ``stop_at_step`` and
+Each stage draws its data order and noise with seed + k - 1 (unless it gives its own seed). Steps count across
+the plan: stage k's step s is global step offset_k + s. ``stop_at_step`` and
 ``checkpoint_every`` are global; ``resume=latest`` skips finished stages and resumes the current one, so a plan
 stopped anywhere and resumed ends bit-identical to an uninterrupted one.
 """
@@ -86,7 +88,11 @@ def stage_configs(cfg: DistillConfig) -> list[tuple[DistillConfig, int]]:
         over = {key: v for key, v in stage.items() if key != "recipe"}
         if over.get("teacher") == "previous":
             over["teacher"] = str(root / f"stage-{k - 1}" / "final")
-        student = stage["recipe"] if k == 1 else str(root / f"stage-{k}-init")
+        # Each stage draws its own data order and noise (a stage would otherwise replay the one before's).
+        over.setdefault("seed", (cfg.seed + k - 1) % 2**32)
+        # Stage 1 compresses the original teacher (in memory, or into stage-1-init when another model teaches).
+        own_init = k > 1 or over.get("teacher", cfg.teacher) != cfg.teacher
+        student = str(root / f"stage-{k}-init") if own_init else stage["recipe"]
         stop = None if cfg.stop_at_step is None else max(cfg.stop_at_step - offset, 0)
         one = DistillConfig(**(base | over | {"student": student, "output_dir": str(root / f"stage-{k}")}))
         one.stop_at_step = None if stop is None or stop >= one.max_steps else stop
@@ -187,12 +193,12 @@ def describe(cfg: DistillConfig) -> str:
     rows = plan_layers(cfg)
     lines = [
         f"teacher {cfg.teacher}: U-Net {rows[0]['teacher_unet_params']:,} params, "
-        f"{rows[0]['teacher_unet_macs'] / 1e9:.3f} G MACs"
+        f"{rows[0]['teacher_unet_macs']:,} MACs"
     ]
     for r in rows:
         lines.append(
             f"stage {r['stage']}: recipe {r['recipe']}, teacher {r['teacher']}, {r['max_steps']} steps, "
-            f"U-Net {r['unet_params']:,} params, {r['unet_macs'] / 1e9:.3f} G MACs"
+            f"U-Net {r['unet_params']:,} params, {r['unet_macs']:,} MACs"
         )
     return "\n".join(lines) + "\n"
 
@@ -226,7 +232,7 @@ def _check_folder(cfg: DistillConfig, root: Path) -> None:
 
     names = {p.name for p in root.iterdir() if not is_leftover(p.name)} if root.is_dir() else set()
     ours = {PLAN_FILE, "final"} | {f"stage-{k}" for k in range(1, len(cfg.stages) + 1)}
-    ours |= {f"stage-{k}-init" for k in range(2, len(cfg.stages) + 1)}
+    ours |= {f"stage-{k}-init" for k in range(1, len(cfg.stages) + 1)}
     if names and PLAN_FILE not in names:
         raise SlimsdError(f"output_dir {str(root)!r} is not empty and holds no staged plan; choose another")
     if names and cfg.overwrite:
@@ -275,8 +281,14 @@ def train_plan(cfg: DistillConfig) -> dict:
     for k, (one, offset) in enumerate(stage_configs(cfg), 1):
         if cfg.stop_at_step is not None and cfg.stop_at_step <= offset:
             break
+        init = Path(one.student)
+        if main and k == 1 and init.name == "stage-1-init" and not (init / "slimsd.json").is_file():
+            from slimsd.models.compress import compress
+
+            compress(
+                cfg.teacher, cfg.stages[0]["recipe"], init, overwrite=True, allow_pickle=cfg.allow_pickle
+            )
         if k > 1:
-            init = Path(one.student)
             if main and not (init / "slimsd.json").is_file():
                 build_stage_student(
                     cfg.teacher,
@@ -307,7 +319,7 @@ def train_plan(cfg: DistillConfig) -> dict:
         if result["final_dir"] is None:
             break
     finished = len(summary["stages"]) == len(rows) and summary["stages"][-1]["final_dir"] is not None
-    if main and finished:
+    if main and finished and not (summary["already_finished"] and (root / "final").is_dir()):
         last = root / f"stage-{len(rows)}" / "final"
         with atomic_dir(root / "final", overwrite=True) as tmp:
             shutil.copytree(last, tmp, dirs_exist_ok=True)
