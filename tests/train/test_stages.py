@@ -41,11 +41,8 @@ TEACHER_OF_BK_TINY = {
 
 def plan_cfg(out: Path, **kw) -> DistillConfig:
     base = {k: v for k, v in FAST_DISTILL.items() if k != "student"}
-    return DistillConfig(
-        **{**base, "data": "shapes:8", "batch_size": 2, "checkpoint_every": 2, "output_dir": str(out)},
-        stages=[dict(s) for s in STAGES],
-        **kw,
-    )
+    fixed = {"data": "shapes:8", "batch_size": 2, "checkpoint_every": 2, "output_dir": str(out)}
+    return DistillConfig(**{**base, **fixed, "stages": [dict(s) for s in STAGES], **kw})
 
 
 def unet(folder: Path) -> dict[str, torch.Tensor]:
@@ -189,3 +186,26 @@ def test_plan_keys_beside_stages_and_a_foreign_plan_are_refused(whole, tmp_path,
     ]:
         code, _, err = run_cli(["distill", "--config", str(path), *args], capsys)
         assert code == 2 and needle in err and len(err.strip().splitlines()) == 1, (args, err)
+
+
+def test_another_teacher_teaches_a_student_compressed_from_the_original(tmp_path):
+    """A stage taught by another model of the teacher's architecture (an expert teacher): the student still
+    starts from the original teacher's weights (stage-1-init), and the other model is the one teaching."""
+    from slimsd.models.compress import compress
+    from slimsd.models.micro import build_micro
+
+    expert = tmp_path / "expert"
+    compress("micro-sd", "identity", expert, init="random", seed=3)  # same architecture, other weights
+    out = tmp_path / "plan"
+    cfg = plan_cfg(out, checkpoint_every=0)
+    cfg.stages = [{"recipe": "bk-small", "max_steps": 1, "teacher": str(expert)}]
+    train(cfg)
+    original = build_micro("micro-sd").unet.state_dict()
+    init = unet(out / "stage-1-init")
+    assert torch.equal(
+        init["up_blocks.1.resnets.1.conv1.weight"], original["up_blocks.1.resnets.2.conv1.weight"]
+    )
+    run = json.loads((out / "stage-1" / "run.json").read_text())
+    assert run["config"]["teacher"] == str(expert)
+    info = json.loads((out / "final" / "slimsd.json").read_text())
+    assert info["teacher"] == "micro-sd" and info["stage_teacher"] == str(expert)

@@ -149,13 +149,12 @@ def plan_layers(cfg: DistillConfig) -> list[dict]:
         if rows:
             compose(mapping, rows[-1]["weight_map"], where)
         teacher = cfg.stages[k - 1].get("teacher", cfg.teacher)
-        if teacher not in ("previous", cfg.teacher):
-            other = model_architecture(teacher)[0]
-            if {a: b for a, b in other.items() if not a.startswith("_")} != teacher_cfg:
-                raise SlimsdError(
-                    f"{where}: teacher {teacher!r} is not of the original teacher's U-Net architecture "
-                    f"({cfg.teacher!r}); allowed: 'previous' or a model of that architecture"
-                )
+        other = teacher not in ("previous", cfg.teacher)
+        if other and _architecture(model_architecture(teacher)[0]) != _architecture(teacher_cfg):
+            raise SlimsdError(
+                f"{where}: teacher {teacher!r} is not of the original teacher's U-Net architecture "
+                f"({cfg.teacher!r}); allowed: 'previous' or a model of that architecture"
+            )
         _, params, macs = unet_counts(s_cfg, vae_cfg, one.resolution or native)
         rows.append(
             {
@@ -173,6 +172,14 @@ def plan_layers(cfg: DistillConfig) -> list[dict]:
     for row in rows:
         row["teacher_unet_params"], row["teacher_unet_macs"] = teacher_params, teacher_macs
     return rows
+
+
+def _architecture(unet_cfg: dict) -> dict:
+    """A U-Net config as diffusers completes it (defaults filled in, lists as JSON has them), to compare two."""
+    from slimsd.models.counting import build_unet_meta
+
+    full = dict(build_unet_meta(unet_cfg).config)
+    return json.loads(json.dumps({k: v for k, v in full.items() if not k.startswith("_")}))
 
 
 def previous_taps(row: dict, before: dict) -> list[list[str]]:
