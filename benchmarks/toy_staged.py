@@ -12,7 +12,7 @@ fidelity of fresh captions of seen and of held-out colour x shape combinations):
 
 Results are saved per run under --work (an interrupted sweep resumes); rows go to OUT.json and OUT.md.
 
-Run:  .venv/bin/python benchmarks/toy_staged.py --steps 150 150 --jobs 2
+Run:  .venv/bin/python benchmarks/toy_staged.py --budgets 75+75 150+150 --jobs 2
 """
 
 from __future__ import annotations
@@ -38,7 +38,11 @@ KD_ARM = (
 )
 
 
-def run_one(job: tuple[str, int], args) -> dict:
+def run_key(arm: str, seed: int, steps: tuple[int, int]) -> str:
+    return f"{arm}.seed{seed}.steps{steps[0]}+{steps[1]}"
+
+
+def run_one(job: tuple[str, int, tuple[int, int]], args) -> dict:
     """Train one arm's student for one seed and score it; the row is written to WORK/results/KEY.json."""
     import shutil
 
@@ -49,9 +53,8 @@ def run_one(job: tuple[str, int], args) -> dict:
     from slimsd.train.distill import train
 
     torch.set_num_threads(1)
-    arm, seed = job
-    n1, n2 = args.steps
-    key = f"{arm}.seed{seed}.steps{n1}+{n2}"
+    arm, seed, (n1, n2) = job
+    key = run_key(*job)
     cfg = A.demo_config(args, seed, n1 + n2)
     out = args.work / "students" / key
     shutil.rmtree(out, ignore_errors=True)  # a run killed half-way starts over
@@ -93,10 +96,10 @@ def summarize(runs: list[dict], teacher: dict, meta: dict) -> list[dict]:
             **meta,
         }
     ]
-    for arm in ARMS:
-        rs = sorted((r for r in runs if r["arm"] == arm), key=lambda r: r["seed"])
-        if not rs:
-            continue
+    for steps, arm in sorted({(tuple(r["steps"]), r["arm"]) for r in runs}, key=lambda g: (sum(g[0]), g[1])):
+        rs = sorted(
+            (r for r in runs if r["arm"] == arm and tuple(r["steps"]) == steps), key=lambda r: r["seed"]
+        )
         row = {"arm": arm, "steps": rs[0]["steps"], "seeds": [r["seed"] for r in rs]}
         for field in ("caption_fidelity", "caption_fidelity_held_out"):
             values = [r[field] for r in rs]
@@ -138,7 +141,9 @@ def markdown(rows: list[dict], meta: dict) -> str:
 
 def main(argv: list[str] | None = None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", nargs=2, type=int, default=[150, 150], metavar=("STEPS1", "STEPS2"))
+    ap.add_argument(
+        "--budgets", nargs="+", default=["150+150"], help="STEPS1+STEPS2 per budget (one-shot: the sum)"
+    )
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
     ap.add_argument("--eval-seeds", type=int, default=3)
@@ -152,13 +157,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     from slimsd.devices import cpu_model
 
-    n1, n2 = args.steps
-    jobs = [(arm, seed) for seed in args.seeds for arm in args.arms]
+    budgets = [tuple(int(n) for n in b.split("+")) for b in args.budgets]
+    jobs = [(arm, seed, b) for b in budgets for seed in args.seeds for arm in args.arms]
     A.check_work(args)
     done = {p.stem for p in (args.work / "results").glob("*.json")}
-    todo = [j for j in jobs if f"{j[0]}.seed{j[1]}.steps{n1}+{n2}" not in done]
+    todo = [j for j in jobs if run_key(*j) not in done]
     A.log(f"{len(jobs)} runs, {len(jobs) - len(todo)} already done in {args.work}")
-    A.prepare(args, [(LAST, KD_ARM, seed, 0) for _, seed in todo])  # bk-tiny init and latent caches
+    A.prepare(args, [(LAST, KD_ARM, seed, 0) for _, seed, _ in todo])  # bk-tiny init and latent caches
 
     def report(i: int, row: dict) -> None:
         A.log(
@@ -170,9 +175,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         futures = [pool.submit(run_one, j, args) for j in todo]
         for i, f in enumerate(futures, 1):
             report(i, f.result())
-    runs = [
-        json.loads((args.work / "results" / f"{a}.seed{s}.steps{n1}+{n2}.json").read_text()) for a, s in jobs
-    ]
+    runs = [json.loads((args.work / "results" / f"{run_key(*j)}.json").read_text()) for j in jobs]
     import torch
 
     cfg = A.demo_config(args, 0, 1)
