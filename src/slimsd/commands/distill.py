@@ -33,29 +33,60 @@ def distill(config_file, overrides, dry_run, num_processes, as_json):
     OVERRIDES are key=value pairs on top of the config file, e.g. max_steps=10 mixed_precision=bf16.
     Runs unchanged under `accelerate launch`.
     """
-    from slimsd.train.config import config_yaml, load_config
+    from slimsd.train.config import load_config
     from slimsd.train.distill import train
 
     cfg = load_config(config_file, overrides)
     if dry_run:
-        from dataclasses import asdict
-
-        from slimsd.errors import SlimsdError
-        from slimsd.train.config import validate
-        from slimsd.train.estimate import describe, estimate
-
-        cfg = validate(cfg)
-        try:
-            est = estimate(cfg, num_processes)
-        except SlimsdError as e:  # e.g. a hub teacher offline: the config is still worth printing
-            est = {"error": str(e)}
-        if as_json:
-            click.echo(json.dumps({"config": asdict(cfg), "estimate": est}, indent=1))
-        else:
-            lines = describe(est) if "error" not in est else f"# estimate: not available ({est['error']})\n"
-            click.echo(config_yaml(cfg) + lines, nl=False)
+        click.echo(plan_text(cfg, num_processes, as_json), nl=False)
         return
     report(train(cfg), as_json)
+
+
+def plan_text(cfg, num_processes: int, as_json: bool) -> str:
+    """The resolved config, each stage of a plan, and the memory and compute estimate (of each stage)."""
+    from dataclasses import asdict, replace
+
+    from slimsd.errors import SlimsdError
+    from slimsd.train.config import config_yaml, validate
+    from slimsd.train.estimate import describe, estimate
+
+    cfg = validate(cfg)
+    runs = [("", cfg)]
+    if cfg.stages:
+        # each stage's student from its recipe; a stage taught by the previous stage's student is counted with
+        # the original teacher (an upper bound: the previous student is smaller)
+        kept = ("batch_size", "resolution", "gradient_checkpointing", "mixed_precision", "ema")
+        runs = []
+        for k, stage in enumerate(cfg.stages, 1):
+            teacher = stage.get("teacher", cfg.teacher)
+            over = {key: v for key, v in stage.items() if key in kept}
+            one = replace(
+                cfg,
+                stages=None,
+                student=stage["recipe"],
+                teacher=cfg.teacher if teacher == "previous" else teacher,
+                **over,
+            )
+            runs.append((f"# stage {k}\n", one))
+    estimates = []
+    for _, one in runs:
+        try:
+            estimates.append(estimate(one, num_processes))
+        except SlimsdError as e:  # e.g. a hub teacher offline: the config is still worth printing
+            estimates.append({"error": str(e)})
+    if as_json:
+        found = estimates if cfg.stages else estimates[0]
+        return json.dumps({"config": asdict(cfg), "estimate": found}, indent=1) + "\n"
+    if cfg.stages:
+        from slimsd.train.stages import describe as describe_stages
+
+    text = config_yaml(cfg) + (describe_stages(cfg) if cfg.stages else "")
+    for (head, _), est in zip(runs, estimates, strict=True):
+        text += head + (
+            describe(est) if "error" not in est else f"# estimate: not available ({est['error']})\n"
+        )
+    return text
 
 
 def report(result: dict, as_json: bool) -> None:

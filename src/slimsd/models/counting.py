@@ -159,43 +159,60 @@ def _arch_from_configs(source: str) -> tuple[dict, list[dict], dict, int]:
     return unet, encoders, vae, native_resolution_of(unet, vae)
 
 
-def summarize(model: str, resolution: int | None = None) -> dict:
-    """What ``slimsd inspect`` reports: parameters of each component and U-Net MACs at ``resolution``."""
+def model_architecture(model: str) -> tuple[dict, list[dict], dict, int]:
+    """(unet config, text encoder configs, vae config, default resolution) of any model: configs only."""
     from slimsd.errors import SlimsdError
     from slimsd.models.loading import describe_model
-    from slimsd.models.presets import PRESETS
 
     kind = describe_model(model)
     if kind in ("micro", "preset"):
-        unet_cfg, encoders, vae_cfg, default_res = preset_architecture(model)
-    elif kind == "single-file":
+        return preset_architecture(model)
+    if kind == "single-file":
         from slimsd.models.single_file import file_architecture
 
-        unet_cfg, encoders, vae_cfg, default_res = file_architecture(model)
-    else:
-        try:
-            unet_cfg, encoders, vae_cfg, default_res = _arch_from_configs(model)
-        except (OSError, ValueError) as e:
-            from slimsd.models.loading import _first_line, check_local_folder, hub_error_reason
+        return file_architecture(model)
+    try:
+        return _arch_from_configs(model)
+    except (OSError, ValueError) as e:
+        from slimsd.models.loading import _first_line, check_local_folder, hub_error_reason
 
-            if kind == "local":  # a folder that is there but unreadable is broken, not missing from a cache
-                check_local_folder(Path(model), allow_pickle=True)
-                raise SlimsdError(f"model folder {model!r} is broken: {_first_line(e)}") from None
-            raise SlimsdError(f"could not read the configs of {model!r}: {hub_error_reason(e)}") from None
-    resolution = resolution or default_res
+        if kind == "local":  # a folder that is there but unreadable is broken, not missing from a cache
+            check_local_folder(Path(model), allow_pickle=True)
+            raise SlimsdError(f"model folder {model!r} is broken: {_first_line(e)}") from None
+        raise SlimsdError(f"could not read the configs of {model!r}: {hub_error_reason(e)}") from None
+
+
+def unet_counts(unet_cfg: dict, vae_cfg: dict, resolution: int):
+    """(the U-Net on the meta device, its parameters, its MACs at ``resolution``)."""
+    from slimsd.errors import SlimsdError
+
     vae_factor = 2 ** (len(vae_cfg["block_out_channels"]) - 1)
     if resolution % vae_factor:
         raise SlimsdError(f"resolution {resolution} is not a multiple of the VAE factor {vae_factor}")
     unet = build_unet_meta(unet_cfg)
+    return (
+        unet,
+        count_params(unet),
+        count_macs(unet, unet_dummy_inputs(unet, resolution, vae_factor=vae_factor)),
+    )
+
+
+def summarize(model: str, resolution: int | None = None) -> dict:
+    """What ``slimsd inspect`` reports: parameters of each component and U-Net MACs at ``resolution``."""
+    from slimsd.models.loading import describe_model
+    from slimsd.models.presets import PRESETS
+
+    kind = describe_model(model)
+    unet_cfg, encoders, vae_cfg, default_res = model_architecture(model)
+    resolution = resolution or default_res
+    unet, up, macs = unet_counts(unet_cfg, vae_cfg, resolution)
     te = [text_encoder_params(c) for c in encoders]
     vae = vae_params(vae_cfg)
-    up = count_params(unet)
-    macs = count_macs(unet, unet_dummy_inputs(unet, resolution, vae_factor=vae_factor))
     out = {
         "model": model,
         "kind": PRESETS[model].kind if model in PRESETS else kind,
         "resolution": resolution,
-        "vae_factor": vae_factor,
+        "vae_factor": 2 ** (len(vae_cfg["block_out_channels"]) - 1),
         "unet_params": up,
         "unet_macs": macs,
         "unet_blocks": block_params(unet),

@@ -105,6 +105,8 @@ class DistillConfig:
     num_class_images: int = 100  # generated once (seeded) into OUTPUT/class_images, reused on resume
     class_steps: int = 25  # sampling steps of each class image
     prior_loss_weight: float = 1.0  # the class images' task loss, added with this weight
+    # --- staged plans (stages.py): [{recipe, max_steps, per-stage overrides...}, ...], each stage shorter ---
+    stages: list | None = None
 
 
 # (low, high, low inclusive, high inclusive) per numeric key; None: unbounded. Keys grouped by their range.
@@ -197,7 +199,8 @@ def _coerce(key: str, value, hint):
         else hint
     )
     origin = typing.get_origin(base) or base
-    value = _words(value, as_text=origin in (str, list))  # lists here hold strings (prompts, module names)
+    # lists here hold strings (prompts, module names); a stage's values are typed by its own keys (stages.py)
+    value = _words(value, as_text=origin in (str, list) and key != "stages")
     bad = SlimsdError(f"config key {key!r}: expected {getattr(origin, '__name__', origin)}, got {value!r}")
     if origin is bool:
         if not isinstance(value, bool):
@@ -288,6 +291,10 @@ def validate(cfg: DistillConfig) -> DistillConfig:
         from slimsd.train.losses import parse_taps
 
         parse_taps(cfg.feature_taps)
+    if cfg.stages is not None:
+        from slimsd.train.stages import check_stages
+
+        check_stages(cfg)
     return cfg
 
 
@@ -335,6 +342,11 @@ def make_config(values: dict) -> DistillConfig:
     unknown = [k for k in values if k not in hints]
     if unknown:
         raise SlimsdError(f"unknown config key {unknown[0]!r}; allowed: {', '.join(hints)}")
+    for key in ("student", "max_steps"):
+        if values.get("stages") is not None and key in values:
+            raise SlimsdError(
+                f"config key {key!r} is not allowed beside 'stages': each stage gives its recipe and max_steps"
+            )
     return validate(DistillConfig(**values))
 
 

@@ -374,8 +374,9 @@ def _init_params(cls) -> set[str]:
 # --- the loop -------------------------------------------------------------------------------------------------
 
 
-def train(cfg: DistillConfig) -> dict:
-    """Distill ``cfg.student`` from ``cfg.teacher`` on ``cfg.data``. Returns {"final_dir", "losses", ...}."""
+def train(cfg: DistillConfig, step_offset: int = 0) -> dict:
+    """Distill ``cfg.student`` from ``cfg.teacher`` on ``cfg.data``. Returns {"final_dir", "losses", ...}.
+    ``step_offset``: the steps of a staged plan's earlier stages (checkpoint_every counts the plan's steps)."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
     from diffusers import DDPMScheduler
@@ -389,6 +390,10 @@ def train(cfg: DistillConfig) -> dict:
     from slimsd.train.losses import attach_taps, distill_loss, finetune_loss, task_target
 
     cfg = validate(cfg)
+    if cfg.stages:  # a staged plan runs this loop once per stage
+        from slimsd.train.stages import train_plan
+
+        return train_plan(cfg)
     output_dir = Path(cfg.output_dir)
     # 0. The output folder (one run per folder; a resume with a changed config is checked; runs.py), read only.
     run = plan_run(cfg)
@@ -834,7 +839,7 @@ def train(cfg: DistillConfig) -> dict:
             )
 
         last = state["step"] == end
-        if (cfg.checkpoint_every and state["step"] % cfg.checkpoint_every == 0) or last:
+        if (cfg.checkpoint_every and (state["step"] + step_offset) % cfg.checkpoint_every == 0) or last:
             state["skipped"] = dict(skipped)
             save_checkpoint(
                 accelerator,

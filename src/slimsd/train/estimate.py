@@ -187,12 +187,20 @@ def estimate(cfg: DistillConfig, num_processes: int) -> dict:
     }
 
 
+def macs_text(macs: int) -> str:
+    """MACs in the largest unit that keeps a digit before the point (TMACs for full size, GMACs for micro)."""
+    for unit, size in (("TMACs", 1e12), ("GMACs", 1e9), ("MMACs", 1e6)):
+        if macs >= size:
+            return f"{macs / size:.2f} {unit}"
+    return f"{macs:,} MACs"
+
+
 def describe(est: dict) -> str:
     """The estimate as a few lines for --dry-run."""
     lines = [
         f"# estimate: {est['num_processes']} processes, batch {est['batch_size']} per process at "
         f"{est['resolution']} px, gradient checkpointing {'on' if est['gradient_checkpointing'] else 'off'}",
-        f"# compute per optimizer step: {est['macs_per_step'] / 1e12:.2f} TMACs "
+        f"# compute per optimizer step: {macs_text(est['macs_per_step'])} "
         "(teacher + student forward, student backward ~2x)",
     ]
     big = max(p["total"] for p in est["memory_per_process"].values()) >= GIB
