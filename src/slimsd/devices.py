@@ -12,6 +12,7 @@ record of a run names the dtype with :func:`dtype_name` (``fp32``, ``fp16``, ``b
 
 from __future__ import annotations
 
+import os
 import re
 from functools import lru_cache
 
@@ -124,3 +125,11 @@ def cpu_model() -> str:
 def device_name(device: str) -> str:
     """The GPU's name on CUDA, else the CPU model."""
     return torch.cuda.get_device_name(device) if device.startswith("cuda") else cpu_model()
+
+
+def quiet_deepspeed() -> None:
+    """Where the deepspeed package is installed, accelerate imports it (``unwrap_model``) in every run, and
+    deepspeed's accelerator auto-detection prints a WARNING line on stdout on a machine without CUDA. Naming the
+    CPU accelerator (its documented override, DS_ACCELERATOR) is what the detection would pick, silently."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")

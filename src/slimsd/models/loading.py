@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from slimsd.devices import resolve_device, resolve_dtype
+from slimsd.devices import quiet_deepspeed, resolve_device, resolve_dtype
 from slimsd.errors import SlimsdError
 from slimsd.models.presets import PRESETS, Preset, get_preset
 
@@ -261,6 +261,7 @@ def load(
     from slimsd.run import runtime
     from slimsd.run.schedulers import check_scheduler, scheduler_name, set_scheduler
 
+    quiet_deepspeed()
     device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device)
     check_scheduler(scheduler)

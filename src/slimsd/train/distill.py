@@ -383,13 +383,14 @@ def train(cfg: DistillConfig, step_offset: int = 0) -> dict:
     from diffusers.optimization import get_scheduler
     from tqdm.auto import tqdm
 
-    from slimsd.devices import DTYPES, MIXED_PRECISION
+    from slimsd.devices import DTYPES, MIXED_PRECISION, quiet_deepspeed
     from slimsd.models.loading import is_sdxl, native_resolution
     from slimsd.train import data as D
     from slimsd.train.encoders import encode_images, encode_text, time_ids
     from slimsd.train.losses import attach_taps, distill_loss, finetune_loss, task_target
 
     cfg = validate(cfg)
+    quiet_deepspeed()
     if cfg.stages:  # a staged plan runs this loop once per stage
         from slimsd.train.stages import train_plan
 
