@@ -51,6 +51,15 @@ def test_sharding_divides_what_each_engine_shards():
     assert m["fsdp"] == m["zero3"] and m["fsdp-shard-grad-op"] == m["zero2"]
     assert m["ddp"]["averages"] == 4 * params  # the EMA copy, whole on every process
     assert est["macs_per_sample"]["student_backward"] == 2 * est["macs_per_sample"]["student_forward"]
+    # gradient checkpointing runs the forward again in the backward; the teacher's forward is inspect's count
+    from slimsd.models.counting import summarize
+
+    keys = dict(
+        teacher="micro-sd", student="bk-small", resolution=64, batch_size=2, gradient_checkpointing=True
+    )
+    ckpt = estimate(DistillConfig(**keys), 4)
+    forward = ckpt["macs_per_sample"]["student_forward"]
+    assert ckpt["macs_per_step"] == 2 * 4 * (4 * forward + summarize("micro-sd", 64)["unet_macs"])
 
 
 @pytest.mark.slow  # ~10-30 s: meta-device forwards of the student and the teacher's configs

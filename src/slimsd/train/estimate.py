@@ -16,7 +16,8 @@ Memory per process, in bytes, for an engine over N processes:
   activations as it fills the gradients, so the total counts the larger of the two, not both.
 
 Compute per optimizer step: MACs (convolutions and linear layers, counting.py) of the teacher and student
-forwards, and the student's backward at ~2x its forward, times the global batch.
+forwards, and the student's backward at ~2x its forward (~3x with gradient checkpointing, which runs the forward
+again inside the backward), times the global batch.
 """
 
 from __future__ import annotations
@@ -169,7 +170,8 @@ def estimate(cfg: DistillConfig, num_processes: int) -> dict:
     student_macs = count_macs(student, unet_dummy_inputs(student, res, vae_factor=arch.vae_factor))
     teacher_passes = 2 if cfg.objective in ("lcm", "progressive") else 1  # guided: with and without caption
     uses_teacher = cfg.objective != "kd" or cfg.lambda_out > 0 or cfg.lambda_feat > 0
-    per_sample = 3 * student_macs + (teacher_passes * t["unet_macs"] if uses_teacher else 0)
+    backward = (3 if cfg.gradient_checkpointing else 2) * student_macs  # checkpointing recomputes the forward
+    per_sample = student_macs + backward + (teacher_passes * t["unet_macs"] if uses_teacher else 0)
     global_batch = cfg.batch_size * n * cfg.gradient_accumulation_steps
     return {
         "num_processes": n,
@@ -180,7 +182,7 @@ def estimate(cfg: DistillConfig, num_processes: int) -> dict:
         "memory_per_process": engines,
         "macs_per_sample": {
             "student_forward": student_macs,
-            "student_backward": 2 * student_macs,
+            "student_backward": backward,
             "teacher_forward": teacher_passes * t["unet_macs"] if uses_teacher else 0,
         },
         "macs_per_step": per_sample * global_batch,
@@ -201,7 +203,7 @@ def describe(est: dict) -> str:
         f"# estimate: {est['num_processes']} processes, batch {est['batch_size']} per process at "
         f"{est['resolution']} px, gradient checkpointing {'on' if est['gradient_checkpointing'] else 'off'}",
         f"# compute per optimizer step: {macs_text(est['macs_per_step'])} "
-        "(teacher + student forward, student backward ~2x)",
+        "(teacher + student forward, student backward ~2x, ~3x with gradient checkpointing)",
     ]
     big = max(p["total"] for p in est["memory_per_process"].values()) >= GIB
     unit, size = ("GiB", GIB) if big else ("MiB", 2**20)
