@@ -2,7 +2,7 @@
 at full size (estimates only).
 
 Measured: what one training step of the student adds to the peak resident memory (gradients, AdamW states,
-activations; VmHWM reset just before the step, a fresh process each, tests/train/measure_step.py), batch 16 at
+activations; VmHWM reset just before the step, a fresh process each, measure_step.py), batch 16 and 64 at
 64 px, gradient checkpointing off and on, against the estimate's max(activations, gradients + optimizer).
 Full size: `slimsd distill --dry-run --json` of the README's two runs on 8 processes (meta device, no download).
 
@@ -46,7 +46,7 @@ GIB = 2**30
 
 
 def measured_step(teacher: str, student: str, batch: int, checkpointing: bool) -> int:
-    script = ROOT / "tests" / "train" / "measure_step.py"
+    script = Path(__file__).with_name("measure_step.py")
     args = [teacher, student, "64", str(batch), "1" if checkpointing else "0"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run(
@@ -57,22 +57,23 @@ def measured_step(teacher: str, student: str, batch: int, checkpointing: bool) -
 
 def main() -> None:
     micro = []
-    for teacher, student in MICRO:
+    for teacher, student, batch in [(t, s, b) for t, s in MICRO for b in (16, 64)]:
         for checkpointing in (False, True):
             cfg = DistillConfig(
                 teacher=teacher,
                 student=student,
                 resolution=64,
-                batch_size=16,
+                batch_size=batch,
                 gradient_checkpointing=checkpointing,
             )
             p = estimate(cfg, 1)["memory_per_process"]["ddp"]
             est = max(p["activations"], p["gradients"] + p["optimizer"])
-            got = measured_step(teacher, student, 16, checkpointing)
+            got = measured_step(teacher, student, batch, checkpointing)
             micro.append(
                 {
                     "teacher": teacher,
                     "student": student,
+                    "batch_size": batch,
                     "gradient_checkpointing": checkpointing,
                     "estimated_step_bytes": est,
                     "measured_step_bytes": got,

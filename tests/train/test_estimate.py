@@ -1,13 +1,10 @@
-"""The --dry-run estimate against what a CPU training step measures (peak resident memory in a fresh process),
-and its sharding arithmetic."""
+"""The --dry-run estimate: its sharding arithmetic and compute, and the command's output. (Its memory against
+measured CPU steps is benchmarks/training_memory.py: the measured peak depends on the environment, see the
+README, so it is not a unit test.)"""
 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
@@ -15,30 +12,6 @@ from slimsd.train.config import DistillConfig
 from slimsd.train.estimate import estimate
 
 from helpers import run_cli
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize(("teacher", "student"), [("micro-sd", "bk-small"), ("micro-sdxl", "ssd-1b")])
-@pytest.mark.parametrize("checkpointing", [False, True])
-def test_step_memory_is_within_25_percent_of_the_measured_peak(teacher, student, checkpointing):
-    """What one step adds (gradients, AdamW states, activations), measured: VmHWM reset before the step."""
-    batch = 16
-    script = Path(__file__).with_name("measure_step.py")
-    args = [teacher, student, "64", str(batch), "1" if checkpointing else "0"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, env=env)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    measured = json.loads(proc.stdout.strip().splitlines()[-1])["added"]
-    cfg = DistillConfig(
-        teacher=teacher,
-        student=student,
-        resolution=64,
-        batch_size=batch,
-        gradient_checkpointing=checkpointing,
-    )
-    p = estimate(cfg, 1)["memory_per_process"]["ddp"]
-    added = max(p["activations"], p["gradients"] + p["optimizer"])  # the first step creates AdamW's states
-    assert added == pytest.approx(measured, rel=0.25), (added, measured)
 
 
 @pytest.mark.slow  # ~10-30 s: meta-device forwards of the student and the teacher's configs
