@@ -214,3 +214,16 @@ def test_another_teacher_teaches_a_student_compressed_from_the_original(tmp_path
     assert run["config"]["teacher"] == str(expert)
     info = json.loads((out / "final" / "slimsd.json").read_text())
     assert info["teacher"] == "micro-sd" and info["stage_teacher"] == str(expert)
+
+
+def test_a_plan_runs_through_the_command_with_its_summary(tmp_path, capsys):
+    """`slimsd distill --config PLAN --json`: the plan's summary in global steps (one step per stage here)."""
+    path = tmp_path / "plan.yaml"
+    stages = [{"recipe": "bk-small", "max_steps": 1}, {"recipe": "bk-tiny", "max_steps": 1}]
+    plan = {"teacher": "micro-sd", "data": "shapes:4", "batch_size": 2, "output_dir": str(tmp_path / "o")}
+    path.write_text(json.dumps(plan | {"stages": stages}))
+    code, printed, err = run_cli(["distill", "--config", str(path), "--json"], capsys)
+    assert code == 0, err
+    summary = json.loads(printed[printed.index("{") :])
+    assert summary["steps"] == 2 and summary["final_dir"] == str(tmp_path / "o" / "final")
+    assert summary["engine"] == "single" and (tmp_path / "o" / "final" / "unet").is_dir()

@@ -337,6 +337,7 @@ def train_plan(cfg: DistillConfig) -> dict:
     return summary | {
         "final_dir": str(root / "final") if finished else None,
         "num_processes": result.get("num_processes", 1),
+        "engine": result.get("engine", "single"),
         "process_index": result.get("process_index", 0),
         "images_per_second": result.get("images_per_second", 0.0),
     }
