@@ -126,6 +126,19 @@ def preset_architecture(name: str) -> tuple[dict, list[dict], dict, int]:
     return unet, list(teacher.text_encoders), teacher.vae, p.resolution
 
 
+# what a text encoder's config says of its architecture (its parameters follow from these; single files too)
+TEXT_FIELDS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "max_position_embeddings",
+    "hidden_act",
+    "projection_dim",
+)
+
+
 def _arch_from_configs(source: str) -> tuple[dict, list[dict], dict, int]:
     """Architecture from a local pipeline folder or a hub repo: configs only, no weights."""
     from diffusers import AutoencoderKL, DiffusionPipeline, UNet2DConditionModel
@@ -139,19 +152,7 @@ def _arch_from_configs(source: str) -> tuple[dict, list[dict], dict, int]:
         if not isinstance(index.get(sub), list | tuple) or index[sub][0] is None:
             continue
         cfg = CLIPTextConfig.from_pretrained(source, subfolder=sub)
-        d = {
-            k: getattr(cfg, k)
-            for k in (
-                "vocab_size",
-                "hidden_size",
-                "intermediate_size",
-                "num_hidden_layers",
-                "num_attention_heads",
-                "max_position_embeddings",
-                "hidden_act",
-                "projection_dim",
-            )
-        }
+        d = {k: getattr(cfg, k) for k in TEXT_FIELDS}
         d["with_projection"] = "CLIPTextModelWithProjection" in (cfg.architectures or [])
         encoders.append(d)
     from slimsd.models.loading import native_resolution_of

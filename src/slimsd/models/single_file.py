@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from slimsd.errors import SlimsdError
+from slimsd.models.counting import TEXT_FIELDS
 
 SUFFIXES = (".safetensors", ".ckpt")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
@@ -278,16 +279,6 @@ OPENCLIP_LAYER = {
     "mlp.fc1": "mlp.c_fc",
     "mlp.fc2": "mlp.c_proj",
 }
-TEXT_FIELDS = (
-    "vocab_size",
-    "hidden_size",
-    "intermediate_size",
-    "num_hidden_layers",
-    "num_attention_heads",
-    "max_position_embeddings",
-    "hidden_act",
-    "projection_dim",
-)
 IGNORED = ("position_ids", "logit_scale", "attn_mask")  # buffers and training-only values of the originals
 # what original training checkpoints also hold: EMA copies and the noise schedule's buffers (not weights)
 TRAINING_ONLY = ("model_ema.", "alphas_cumprod", "betas", "posterior_", "sqrt_", "log_one_minus")
