@@ -74,6 +74,7 @@ def demo_config(args, seed: int, steps: int, lambda_out: float = 1.0, lambda_fea
         eval_seeds=tuple(range(args.eval_seeds)),
         eval_prompts=args.eval_prompts,
         data_images=args.data_images,
+        learning_rate=args.learning_rate,
         log=lambda _msg: None,
     )
 
@@ -151,6 +152,7 @@ def fingerprint(args) -> dict:
         "eval_seeds": args.eval_seeds,
         "eval_prompts": args.eval_prompts,
         "data_images": args.data_images,
+        "learning_rate": args.learning_rate,
     }
 
 
@@ -161,6 +163,10 @@ def check_work(args) -> None:
     now = fingerprint(args)
     if path.is_file():
         saved = json.loads(path.read_text())
+        from slimsd.toy.demo import DemoConfig
+
+        # work folders from before --learning-rate existed were trained at the demo's
+        saved.setdefault("learning_rate", DemoConfig.learning_rate)
         if saved != now:
             changed = ", ".join(k for k in now if saved.get(k) != now[k])
             raise SystemExit(
@@ -329,6 +335,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--eval-seeds", type=int, default=3)
     ap.add_argument("--eval-prompts", type=int, default=24)
     ap.add_argument("--data-images", type=int, default=2048)
+    ap.add_argument("--learning-rate", type=float, help="every arm's (default: the demo's)")
     ap.add_argument("--jobs", type=int, default=1)
     ap.add_argument("--name", default="toy_ablation")
     ap.add_argument("--out-dir", type=Path, default=ROOT / "benchmarks" / "results")
@@ -336,6 +343,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = ap.parse_args(argv)
 
     from slimsd.devices import cpu_model
+    from slimsd.toy.demo import DemoConfig
+
+    if args.learning_rate is None:
+        args.learning_rate = DemoConfig.learning_rate
 
     jobs = [(r, a, s, n) for r in args.recipes for a in args.arms for s in args.seeds for n in args.steps]
     check_work(args)
@@ -382,6 +393,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         "command": "python benchmarks/toy_ablation.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "eval": f"{args.eval_seeds} seeds x {args.eval_prompts} captions, {cfg.inference_steps} steps, guidance "
         f"{cfg.guidance_scale:g}",
+        "learning_rate": args.learning_rate,
     }
     rows = aggregate(runs, teacher, params, latency, meta)
     from slimsd.atomic import atomic_write_bytes, atomic_write_text
