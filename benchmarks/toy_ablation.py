@@ -75,6 +75,7 @@ def demo_config(args, seed: int, steps: int, lambda_out: float = 1.0, lambda_fea
         eval_prompts=args.eval_prompts,
         data_images=args.data_images,
         learning_rate=args.learning_rate,
+        lr_scheduler=args.lr_scheduler,
         log=lambda _msg: None,
     )
 
@@ -153,6 +154,7 @@ def fingerprint(args) -> dict:
         "eval_prompts": args.eval_prompts,
         "data_images": args.data_images,
         "learning_rate": args.learning_rate,
+        "lr_scheduler": args.lr_scheduler,
     }
 
 
@@ -165,8 +167,9 @@ def check_work(args) -> None:
         saved = json.loads(path.read_text())
         from slimsd.toy.demo import DemoConfig
 
-        # work folders from before --learning-rate existed were trained at the demo's
+        # work folders from before these options existed were trained with the demo's
         saved.setdefault("learning_rate", DemoConfig.learning_rate)
+        saved.setdefault("lr_scheduler", DemoConfig.lr_scheduler)
         if saved != now:
             changed = ", ".join(k for k in now if saved.get(k) != now[k])
             raise SystemExit(
@@ -336,6 +339,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--eval-prompts", type=int, default=24)
     ap.add_argument("--data-images", type=int, default=2048)
     ap.add_argument("--learning-rate", type=float, help="every arm's (default: the demo's)")
+    ap.add_argument("--lr-scheduler", help="every arm's (default: the demo's)")
     ap.add_argument("--jobs", type=int, default=1)
     ap.add_argument("--name", default="toy_ablation")
     ap.add_argument("--out-dir", type=Path, default=ROOT / "benchmarks" / "results")
@@ -347,6 +351,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     if args.learning_rate is None:
         args.learning_rate = DemoConfig.learning_rate
+    if args.lr_scheduler is None:
+        args.lr_scheduler = DemoConfig.lr_scheduler
 
     jobs = [(r, a, s, n) for r in args.recipes for a in args.arms for s in args.seeds for n in args.steps]
     check_work(args)
@@ -394,6 +400,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         "eval": f"{args.eval_seeds} seeds x {args.eval_prompts} captions, {cfg.inference_steps} steps, guidance "
         f"{cfg.guidance_scale:g}",
         "learning_rate": args.learning_rate,
+        "lr_scheduler": args.lr_scheduler,
     }
     rows = aggregate(runs, teacher, params, latency, meta)
     from slimsd.atomic import atomic_write_bytes, atomic_write_text

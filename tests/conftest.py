@@ -10,10 +10,18 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def expected_seconds(item) -> float:
+    """`@pytest.mark.slow(seconds=N)`: about how long a test takes alone on the 2-core dev machine; other slow
+    tests count as 10 s, fast ones as 0."""
+    slow = item.get_closest_marker("slow")
+    return 0.0 if slow is None else slow.kwargs.get("seconds", 10.0)
+
+
 def pytest_collection_modifyitems(items):
-    """Slow tests first (stable order otherwise): with several workers (`make test` runs two), a minutes-long
-    test started last would finish alone while the other worker idles."""
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+    """Longest tests first (stable order otherwise): with several workers (`make test` runs two, each stealing
+    the other's queued tests when idle), a minutes-long test started last would finish alone while the other
+    worker idles."""
+    items.sort(key=lambda item: -expected_seconds(item))
 
 
 @pytest.fixture(scope="session")

@@ -14,6 +14,7 @@ import time
 import urllib.request
 import weakref
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -87,12 +88,15 @@ def test_only_the_listed_models_are_served_and_a_refusal_does_not_probe_the_disk
     import slimsd.run.ui
 
     monkeypatch.setattr(slimsd.run.ui, "load", lambda *a, **k: pytest.fail(f"loaded {a}"))
-    (tmp_path / "a-folder").mkdir()
+    monkeypatch.chdir(tmp_path)  # short folder names: the refusal shortens names over 80 characters
+    Path("a-folder").mkdir()
     cache = ModelCache(UIConfig(models=["micro-sd"], out_dir=tmp_path))
     args = ["a red circle", "", 2, 7.5, 0, 0, 1, False, 1, "model default"]
-    # A micro model that exists, an existing folder, a missing one, a hub id: the same words for each.
-    for name in ("micro-sdxl", str(tmp_path / "a-folder"), str(tmp_path / "missing"), "org/name", " toy-sd "):
-        expected = _refusal(name.strip(), "micro-sd")
+    # A micro model that exists, an existing folder, a missing one, a hub id, a long name (shown as its first 77
+    # characters and "..."): the same words for each.
+    long_name = "x" * 100
+    for name in ("micro-sdxl", "a-folder", "./missing", "org/name", " toy-sd ", long_name):
+        expected = _refusal("x" * 77 + "..." if name == long_name else name.strip(), "micro-sd")
         for call in (
             lambda n: run_generate(cache, n, *args),
             lambda n: run_compare(cache, ["micro-sd", n], "a red circle", "", 2, 7.5, 1, "model default"),

@@ -19,7 +19,7 @@ def ablation_module():
     return module
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=30)
 def test_ablation_rows_and_resume(tmp_path, monkeypatch):
     from slimsd.models.counting import summarize
 

@@ -67,7 +67,7 @@ def table_numbers(table: str) -> dict[str, list[float]]:
     return rows
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=60)
 def test_demo_end_to_end_checked_independently_and_rerun(tmp_path, capsys):
     """Two small demo runs into one folder (~1 min); the numbers checked against plain diffusers, the meta-device
     parameter count and the printed table; the second run replaces the first."""
@@ -181,7 +181,7 @@ def test_demo_rejects_bad_options(tmp_path, capsys):
     assert not (tmp_path / "x").exists()
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=340)
 def test_kd_student_follows_captions_better_than_task_only(tmp_path):
     """The demo's claim at its default training settings, on a training seed used nowhere else (3; the
     ablation and the README use 0, 1, 2), scored on 2 x 24 captions of seen and of held-out combinations (~5 min).

@@ -71,7 +71,7 @@ def files(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=60)
 def test_sigkill_at_random_points_then_resume_ends_bit_identical(tmp_path):
     seed = random.randrange(2**32)
     rng = random.Random(seed)

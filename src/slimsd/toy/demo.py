@@ -64,6 +64,7 @@ class DemoConfig:
     data_images: int = 2048  # shapes images in the training set (cached once)
     batch_size: int = 16
     learning_rate: float = 5e-4
+    lr_scheduler: str = "constant_with_warmup"  # after min(20, steps // 10) warm-up steps
     lambda_task: float = 1.0
     lambda_out: float = 1.0
     lambda_feat: float = 1.0
@@ -248,7 +249,7 @@ def distill_config(cfg: DemoConfig, student: Path, data: Path, output_dir: Path,
         max_steps=cfg.steps,
         batch_size=cfg.batch_size,
         learning_rate=cfg.learning_rate,
-        lr_scheduler="constant_with_warmup",
+        lr_scheduler=cfg.lr_scheduler,
         lr_warmup_steps=min(20, cfg.steps // 10),
         lambda_task=cfg.lambda_task,
         lambda_out=cfg.lambda_out if kd else 0.0,
