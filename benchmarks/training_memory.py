@@ -1,10 +1,12 @@
 """The `slimsd distill --dry-run` memory estimate: against measured CPU training steps of the micro models, and
 at full size (estimates only).
 
-Measured: what one training step of the student adds to the peak resident memory (gradients, AdamW states,
-activations; VmHWM reset just before the step, a fresh process each, measure_step.py), batch 16 and 64 at
-64 px, gradient checkpointing off and on, against the estimate's max(activations, gradients + optimizer).
-Full size: `slimsd distill --dry-run --json` of the README's two runs on 8 processes (meta device, no download).
+Measured, in a fresh process each (measure_step.py): what two training steps of the student (forward,
+backward, AdamW; the second holds the states the first made) add over its weights on CPU, batch 16 and 64 at
+64 px, gradient checkpointing off and on: the peak of the live tensor bytes (deterministic) and of the resident
+size (VmHWM, allocator- and environment-dependent), against the estimate's step_peak (AdamW states + the step's
+worst moment). Full size: `slimsd distill --dry-run --json` of the README's two runs on 8 processes (meta
+device, no download).
 
     OMP_NUM_THREADS=1 python benchmarks/training_memory.py
 
@@ -45,14 +47,14 @@ FULL = {
 GIB = 2**30
 
 
-def measured_step(teacher: str, student: str, batch: int, checkpointing: bool) -> int:
+def measured_step(teacher: str, student: str, batch: int, checkpointing: bool) -> dict:
     script = Path(__file__).with_name("measure_step.py")
     args = [teacher, student, "64", str(batch), "1" if checkpointing else "0"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run(
         [sys.executable, str(script), *args], capture_output=True, text=True, env=env, check=True
     )
-    return json.loads(proc.stdout.strip().splitlines()[-1])["added"]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
@@ -66,8 +68,7 @@ def main() -> None:
                 batch_size=batch,
                 gradient_checkpointing=checkpointing,
             )
-            p = estimate(cfg, 1)["memory_per_process"]["ddp"]
-            est = max(p["activations"], p["gradients"] + p["optimizer"])
+            est = estimate(cfg, 1)["memory_per_process"]["ddp"]["step_peak"]
             got = measured_step(teacher, student, batch, checkpointing)
             micro.append(
                 {
@@ -76,13 +77,16 @@ def main() -> None:
                     "batch_size": batch,
                     "gradient_checkpointing": checkpointing,
                     "estimated_step_bytes": est,
-                    "measured_step_bytes": got,
-                    "error": round(est / got - 1, 3),
+                    "measured_live_peak_bytes": got["live_peak"],
+                    "measured_rss_added_bytes": got["rss_added"],
+                    "error_vs_live": round(est / got["live_peak"] - 1, 3),
+                    "error_vs_rss": round(est / got["rss_added"] - 1, 3),
                 }
             )
             print(
-                f"{teacher} {student} checkpointing={checkpointing}: {est / 2**20:.1f} MiB estimated, "
-                f"{got / 2**20:.1f} MiB measured"
+                f"{teacher} {student} batch {batch} checkpointing={checkpointing}: {est / 2**20:.1f} MiB "
+                f"estimated; measured {got['live_peak'] / 2**20:.1f} MiB live tensors, "
+                f"{got['rss_added'] / 2**20:.1f} MiB resident"
             )
     full = {}
     for name, keys in FULL.items():
@@ -99,8 +103,10 @@ def main() -> None:
         "environment": environment(runtime.RuntimeConfig(device="cpu")),
         "micro_measured": micro,
         "full_size_estimates_8_processes": full,
-        "note": "micro: one training step's added peak RSS on CPU vs the estimate; full size: estimates only, "
-        "never measured (no GPU); the meta device stores attention maps as PyTorch's math attention does",
+        "note": "micro: what two CPU training steps add over the weights (peak live tensor bytes, and peak "
+        "resident size) vs the estimate's step_peak; the live-tensor peak leaves out allocator slack, library "
+        "workspaces and (on GPU) the CUDA context, which the resident size partly shows; full size: estimates "
+        "only, never measured (no GPU), activations counted in fp32, attention as the fused kernels store it",
     }
     RESULTS.mkdir(exist_ok=True)
     atomic_write_text(RESULTS / "training_memory.json", json.dumps(out, indent=1) + "\n")

@@ -1,6 +1,14 @@
-"""Test helpers: run the CLI in-process and capture its exit code and output."""
+"""Test helpers: run the CLI in-process and capture its exit code and output; start `slimsd distill` under
+`accelerate launch`; compare trained weights."""
 
 from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
 
 
 def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
@@ -29,6 +37,59 @@ FAST_DISTILL = {
     "tensorboard": False,
     "resolution": 64,
 }
+
+
+def cfg(tmp_path, name="run", **kw):
+    """A FAST_DISTILL config writing to tmp_path / name, with ``kw`` on top."""
+    from slimsd.train.config import DistillConfig
+
+    return DistillConfig(**{**FAST_DISTILL, "output_dir": str(tmp_path / name), **kw})
+
+
+def unet_weights(folder) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(folder) / "unet" / "diffusion_pytorch_model.safetensors"))
+
+
+def max_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_distill(
+    overrides: dict, cwd: Path, num_processes: int = 2, config_file: Path | None = None
+) -> dict:
+    """`accelerate launch [--config_file F] --num_processes N -m slimsd.cli distill KEY=VALUE ... --json` on
+    CPUs (gloo), the way users start it; the summary the main process prints. Without a config file: plain
+    DDP (`--multi_gpu`: `--cpu --num_processes 2` starts ONE process in accelerate 1.x unless mpirun is set
+    up; train() passes cpu=True to the Accelerator itself when launched without CUDA)."""
+    values = [f"{k}={json.dumps(v) if isinstance(v, list | dict) else v}" for k, v in overrides.items()]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
+    env.pop("ACCELERATE_USE_CPU", None)
+    if config_file is None:
+        launch = ["--multi_gpu", "--num_machines", "1", "--dynamo_backend", "no"]
+    else:
+        launch = ["--config_file", str(config_file)]
+    launch += ["--num_processes", str(num_processes), "--mixed_precision", "no"]
+    launch += ["--main_process_port", str(free_port())]
+    accelerate = Path(sys.executable).parent / "accelerate"
+    proc = subprocess.run(
+        [str(accelerate), "launch", *launch, "-m", "slimsd.cli", "distill", *values, "--json"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=cwd,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout[proc.stdout.index("{") :])  # printed once, by the main process
 
 
 def sd_ddim(steps: int, prediction_type: str = "epsilon", set_alpha_to_one: bool = True):

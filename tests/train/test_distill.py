@@ -4,9 +4,6 @@ processes equal one, the latent cache is transparent, SDXL students train and lo
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -15,24 +12,11 @@ import torch
 from safetensors.torch import load_file
 
 from slimsd.errors import SlimsdError
-from slimsd.train.config import DistillConfig, finetune_config, load_config, read_values
+from slimsd.train.config import finetune_config, load_config, read_values
 from slimsd.train.distill import train
 
 from helpers import FAST_DISTILL as FAST
-from helpers import run_cli
-
-
-def cfg(tmp_path, name="run", **kw) -> DistillConfig:
-    return DistillConfig(**{**FAST, "output_dir": str(tmp_path / name), **kw})
-
-
-def unet_weights(folder) -> dict[str, torch.Tensor]:
-    return load_file(str(Path(folder) / "unet" / "diffusion_pytorch_model.safetensors"))
-
-
-def max_diff(a: dict, b: dict) -> float:
-    assert a.keys() == b.keys()
-    return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+from helpers import cfg, launch_distill, max_diff, run_cli, unet_weights
 
 
 def test_loss_goes_down_and_the_student_loads_in_diffusers(tmp_path):
@@ -205,42 +189,17 @@ def test_sdxl_student_distils_and_loads_in_diffusers(tmp_path):
     assert image.shape == (64, 64, 3)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("objective", ["kd", "lcm", "progressive"])
 def test_two_processes_equal_one_with_the_same_global_batch(tmp_path, objective):
     """DDP on CPU (gloo), started the way users start it: `accelerate launch --multi_gpu --num_processes 2`.
-    (`accelerate launch --cpu --num_processes 2` starts ONE process in accelerate 1.x unless mpirun is set up;
-    train() passes cpu=True to the Accelerator itself when launched without CUDA.) adam_epsilon=1e-3 keeps
-    Adam from amplifying float-rounding differences of near-zero gradients (m/sqrt(v) ~ ±1 whatever their
-    size)."""
+    adam_epsilon=1e-3 keeps Adam from amplifying float-rounding differences of near-zero gradients
+    (m/sqrt(v) ~ ±1 whatever their size)."""
     kw = {"max_steps": 2, "data": "shapes:8", "adam_epsilon": 1e-3, "objective": objective}
     if objective == "progressive":  # one step of each stage
         kw["progressive_steps"] = [8, 4]
     one = train(cfg(tmp_path, "one", **kw))
-    accelerate = Path(sys.executable).parent / "accelerate"
-    overrides = [
-        f"{k}={v}" for k, v in {**FAST, **kw, "batch_size": 2, "output_dir": tmp_path / "two"}.items()
-    ]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    env.pop("ACCELERATE_USE_CPU", None)
-    launch = ["--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no"]
-    launch += ["--dynamo_backend", "no", "--main_process_port", str(_free_port())]
-    proc = subprocess.run(
-        [str(accelerate), "launch", *launch, "-m", "slimsd.cli", "distill", *overrides, "--json"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=tmp_path,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    two = json.loads(proc.stdout[proc.stdout.index("{") :])  # printed once, by the main process
+    two = launch_distill({**FAST, **kw, "batch_size": 2, "output_dir": tmp_path / "two"}, tmp_path)
     assert two["num_processes"] == 2
     for k in ("loss", "task", "out", "feat") if objective == "kd" else ("loss", objective):
         assert two["last"][k] == pytest.approx(one["losses"][-1][k], rel=1e-5)

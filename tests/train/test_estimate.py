@@ -1,17 +1,73 @@
-"""The --dry-run estimate: its sharding arithmetic and compute, and the command's output. (Its memory against
-measured CPU steps is benchmarks/training_memory.py: the measured peak depends on the environment, see the
-README, so it is not a unit test.)"""
+"""The --dry-run estimate: its memory against real CPU training steps of the micro models (live tensor bytes,
+a meter checked by hand on one linear layer), its sharding arithmetic and compute, and the command's output."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
+from pathlib import Path
 
 import pytest
+import torch
 
 from slimsd.train.config import DistillConfig
-from slimsd.train.estimate import estimate
+from slimsd.train.estimate import LiveBytes, backward_peak, estimate
 
 from helpers import run_cli
+
+ROOT = Path(__file__).parents[2]
+
+
+def test_the_meter_counts_a_linear_layers_step_by_hand():
+    """nn.Linear(256, 512) on 8 inputs: the forward holds its output; one AdamW step holds the gradients,
+    the two moments and, for the weight matrix, sqrt(second moment) and that over the bias correction
+    (PyTorch's per-tensor AdamW on CPU)."""
+    torch.manual_seed(0)
+    layer, x = torch.nn.Linear(256, 512), torch.randn(8, 256)
+    weight, params = 512 * 256 * 4, (512 * 256 + 512) * 4
+    with LiveBytes() as meter:
+        y = layer(x)
+        assert meter.peak == meter.live == 8 * 512 * 4
+        del y
+        assert meter.live == 0
+    optimizer = torch.optim.AdamW(layer.parameters())
+    with LiveBytes() as meter:
+        layer(x).sum().backward()
+        optimizer.step()
+    assert meter.peak == params + 2 * params + 2 * weight
+    assert meter.live == 3 * params  # gradients and moments stay; the temporaries are gone
+
+
+def _measure_step():
+    spec = importlib.util.spec_from_file_location("measure_step", ROOT / "benchmarks" / "measure_step.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow  # ~5-15 s each: a real CPU step and its meta-device estimate
+@pytest.mark.parametrize("checkpointing", [False, True])
+@pytest.mark.parametrize("batch", [16, 64])
+@pytest.mark.parametrize(("teacher", "student"), [("micro-sd", "bk-small"), ("micro-sdxl", "ssd-1b")])
+def test_the_memory_estimate_is_within_25_percent_of_a_cpu_training_step(
+    teacher, student, batch, checkpointing
+):
+    """What two real training steps (forward, backward, AdamW) of the student add over its weights, in live
+    tensor bytes, against what the estimate adds over the weights, frozen parts and averages."""
+    measure = _measure_step()
+    measured = measure.live_peak(*measure.student_step(teacher, student, 64, batch, checkpointing))
+    keys = dict(teacher=teacher, student=student, resolution=64, batch_size=batch)
+    p = estimate(DistillConfig(**keys, gradient_checkpointing=checkpointing), 1)["memory_per_process"]["ddp"]
+    fixed = p["student_weights"] + p["frozen"] + p["averages"] + p["gathered_weights"]
+    assert p["total"] - fixed == pytest.approx(measured, rel=0.25)
+
+
+def test_a_sharded_backward_keeps_a_share_of_each_parameter_gradient():
+    """An activation of 100 B, a gradient of 40, the activation freed, a gradient of 60: whole, the peak is
+    100 + 40 = 140 (later 40 + 60 = 100); each gradient kept 1/2: 100 + 20 = 120; the activations alone: 100."""
+    timeline = [(100, False), (40, True), (-100, False), (60, True)]
+    assert backward_peak(timeline) == (140, 100)
+    assert backward_peak(timeline, 2) == (120, 100)
 
 
 @pytest.mark.slow  # ~10-30 s: meta-device forwards of the student and the teacher's configs

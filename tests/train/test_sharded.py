@@ -7,18 +7,15 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
-from test_distill import _free_port, cfg, max_diff, unet_weights
 
 from slimsd.train.distill import train
 
 from helpers import FAST_DISTILL as FAST
+from helpers import cfg, launch_distill, max_diff, unet_weights
 
 CONFIGS = Path(__file__).parents[2] / "configs" / "accelerate"
 HAS_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
@@ -36,22 +33,15 @@ COMMON |= {"lr_scheduler": "linear", "lr_warmup_steps": 1, "ema": True, "ema_dec
 
 
 def launch(config: str, out: Path, cwd: Path, **kw) -> dict:
-    overrides = [f"{k}={v}" for k, v in {**FAST, **COMMON, **kw, "batch_size": 2, "output_dir": out}.items()]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
-    env.pop("ACCELERATE_USE_CPU", None)
-    accelerate = Path(sys.executable).parent / "accelerate"
-    launch = ["--config_file", str(CONFIGS / config), "--num_processes", "2", "--mixed_precision", "no"]
-    launch += ["--main_process_port", str(_free_port())]
-    proc = subprocess.run(
-        [str(accelerate), "launch", *launch, "-m", "slimsd.cli", "distill", *overrides, "--json"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=cwd,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout[proc.stdout.index("{") :])  # printed once, by the main process
+    overrides = {**FAST, **COMMON, **kw, "batch_size": 2, "output_dir": out}
+    return launch_distill(overrides, cwd, config_file=CONFIGS / config)
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory) -> tuple[Path, dict]:
+    """The one-process run (batch 4) every engine's two processes are compared with: run once."""
+    out = tmp_path_factory.mktemp("one")
+    return out, train(cfg(out, "one", **COMMON))
 
 
 def student_at(out: Path, step: int) -> dict:
@@ -60,17 +50,19 @@ def student_at(out: Path, step: int) -> dict:
 
 @pytest.mark.slow
 @pytest.mark.parametrize(("config", "engine"), ENGINES)
-def test_two_sharded_processes_equal_one_and_a_stopped_run_resumes_exactly(tmp_path, config, engine):
-    one = train(cfg(tmp_path, "one", **COMMON))  # one process, batch 4
+def test_two_sharded_processes_equal_one_and_a_stopped_run_resumes_exactly(
+    tmp_path, one_process, config, engine
+):
+    root, one = one_process
     two = tmp_path / "two"
     first = launch(config, two, tmp_path, stop_at_step=2)  # as if killed after step 2
     assert first["engine"] == engine and first["num_processes"] == 2 and first["steps"] == 2
     assert json.loads((two / "checkpoints" / "step-00000002" / "state.json").read_text())["engine"] == engine
-    assert max_diff(student_at(tmp_path / "one", 2), student_at(two, 2)) <= 1e-5
+    assert max_diff(student_at(root / "one", 2), student_at(two, 2)) <= 1e-5
     resumed = launch(config, two, tmp_path, resume="latest")
     assert resumed["resumed_from"].endswith("step-00000002") and resumed["steps"] == 3
     assert resumed["last"]["loss"] == pytest.approx(one["losses"][-1]["loss"], rel=1e-5)
-    assert max_diff(student_at(tmp_path / "one", 3), student_at(two, 3)) <= 1e-5
+    assert max_diff(student_at(root / "one", 3), student_at(two, 3)) <= 1e-5
     assert max_diff(unet_weights(one["final_dir"]), unet_weights(two / "final")) <= 1e-5  # the EMA weights
 
 

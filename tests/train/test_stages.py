@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from slimsd.train.config import DistillConfig
 from slimsd.train.distill import train
 
-from helpers import FAST_DISTILL, run_cli
+from helpers import FAST_DISTILL, launch_distill, max_diff, run_cli
 
 STAGES = [
     {"recipe": "bk-small", "max_steps": 3},
@@ -39,10 +39,14 @@ TEACHER_OF_BK_TINY = {
 }
 
 
-def plan_cfg(out: Path, **kw) -> DistillConfig:
+def plan_keys(out: Path, **kw) -> dict:
     base = {k: v for k, v in FAST_DISTILL.items() if k != "student"}
     fixed = {"data": "shapes:8", "batch_size": 2, "checkpoint_every": 2, "output_dir": str(out)}
-    return DistillConfig(**{**base, **fixed, "stages": [dict(s) for s in STAGES], **kw})
+    return {**base, **fixed, "stages": [dict(s) for s in STAGES], **kw}
+
+
+def plan_cfg(out: Path, **kw) -> DistillConfig:
+    return DistillConfig(**plan_keys(out, **kw))
 
 
 def unet(folder: Path) -> dict[str, torch.Tensor]:
@@ -123,6 +127,33 @@ def test_a_stopped_plan_resumed_ends_bit_identical(whole, tmp_path, stop):
     assert resumed["final_dir"] == str(tmp_path / "split" / "final") and resumed["steps"] == 6
     for part in ("stage-1/final", "stage-2-init", "final"):
         a, b = unet(out / part), unet(tmp_path / "split" / part)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), part
+
+
+@pytest.mark.slow
+def test_a_plan_under_two_processes_equals_one_and_resumes_at_the_stage_boundary(tmp_path):
+    """`accelerate launch --multi_gpu --num_processes 2` (DDP, gloo): the main process does the folder work
+    (stage-K-init, final), the other waits. Batch 1 per process = the one-process plan at batch 2 (1e-5;
+    adam_epsilon=1e-3 keeps Adam from amplifying float rounding); stopped at the boundary and resumed = the
+    uninterrupted two-process plan, bit for bit."""
+    kw = {"adam_epsilon": 1e-3}
+    one = train(plan_cfg(tmp_path / "one", **kw))
+    two = launch_distill(plan_keys(tmp_path / "two", batch_size=1, **kw), tmp_path)
+    assert (
+        two["num_processes"] == 2
+        and two["steps"] == 6
+        and two["final_dir"] == str(tmp_path / "two" / "final")
+    )
+    assert two["last"]["loss"] == pytest.approx(one["losses"][-1]["loss"], rel=1e-5)
+    for part in ("stage-1/final", "stage-2-init", "final"):
+        assert max_diff(unet(tmp_path / "one" / part), unet(tmp_path / "two" / part)) <= 1e-5, part
+    split = tmp_path / "split"
+    first = launch_distill(plan_keys(split, batch_size=1, stop_at_step=3, **kw), tmp_path)
+    assert first["steps"] == 3 and first["final_dir"] is None and not (split / "stage-2").exists()
+    resumed = launch_distill(plan_keys(split, batch_size=1, resume="latest", **kw), tmp_path)
+    assert resumed["steps"] == 6 and resumed["final_dir"] == str(split / "final")
+    for part in ("stage-1/final", "stage-2-init", "final"):
+        a, b = unet(tmp_path / "two" / part), unet(split / part)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), part
 
 

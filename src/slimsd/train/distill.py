@@ -374,9 +374,11 @@ def _init_params(cls) -> set[str]:
 # --- the loop -------------------------------------------------------------------------------------------------
 
 
-def train(cfg: DistillConfig, step_offset: int = 0) -> dict:
+def train(cfg: DistillConfig, step_offset: int = 0, keep_process_group: bool = False) -> dict:
     """Distill ``cfg.student`` from ``cfg.teacher`` on ``cfg.data``. Returns {"final_dir", "losses", ...}.
-    ``step_offset``: the steps of a staged plan's earlier stages (checkpoint_every counts the plan's steps)."""
+    ``step_offset``: the steps of a staged plan's earlier stages (checkpoint_every counts the plan's steps).
+    ``keep_process_group``: a staged plan's stage; the plan's next stages and folder work use the launched
+    processes' group (torch cannot reliably start a second one in the same processes), the plan ends it."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
     from diffusers import DDPMScheduler
@@ -402,9 +404,7 @@ def train(cfg: DistillConfig, step_offset: int = 0) -> dict:
         raise SlimsdError("use_8bit_adam=true needs bitsandbytes (pip install bitsandbytes; CUDA only)")
     has_tensorboard = importlib.util.find_spec("tensorboard") is not None
     log_with = "tensorboard" if cfg.tensorboard and has_tensorboard else None
-    # Under a launcher (WORLD_SIZE > 1) on a machine without CUDA, accelerate joins the processes into one gloo
-    # group only when told to use the CPU; otherwise each process would train alone on the whole data set and
-    # all of them would write the same output_dir. So `accelerate launch --multi_gpu` works on CPUs unchanged.
+    # Under a launcher on a machine without CUDA: one gloo group (sharding.accelerator_kwargs)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     _reset_accelerate_state(world_size)  # a train() that failed earlier in this process may have left it set
     accelerator = Accelerator(
@@ -412,8 +412,7 @@ def train(cfg: DistillConfig, step_offset: int = 0) -> dict:
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         log_with=log_with,
         project_dir=str(output_dir),
-        cpu=world_size > 1 and not torch.cuda.is_available() and not S.deepspeed_requested(),
-        kwargs_handlers=S.process_group_kwargs(world_size),
+        **S.accelerator_kwargs(world_size),
     )
     if world_size > 1 and accelerator.num_processes != world_size:
         raise SlimsdError(
@@ -889,7 +888,11 @@ def train(cfg: DistillConfig, step_offset: int = 0) -> dict:
     if skipped:
         accelerator.print(f"skipped rows: {D.describe_skipped(skipped)}")
     accelerator.wait_for_everyone()
-    accelerator.end_training()
+    if keep_process_group:
+        for tracker in accelerator.trackers:
+            tracker.finish()
+    else:
+        accelerator.end_training()  # the trackers, and the process group
     for t in (s_taps, t_taps):
         if t is not None:
             t.remove()

@@ -3,17 +3,32 @@ architectures alone (meta device: no weights, no download).
 
 Memory per process, in bytes, for an engine over N processes:
 
-- student weights (fp32, 4 B/param), gradients (4 B), AdamW states (two fp32 moments, 8 B; 8-bit Adam: 2 B);
-  ZeRO-2 / FSDP SHARD_GRAD_OP divide gradients and optimizer states by N, ZeRO-3 / FSDP FULL_SHARD the weights
-  too; DDP divides nothing;
-- frozen teacher U-Net, text encoder(s) and VAE in the compute dtype (whole on every process);
-- averaged copies (EMA weights, LCM / progressive target network): fp32 and whole on every process (the trainer
-  keeps them so; under FSDP/ZeRO-3 the whole online weights are gathered for them once a step, counted too);
-- activations: the bytes autograd saves for the backward in one student forward, measured with
-  ``torch.autograd.graph.saved_tensors_hooks`` on the meta device at this batch size and resolution (with
-  gradient checkpointing: what is saved outside the checkpointed blocks plus the largest block, which the
-  backward recomputes). The teacher's forward runs under no_grad and saves nothing. The backward frees the
-  activations as it fills the gradients, so the total counts the larger of the two, not both.
+- student weights (fp32, 4 B/param); frozen teacher U-Net, text encoder(s) and VAE in the compute dtype (whole
+  on every process); averaged copies (EMA weights, LCM / progressive target network): fp32 and whole on every
+  process (under FSDP/ZeRO-3 the whole online weights are gathered for them once a step, counted too);
+- AdamW states (two fp32 moments, 8 B/param; 8-bit Adam: 2 B), held across steps;
+- the training step's peak on top of those: the student's forward and backward are run on the meta device (no
+  memory, shapes only) at this batch size and resolution, with or without gradient checkpointing, under a
+  meter of live tensor bytes (``LiveBytes``: each storage an operator creates counts from its creation until it
+  is freed). That counts what one step really holds at its worst moment, in the order autograd frees it: the
+  tensors saved for the backward, the gradients flowing back through the activations, the largest temporaries
+  (attention, GroupNorm/SiLU intermediates), and the parameter gradients filled so far. With gradient
+  checkpointing the worst moment is inside the backward: the saved block inputs, one block recomputed with its
+  saved tensors and the gradients flowing through it, and the parameter gradients already filled. The
+  parameter gradients are told apart (they are what ``.grad`` holds after the backward), so that the engines
+  that shard them (ZeRO-2/3, FSDP) keep 1/N of each. After the backward AdamW holds all gradients plus two
+  temporaries the size of the largest parameter (sqrt of its second moment, then that over the bias
+  correction: PyTorch's per-tensor AdamW, the CPU path); the step's peak is the larger of the two moments.
+  Attention is counted as PyTorch's fused kernels (flash attention on CPU, flash / memory-efficient on GPU)
+  store it: the output and a log-sum-exp per query, not the score matrices (on the meta device PyTorch would
+  take the math path, which stores them; ``fused_attention``).
+- Sharding: ZeRO-2 / FSDP SHARD_GRAD_OP divide gradients and optimizer states by N, ZeRO-3 / FSDP FULL_SHARD
+  the weights too; DDP divides nothing.
+
+Not counted: allocator slack and fragmentation, library workspaces (cuDNN, oneDNN), the CUDA context, the
+teacher's forward (no_grad: its activations are freed layer by layer), DDP's gradient buckets; activations are
+counted in fp32 (under bf16/fp16 autocast most are half that: an upper bound). Checked against the same meter
+on real CPU training steps of the micro models (tests/train/test_estimate.py, benchmarks/training_memory.py).
 
 Compute per optimizer step: MACs (convolutions and linear layers, counting.py) of the teacher and student
 forwards, and the student's backward at ~2x its forward (~3x with gradient checkpointing, which runs the forward
@@ -22,9 +37,14 @@ again inside the backward), times the global batch.
 
 from __future__ import annotations
 
+import weakref
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from slimsd.train.config import DistillConfig
 
@@ -64,75 +84,95 @@ def architecture(cfg: DistillConfig) -> Architecture:
     return Architecture(student, teacher, teacher["resolution"], teacher["vae_factor"])
 
 
-def saved_bytes(
+class LiveBytes(TorchDispatchMode):
+    """A meter of live tensor bytes: each storage an operator creates while the mode is on counts from then
+    until it is freed (once, however many tensors view it). Storages that existed before (weights, inputs)
+    and what in-place operators and views return (an input's storage) are not counted. Works on real and meta
+    tensors alike. ``peak``: the most bytes alive at once; ``events``: (storage number, +bytes / -bytes) in
+    order; ``number(tensor)``: the number of a live tensor's storage."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = 0
+        self.peak = 0
+        self.events: list[tuple[int, int]] = []
+        self._numbers: dict[
+            int, int
+        ] = {}  # id of a live storage (one Python object while it lives) -> number
+
+    def number(self, tensor: torch.Tensor) -> int | None:
+        return self._numbers.get(id(tensor.untyped_storage()))
+
+    def _freed(self, key: int, number: int, nbytes: int) -> None:
+        del self._numbers[key]
+        self.live -= nbytes
+        self.events.append((number, -nbytes))
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        given = {id(t.untyped_storage()) for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        for t in tree_leaves(out):
+            if not isinstance(t, torch.Tensor):
+                continue
+            storage = t.untyped_storage()
+            key = id(storage)
+            if key in given or key in self._numbers:
+                continue
+            number, nbytes = len(self.events), storage.nbytes()
+            self._numbers[key] = number
+            self.live += nbytes
+            self.peak = max(self.peak, self.live)
+            self.events.append((number, nbytes))
+            weakref.finalize(storage, self._freed, key, number, nbytes)
+        return out
+
+
+@contextmanager
+def fused_attention():
+    """F.scaled_dot_product_attention as a fused kernel on the meta device too (which would take the math
+    path and store the score matrices): the CPU flash kernel, which keeps the output and a log-sum-exp per
+    query, as the CPU and the GPU kernels (flash, memory-efficient) do. Swapped in for the whole forward and
+    backward (gradient checkpointing recomputes the forward inside the backward), then restored."""
+    sdpa = F.scaled_dot_product_attention
+
+    def fused(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **_):
+        kernel = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+        return kernel(q, k, v, dropout_p, is_causal, attn_mask=attn_mask, scale=scale)[0]
+
+    F.scaled_dot_product_attention = fused
+    try:
+        yield
+    finally:
+        F.scaled_dot_product_attention = sdpa
+
+
+def backward_timeline(
     unet_config: dict, resolution: int, batch: int, checkpointing: bool, vae_factor: int = 8
-) -> int:
-    """Bytes autograd saves for the backward in one training forward of the U-Net (meta device, fp32)."""
+) -> list[tuple[int, bool]]:
+    """One training forward and backward of the U-Net on the meta device (fp32): the live-byte changes in
+    order, each marked True when it is a parameter gradient's."""
     from slimsd.models.counting import build_unet_meta, unet_dummy_inputs
 
     unet = build_unet_meta(unet_config).train()
     if checkpointing:
         unet.enable_gradient_checkpointing()
     inputs = unet_dummy_inputs(unet, resolution, batch=batch, vae_factor=vae_factor)
-    seen: dict[int, int] = {}  # one tensor saved by several ops is counted once
-
-    def pack(t):
-        if not isinstance(t, torch.nn.Parameter):  # the weights are counted apart
-            base = t if t._base is None else t._base  # a view saves no memory of its own
-            seen[id(base)] = base.numel() * base.element_size()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = unet(**inputs).sample  # noqa: F841 (kept alive: the ids of what it saved stay unique)
-    total = sum(seen.values())
-    if checkpointing:  # the backward recomputes one block at a time: its activations exist once more
-        total += max(saved_bytes_by_block(unet_config, resolution, batch, vae_factor).values(), default=0)
-    return total
+    with fused_attention(), LiveBytes() as meter:
+        unet(**inputs).sample.square().mean().backward()
+    grads = {meter.number(p.grad) for p in unet.parameters() if p.grad is not None}
+    return [(delta, number in grads) for number, delta in meter.events]
 
 
-def saved_bytes_by_block(
-    unet_config: dict, resolution: int, batch: int, vae_factor: int = 8
-) -> dict[str, int]:
-    """Bytes saved for the backward inside each down / mid / up block of one training forward (no
-    checkpointing): what the backward of a checkpointed block recomputes."""
-    from slimsd.models.counting import build_unet_meta, unet_dummy_inputs
-
-    unet = build_unet_meta(unet_config).train()
-    inputs = unet_dummy_inputs(unet, resolution, batch=batch, vae_factor=vae_factor)
-    out: dict[str, int] = {}
-    current = ["outside"]
-    seen: set[int] = set()
-
-    def pack(t):
-        if id(t) not in seen and not isinstance(t, torch.nn.Parameter):
-            seen.add(id(t))
-            out[current[0]] = out.get(current[0], 0) + t.numel() * t.element_size()
-        return t
-
-    def enter(name):
-        def hook(*_):
-            current[0] = name
-
-        return hook
-
-    def leave(*_):
-        current[0] = "outside"
-
-    handles = []
-    for i, block in enumerate([*unet.down_blocks, unet.mid_block, *unet.up_blocks]):
-        if block is not None:
-            handles += [
-                block.register_forward_pre_hook(enter(f"block{i}")),
-                block.register_forward_hook(leave),
-            ]
-    try:
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            kept = unet(**inputs).sample  # noqa: F841 (alive: the ids of what it saved stay unique)
-    finally:
-        for h in handles:
-            h.remove()
-    out.pop("outside", None)
-    return out
+def backward_peak(timeline: list[tuple[int, bool]], grad_share: int = 1) -> tuple[int, int]:
+    """(the most bytes alive at once, the most non-gradient bytes alive at once) of a timeline, with each
+    parameter gradient divided by ``grad_share`` (the engines that shard gradients keep 1/N of each)."""
+    live = rest = peak = rest_peak = 0
+    for delta, is_grad in timeline:
+        live += delta // grad_share if is_grad else delta
+        rest += 0 if is_grad else delta
+        peak, rest_peak = max(peak, live), max(rest_peak, rest)
+    return peak, rest_peak
 
 
 def estimate(cfg: DistillConfig, num_processes: int) -> dict:
@@ -149,24 +189,33 @@ def estimate(cfg: DistillConfig, num_processes: int) -> dict:
     t = arch.teacher
     frozen = (t["unet_params"] + t["text_encoder_params"] + t["vae_params"]) * frozen_bytes
     averages = (1 if cfg.ema else 0) + (1 if cfg.objective in ("lcm", "progressive") else 0)
-    activations = saved_bytes(arch.student, res, cfg.batch_size, cfg.gradient_checkpointing, arch.vae_factor)
+    timeline = backward_timeline(
+        arch.student, res, cfg.batch_size, cfg.gradient_checkpointing, arch.vae_factor
+    )
+    if not trainable:  # LoRA: the U-Net's own weights get no gradients
+        timeline = [(delta, False) for delta, is_grad in timeline if not is_grad]
+    largest = max(p.numel() for p in student.parameters()) * 4 if trainable else 0
     n = num_processes
     engines = {}
     for name, (shard_states, shard_weights) in SHARDS.items():
         states_div = n if shard_states else 1
         weights_div = n if shard_weights else 1
+        backward, activations = backward_peak(timeline, states_div)
+        gradients = 4 * trainable // states_div
+        optimizer = (2 if cfg.use_8bit_adam else 8) * trainable // states_div
         parts = {
             "student_weights": 4 * params // weights_div,
-            "gradients": 4 * trainable // states_div,
-            "optimizer": (2 if cfg.use_8bit_adam else 8) * trainable // states_div,
             "frozen": frozen,
             "averages": 4 * params * averages,
             "gathered_weights": 4 * params if averages and shard_weights else 0,
+            "optimizer": optimizer,
+            "gradients": gradients,
             "activations": activations,
+            # the step's worst moment: in the backward, or in AdamW (all gradients + two temporaries)
+            "step_peak": optimizer + max(backward, gradients + 2 * largest // states_div),
         }
-        # the backward frees the activations as it fills the gradients: the peak holds the larger of the two
-        peak = sum(parts.values()) - min(parts["activations"], parts["gradients"])
-        engines[name] = parts | {"total": peak}
+        fixed = ("student_weights", "frozen", "averages", "gathered_weights", "step_peak")
+        engines[name] = parts | {"total": sum(parts[k] for k in fixed)}
     student_macs = count_macs(student, unet_dummy_inputs(student, res, vae_factor=arch.vae_factor))
     teacher_passes = 2 if cfg.objective in ("lcm", "progressive") else 1  # guided: with and without caption
     uses_teacher = cfg.objective != "kd" or cfg.lambda_out > 0 or cfg.lambda_feat > 0
@@ -208,8 +257,10 @@ def describe(est: dict) -> str:
     big = max(p["total"] for p in est["memory_per_process"].values()) >= GIB
     unit, size = ("GiB", GIB) if big else ("MiB", 2**20)
     lines.append(
-        f"# memory per process ({unit}): engine, peak: student weights, gradients, optimizer, frozen parts, "
-        "averages, gathered weights, activations (the peak holds the larger of gradients and activations)"
+        f"# memory per process ({unit}): engine, peak: student weights, frozen parts, averages, gathered "
+        "weights, optimizer states, gradients, activations, step peak (the peak holds the weights, frozen "
+        "parts, averages, gathered weights and the step peak: optimizer states + the step's worst moment, "
+        "activations with the gradients filled so far or all gradients in AdamW)"
     )
     for name, p in est["memory_per_process"].items():
         parts = ", ".join(f"{p[k] / size:.1f}" for k in p if k != "total")

@@ -145,13 +145,37 @@ def deepspeed_requested() -> bool:
     return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
 
 
-def process_group_kwargs(world_size: int) -> list:
-    """DeepSpeed on CPUs (DS_ACCELERATOR=cpu): accelerate would start no process group without CUDA; gloo."""
+def accelerator_kwargs(world_size: int) -> dict:
+    """How the Accelerator, and accelerate's process state it shares, is made on this machine. Under a launcher
+    (WORLD_SIZE > 1) without CUDA, accelerate joins the processes into one gloo group only when told to use the
+    CPU (otherwise each process would train alone on the whole data set and all of them would write the same
+    output_dir), so `accelerate launch --multi_gpu` works on CPUs unchanged. DeepSpeed on CPUs
+    (DS_ACCELERATOR=cpu): accelerate would start no process group without CUDA; gloo."""
     from accelerate.utils import InitProcessGroupKwargs
 
-    if world_size > 1 and deepspeed_requested() and not torch.cuda.is_available():
-        return [InitProcessGroupKwargs(backend="gloo")]
-    return []
+    no_cuda = world_size > 1 and not torch.cuda.is_available()
+    handlers = [InitProcessGroupKwargs(backend="gloo")] if no_cuda and deepspeed_requested() else []
+    return {"cpu": no_cuda and not deepspeed_requested(), "kwargs_handlers": handlers}
+
+
+def wait_for_everyone() -> None:
+    """A barrier of the launched processes, also before any Accelerator exists (a staged plan's folder work):
+    accelerate's process state is made as train()'s Accelerator will make it, which then shares it."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from accelerate import PartialState
+
+        kw = accelerator_kwargs(int(os.environ["WORLD_SIZE"]))
+        group = {k: v for h in kw["kwargs_handlers"] for k, v in h.to_kwargs().items()}
+        PartialState(cpu=kw["cpu"], **group).wait_for_everyone()
+
+
+def end_process_group() -> None:
+    """What accelerator.end_training() does to the launched processes' group, for a staged plan, whose stages
+    keep it (train(keep_process_group=True))."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from accelerate import PartialState
+
+        PartialState().destroy_process_group()
 
 
 def cast_inputs(accelerator, engine: str, model) -> None:

@@ -39,6 +39,7 @@ from types import SimpleNamespace
 
 from slimsd.errors import SlimsdError
 from slimsd.train.config import DistillConfig
+from slimsd.train.sharding import end_process_group, wait_for_everyone
 
 # Keys the plan sets for every stage (a stage may not give them).
 PLAN_KEYS = ("stages", "student", "output_dir", "resume", "overwrite", "allow_config_change", "stop_at_step")
@@ -282,7 +283,7 @@ def train_plan(cfg: DistillConfig) -> dict:
         atomic_write_text(
             root / PLAN_FILE, json.dumps({"teacher": cfg.teacher, "stages": cfg.stages}, indent=1)
         )
-    _barrier()
+    wait_for_everyone()  # the other processes wait for the main one's folder work
     summary = {"losses": [], "skipped": {}, "stages": [], "resumed_from": None, "already_finished": True}
     result = {}
     for k, (one, offset) in enumerate(stage_configs(cfg), 1):
@@ -304,7 +305,7 @@ def train_plan(cfg: DistillConfig) -> dict:
                     init,
                     cfg.allow_pickle,
                 )
-            _barrier()
+            wait_for_everyone()
             stage = cfg.stages[k - 1]
             if stage.get("teacher") == "previous" and "feature_taps" not in stage:
                 one.feature_taps = previous_taps(rows[k - 1], rows[k - 2])
@@ -313,7 +314,7 @@ def train_plan(cfg: DistillConfig) -> dict:
                 f"stage {k}/{len(rows)}: {rows[k - 1]['recipe']}, teacher {rows[k - 1]['teacher']}, "
                 f"global steps {offset + 1}-{offset + one.max_steps}"
             )
-        result = train(one, step_offset=offset)
+        result = train(one, step_offset=offset, keep_process_group=True)
         summary["already_finished"] &= bool(result.get("already_finished"))
         summary["losses"] += [r | {"step": r["step"] + offset} for r in result.get("losses", [])]
         for name, n in result.get("skipped", {}).items():
@@ -333,7 +334,8 @@ def train_plan(cfg: DistillConfig) -> dict:
             info = json.loads((last / "slimsd.json").read_text())
             info |= {"teacher": cfg.teacher, "stage_teacher": info["teacher"], "stages": cfg.stages}
             (tmp / "slimsd.json").write_text(json.dumps(info, indent=1) + "\n")
-    _barrier()
+    wait_for_everyone()
+    end_process_group()
     return summary | {
         "final_dir": str(root / "final") if finished else None,
         "num_processes": result.get("num_processes", 1),
@@ -341,11 +343,3 @@ def train_plan(cfg: DistillConfig) -> dict:
         "process_index": result.get("process_index", 0),
         "images_per_second": result.get("images_per_second", 0.0),
     }
-
-
-def _barrier() -> None:
-    """Under a launcher, the other processes wait for the main one's folder work."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        from accelerate import PartialState
-
-        PartialState().wait_for_everyone()
