@@ -214,7 +214,7 @@ def test_lcm_lora_saves_adapters_plain_diffusers_loads(tmp_path):
     torch.testing.assert_close(after, want, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=30)
 @pytest.mark.parametrize("objective", ["lcm", "lcm-lora"])
 def test_sdxl_ssd1b_student_step_distils_and_loads_with_lcm_scheduler(tmp_path, objective):
     """micro-sdxl -> ssd-1b student (KD) -> lcm / lcm-lora: the loss falls; the result loads in plain diffusers

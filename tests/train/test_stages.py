@@ -130,7 +130,7 @@ def test_a_stopped_plan_resumed_ends_bit_identical(whole, tmp_path, stop):
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), part
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=100)
 def test_a_plan_under_two_processes_equals_one_and_resumes_at_the_stage_boundary(tmp_path):
     """`accelerate launch --multi_gpu --num_processes 2` (DDP, gloo): the main process does the folder work
     (stage-K-init, final), the other waits. Batch 1 per process = the one-process plan at batch 2 (1e-5;
