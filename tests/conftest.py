@@ -18,9 +18,8 @@ def expected_seconds(item) -> float:
 
 
 def pytest_collection_modifyitems(items):
-    """Longest tests first (stable order otherwise): with several workers (`make test` runs two, each stealing
-    the other's queued tests when idle), a minutes-long test started last would finish alone while the other
-    worker idles."""
+    """Longest tests first (stable order otherwise): with several workers (`make test` runs two, each handed the
+    next test when it is free), a minutes-long test started last would finish alone while the other idles."""
     items.sort(key=lambda item: -expected_seconds(item))
 
 

@@ -79,3 +79,16 @@ def test_ablation_rows_and_resume(tmp_path, monkeypatch):
         ablation.main(
             [a if a != "1" or i != args.index("--eval-prompts") + 1 else "2" for i, a in enumerate(args)]
         )
+    # ... and so do other training settings; a work folder from before --learning-rate and --lr-scheduler
+    # existed (no such keys in its fingerprint) was made with the demo's settings and still resumes
+    with pytest.raises(SystemExit, match="another learning_rate"):
+        ablation.main([*args, "--learning-rate", "1e-3"])
+    with pytest.raises(SystemExit, match="another lr_scheduler"):
+        ablation.main([*args, "--lr-scheduler", "cosine"])
+    fingerprint = tmp_path / "work" / "fingerprint.json"
+    saved = json.loads(fingerprint.read_text())
+    assert (saved["learning_rate"], saved["lr_scheduler"]) == (5e-4, "constant_with_warmup")
+    fingerprint.write_text(
+        json.dumps({k: saved[k] for k in saved if k not in ("learning_rate", "lr_scheduler")})
+    )
+    assert score(ablation.main(args)) == score(rows)

@@ -130,31 +130,26 @@ def test_a_stopped_plan_resumed_ends_bit_identical(whole, tmp_path, stop):
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), part
 
 
-@pytest.mark.slow(seconds=100)
-def test_a_plan_under_two_processes_equals_one_and_resumes_at_the_stage_boundary(tmp_path):
+@pytest.mark.slow(seconds=60)
+def test_a_plan_under_two_processes_stopped_at_the_boundary_and_resumed_equals_one_process(tmp_path):
     """`accelerate launch --multi_gpu --num_processes 2` (DDP, gloo): the main process does the folder work
-    (stage-K-init, final), the other waits. Batch 1 per process = the one-process plan at batch 2 (1e-5;
-    adam_epsilon=1e-3 keeps Adam from amplifying float rounding); stopped at the boundary and resumed = the
-    uninterrupted two-process plan, bit for bit."""
+    (stage-K-init, final), the other waits. A two-process plan at batch 1 per process, stopped at the stage
+    boundary and resumed, ends where the one-process plan at batch 2 ends (1e-5; adam_epsilon=1e-3 keeps Adam
+    from amplifying float rounding). (Resuming bit for bit is tested in one process above: a third launch for
+    it here would cost the suite ~25 s.)"""
     kw = {"adam_epsilon": 1e-3}
     one = train(plan_cfg(tmp_path / "one", **kw))
-    two = launch_distill(plan_keys(tmp_path / "two", batch_size=1, **kw), tmp_path)
-    assert (
-        two["num_processes"] == 2
-        and two["steps"] == 6
-        and two["final_dir"] == str(tmp_path / "two" / "final")
-    )
-    assert two["last"]["loss"] == pytest.approx(one["losses"][-1]["loss"], rel=1e-5)
-    for part in ("stage-1/final", "stage-2-init", "final"):
-        assert max_diff(unet(tmp_path / "one" / part), unet(tmp_path / "two" / part)) <= 1e-5, part
     split = tmp_path / "split"
     first = launch_distill(plan_keys(split, batch_size=1, stop_at_step=3, **kw), tmp_path)
-    assert first["steps"] == 3 and first["final_dir"] is None and not (split / "stage-2").exists()
+    assert first["num_processes"] == 2 and first["steps"] == 3 and first["final_dir"] is None
+    assert not (split / "stage-2").exists()
+    assert max_diff(unet(tmp_path / "one" / "stage-1/final"), unet(split / "stage-1/final")) <= 1e-5
     resumed = launch_distill(plan_keys(split, batch_size=1, resume="latest", **kw), tmp_path)
-    assert resumed["steps"] == 6 and resumed["final_dir"] == str(split / "final")
+    assert resumed["num_processes"] == 2 and resumed["steps"] == 6
+    assert resumed["final_dir"] == str(split / "final")
+    assert resumed["last"]["loss"] == pytest.approx(one["losses"][-1]["loss"], rel=1e-5)
     for part in ("stage-1/final", "stage-2-init", "final"):
-        a, b = unet(tmp_path / "two" / part), unet(split / part)
-        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), part
+        assert max_diff(unet(tmp_path / "one" / part), unet(split / part)) <= 1e-5, part
 
 
 def test_dry_run_lists_each_stage_with_the_counts_of_inspect(whole, tmp_path, capsys):
