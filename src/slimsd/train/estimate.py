@@ -96,9 +96,8 @@ class LiveBytes(TorchDispatchMode):
         self.live = 0
         self.peak = 0
         self.events: list[tuple[int, int]] = []
-        self._numbers: dict[
-            int, int
-        ] = {}  # id of a live storage (one Python object while it lives) -> number
+        # id of a live storage (one Python object while it lives) -> its number
+        self._numbers: dict[int, int] = {}
 
     def number(self, tensor: torch.Tensor) -> int | None:
         return self._numbers.get(id(tensor.untyped_storage()))
