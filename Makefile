@@ -28,12 +28,12 @@ demo: $(STAMP)
 # One torch thread per process: the micro models are too small to gain from more, and the tests that start
 # servers or several ranks would otherwise oversubscribe the cores (measured: 8 micro-sd steps took 154 s
 # with default threads and 17 s with one, on a loaded 2-core machine). Two pytest workers, one per core of the
-# CI machine (pytest-xdist), each given the next test when it is free, the longest first (tests/conftest.py):
+# CI machine (pytest-xdist), the longest tests first, the multi-process ones on one worker (tests/conftest.py):
 # 21.7 min in one process at stop 19.
 TEST_WORKERS ?= 2
 test: $(STAMP) browser
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(BIN)/python -m pytest -q -m "not gpu" -n $(TEST_WORKERS) \
-	  --dist load --maxschedchunk 1 $(PYTEST_ARGS)
+	  --dist loadgroup $(PYTEST_ARGS)
 
 # The web UI test drives Debian's Chromium (via Playwright); install it once, only where we may (root + apt).
 browser:

@@ -18,6 +18,10 @@ from slimsd.measure import bench
 ENV_FIELDS = ("device", "torch", "diffusers", "date", "cpu_model", "cpu_isa", "threads", "process")
 
 
+# one worker runs this module: its bench run (~30 s) is a module fixture, made once
+pytestmark = pytest.mark.xdist_group("bench")
+
+
 @pytest.fixture(scope="module")
 def rows():
     cfg = bench.BenchConfig(

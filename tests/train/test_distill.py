@@ -190,6 +190,7 @@ def test_sdxl_student_distils_and_loads_in_diffusers(tmp_path):
 
 
 @pytest.mark.slow(seconds=30)
+@pytest.mark.xdist_group("processes")  # one multi-process test at a time (tests/conftest.py)
 @pytest.mark.parametrize("objective", ["kd", "lcm", "progressive"])
 def test_two_processes_equal_one_with_the_same_global_batch(tmp_path, objective):
     """DDP on CPU (gloo), started the way users start it: `accelerate launch --multi_gpu --num_processes 2`.

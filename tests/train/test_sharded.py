@@ -49,6 +49,7 @@ def student_at(out: Path, step: int) -> dict:
 
 
 @pytest.mark.slow(seconds=80)  # ZeRO ~110 s, FSDP ~45 s
+@pytest.mark.xdist_group("processes")  # one multi-process test at a time (tests/conftest.py)
 @pytest.mark.parametrize(("config", "engine"), ENGINES)
 def test_two_sharded_processes_equal_one_and_a_stopped_run_resumes_exactly(
     tmp_path, one_process, config, engine

@@ -131,6 +131,7 @@ def test_a_stopped_plan_resumed_ends_bit_identical(whole, tmp_path, stop):
 
 
 @pytest.mark.slow(seconds=60)
+@pytest.mark.xdist_group("processes")  # one multi-process test at a time (tests/conftest.py)
 def test_a_plan_under_two_processes_stopped_at_the_boundary_and_resumed_equals_one_process(tmp_path):
     """`accelerate launch --multi_gpu --num_processes 2` (DDP, gloo): the main process does the folder work
     (stage-K-init, final), the other waits. A two-process plan at batch 1 per process, stopped at the stage
