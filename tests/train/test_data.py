@@ -221,9 +221,9 @@ def test_distill_on_data_with_no_readable_row_ends_with_one_line(make, tmp_path,
 
 
 def test_a_few_readable_rows_are_trained_on_and_the_rest_counted(tmp_path):
-    from test_distill import cfg
-
     from slimsd.train.distill import train
+
+    from helpers import cfg
 
     (tmp_path / "0.png").write_bytes(png("red"))
     (tmp_path / "0.txt").write_text("a red square")

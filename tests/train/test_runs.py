@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_distill import FAST, cfg, unet_weights
 
 from slimsd.train.distill import train
 
-from helpers import run_cli
+from helpers import FAST_DISTILL as FAST
+from helpers import cfg, run_cli, unet_weights
 
 BASE = {**FAST, "batch_size": 2, "data": "shapes:8", "checkpoint_every": 1}
 
