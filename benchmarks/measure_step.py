@@ -74,9 +74,8 @@ def main(teacher: str, student: str, resolution: int, batch: int, checkpointing:
     training_step(unet, optimizer, inputs)
     training_step(unet, optimizer, inputs)
     rss_added = vm("VmHWM") - before
-    live = live_peak(
-        unet, torch.optim.AdamW(unet.parameters(), lr=1e-4), inputs
-    )  # a new optimizer: no states
+    fresh = torch.optim.AdamW(unet.parameters(), lr=1e-4)  # a new optimizer: no states yet
+    live = live_peak(unet, fresh, inputs)
     print(json.dumps({"live_peak": live, "rss_added": rss_added}))
 
 

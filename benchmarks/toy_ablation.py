@@ -330,6 +330,8 @@ def chart(rows: list[dict], meta: dict) -> bytes:
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
+    from slimsd.toy.demo import DemoConfig
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=RECIPES)
     ap.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
@@ -338,8 +340,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--eval-seeds", type=int, default=3)
     ap.add_argument("--eval-prompts", type=int, default=24)
     ap.add_argument("--data-images", type=int, default=2048)
-    ap.add_argument("--learning-rate", type=float, help="every arm's (default: the demo's)")
-    ap.add_argument("--lr-scheduler", help="every arm's (default: the demo's)")
+    ap.add_argument("--learning-rate", type=float, default=DemoConfig.learning_rate, help="every arm's")
+    ap.add_argument("--lr-scheduler", default=DemoConfig.lr_scheduler, help="every arm's")
     ap.add_argument("--jobs", type=int, default=1)
     ap.add_argument("--name", default="toy_ablation")
     ap.add_argument("--out-dir", type=Path, default=ROOT / "benchmarks" / "results")
@@ -347,12 +349,6 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = ap.parse_args(argv)
 
     from slimsd.devices import cpu_model
-    from slimsd.toy.demo import DemoConfig
-
-    if args.learning_rate is None:
-        args.learning_rate = DemoConfig.learning_rate
-    if args.lr_scheduler is None:
-        args.lr_scheduler = DemoConfig.lr_scheduler
 
     jobs = [(r, a, s, n) for r in args.recipes for a in args.arms for s in args.seeds for n in args.steps]
     check_work(args)

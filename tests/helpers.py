@@ -11,6 +11,17 @@ import sys
 from pathlib import Path
 
 
+def benchmark_module(name: str):
+    """benchmarks/NAME.py imported as a module (the benchmarks are scripts, not a package)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
     """(exit code, stdout, stderr) of ``slimsd ARGS``, run in this process."""
     from slimsd.cli import main

@@ -3,27 +3,18 @@ rerun that resumes from the saved runs instead of training again."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def ablation_module():
-    spec = importlib.util.spec_from_file_location("toy_ablation", ROOT / "benchmarks" / "toy_ablation.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from helpers import benchmark_module
 
 
 @pytest.mark.slow(seconds=30)
 def test_ablation_rows_and_resume(tmp_path, monkeypatch):
     from slimsd.models.counting import summarize
 
-    ablation = ablation_module()
+    ablation = benchmark_module("toy_ablation")
     args = [
         *("--recipes", "bk-tiny", "--arms", "random-init-task", "teacher-init-task-out-feat"),
         *("--seeds", "0", "1", "--steps", "1", "--eval-seeds", "1", "--eval-prompts", "1"),

@@ -3,9 +3,7 @@ a meter checked by hand on one linear layer), its sharding arithmetic and comput
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,9 +11,7 @@ import torch
 from slimsd.train.config import DistillConfig
 from slimsd.train.estimate import LiveBytes, backward_peak, estimate
 
-from helpers import run_cli
-
-ROOT = Path(__file__).parents[2]
+from helpers import benchmark_module, run_cli
 
 
 def test_the_meter_counts_a_linear_layers_step_by_hand():
@@ -38,13 +34,6 @@ def test_the_meter_counts_a_linear_layers_step_by_hand():
     assert meter.live == 3 * params  # gradients and moments stay; the temporaries are gone
 
 
-def _measure_step():
-    spec = importlib.util.spec_from_file_location("measure_step", ROOT / "benchmarks" / "measure_step.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.slow  # ~5-15 s each: a real CPU step and its meta-device estimate
 @pytest.mark.parametrize("checkpointing", [False, True])
 @pytest.mark.parametrize("batch", [16, 64])
@@ -54,7 +43,7 @@ def test_the_memory_estimate_is_within_25_percent_of_a_cpu_training_step(
 ):
     """What two real training steps (forward, backward, AdamW) of the student add over its weights, in live
     tensor bytes, against what the estimate adds over the weights, frozen parts and averages."""
-    measure = _measure_step()
+    measure = benchmark_module("measure_step")
     measured = measure.live_peak(*measure.student_step(teacher, student, 64, batch, checkpointing))
     keys = dict(teacher=teacher, student=student, resolution=64, batch_size=batch)
     p = estimate(DistillConfig(**keys, gradient_checkpointing=checkpointing), 1)["memory_per_process"]["ddp"]
