@@ -76,6 +76,8 @@ def demo_config(args, seed: int, steps: int, lambda_out: float = 1.0, lambda_fea
         data_images=args.data_images,
         learning_rate=args.learning_rate,
         lr_scheduler=args.lr_scheduler,
+        feat_norm=args.feat_norm,
+        ema_decay=args.ema_decay,
         log=lambda _msg: None,
     )
 
@@ -108,7 +110,7 @@ def run_one(job: tuple[str, str, int, int], args) -> dict:
     recipe, arm, seed, steps = job
     key = run_key(*job)
     _, lambda_out, lambda_feat = ARMS[arm]
-    cfg = demo_config(args, seed, steps, lambda_out, lambda_feat)
+    cfg = demo_config(args, seed, steps, lambda_out, lambda_feat * args.lambda_feat)
     out = args.work / "students" / key
     shutil.rmtree(out, ignore_errors=True)  # a run killed half-way starts over
     t0 = time.perf_counter()
@@ -155,6 +157,9 @@ def fingerprint(args) -> dict:
         "data_images": args.data_images,
         "learning_rate": args.learning_rate,
         "lr_scheduler": args.lr_scheduler,
+        "lambda_feat": args.lambda_feat,
+        "feat_norm": args.feat_norm,
+        "ema_decay": args.ema_decay,
     }
 
 
@@ -170,6 +175,9 @@ def check_work(args) -> None:
         # work folders from before these options existed were trained with the demo's
         saved.setdefault("learning_rate", DemoConfig.learning_rate)
         saved.setdefault("lr_scheduler", DemoConfig.lr_scheduler)
+        saved.setdefault("lambda_feat", DemoConfig.lambda_feat)
+        saved.setdefault("feat_norm", DemoConfig.feat_norm)
+        saved.setdefault("ema_decay", DemoConfig.ema_decay)
         if saved != now:
             changed = ", ".join(k for k in now if saved.get(k) != now[k])
             raise SystemExit(
@@ -331,6 +339,7 @@ def chart(rows: list[dict], meta: dict) -> bytes:
 
 def main(argv: list[str] | None = None) -> list[dict]:
     from slimsd.toy.demo import DemoConfig
+    from slimsd.train.losses import FEAT_NORMS
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=RECIPES)
@@ -342,6 +351,18 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--data-images", type=int, default=2048)
     ap.add_argument("--learning-rate", type=float, default=DemoConfig.learning_rate, help="every arm's")
     ap.add_argument("--lr-scheduler", default=DemoConfig.lr_scheduler, help="every arm's")
+    ap.add_argument(
+        "--lambda-feat",
+        type=float,
+        default=DemoConfig.lambda_feat,
+        help="the feature-KD weight of the arms with one",
+    )
+    ap.add_argument(
+        "--feat-norm", default=DemoConfig.feat_norm, choices=FEAT_NORMS, help="of the feature-KD arms"
+    )
+    ap.add_argument(
+        "--ema-decay", type=float, default=DemoConfig.ema_decay, help="every arm's (default: none)"
+    )
     ap.add_argument("--jobs", type=int, default=1)
     ap.add_argument("--name", default="toy_ablation")
     ap.add_argument("--out-dir", type=Path, default=ROOT / "benchmarks" / "results")
@@ -397,6 +418,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
         f"{cfg.guidance_scale:g}",
         "learning_rate": args.learning_rate,
         "lr_scheduler": args.lr_scheduler,
+        "lambda_feat": args.lambda_feat,
+        "feat_norm": args.feat_norm,
+        "ema_decay": args.ema_decay,
     }
     rows = aggregate(runs, teacher, params, latency, meta)
     from slimsd.atomic import atomic_write_bytes, atomic_write_text

@@ -1,4 +1,4 @@
-"""Why did longer training of the old toy teacher lose its colours? Two measurements, results in
+"""Why did longer training of the old toy teacher lose its colours? Three measurements, results in
 benchmarks/results/toy_teacher_diagnosis.json.
 
 guidance: caption fidelity of a teacher folder at several classifier-free guidance scales (48 fresh captions
@@ -8,9 +8,13 @@ continue: continue a teacher exactly as the failed run did (learning rate warmed
   trained (arm joint) and once frozen (arm text_frozen), scoring fidelity at guidance 5 every EVERY steps and
   how far the text encoder's states of all 360 captions moved (text_drift, relative L2).
 
+sampler: `guidance OLD 2,5 --schedulers pndm,euler,dpm++2m,ddim`: the same sweep per sampler (what failed at
+  guidance 5 was the PLMS sampler, not the teacher).
+
 Run:  git show 4679db3:src/slimsd/toy/assets/toy-sd/...  (the old teacher) into OLD, then
       .venv/bin/python scripts/diagnose_toy_teacher.py guidance OLD 1,2,3,5,7.5
       .venv/bin/python scripts/diagnose_toy_teacher.py continue OLD --steps 1000 --every 200
+      .venv/bin/python scripts/diagnose_toy_teacher.py guidance OLD 2,5 --schedulers pndm,euler,dpm++2m,ddim
 """
 
 import argparse
@@ -125,8 +129,13 @@ def run(old, freeze_text, steps, every):
 
 
 @torch.no_grad()
-def guidance_sweep(folder, scales):
+def guidance_sweep(folder, scales, scheduler=None):
+    """Fidelity at each guidance scale, with the folder's own scheduler or SCHEDULER (a slimsd name)."""
+    from slimsd.run.schedulers import set_scheduler
+
     pipe = load(folder)
+    if scheduler:
+        set_scheduler(pipe, scheduler)
     caps = S.make_captions(48, seed=5)
     out = {}
     for g in scales:
@@ -134,7 +143,7 @@ def guidance_sweep(folder, scales):
         ims = pipe(caps, num_inference_steps=25, guidance_scale=g, generator=gens, height=64, width=64).images
         r = S.caption_fidelity(ims, caps, details=True)
         out[str(g)] = {k: round(r[k], 4) for k in ("fidelity", "colour_accuracy", "shape_accuracy")}
-        print(g, out[str(g)], flush=True)
+        print(scheduler or "own", g, out[str(g)], flush=True)
     return out
 
 
@@ -144,6 +153,9 @@ def main():
     g = sub.add_parser("guidance")
     g.add_argument("folder", type=Path)
     g.add_argument("scales")
+    g.add_argument(
+        "--schedulers", default="", help="comma-separated slimsd scheduler names (default: its own)"
+    )
     c = sub.add_parser("continue")
     c.add_argument("folder", type=Path)
     c.add_argument("--steps", type=int, default=1000)
@@ -152,7 +164,11 @@ def main():
     args = ap.parse_args()
     torch.set_num_threads(1)
     if args.what == "guidance":
-        result = guidance_sweep(args.folder, [float(x) for x in args.scales.split(",")])
+        scales = [float(x) for x in args.scales.split(",")]
+        if args.schedulers:
+            result = {s: guidance_sweep(args.folder, scales, s) for s in args.schedulers.split(",")}
+        else:
+            result = guidance_sweep(args.folder, scales)
     else:
         result = {}
         for name, frozen in (("joint", False), ("text_frozen", True)):

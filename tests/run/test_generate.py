@@ -320,3 +320,32 @@ def test_cli_bad_input_is_one_line_and_exit_2(argv, match, capsys, tmp_path):
     code, _out, err = run_cli(["generate", *argv, "--out", str(tmp_path)], capsys)
     assert code == 2
     assert match in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_ddim_never_clips_latents_the_model_config_does_not_mention(micro_sd):
+    """DDIMScheduler's class default clips x̂₀ to [-1, 1] (for pixel models); a latent model's config that says
+    nothing about it must sample unclipped: x̂₀ = (x_t - sqrt(1 - ᾱ_t) ε) / sqrt(ᾱ_t), DDIM eq. 12."""
+    pipe = micro_sd
+    before = pipe.scheduler
+    info = getattr(pipe, "_slimsd", None)
+    saved = info["base_scheduler"] if info else None
+    try:
+        base = {k: v for k, v in dict(before.config).items() if k != "clip_sample"}
+        if info:
+            info["base_scheduler"] = base
+        else:
+            pipe.scheduler = type(before).from_config(base)
+        schedulers.set_scheduler(pipe, "ddim")
+        ddim = pipe.scheduler
+        ddim.set_timesteps(10)
+        t = ddim.timesteps[0]
+        x_t, eps = torch.full((1, 4, 2, 2), 3.0), torch.full((1, 4, 2, 2), -2.0)
+        a = ddim.alphas_cumprod[t]
+        x0 = (x_t - (1 - a).sqrt() * eps) / a.sqrt()
+        assert x0.abs().min() > 1  # clipping would show
+        out = ddim.step(eps, t, x_t)
+        torch.testing.assert_close(out.pred_original_sample, x0)
+    finally:
+        pipe.scheduler = before
+        if info:
+            info["base_scheduler"] = saved

@@ -70,16 +70,46 @@ def test_ablation_rows_and_resume(tmp_path, monkeypatch):
         ablation.main(
             [a if a != "1" or i != args.index("--eval-prompts") + 1 else "2" for i, a in enumerate(args)]
         )
-    # ... and so do other training settings; a work folder from before --learning-rate and --lr-scheduler
-    # existed (no such keys in its fingerprint) was made with the demo's settings and still resumes
-    with pytest.raises(SystemExit, match="another learning_rate"):
-        ablation.main([*args, "--learning-rate", "1e-3"])
-    with pytest.raises(SystemExit, match="another lr_scheduler"):
-        ablation.main([*args, "--lr-scheduler", "cosine"])
+    # ... and so do other training settings; a work folder from before these options existed (no such keys in
+    # its fingerprint) was made with the demo's settings and still resumes
+    settings = {
+        "learning_rate": ("--learning-rate", "1e-3", 5e-4),
+        "lr_scheduler": ("--lr-scheduler", "cosine", "constant_with_warmup"),
+        "lambda_feat": ("--lambda-feat", "0.1", 1.0),
+        "feat_norm": ("--feat-norm", "teacher", "none"),
+        "ema_decay": ("--ema-decay", "0.95", None),
+    }
+    for key, (option, value, _) in settings.items():
+        with pytest.raises(SystemExit, match=f"another {key}"):
+            ablation.main([*args, option, value])
     fingerprint = tmp_path / "work" / "fingerprint.json"
     saved = json.loads(fingerprint.read_text())
-    assert (saved["learning_rate"], saved["lr_scheduler"]) == (5e-4, "constant_with_warmup")
-    fingerprint.write_text(
-        json.dumps({k: saved[k] for k in saved if k not in ("learning_rate", "lr_scheduler")})
-    )
+    assert {k: saved[k] for k in settings} == {k: default for k, (_, _, default) in settings.items()}
+    fingerprint.write_text(json.dumps({k: saved[k] for k in saved if k not in settings}))
     assert score(ablation.main(args)) == score(rows)
+
+
+def test_ablation_settings_reach_the_trainer(tmp_path, monkeypatch):
+    """--lambda-feat scales the feature-KD arms' weight only; --feat-norm, --ema-decay and the learning rate go
+    to every arm's DistillConfig as given."""
+    import slimsd.train.distill as distill
+
+    ablation = benchmark_module("toy_ablation")
+    seen = {}
+
+    def capture(cfg):
+        seen[(cfg.lambda_out, cfg.lambda_feat)] = cfg
+        raise KeyboardInterrupt  # stop before any training
+
+    monkeypatch.setattr(distill, "train", capture)
+    base = [
+        *("--recipes", "bk-tiny", "--seeds", "0", "--steps", "1", "--data-images", "8"),
+        *("--work", str(tmp_path / "work"), "--out-dir", str(tmp_path / "out")),
+        *("--lambda-feat", "0.25", "--feat-norm", "teacher", "--ema-decay", "0.9", "--learning-rate", "2e-4"),
+    ]
+    for arm in ("teacher-init-task", "teacher-init-task-out-feat"):
+        with pytest.raises(KeyboardInterrupt):
+            ablation.main([*base, "--arms", arm])
+    task_only, kd = seen[(0.0, 0.0)], seen[(1.0, 0.25)]
+    for cfg in (task_only, kd):
+        assert (cfg.feat_norm, cfg.ema, cfg.ema_decay, cfg.learning_rate) == ("teacher", True, 0.9, 2e-4)

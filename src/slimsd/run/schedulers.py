@@ -62,4 +62,7 @@ def set_scheduler(pipe, name: str) -> None:
     info = getattr(pipe, "_slimsd", None)
     base = info["base_scheduler"] if info else dict(pipe.scheduler.config)
     base = {k: v for k, v in base.items() if k != "use_karras_sigmas"}
+    # DDIM's class default clips x̂₀ to [-1, 1], which suits pixels, not latents: a latent model whose config never
+    # says (the toy teacher's PNDM config) sampled to noise with it
+    base.setdefault("clip_sample", False)
     pipe.scheduler = getattr(diffusers, cls_name).from_config(base, **overrides)

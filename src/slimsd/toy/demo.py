@@ -72,11 +72,16 @@ class DemoConfig:
     lambda_feat: float = 1.0
     feat_norm: str = "none"  # "teacher": each feature term over the teacher feature's mean square
     caption_dropout: float = 0.1  # keeps the students good at classifier-free guidance, like the teacher
+    ema_decay: float | None = (
+        None  # sample from an exponential moving average of the weights (None: the last)
+    )
     eval_seeds: tuple[int, ...] = (0, 1, 2)
     eval_prompts: int = 24  # captions per seed, of seen and of held-out combinations each
     # the toy teacher's own sampling (it samples poorly at 20 steps)
     inference_steps: int = TOY_SAMPLING["num_inference_steps"]
     guidance_scale: float = TOY_SAMPLING["guidance_scale"]
+    # None: each model's own (PNDM for the toy teacher and its KD / task-only students, LCM for the LCM student)
+    scheduler: str | None = None
     # The KD student step-distilled by LCM (objective=lcm): training steps, learning rate, the teacher's guidance
     # range it learns (CFG scales around the toy teacher's best, 2), and the steps it samples with.
     lcm_steps: int = 300
@@ -141,16 +146,20 @@ def check_out(cfg: DemoConfig) -> bool:
 # --- measurements -------------------------------------------------------------------------------------------
 
 
-# Seed streams of the evaluation captions, apart from every training set's (shapes:N uses the run's seed).
+# Seed streams of the evaluation captions, apart from every training set's (shapes:N uses the run's seed); the
+# tuning streams are for choosing sampling settings (benchmarks/toy_samplers.py), so no evaluation sees them.
 CAPTION_SEEDS = {"seen": 1_000_003, "held_out": 2_000_003}
+TUNING_CAPTION_SEEDS = {"seen": 3_000_003, "held_out": 4_000_003}
 
 
-def eval_captions(cfg: DemoConfig, seed: int, split: str = "seen") -> list[str]:
+def eval_captions(
+    cfg: DemoConfig, seed: int, split: str = "seen", streams: dict[str, int] = CAPTION_SEEDS
+) -> list[str]:
     """Evaluation captions of ``split``: ``seen`` = fresh draws of training combinations (the same caption text
     can occur in training: the world has 360 captions); ``held_out`` = combinations no training set contains."""
     from slimsd.toy.shapes import make_captions
 
-    return make_captions(cfg.eval_prompts, seed=CAPTION_SEEDS[split] + seed, split=split)
+    return make_captions(cfg.eval_prompts, seed=streams[split] + seed, split=split)
 
 
 def sample(
@@ -166,6 +175,7 @@ def sample(
         captions,
         steps=steps or cfg.inference_steps,
         guidance=cfg.guidance_scale,
+        scheduler=cfg.scheduler,
         width=64,
         height=64,
         batch_size=min(len(captions), MAX_BATCH),
@@ -175,16 +185,23 @@ def sample(
     return [r.image for r in results]
 
 
-def fidelity(pipe, cfg: DemoConfig, steps: int | None = None, deep_cache: int = 1) -> dict:
+def fidelity(
+    pipe,
+    cfg: DemoConfig,
+    steps: int | None = None,
+    deep_cache: int = 1,
+    streams: dict[str, int] = CAPTION_SEEDS,
+) -> dict:
     """Caption fidelity per seed and its mean (plus colour and shape accuracy), on seen and held-out
-    combinations (image i of evaluation seed s uses sample seed 10_000 * (s + 1) + i in both)."""
+    combinations (image i of evaluation seed s uses sample seed 10_000 * (s + 1) + i in both); ``streams``:
+    the caption seed streams (TUNING_CAPTION_SEEDS to choose settings on captions no evaluation uses)."""
     from slimsd.toy.shapes import caption_fidelity
 
     out = {}
     for split, suffix in (("seen", ""), ("held_out", "_held_out")):
         per_seed = []
         for s in cfg.eval_seeds:
-            captions = eval_captions(cfg, s, split)
+            captions = eval_captions(cfg, s, split, streams)
             images = sample(pipe, captions, 10_000 * (s + 1), cfg, steps, deep_cache)
             r = caption_fidelity(images, captions, details=True)
             per_seed.append({k: r[k] for k in ("fidelity", "colour_accuracy", "shape_accuracy")})
@@ -258,6 +275,8 @@ def distill_config(cfg: DemoConfig, student: Path, data: Path, output_dir: Path,
         lambda_feat=cfg.lambda_feat if kd else 0.0,
         feat_norm=cfg.feat_norm,
         caption_dropout=cfg.caption_dropout,
+        ema=cfg.ema_decay is not None,
+        ema_decay=cfg.ema_decay if cfg.ema_decay is not None else DistillConfig.ema_decay,
         checkpoint_every=0,
         keep_last=1,
         resume=None,
