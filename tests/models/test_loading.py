@@ -127,3 +127,33 @@ def test_loading_leaves_the_libraries_progress_bars_as_it_found_them():
     load("micro-sd", optimize=False)
     assert not diffusers_logging.is_progress_bar_enabled()
     diffusers_logging.enable_progress_bar()
+
+
+def test_the_toy_teacher_and_its_students_sample_at_the_guidance_it_was_measured_best_at(tmp_path):
+    """toy-sd's default guidance is the best of its recorded sweep (training.json, scored by
+    scripts/train_toy_teacher.py), not SD's 7.5 where its PLMS sampler follows 13% of captions; a student of it
+    that says nothing itself inherits it; a student's own sampling (a step-distilled one) and other models keep
+    theirs."""
+    from slimsd.models.loading import model_sampling
+    from slimsd.run.generate import DEFAULT_GUIDANCE, sampling_defaults
+    from slimsd.toy.teacher import TOY_DIR
+
+    sweep = json.loads((TOY_DIR / "training.json").read_text())["guidance_sweep"]
+    best = max(sweep, key=lambda g: sweep[g]["caption_fidelity"])
+    assert sampling_defaults(model_sampling("toy-sd")) == {"steps": 25, "guidance": float(best)}
+    assert sampling_defaults(model_sampling("micro-sd"))["guidance"] == DEFAULT_GUIDANCE
+
+    student, lcm, other = (tmp_path / n for n in ("kd", "lcm", "other"))
+    for folder, info in (
+        (student, {"teacher": "toy-sd", "recipe": {"name": "bk-small"}}),
+        (lcm, {"teacher": "toy-sd", "sampling": {"scheduler": "lcm", "steps": 4, "guidance": 2.0}}),
+        (other, {"teacher": "CompVis/stable-diffusion-v1-4"}),
+    ):
+        folder.mkdir()
+        (folder / "slimsd.json").write_text(json.dumps(info))
+    assert model_sampling(str(student)) == model_sampling("toy-sd")
+    assert model_sampling(str(lcm)) == {"scheduler": "lcm", "steps": 4, "guidance": 2.0}
+    assert model_sampling(str(other)) is None
+    # the loaded teacher reports it, so generate's defaults follow
+    (image,) = generate(load("toy-sd", device="cpu", dtype="fp32"), "a red circle", steps=1, seed=0)
+    assert image.settings.guidance == float(best)

@@ -404,11 +404,20 @@ def native_resolution(pipe) -> int:
 
 
 def model_sampling(model: str) -> dict | None:
-    """How a step-distilled student samples by default (its slimsd.json ``sampling``: scheduler, steps,
-    guidance), read without loading it; None for other models."""
+    """How MODEL samples unless told otherwise, read without loading it: a step-distilled student's own (its
+    slimsd.json ``sampling``: scheduler, steps, guidance); the toy teacher's guidance (TOY_SAMPLING: its PLMS
+    scheduler follows 0.93 of its captions at guidance 2 and 0.13 at SD's 7.5), also for a student of it that says
+    nothing itself; None for other models (25 steps, 7.5)."""
+    if model == "toy-sd":
+        from slimsd.toy.teacher import TOY_SAMPLING
+
+        return {"guidance": TOY_SAMPLING["guidance_scale"]}
     if describe_model(model) != "local":
         return None
-    return (read_slimsd_info(model) or {}).get("sampling")
+    info = read_slimsd_info(model) or {}
+    if "sampling" in info:
+        return info["sampling"]
+    return model_sampling("toy-sd") if info.get("teacher") == "toy-sd" else None
 
 
 def read_slimsd_info(folder: str | Path) -> dict | None:
