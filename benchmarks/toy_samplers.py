@@ -34,17 +34,27 @@ def parse_config(text: str) -> tuple[str, float]:
     from slimsd.run.schedulers import SCHEDULERS
 
     name, _, guidance = text.partition(":")
-    if name not in SCHEDULERS or not guidance:
+    try:
+        scale = float(guidance)
+    except ValueError:
+        scale = None
+    if name not in SCHEDULERS or scale is None:
         raise SystemExit(
             f"toy_samplers: config {text!r}: expected SCHEDULER:GUIDANCE, SCHEDULER one of {list(SCHEDULERS)}"
         )
-    return name, float(guidance)
+    return name, scale
+
+
+def parse_model(text: str) -> tuple[str, str]:
+    """LABEL=MODEL, or MODEL labelled by itself."""
+    label, _, model = text.partition("=")
+    return (label, model) if model else (text, text)
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument(
-        "--models", nargs="+", required=True, help="LABEL=MODEL (a name such as toy-sd, or a folder)"
+        "--models", nargs="+", required=True, help="[LABEL=]MODEL (a name such as toy-sd, or a folder)"
     )
     ap.add_argument("--configs", nargs="+", default=CONFIGS, help="SCHEDULER:GUIDANCE")
     ap.add_argument("--captions", choices=("tuning", "eval"), default="tuning")
@@ -54,7 +64,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--out-dir", type=Path, default=ROOT / "benchmarks" / "results")
     args = ap.parse_args(argv)
     configs = [parse_config(c) for c in args.configs]
-    models = [m.partition("=")[::2] for m in args.models]
+    models = [parse_model(m) for m in args.models]
 
     import torch
 

@@ -50,3 +50,7 @@ def test_a_bad_config_is_one_line():
         samplers.main(["--models", "t=toy-sd", "--configs", "heun:2"])
     with pytest.raises(SystemExit, match="config 'euler'"):
         samplers.main(["--models", "t=toy-sd", "--configs", "euler"])
+    with pytest.raises(SystemExit, match="config 'euler:x'"):
+        samplers.main(["--models", "t=toy-sd", "--configs", "euler:x"])
+    assert samplers.parse_model("toy-sd") == ("toy-sd", "toy-sd")
+    assert samplers.parse_model("kd=runs/a=b/final") == ("kd", "runs/a=b/final")
