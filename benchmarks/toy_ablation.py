@@ -47,6 +47,9 @@ ARMS = {
     "teacher-init-task-out-feat": ("teacher", 1.0, 1.0),
 }
 TEACHER = "toy-sd"
+# training settings the command line can change for every run of a sweep: DemoConfig's field names, which are
+# also the options' (--learning-rate ...); each is part of the work folder's fingerprint and of the results
+SETTINGS = ("learning_rate", "lr_scheduler", "lambda_feat", "feat_norm", "ema_decay")
 
 
 def log(msg: str) -> None:
@@ -155,12 +158,12 @@ def fingerprint(args) -> dict:
         "eval_seeds": args.eval_seeds,
         "eval_prompts": args.eval_prompts,
         "data_images": args.data_images,
-        "learning_rate": args.learning_rate,
-        "lr_scheduler": args.lr_scheduler,
-        "lambda_feat": args.lambda_feat,
-        "feat_norm": args.feat_norm,
-        "ema_decay": args.ema_decay,
+        **settings(args),
     }
+
+
+def settings(args) -> dict:
+    return {k: getattr(args, k) for k in SETTINGS}
 
 
 def check_work(args) -> None:
@@ -173,11 +176,8 @@ def check_work(args) -> None:
         from slimsd.toy.demo import DemoConfig
 
         # work folders from before these options existed were trained with the demo's
-        saved.setdefault("learning_rate", DemoConfig.learning_rate)
-        saved.setdefault("lr_scheduler", DemoConfig.lr_scheduler)
-        saved.setdefault("lambda_feat", DemoConfig.lambda_feat)
-        saved.setdefault("feat_norm", DemoConfig.feat_norm)
-        saved.setdefault("ema_decay", DemoConfig.ema_decay)
+        for k in SETTINGS:
+            saved.setdefault(k, getattr(DemoConfig, k))
         if saved != now:
             changed = ", ".join(k for k in now if saved.get(k) != now[k])
             raise SystemExit(
@@ -416,11 +416,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         "command": "python benchmarks/toy_ablation.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "eval": f"{args.eval_seeds} seeds x {args.eval_prompts} captions, {cfg.inference_steps} steps, guidance "
         f"{cfg.guidance_scale:g}",
-        "learning_rate": args.learning_rate,
-        "lr_scheduler": args.lr_scheduler,
-        "lambda_feat": args.lambda_feat,
-        "feat_norm": args.feat_norm,
-        "ema_decay": args.ema_decay,
+        **settings(args),
     }
     rows = aggregate(runs, teacher, params, latency, meta)
     from slimsd.atomic import atomic_write_bytes, atomic_write_text

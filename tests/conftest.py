@@ -21,8 +21,9 @@ def pytest_collection_modifyitems(items):
     """Longest tests first (stable order otherwise): with several workers (`make test` runs two, each handed the
     next test when it is free), a minutes-long test started last would finish alone while the other idles.
     `make test` runs with `--dist loadgroup`: the tests marked `xdist_group("processes")` (each starts two
-    training processes) go to one worker, one after another, since two of them at once oversubscribe the cores
-    (waiting gloo ranks spin: a ZeRO test took 156 s instead of 60 beside another)."""
+    training processes) go to one worker, one after another, so that at most two ranks share the cores with the
+    other worker's test (a ZeRO test takes ~60 s alone and ~140 s beside the demo's claim test). The groups need
+    pytest < 9 (tests/test_suite.py)."""
     items.sort(key=lambda item: -expected_seconds(item))
 
 
