@@ -1,5 +1,5 @@
 """Test helpers: run the CLI in-process and capture its exit code and output; start `slimsd distill` under
-`accelerate launch`; compare trained weights."""
+`accelerate launch`; compare trained weights; read the tables of an HTML report."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import os
 import socket
 import subprocess
 import sys
+from html.parser import HTMLParser
 from pathlib import Path
 
 
@@ -168,3 +169,44 @@ def encode_prompts(pipe, texts: list[str]):
     """CLIP text embeddings as SD's pipeline computes them."""
     ids = pipe.tokenizer(texts, padding="max_length", max_length=77, return_tensors="pt").input_ids
     return pipe.text_encoder(ids)[0]
+
+
+class HtmlTables(HTMLParser):
+    """The tables of a report page, by table id: ``tables[id]`` is a list of rows, each {data-metric: text} (cells
+    without the attribute are left out); ``images`` lists the ``src`` of every <img>."""
+
+    def __init__(self):
+        super().__init__()
+        self.tables, self.images = {}, []
+        self._table = self._row = self._metric = None
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        if tag == "table":
+            self._table = a.get("id")
+            self.tables[self._table] = []
+        elif tag == "tr" and self._table:
+            self._row = {}
+        elif tag == "td" and self._row is not None:
+            self._metric = a.get("data-metric")
+            if self._metric is not None:
+                self._row[self._metric] = ""
+        elif tag == "img":
+            self.images.append(a["src"])
+
+    def handle_endtag(self, tag):
+        if tag == "tr" and self._row:
+            self.tables[self._table].append(self._row)
+            self._row = None
+        elif tag == "td":
+            self._metric = None
+
+    def handle_data(self, data):
+        if self._metric is not None and self._row is not None:
+            self._row[self._metric] += data
+
+
+def html_tables(text: str) -> HtmlTables:
+    parsed = HtmlTables()
+    parsed.feed(text)
+    return parsed
