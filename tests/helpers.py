@@ -171,6 +171,19 @@ def encode_prompts(pipe, texts: list[str]):
     return pipe.text_encoder(ids)[0]
 
 
+# The browser tests' Chromium (`make test` installs it) and its headless flags.
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+
+
 class HtmlTables(HTMLParser):
     """The tables of a report page, by table id: ``tables[id]`` is a list of rows, each {data-metric: text} (cells
     without the attribute are left out); ``images`` lists the ``src`` of every <img>."""

@@ -23,16 +23,8 @@ from slimsd.errors import SlimsdError
 from slimsd.run.pnginfo import settings_from_png
 from slimsd.run.ui import ModelCache, UIConfig, default_models, run_compare, run_generate
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_FLAGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
+from helpers import CHROMIUM, CHROMIUM_FLAGS
+
 MAX_QUEUE = 2
 
 

@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import json
+import shlex
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from slimsd.toy.demo import LABELS, MODELS, DemoConfig, run_demo
+from slimsd.toy.demo import MODELS, DemoConfig, run_demo
 from slimsd.toy.teacher import TOY_SAMPLING
 
-from helpers import run_cli
+from helpers import html_tables, run_cli
 
 KD_VS_TEACHER = 0.7  # seed 3 keeps about 70% (69% on 3 x 24 captions: toy_settings/toy_fresh_seeds.md)
 LCM_VS_TEACHER = 0.8  # measured at seed 3: 0.854 / 0.896 = 95%
@@ -58,12 +59,13 @@ def plain_samples(folder, captions: list[str], first_seed: int, steps: int) -> l
     ).images
 
 
-def table_numbers(table: str) -> dict[str, list[float]]:
-    """The numbers of each model's row of the printed table."""
+def table_numbers(table: str, summary: dict) -> dict[str, list[float]]:
+    """The numbers of each model's row of the printed table, found by the model's label in results.json."""
     rows = {}
-    for name in MODELS:
-        line = next(line for line in table.splitlines() if line.startswith(LABELS[name]))
-        rows[name] = [float(x.replace(",", "")) for x in line.removeprefix(LABELS[name]).split()]
+    for name in summary["models"]:
+        label = summary[name]["label"]
+        line = next(line for line in table.splitlines() if line.startswith(label))
+        rows[name] = [float(x.replace(",", "")) for x in line.removeprefix(label).split()]
     return rows
 
 
@@ -103,15 +105,43 @@ def test_demo_end_to_end_checked_independently_and_rerun(tmp_path, capsys):
                 got[f"colour_accuracy{suffix}"],
                 got[f"shape_accuracy{suffix}"],
             ) == (r["fidelity"], r["colour_accuracy"], r["shape_accuracy"]), name
-    # sample grids: the 8 captions of grid-captions.txt, seeds 1234 + i, one 64 px row
-    grid_captions = (out / "grid-captions.txt").read_text().splitlines()
-    assert len(grid_captions) == 8
-    for name, folder in folders.items():
-        grid = Image.open(out / f"grid-{name}.png").convert("RGB")
-        assert grid.size == (8 * 64, 64)
-        for i, image in enumerate(plain_samples(folder, grid_captions, 1234, steps=2)):
-            tile = grid.crop((64 * i, 0, 64 * (i + 1), 64))
-            assert np.array_equal(np.asarray(tile), np.asarray(image.convert("RGB"))), (name, i)
+    # the rows: the demo's four models, in order, each with its label
+    assert summary["models"] == list(MODELS)
+    assert [summary[m]["label"] for m in MODELS] == [
+        "teacher (toy-sd)",
+        "KD student",
+        "task-only student",
+        "LCM student (KD+LCM)",
+    ]
+    # the sheet: 8 captions, the last 2 of held-out combinations, seeds 1234 + i; its images sampled again by
+    # plain diffusers and drawn into the sheet (whose layout tests/toy/test_report.py checks) give sheet.png
+    from slimsd.toy.report import draw_sheet
+    from slimsd.toy.shapes import HELD_OUT, parse_caption
+
+    sheet = summary["sheet"]
+    assert (sheet["file"], sheet["first_seed"], sheet["held_out"]) == (
+        "sheet.png",
+        1234,
+        [False] * 6 + [True] * 2,
+    )
+    combos = [(s.colour, s.shape) for s in map(parse_caption, sheet["captions"])]
+    assert [c in HELD_OUT for c in combos] == sheet["held_out"]
+    images = {
+        name: plain_samples(folder, sheet["captions"], 1234, steps=2) for name, folder in folders.items()
+    }
+    drawn = np.asarray(Image.open(out / "sheet.png").convert("RGB"))
+    assert np.array_equal(drawn, np.asarray(draw_sheet(summary, images)))
+    # the page: the table's cells are results.json's values, the sheet beside it by a relative name
+    page = html_tables((out / "index.html").read_text())
+    assert page.images == ["sheet.png"]
+    for name, cells in zip(MODELS, page.tables["results"], strict=True):
+        r = summary[name]
+        assert (cells["label"], cells["steps"], cells["caption_fidelity"], cells["image_ms"]) == (
+            r["label"],
+            str(r["steps"]),
+            f"{r['caption_fidelity']:.3f}",
+            f"{r['image_ms']:.1f}",
+        )
     for name in MODELS[1:]:
         assert list((out / name / "final" / "unet").glob("*.safetensors"))
 
@@ -123,7 +153,12 @@ def test_demo_end_to_end_checked_independently_and_rerun(tmp_path, capsys):
     for name, folder in folders.items():  # this run used the fast runtime: its fused QKV adds no parameters
         assert again[name]["unet_params"] == summarize(str(folder))["unet_params"], name
     assert sorted(p.name for p in tmp_path.iterdir()) == ["demo"]  # no temporary or old copy left behind
-    numbers = table_numbers(stdout)
+    numbers = table_numbers(stdout, again)
+    assert stdout.strip().splitlines()[-1].endswith(str(out / "index.html"))  # the last line names the page
+    words = shlex.split(again["command"])  # the options as typed, in the command's own order
+    typed = ["--out", str(out), "--seed", "1", *SMALL]
+    assert words[:2] == ["slimsd", "demo"] and len(words) == 2 + len(typed)
+    assert dict(zip(words[2::2], words[3::2], strict=True)) == dict(zip(typed[::2], typed[1::2], strict=True))
     for name in MODELS:
         r = again[name]
         want = [
@@ -156,7 +191,7 @@ def test_only_the_demos_own_output_is_replaced_without_overwrite(tmp_path):
     cfg = DemoConfig(out=str(tmp_path / "demo"))
     assert check_out(cfg) is False  # nothing there: nothing to replace
     (tmp_path / "demo").mkdir()
-    (tmp_path / "demo" / "grid-teacher.png").write_bytes(b"")
+    (tmp_path / "demo" / "grid-teacher.png").write_bytes(b"")  # what demos wrote before the sheet
     results = tmp_path / "demo" / "results.json"
     for not_the_demos in (None, {"kind": "something-else"}, ["slimsd-demo"], "{"):
         if not_the_demos is not None:

@@ -1,5 +1,6 @@
 import contextlib
 import json
+import shlex
 import sys
 
 import click
@@ -15,7 +16,8 @@ KD_WEIGHT = "Weight of this KD term for the KD student (0 for an ablation)."
     default="demo-out",
     show_default=True,
     type=click.Path(file_okay=False),
-    help="Output folder: students, sample grids, results.json. A rerun replaces the demo's earlier output.",
+    help="Output folder: students, results.json, the sample sheet (sheet.png) and the page (index.html). A rerun "
+    "replaces the demo's earlier output.",
 )
 @click.option(
     "--overwrite",
@@ -113,7 +115,10 @@ def demo(
 ):
     """Compress the toy teacher (bk-small), distill it with KD, train a task-only twin, step-distil the KD
     student with LCM to 4 steps, compare the four."""
-    from slimsd.toy.demo import DemoConfig, format_table, run_demo
+    from pathlib import Path
+
+    from slimsd.toy.demo import DemoConfig, run_demo
+    from slimsd.toy.report import format_table
 
     def log(msg):
         click.echo(msg, err=as_json)
@@ -138,13 +143,31 @@ def demo(
         guidance_scale=guidance,
         threads=threads,
         optimize=optimize,
+        command=command_line(click.get_current_context()),
         log=log,
     )
     # In --json mode stdout carries the JSON object alone: anything else a library prints goes to stderr.
     with contextlib.redirect_stdout(sys.stderr) if as_json else contextlib.nullcontext():
         summary = run_demo(cfg)
+    page = Path(summary["out"]) / summary["page"]
     if as_json:
         click.echo(json.dumps(summary, indent=1))
+        click.echo(f"the table, the sample sheet and what each column means: {page}", err=True)
     else:
         click.echo(format_table(summary))
-        click.echo(f"sample grids and results.json in {summary['out']}")
+        click.echo(f"results.json and the sample sheet ({summary['sheet']['file']}) in {summary['out']}")
+        click.echo(f"the table, the sample sheet and what each column means: {page}")
+
+
+def command_line(ctx: click.Context) -> str:
+    """The command as typed, in canonical form: `slimsd demo` and each option given on the command line."""
+    words = ["slimsd", ctx.info_name or "demo"]
+    for param in ctx.command.params:
+        if ctx.get_parameter_source(param.name) is not click.core.ParameterSource.COMMANDLINE:
+            continue
+        value = ctx.params[param.name]
+        if getattr(param, "is_flag", False):
+            words.append(param.opts[-1] if value or not param.secondary_opts else param.secondary_opts[-1])
+        else:
+            words += [param.opts[-1], str(value)]
+    return shlex.join(words)

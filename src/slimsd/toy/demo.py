@@ -13,7 +13,8 @@
    (``caption_fidelity_held_out``), each model at its own steps (25; the LCM student 4), U-Net parameters, the
    median latency of one U-Net step (classifier-free guidance batch, same device and threads) and of one whole
    image (``image_ms``: text encoding, every U-Net evaluation at the model's steps and guidance, VAE decode);
-6. write sample grids of the four models (same captions, same seeds) and ``results.json``.
+6. write ``results.json``, the sample sheet (``sheet.png``: a row per model, a column per caption, same seeds)
+   and the page that shows both (``index.html``, slimsd.toy.report).
 
 The training runs through :func:`slimsd.train.distill.train`; nothing here trains on its own.
 """
@@ -29,6 +30,7 @@ from pathlib import Path
 import torch
 
 from slimsd.errors import SlimsdError
+from slimsd.toy.report import PAGE_FILE, SHEET_FILE, draw_sheet, render_page
 from slimsd.toy.teacher import TOY_SAMPLING
 
 MODELS = ("teacher", "kd_student", "task_only_student", "lcm_student")
@@ -41,14 +43,10 @@ LABELS = {
 # results.json says which program wrote the folder: a rerun replaces only the demo's own output
 DEMO_KIND = "slimsd-demo"
 # everything the demo writes at the top of its folder
-DEMO_ENTRIES = {
-    "student-init",
-    "cache",
-    *MODELS[1:],
-    *(f"grid-{m}.png" for m in MODELS),
-    "grid-captions.txt",
-    "results.json",
-}
+DEMO_ENTRIES = {"student-init", "cache", *MODELS[1:], "results.json", SHEET_FILE, PAGE_FILE}
+# what demos wrote before the sheet and the page (the folder of such a run is still the demo's to replace)
+OLD_ENTRIES = {*(f"grid-{m}.png" for m in MODELS), "grid-captions.txt"}
+SHEET_SEED = 1234  # caption i of the sheet: seed SHEET_SEED + i, in every row
 
 
 @dataclass
@@ -88,13 +86,14 @@ class DemoConfig:
     lcm_learning_rate: float = 1e-4
     lcm_guidance_range: tuple[float, float] = (1.5, 3.0)
     lcm_inference_steps: int = 4
-    grid_prompts: int = 8
+    grid_prompts: int = 8  # captions on the sheet: a quarter of them (rounded down) of held-out combinations
     latency_repeats: int = 30
     image_repeats: int = 5  # whole images timed per model (image_ms)
     threads: int | None = None  # torch CPU threads; None: torch's default
     optimize: bool = True  # sample with the fast runtime (slimsd.run.runtime), as `slimsd generate` does
     overwrite: bool = False
     progress: bool = False
+    command: str | None = None  # the command line that ran the demo, for the page (None: from this config)
     log: object = field(default=print, repr=False)
 
 
@@ -126,7 +125,11 @@ def demo_output(out: Path) -> bool:
         entries = {p.name for p in out.iterdir()}
     except (OSError, ValueError):
         return False
-    return isinstance(results, dict) and results.get("kind") == DEMO_KIND and entries <= DEMO_ENTRIES
+    return (
+        isinstance(results, dict)
+        and results.get("kind") == DEMO_KIND
+        and entries <= DEMO_ENTRIES | OLD_ENTRIES
+    )
 
 
 def check_out(cfg: DemoConfig) -> bool:
@@ -309,10 +312,8 @@ def lcm_config(cfg: DemoConfig, student: Path, data: Path, output_dir: Path):
 def run_demo(cfg: DemoConfig) -> dict:
     """Compress, distill (KD and task-only), measure and write everything under ``cfg.out``."""
     from slimsd.atomic import atomic_dir, atomic_write_text
-    from slimsd.images import make_grid
     from slimsd.models.compress import compress
     from slimsd.models.loading import load
-    from slimsd.toy.shapes import make_captions
     from slimsd.train.cache import write_cache
     from slimsd.train.distill import train
 
@@ -399,17 +400,17 @@ def run_demo(cfg: DemoConfig) -> dict:
             key = "lcm" if name == "lcm_student" else "task"
             results[name][f"final_{key}_loss"] = statistics.fmean(r[key] for r in last)
 
-        grid_captions = make_captions(cfg.grid_prompts, seed=cfg.seed + 7)
-        grids = {}
-        for name, pipe in pipes.items():
-            images = sample(pipe, grid_captions, 1234, cfg, steps[name])
-            save_png(make_grid(images, cols=min(8, len(images))), tmp / f"grid-{name}.png")
-            grids[name] = str(out / f"grid-{name}.png")
-        atomic_write_text(tmp / "grid-captions.txt", "\n".join(grid_captions) + "\n")
+        captions, held_out = sheet_captions(cfg)
+        sheet_images = {
+            name: sample(pipe, captions, SHEET_SEED, cfg, steps[name]) for name, pipe in pipes.items()
+        }
+        for name in results:  # every row says what it is: the table, the sheet and the page show its label
+            results[name].setdefault("label", LABELS.get(name, name))
 
         teacher_fid = results["teacher"]["caption_fidelity"]
         summary = {
             "kind": DEMO_KIND,
+            "models": list(results),  # the rows, in order
             **results,
             "kd_vs_teacher": results["kd_student"]["caption_fidelity"] / teacher_fid if teacher_fid else None,
             "task_only_vs_teacher": (
@@ -419,42 +420,50 @@ def run_demo(cfg: DemoConfig) -> dict:
                 results["lcm_student"]["caption_fidelity"] / teacher_fid if teacher_fid else None
             ),
             "lcm_image_speedup": results["teacher"]["image_ms"] / results["lcm_student"]["image_ms"],
-            "grids": grids,
+            "sheet": {
+                "file": SHEET_FILE,
+                "captions": captions,
+                "held_out": held_out,
+                "first_seed": SHEET_SEED,
+            },
+            "page": PAGE_FILE,
+            "command": cfg.command or python_command(cfg),
             "out": str(out),
             "config": {
-                k: v for k, v in asdict(cfg).items() if k not in ("log", "out", "overwrite", "progress")
+                k: v
+                for k, v in asdict(cfg).items()
+                if k not in ("log", "out", "overwrite", "progress", "command")
             },
             "threads": torch.get_num_threads(),
             "timings_s": {k: round(v, 1) for k, v in timings.items()},
         }
         summary["timings_s"]["total_s"] = round(time.perf_counter() - start, 1)
         atomic_write_text(tmp / "results.json", json.dumps(summary, indent=2) + "\n")
+        save_png(draw_sheet(summary, sheet_images), tmp / SHEET_FILE)
+        atomic_write_text(tmp / PAGE_FILE, render_page(summary))
     return summary
 
 
-def format_table(summary: dict) -> str:
-    """The teacher / KD student / task-only student table."""
-    header = (
-        f"{'model':<21} {'steps':>5} {'fidelity seen':>13} {'held-out':>8} {'colour':>7} {'shape':>7} "
-        f"{'U-Net params':>13} {'step ms':>8} {'image ms':>9}"
-    )
-    lines = [header, "-" * len(header)]
-    for name in MODELS:
-        r = summary[name]
-        lines.append(
-            f"{LABELS[name]:<21} {r['steps']:>5} {r['caption_fidelity']:>13.3f} "
-            f"{r['caption_fidelity_held_out']:>8.3f} {r['colour_accuracy']:>7.3f} {r['shape_accuracy']:>7.3f} "
-            f"{r['unet_params']:>13,} {r['step_latency_ms']:>8.2f} {r['image_ms']:>9.1f}"
-        )
-    if summary.get("kd_vs_teacher") is not None:
-        lines.append(
-            f"KD student keeps {summary['kd_vs_teacher']:.0%} of the teacher's caption fidelity (seen "
-            f"combinations); the task-only student {summary['task_only_vs_teacher']:.0%}. colour, shape: accuracy "
-            "on seen combinations."
-        )
-        lines.append(
-            f"LCM student: {summary['lcm_vs_teacher']:.0%} of the teacher's fidelity in "
-            f"{summary['lcm_student']['steps']} steps, an image {summary['lcm_image_speedup']:.1f}x faster "
-            "(image ms: end to end, each model at its own steps and guidance)."
-        )
-    return "\n".join(lines)
+def sheet_captions(cfg: DemoConfig) -> tuple[list[str], list[bool]]:
+    """The sheet's captions (``cfg.grid_prompts``: the last quarter, rounded down, of held-out combinations) and
+    whether each is held out; drawn from their own seed streams, apart from the evaluation's."""
+    from slimsd.toy.shapes import make_captions
+
+    held = cfg.grid_prompts // 4
+    seen = make_captions(cfg.grid_prompts - held, seed=cfg.seed + 7)
+    return seen + make_captions(held, seed=cfg.seed + 7, split="held_out"), [False] * len(seen) + [
+        True
+    ] * held
+
+
+def python_command(cfg: DemoConfig) -> str:
+    """The call that ran a demo started from Python, naming the settings that are not the defaults."""
+    from dataclasses import fields
+
+    default = DemoConfig()
+    changed = [
+        f"{f.name}={getattr(cfg, f.name)!r}"
+        for f in fields(cfg)
+        if f.name not in ("log", "command", "progress") and getattr(cfg, f.name) != getattr(default, f.name)
+    ]
+    return f"slimsd.toy.demo.run_demo(DemoConfig({', '.join(changed)}))"
