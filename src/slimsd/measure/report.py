@@ -27,7 +27,7 @@ MISSING = "–"  # a value that was not measured
 CSS = """body{font-family:system-ui,sans-serif;margin:2em;color:#222;max-width:100em}
 table{border-collapse:collapse;margin:1em 0}caption{text-align:left;font-weight:bold;padding:4px 0}
 td,th{border:1px solid #ccc;padding:4px 8px;text-align:left;vertical-align:top}td.num{text-align:right}
-td img{display:block;max-width:192px}img.sheet{max-width:100%;image-rendering:pixelated}
+td img{display:block;max-width:192px}img.sheet{max-width:100%}
 pre{background:#f4f4f4;padding:8px;white-space:pre-wrap}dt{font-weight:bold}dd{margin:0 0 .5em 1.5em}"""
 
 
