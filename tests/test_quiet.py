@@ -133,7 +133,8 @@ CASES = {
             r"student \d+%\. colour, shape: accuracy on seen combinations\.",
             r"LCM student: \d+% of the teacher's fidelity in 2 steps, an image [\d.]+x faster \(image ms: end to "
             r"end, each model at its own steps and guidance\)\.",
-            r"sample grids and results.json in \S+/d",
+            r"results.json and the sample sheet \(sheet.png\) in \S+/d",
+            r"the table, the sample sheet and what each column means: \S+/d/index.html",
         ],
     ),
 }
