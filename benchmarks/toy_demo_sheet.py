@@ -27,6 +27,7 @@ RESULTS = Path(__file__).parent / "results"
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("folder", type=Path, help="a finished `slimsd demo` output folder")
+    parser.add_argument("--note", default="", help="what else ran on the machine meanwhile, and the like")
     args = parser.parse_args(argv)
     results_file = args.folder / "results.json"
     results = json.loads(results_file.read_text(encoding="utf-8"))
@@ -45,7 +46,9 @@ def main(argv: list[str] | None = None) -> None:
             "torch_threads": results["threads"],
             "torch": torch.__version__,
         },
+        "load_average_when_recorded": [round(x, 2) for x in os.getloadavg()],
         "wall_time_s": results["timings_s"]["total_s"],
+        "note": args.note,
         "sheet": "toy_demo_sheet.png",
         "results": results,
     }
