@@ -13,7 +13,6 @@ import datetime
 import json
 import os
 import shlex
-import sys
 from pathlib import Path
 
 import torch
@@ -37,7 +36,8 @@ def main(argv: list[str] | None = None) -> None:
     ran = datetime.datetime.fromtimestamp(results_file.stat().st_mtime, datetime.timezone.utc)
     record = {
         "command": results["command"],
-        "recorded_by": shlex.join(["python", "benchmarks/toy_demo_sheet.py", *sys.argv[1:]]),
+        "recorded_by": shlex.join(["python", "benchmarks/toy_demo_sheet.py", str(args.folder)])
+        + (" --note NOTE (the note below)" if args.note else ""),
         "date": ran.isoformat(timespec="seconds"),
         "machine": {
             "cpu_model": devices.cpu_model(),

@@ -222,9 +222,9 @@ def render_page(summary: Mapping) -> str:
         f"<img class='sheet' src='{e(sheet['file'])}' alt='samples: a row per model, a column per caption'>",
         "<h2>What each column means</h2>",
         legend(COLUMNS),
-        key_values("settings", "Settings", summary.get("config", {})),
         key_values(
-            "timings", "Timings (s)", {**summary.get("timings_s", {}), "threads": summary.get("threads")}
+            "settings", "Settings", {**summary.get("config", {}), "torch threads": summary.get("threads")}
         ),
+        key_values("timings", "Timings (s)", summary.get("timings_s", {})),
     ]
     return page("slimsd demo", body)
