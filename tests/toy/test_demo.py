@@ -114,7 +114,7 @@ def test_demo_end_to_end_checked_independently_and_rerun(tmp_path, capsys):
         "LCM student (KD+LCM)",
     ]
     # the sheet: 8 captions, the last 2 of held-out combinations, seeds 1234 + i; its images sampled again by
-    # plain diffusers and drawn into the sheet (whose layout tests/toy/test_report.py checks) give sheet.png
+    # plain diffusers and drawn into the sheet (whose layout tests/toy/test_demo_report.py checks) give sheet.png
     from slimsd.toy.report import draw_sheet
     from slimsd.toy.shapes import HELD_OUT, parse_caption
 
