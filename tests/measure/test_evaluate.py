@@ -606,7 +606,7 @@ def test_a_spreadsheet_byte_order_mark_is_not_part_of_the_first_column(tmp_path)
     assert [(p.id, p.caption) for p in ev.read_prompts(f)] == [("x", "a cat")]
 
 
-def test_protocol_fills_unset_settings_and_explicit_options_win():
+def test_protocol_fills_unset_settings_and_explicit_options_win(cpu_default):
     cfg = ev.resolve(
         ev.EvalConfig(models=["m"], prompts="p.csv", out="o", protocol="bk-sdm-coco30k", steps=5)
     )
@@ -618,7 +618,7 @@ def test_protocol_fills_unset_settings_and_explicit_options_win():
         1234,
         30000,
     )
-    assert cfg.steps == 5 and cfg.device == "cpu" and cfg.dtype == "fp32"
+    assert cfg.steps == 5 and cfg.device == "cpu" and cfg.dtype == cpu_default
     plain = ev.resolve(ev.EvalConfig(models=["m"], prompts="p.csv", out="o"))
     assert (plain.resolution, plain.score_resolution, plain.scheduler, plain.num_prompts) == (None,) * 4
     with pytest.raises(SlimsdError, match="allowed"):

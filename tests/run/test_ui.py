@@ -23,6 +23,8 @@ from slimsd.errors import SlimsdError
 from slimsd.run.pnginfo import settings_from_png
 from slimsd.run.ui import ModelCache, UIConfig, default_models, run_compare, run_generate
 
+from helpers import machine_cpu_dtype
+
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_FLAGS = [
     "--headless",
@@ -134,6 +136,13 @@ def test_a_custom_model_generates_when_allowed(tmp_path):
     assert len(items) == 1 and info.startswith("**micro-sdxl** · ddim · 2 steps · 64x64")
     stored = settings_from_png(items[0][0])
     assert (stored["model"], stored["seed"], stored["scheduler"]) == ("micro-sdxl", 3, "ddim")
+
+
+def test_the_runtime_line_names_the_cpu_default(cpu_default, tmp_path):
+    cache = ModelCache(UIConfig(models=["micro-sd"], out_dir=tmp_path))
+    items, info = run_generate(cache, "micro-sd", "a red circle", "", 2, 7.5, 0, 0, 3, False, 1, "ddim")
+    assert f"runtime: {cpu_default} on cpu · channels_last" in info
+    assert settings_from_png(items[0][0])["dtype"] == cpu_default  # the PNG says what made it
 
 
 def test_the_dropdown_takes_free_text_only_when_custom_models_are_allowed(tmp_path):
@@ -340,7 +349,8 @@ def test_generate_needs_only_a_prompt_and_reports_the_runtime(server):
     images, info = client.predict(prompt="a red circle", api_name="/generate")
     # The page's defaults: the first listed model, 25 steps, 2 images, a random seed, its own size.
     assert len(images) == 2 and info.startswith("**micro-sd** · pndm · 25 steps · 64x64")
-    assert "runtime: fp32 on cpu · channels_last · fused QKV · sdpa" in info  # what load() applies on a CPU
+    # what load() applies on a CPU, in the dtype this CPU's default should be (read from /proc/cpuinfo here)
+    assert f"runtime: {machine_cpu_dtype()} on cpu · channels_last · fused QKV · sdpa" in info
     first = settings_from_png(images[0]["image"])
     assert (first["prompt"], first["steps"], first["negative_prompt"]) == ("a red circle", 25, "")
     images, info = client.predict(prompt="a red circle", steps=3, num_images=1, api_name="/generate")
