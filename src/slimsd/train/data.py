@@ -12,6 +12,10 @@ examples whether one process or several read them):
 - a latent cache written by ``slimsd cache`` (``slimsd.train.cache``; a folder with ``cache.json``): VAE latents
   and text embeddings, so training skips the VAE encoder and the text encoder(s).
 
+Rows carry metadata: parquet's scalar columns, a webdataset sample's ``.json`` sidecar, a ``metadata.jsonl``
+line's fields (nested objects as ``a.b``), and always ``caption``. ``data_filter`` rules (``slimsd.train.filters``)
+select rows by it when the source is indexed; each rule's removed rows are counted under ``filter: RULE``.
+
 A row whose caption is missing is dropped when the source is indexed; a row whose image cannot be decoded is
 dropped when it is read. Both are counted by reason (``skipped``), never a crash. Data with too few rows left
 after indexing (``check_rows``), or whose every row has failed to read (``ReadGuard``), ends the run with one
@@ -35,10 +39,15 @@ from PIL import Image
 
 from slimsd.errors import SlimsdError
 from slimsd.images import IMAGE_SUFFIXES
+from slimsd.train import filters as F
 
 CAPTION_KEYS = ("text", "caption", "prompt")
 IMAGE_COLUMNS = ("image", "jpg", "png", "image_bytes", "img")
 CACHE_FORMAT = 1
+FILTER_PREFIX = "filter: "  # a data_filter rule's removed rows in ``skipped`` (run summary, slimsd.json)
+ALL = (
+    "all"  # index every metadata column of every row (`slimsd data`); else a set of casefolded names, or None
+)
 
 
 class BadRow(Exception):
@@ -54,6 +63,9 @@ class Source:
     read: object  # callable(row) -> (PIL.Image, caption) or a dict of cached tensors
     skipped: Counter = field(default_factory=Counter)
     info: dict = field(default_factory=dict)
+    columns: list = field(default_factory=lambda: [F.CAPTION])  # the metadata columns the rows carry
+    meta: list | None = None  # per row, the metadata a filter or a survey reads ({column: value})
+    filtered: list = field(default_factory=list)  # per rule: {"rule", "removed", "no_value", "left"}
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -68,6 +80,23 @@ def _caption(value) -> str | None:
     if isinstance(value, str) and value.strip():
         return value.strip()
     return None
+
+
+def _flat(value: dict, prefix: str = "") -> dict:
+    """A JSON object's scalar fields, nested objects as ``a.b`` (lists are no column)."""
+    out = {}
+    for k, v in value.items():
+        if isinstance(v, dict):
+            out |= _flat(v, f"{prefix}{k}.")
+        elif v is None or isinstance(v, str | int | float | bool):
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _kept(meta: dict, want, caption: str) -> dict:
+    """What an index keeps of one row's metadata: every column (``ALL``) or the ones a filter reads."""
+    keep = meta if want == ALL else {k: v for k, v in meta.items() if k.casefold() in want}
+    return keep | {F.CAPTION: caption}
 
 
 def _decode(data: bytes) -> Image.Image:
@@ -89,15 +118,17 @@ def _open_image(path: Path) -> Image.Image:
 # --- sources ---------------------------------------------------------------------------------------------------
 
 
-def _shapes_source(n: int, seed: int) -> Source:
+def _shapes_source(n: int, seed: int, want) -> Source:
     from slimsd.toy.shapes import make_dataset
 
-    return Source("shapes", make_dataset(n, seed=seed), lambda row: row)
+    rows = make_dataset(n, seed=seed)
+    metas = [{F.CAPTION: c} for _, c in rows] if want else None
+    return Source("shapes", rows, lambda row: row, meta=metas)
 
 
-def _imagefolder_source(folder: Path) -> Source:
+def _imagefolder_source(folder: Path, want) -> Source:
     skipped: Counter = Counter()
-    rows = []
+    rows, metas, columns = [], [], {F.CAPTION: None}
     for line in (folder / "metadata.jsonl").read_text().splitlines():
         if not line.strip():
             continue
@@ -110,15 +141,20 @@ def _imagefolder_source(folder: Path) -> Source:
         if not isinstance(name, str) or Path(name).is_absolute() or ".." in Path(name).parts:
             skipped["bad_metadata_line"] += 1
             continue
+        fields = _flat({k: v for k, v in meta.items() if k != "file_name"}) if want else {}
+        columns |= dict.fromkeys(fields)
         caption = _caption(meta)
         if caption is None:
             skipped["missing_caption"] += 1
             continue
         rows.append((folder / name, caption))
-    return Source("imagefolder", rows, lambda row: (_open_image(row[0]), row[1]), skipped)
+        if want:
+            metas.append(_kept(fields, want, caption))
+    read = lambda row: (_open_image(row[0]), row[1])  # noqa: E731
+    return Source("imagefolder", rows, read, skipped, columns=list(columns), meta=metas if want else None)
 
 
-def _sidecar_source(folder: Path) -> Source:
+def _sidecar_source(folder: Path, want) -> Source:
     skipped: Counter = Counter()
     rows = []
     for path in sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()):
@@ -128,7 +164,8 @@ def _sidecar_source(folder: Path) -> Source:
             skipped["missing_caption"] += 1
             continue
         rows.append((path, caption))
-    return Source("sidecar", rows, lambda row: (_open_image(row[0]), row[1]), skipped)
+    metas = [{F.CAPTION: c} for _, c in rows] if want else None
+    return Source("sidecar", rows, lambda row: (_open_image(row[0]), row[1]), skipped, meta=metas)
 
 
 def _tar_paths(spec: str) -> list[Path]:
@@ -140,10 +177,11 @@ def _tar_paths(spec: str) -> list[Path]:
     return [p] if p.is_file() else []
 
 
-def _webdataset_source(paths: list[Path]) -> Source:
-    """Index the shards' members (offsets only); read an image's bytes on demand by seeking into the tar."""
+def _webdataset_source(paths: list[Path], want) -> Source:
+    """Index the shards' members (offsets only); read an image's bytes on demand by seeking into the tar. A
+    sample's ``.json`` is its metadata (and its caption when it has no ``.txt``)."""
     skipped: Counter = Counter()
-    rows = []
+    rows, metas, columns = [], [], {F.CAPTION: None}
     for path in paths:
         try:
             tar = tarfile.open(path)  # noqa: SIM115 (closed by the `with tar:` below)
@@ -165,18 +203,24 @@ def _webdataset_source(paths: list[Path]) -> Source:
                 if image is None:
                     skipped["missing_image"] += 1
                     continue
-                caption = None
+                caption, parsed = None, None
+                if "json" in members and (want or "txt" not in members):
+                    try:
+                        parsed = json.loads(tar.extractfile(members["json"]).read())
+                    except (json.JSONDecodeError, UnicodeDecodeError):
+                        parsed = None
+                fields = _flat(parsed) if want and isinstance(parsed, dict) else {}
+                columns |= dict.fromkeys(fields)
                 if "txt" in members:
                     caption = _caption(tar.extractfile(members["txt"]).read().decode("utf-8", "replace"))
-                elif "json" in members:
-                    try:
-                        caption = _caption(json.loads(tar.extractfile(members["json"]).read()))
-                    except json.JSONDecodeError:
-                        caption = None
+                elif parsed is not None:
+                    caption = _caption(parsed)
                 if caption is None:
                     skipped["missing_caption"] += 1
                     continue
                 rows.append((path, image.offset_data, image.size, caption, key))
+                if want:
+                    metas.append(_kept(fields, want, caption))
 
     def read(row):
         path, offset, size, caption, _ = row
@@ -188,14 +232,21 @@ def _webdataset_source(paths: list[Path]) -> Source:
             raise BadRow("missing_image") from e
         return _decode(data), caption
 
-    return Source("webdataset", rows, read, skipped)
+    return Source("webdataset", rows, read, skipped, columns=list(columns), meta=metas if want else None)
 
 
-def _parquet_source(paths: list[Path]) -> Source:
+def _scalar(t) -> bool:
+    import pyarrow as pa
+
+    kinds = ("integer", "floating", "boolean", "string", "large_string", "decimal")
+    return any(getattr(pa.types, f"is_{k}")(t) for k in kinds)
+
+
+def _parquet_source(paths: list[Path], want) -> Source:
     import pyarrow.parquet as pq
 
     skipped: Counter = Counter()
-    rows = []
+    rows, metas, columns = [], [], {F.CAPTION: None}
     for path in paths:
         pf = pq.ParquetFile(path)
         names = pf.schema_arrow.names
@@ -206,14 +257,25 @@ def _parquet_source(paths: list[Path]) -> Source:
                 f"parquet file {str(path)!r} has columns {names}; it needs an image column (one of "
                 f"{', '.join(IMAGE_COLUMNS)}) and a caption column (one of {', '.join(CAPTION_KEYS)})"
             )
+        scalar = [f.name for f in pf.schema_arrow if f.name != image_col and _scalar(f.type)]
+        columns |= dict.fromkeys(scalar)
+        read_meta = (
+            [c for c in scalar if c != caption_col and (want == ALL or c.casefold() in want)] if want else []
+        )
         for g in range(pf.num_row_groups):
-            captions = pf.read_row_group(g, columns=[caption_col]).column(0).to_pylist()
+            table = pf.read_row_group(g, columns=[caption_col, *read_meta])
+            captions = table.column(0).to_pylist()
+            values = {c: table.column(c).to_pylist() for c in read_meta}
             for r, c in enumerate(captions):
                 caption = _caption(c)
                 if caption is None:
                     skipped["missing_caption"] += 1
                     continue
                 rows.append((str(path), g, r, image_col, caption))
+                if want:
+                    metas.append(
+                        _kept({caption_col: c} | {k: v[r] for k, v in values.items()}, want, caption)
+                    )
 
     cache: dict = {}
 
@@ -232,7 +294,7 @@ def _parquet_source(paths: list[Path]) -> Source:
             raise BadRow("missing_image")
         return _decode(bytes(value)), caption
 
-    return Source("parquet", rows, read, skipped)
+    return Source("parquet", rows, read, skipped, columns=list(columns), meta=metas if want else None)
 
 
 def _cache_source(folder: Path) -> Source:
@@ -256,8 +318,39 @@ def _cache_source(folder: Path) -> Source:
     return Source("cache", rows, read, Counter(info.get("skipped", {})), info)
 
 
-def open_source(spec: str, seed: int = 0) -> Source:
-    """The data source for ``spec`` (see the module docstring)."""
+def open_source(spec: str, seed: int = 0, data_filter: list[str] | str | None = None) -> Source:
+    """The data source for ``spec`` (see the module docstring), its rows selected by ``data_filter``."""
+    rules = F.parse_rules(data_filter)
+    source = index_source(spec, seed, F.wanted(rules) if rules else None)
+    if rules:
+        filter_source(source, rules, str(spec))
+    source.meta = None  # read by the filter only
+    return source
+
+
+def filter_source(source: Source, rules: list[F.Rule], spec: str) -> None:
+    """Keep the rows that pass every rule; count each rule's removed rows in ``skipped`` (``filter: RULE``). A
+    rule on a column the data lacks is one line naming it and the columns the data has."""
+    if (
+        source.kind == "cache"
+    ):  # a cache holds no metadata: it was filtered when written (cache.json says how)
+        made = source.info.get("data_filter") or None
+        if [r.text for r in rules] != made:
+            raise F.FilterError(
+                f"data {spec!r} is a latent cache made with data_filter {made}, not {[r.text for r in rules]}; "
+                "a cache holds no metadata to filter: write the cache with these rules (slimsd cache --filter)"
+            )
+        source.filtered = list(source.info.get("filter", []))
+        return
+    kept, source.filtered = F.select(rules, source.meta, source.columns, spec)
+    source.rows = [source.rows[i] for i in kept]
+    source.meta = [source.meta[i] for i in kept]
+    for r in source.filtered:
+        source.skipped[FILTER_PREFIX + r["rule"]] += r["removed"]
+
+
+def index_source(spec: str, seed: int = 0, want=None) -> Source:
+    """Every usable row of ``spec``, with the metadata ``want`` asks for (``ALL``, casefolded names, None)."""
     spec = str(spec)
     if spec.startswith("shapes:"):
         try:
@@ -266,24 +359,24 @@ def open_source(spec: str, seed: int = 0) -> Source:
             n = 0
         if n < 1:
             raise SlimsdError(f"data {spec!r}: expected shapes:N with N >= 1")
-        return _shapes_source(n, seed)
+        return _shapes_source(n, seed, want)
     p = Path(spec)
     if p.is_dir():
         if (p / "cache.json").is_file():
             return _cache_source(p)
         if (p / "metadata.jsonl").is_file():
-            return _imagefolder_source(p)
+            return _imagefolder_source(p, want)
         if list(p.glob("*.parquet")):
-            return _parquet_source(sorted(p.glob("*.parquet")))
+            return _parquet_source(sorted(p.glob("*.parquet")), want)
         if list(p.glob("*.tar")):
-            return _webdataset_source(sorted(p.glob("*.tar")))
-        return _sidecar_source(p)
+            return _webdataset_source(sorted(p.glob("*.tar")), want)
+        return _sidecar_source(p, want)
     if p.suffix == ".parquet" and p.is_file():
-        return _parquet_source([p])
+        return _parquet_source([p], want)
     if spec.endswith(".tar") or any(c in spec for c in "*?["):
         paths = _tar_paths(spec)
         if paths:
-            return _webdataset_source(paths)
+            return _webdataset_source(paths, want)
     raise SlimsdError(
         f"data {spec!r}: not found or not understood; allowed: shapes:N, an image folder (metadata.jsonl or .txt "
         "sidecars), webdataset .tar shard(s) (path or glob), a .parquet file or folder, a `slimsd cache` folder"
@@ -384,8 +477,18 @@ def collate(items: list[dict]) -> dict:
 
 
 def describe_skipped(skipped: Counter | dict) -> str:
-    """ "missing_caption 3, unreadable_image 2" (by reason), or "none"."""
-    return ", ".join(f"{k} {v}" for k, v in sorted(skipped.items())) or "none"
+    """ "missing_caption 3, unreadable_image 2" (by reason; a filter rule as ``filter 'RULE' 5``), or "none"."""
+
+    def name(k: str) -> str:
+        return f"filter {k[len(FILTER_PREFIX) :]!r}" if k.startswith(FILTER_PREFIX) else k
+
+    return ", ".join(f"{name(k)} {v}" for k, v in sorted(skipped.items())) or "none"
+
+
+def row_counts(source: Source) -> dict:
+    """What a run would read: rows usable, rows dropped at indexing by reason, each filter rule's count."""
+    dropped = {k: v for k, v in source.skipped.items() if not k.startswith(FILTER_PREFIX)}
+    return {"kind": source.kind, "rows": len(source), "dropped": dropped, "filter": source.filtered}
 
 
 def check_rows(source: Source, spec: str, global_batch: int) -> None:
@@ -416,7 +519,9 @@ class ReadGuard:
     """
 
     def __init__(self, spec: str, source: Source):
-        self.spec, self.n, self.dropped = spec, len(source), source.skipped
+        self.spec, self.n = spec, len(source)
+        # rows dropped at indexing for being unusable; a filter's chosen removals are no failed read
+        self.dropped = Counter({k: v for k, v in source.skipped.items() if not k.startswith(FILTER_PREFIX)})
         self.failed: dict[int, str] = {}  # row -> reason, for the distinct rows that failed since a good one
 
     def check(self, batch: dict, step: int) -> None:

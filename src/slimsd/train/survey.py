@@ -1,0 +1,168 @@
+"""What a data source holds, before a run (`slimsd data`): rows found, dropped at indexing and removed by each
+``data_filter`` rule, unreadable rows (in a sample of the kept rows, or in all of them), the captions' lengths,
+the images' sizes, the metadata columns with their ranges, and a grid of kept images with their captions.
+
+Distributions are given as min, p5, median, p95, max (nearest rank: the value at place round(p·(n−1)) of the
+sorted values) and the mean. Column ranges are over the rows found (before the filter), so that a threshold can
+be chosen from them.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import random
+import textwrap
+from collections import Counter
+from pathlib import Path
+
+from PIL import Image, ImageDraw, ImageFont
+
+from slimsd.train import data as D
+from slimsd.train import filters as F
+
+CELL = 160  # px: a grid cell's image, and its width
+CAPTION_LINES = 3
+
+
+def spread(values: list) -> dict | None:
+    """min, p5, median, p95, max (nearest rank) and mean of numbers; None for none."""
+    if not values:
+        return None
+    s = sorted(values)
+
+    def at(p: float):
+        return s[round(p * (len(s) - 1))]
+
+    return {
+        "count": len(s),
+        "min": s[0],
+        "p5": at(0.05),
+        "median": at(0.5),
+        "p95": at(0.95),
+        "max": s[-1],
+        "mean": sum(s) / len(s),
+    }
+
+
+def _missing(v) -> bool:
+    return v is None or (isinstance(v, float) and math.isnan(v))
+
+
+def column_ranges(source: D.Source) -> dict:
+    """Per metadata column (not the caption): its kind, how many rows have a value, and its range (numbers),
+    its counts (true / false) or its distinct values and the most common three (text)."""
+    out = {}
+    for column in source.columns:
+        if column == F.CAPTION:
+            continue
+        values = [m.get(column) for m in source.meta]
+        present = [v for v in values if not _missing(v)]
+        entry: dict = {"values": len(present), "missing": len(values) - len(present)}
+        if present and all(isinstance(v, bool) for v in present):
+            entry |= {"kind": "bool", "true": sum(present), "false": len(present) - sum(present)}
+        elif present and all(isinstance(v, int | float) and not isinstance(v, bool) for v in present):
+            s = spread(present)
+            entry |= {"kind": "number", "min": s["min"], "median": s["median"], "max": s["max"]}
+        elif present and all(isinstance(v, str) for v in present):
+            top = Counter(present).most_common(3)
+            entry |= {"kind": "text", "distinct": len(set(present)), "top": [[v, n] for v, n in top]}
+        else:
+            entry["kind"] = "mixed" if present else "empty"
+        out[column] = entry
+    return out
+
+
+def _cell(image: Image.Image, caption: str, font) -> Image.Image:
+    """One grid cell: the image fitted in CELL x CELL on black, its caption (wrapped, cut) below."""
+    thumb = image.copy()
+    thumb.thumbnail((CELL, CELL))
+    line_h = 12
+    cell = Image.new("RGB", (CELL, CELL + CAPTION_LINES * line_h + 6), "black")
+    cell.paste(thumb, ((CELL - thumb.width) // 2, (CELL - thumb.height) // 2))
+    lines = textwrap.wrap(caption, width=26)
+    if len(lines) > CAPTION_LINES:
+        lines = lines[:CAPTION_LINES]
+        lines[-1] = lines[-1][:23] + "..."
+    draw = ImageDraw.Draw(cell)
+    for k, line in enumerate(lines):
+        draw.text((3, CELL + 3 + k * line_h), line, fill="white", font=font)
+    return cell
+
+
+def grid_png(kept: list[tuple[Image.Image, str]]) -> bytes:
+    """Kept images with their captions, 4 to a row, as PNG bytes."""
+    from slimsd.images import make_grid
+
+    font = ImageFont.load_default()
+    grid = make_grid([_cell(im, cap, font) for im, cap in kept], cols=min(4, len(kept)))
+    buf = io.BytesIO()
+    grid.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def read_rows(source: D.Source, indices: list[int], keep: int) -> tuple[Counter, list, list]:
+    """Read the rows at ``indices``: unreadable ones by reason, the readable images' sizes, and the first
+    ``keep`` readable (image, caption) pairs."""
+    unreadable: Counter = Counter()
+    sizes, shown = [], []
+    for i in indices:
+        try:
+            image, caption = source.read(source.rows[i])
+        except D.BadRow as e:
+            unreadable[e.args[0]] += 1
+            continue
+        sizes.append(image.size)
+        if len(shown) < keep:
+            shown.append((image, caption))
+    return unreadable, sizes, shown
+
+
+def survey(
+    spec: str,
+    data_filter=None,
+    *,
+    sample: int = 64,
+    full: bool = False,
+    seed: int = 0,
+    grid: str | Path | None = None,
+    grid_images: int = 16,
+) -> dict:
+    """The summary `slimsd data` prints (see the module docstring); writes ``grid`` when asked."""
+    from slimsd.atomic import atomic_write_bytes
+
+    rules = F.parse_rules(data_filter)
+    source = D.index_source(spec, seed, D.ALL)
+    cached = source.kind == "cache"
+    columns = {} if cached else column_ranges(source)
+    if rules:
+        D.filter_source(source, rules, str(spec))
+    counts = D.row_counts(source)
+    found = counts["rows"] + sum(counts["dropped"].values()) + sum(f["removed"] for f in counts["filter"])
+    out = {"data": str(spec), "found": found, **counts, "columns": columns}
+    if cached:  # latents and embeddings: no captions or images to show
+        return out | {"read": None, "captions": None, "image_sizes": None, "grid": None}
+    captions = [m[F.CAPTION] for m in source.meta]
+    out["captions"] = {
+        "characters": spread([len(c) for c in captions]),
+        "words": spread([len(c.split()) for c in captions]),
+    }
+    n = len(source)
+    indices = list(range(n)) if full else sorted(random.Random(seed).sample(range(n), min(sample, n)))
+    unreadable, sizes, shown = read_rows(source, indices, grid_images if grid else 0)
+    out["read"] = {
+        "mode": "full" if full else "sample",
+        "rows": len(indices),
+        "readable": len(sizes),
+        "unreadable": dict(unreadable),
+    }
+    out["image_sizes"] = {
+        "width": spread([w for w, _ in sizes]),
+        "height": spread([h for _, h in sizes]),
+        "short_side": spread([min(s) for s in sizes]),
+    }
+    out["grid"] = None
+    if grid and shown:
+        atomic_write_bytes(grid, grid_png(shown))
+        out["grid"] = {"path": str(grid), "images": len(shown)}
+    return out
