@@ -24,7 +24,7 @@ def filter_lines(counts: dict) -> list[str]:
     return lines
 
 
-def dry_run_rows(cfg) -> tuple[list[str], dict]:
+def dry_run_rows(cfg, num_processes: int = 1) -> tuple[list[str], dict]:
     """The rows a run of ``cfg`` would use (data indexed and filtered, no image read, no model loaded), as
     `#` lines and a dict. Data that cannot be opened here is `not available` (a dry run may plan for another
     machine); a filter rule that cannot apply to the data is an error (exit 2)."""
@@ -43,6 +43,9 @@ def dry_run_rows(cfg) -> tuple[list[str], dict]:
         *(f"# {line}" for line in filter_lines(counts)),
         f"# data: a run uses {counts['rows']} rows",
     ]
+    global_batch = cfg.batch_size * num_processes
+    if counts["rows"] < global_batch:
+        lines[-1] += f", fewer than one global batch ({global_batch}): it would stop before any model loads"
     return lines, counts
 
 

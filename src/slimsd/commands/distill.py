@@ -85,7 +85,9 @@ def plan_text(cfg, num_processes: int, as_json: bool) -> str:
             estimates.append({"error": str(e)})
     from slimsd.commands.data import dry_run_rows
 
-    rows_lines, rows = dry_run_rows(cfg)  # the rows a run would use (data indexed and filtered)
+    rows_lines, rows = dry_run_rows(
+        cfg, num_processes
+    )  # the rows a run would use (data indexed and filtered)
     if as_json:
         found = estimates if cfg.stages else estimates[0]
         return json.dumps({"config": asdict(cfg), "estimate": found, "data": rows}, indent=1) + "\n"

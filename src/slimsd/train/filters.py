@@ -216,7 +216,7 @@ def _names(node, text_side: bool = False) -> set:
 
 def parse_rule(text: str) -> Rule:
     if not isinstance(text, str) or not text.strip():
-        raise FilterError(f"filter rule {text!r}: empty; {EXAMPLE}")
+        raise FilterError(f"filter rule {str(text or '').strip()!r}: empty; {EXAMPLE}")
     text = text.strip()
     parts = _Parser(text).rule()
     names = set()
