@@ -245,7 +245,9 @@ def test_nested_json_fields_are_columns_with_dots(tmp_path):
     (tmp_path / "metadata.jsonl").write_text("\n".join(json.dumps(x) for x in lines))
     source = open_source(str(tmp_path), data_filter="scores.aesthetic > 6")
     assert [c for _, c in kept(source)] == ["a"]
-    with pytest.raises(FilterError, match=r"it has: caption, scores\.aesthetic, text$"):  # a list is no column
+    with pytest.raises(
+        FilterError, match=r"it has: caption, scores\.aesthetic, text$"
+    ):  # a list is no column
         open_source(str(tmp_path), data_filter="tags == x")
 
 

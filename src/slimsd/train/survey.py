@@ -16,7 +16,7 @@ import textwrap
 from collections import Counter
 from pathlib import Path
 
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from slimsd.train import data as D
 from slimsd.train import filters as F
@@ -75,8 +75,7 @@ def column_ranges(source: D.Source) -> dict:
 
 def _cell(image: Image.Image, caption: str, font) -> Image.Image:
     """One grid cell: the image fitted in CELL x CELL on black, its caption (wrapped, cut) below."""
-    thumb = image.copy()
-    thumb.thumbnail((CELL, CELL))
+    thumb = ImageOps.contain(image, (CELL, CELL))  # small images scaled up too
     line_h = 12
     cell = Image.new("RGB", (CELL, CELL + CAPTION_LINES * line_h + 6), "black")
     cell.paste(thumb, ((CELL - thumb.width) // 2, (CELL - thumb.height) // 2))
