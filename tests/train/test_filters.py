@@ -312,6 +312,7 @@ def test_a_run_records_each_rules_removals_and_the_filter_is_part_of_its_identit
 
 def test_the_latent_cache_is_written_filtered_and_refuses_other_rules(tmp_path):
     from slimsd.train.cache import write_cache
+    from slimsd.train.survey import survey
 
     data = make_webdataset(tmp_path)
     rules = ["language == en", "aesthetic >= 7.6"]  # r0 and r4
@@ -323,6 +324,13 @@ def test_the_latent_cache_is_written_filtered_and_refuses_other_rules(tmp_path):
     assert len(open_source(str(tmp_path / "cache"))) == 2  # no rules asked: the cache as written
     with pytest.raises(FilterError, match="is a latent cache made with data_filter"):
         open_source(str(tmp_path / "cache"), data_filter=["language == en"])
+    # slimsd data on the cache: its rows and what the filter removed when it was written; no images to read
+    shown = survey(str(tmp_path / "cache"))
+    assert (shown["kind"], shown["found"], shown["rows"], shown["read"]) == ("cache", 6, 2, None)
+    assert [(f["rule"], f["removed"]) for f in shown["filter"]] == [
+        ("language == en", 2),
+        ("aesthetic >= 7.6", 2),
+    ]
 
 
 @pytest.mark.slow(seconds=40)  # two meta-device estimates at full size

@@ -139,3 +139,37 @@ def test_bad_input_is_one_line(args, needle, tmp_path, capsys):
     code, out, err = run_cli(["data", *data, *args], capsys)
     assert code == 2 and needle in err and len(err.strip().splitlines()) == 1, err
     assert out == ""
+
+
+def test_column_stats_keep_whole_numbers_and_cap_the_distinct_texts(monkeypatch):
+    from slimsd.train.survey import ColumnStats
+
+    monkeypatch.setattr(ColumnStats, "MAX_DISTINCT", 2)
+    stats = ColumnStats()
+    for fields in [
+        {"width": 640, "url": "u1", "nsfw": False, "x": 1},
+        {"width": 512, "url": "u2", "nsfw": True, "x": "one"},
+        {"width": 1024, "url": "u3", "nsfw": False},
+        {"width": None, "url": "u1"},
+    ]:
+        stats(fields)
+    ranges = stats.ranges()
+    assert ranges["width"] == {
+        "values": 3,
+        "missing": 1,
+        "kind": "number",
+        "min": 512,
+        "median": 640,
+        "max": 1024,
+    }
+    assert isinstance(ranges["width"]["min"], int)
+    # u3 came after two distinct values were kept: a value, but not one of the kept ones
+    assert ranges["url"] == {
+        "values": 4,
+        "missing": 0,
+        "kind": "text",
+        "distinct": "more than 2",
+        "top": [["u1", 2], ["u2", 1]],
+    }
+    assert ranges["nsfw"] == {"values": 3, "missing": 1, "kind": "bool", "true": 1, "false": 2}
+    assert ranges["x"] == {"values": 2, "missing": 2, "kind": "mixed"}

@@ -45,13 +45,19 @@ CAPTION_KEYS = ("text", "caption", "prompt")
 IMAGE_COLUMNS = ("image", "jpg", "png", "image_bytes", "img")
 CACHE_FORMAT = 1
 FILTER_PREFIX = "filter: "  # a data_filter rule's removed rows in ``skipped`` (run summary, slimsd.json)
-ALL = (
-    "all"  # index every metadata column of every row (`slimsd data`); else a set of casefolded names, or None
-)
 
 
 class BadRow(Exception):
     """A row that cannot be used; ``args[0]`` is the reason that is counted."""
+
+
+@dataclass
+class Wanted:
+    """The metadata an index keeps: the values of ``names`` (casefolded; a filter's columns) per row, and every
+    column of every row shown to ``observe`` (`slimsd data`'s column ranges, gathered without keeping them)."""
+
+    names: frozenset = frozenset()
+    observe: object = None  # callable(fields: dict) -> None, or None
 
 
 @dataclass
@@ -93,10 +99,12 @@ def _flat(value: dict, prefix: str = "") -> dict:
     return out
 
 
-def _kept(meta: dict, want, caption: str) -> dict:
-    """What an index keeps of one row's metadata: every column (``ALL``) or the ones a filter reads."""
-    keep = meta if want == ALL else {k: v for k, v in meta.items() if k.casefold() in want}
-    return keep | {F.CAPTION: caption}
+def _keep(fields: dict, want: Wanted, caption: str) -> dict:
+    """What an index keeps of one row's metadata (the columns a filter reads, and the caption); every field is
+    shown to ``want.observe`` first."""
+    if want.observe is not None:
+        want.observe(fields)
+    return {k: v for k, v in fields.items() if k.casefold() in want.names} | {F.CAPTION: caption}
 
 
 def _decode(data: bytes) -> Image.Image:
@@ -118,7 +126,7 @@ def _open_image(path: Path) -> Image.Image:
 # --- sources ---------------------------------------------------------------------------------------------------
 
 
-def _shapes_source(n: int, seed: int, want) -> Source:
+def _shapes_source(n: int, seed: int, want: Wanted | None) -> Source:
     from slimsd.toy.shapes import make_dataset
 
     rows = make_dataset(n, seed=seed)
@@ -126,7 +134,7 @@ def _shapes_source(n: int, seed: int, want) -> Source:
     return Source("shapes", rows, lambda row: row, meta=metas)
 
 
-def _imagefolder_source(folder: Path, want) -> Source:
+def _imagefolder_source(folder: Path, want: Wanted | None) -> Source:
     skipped: Counter = Counter()
     rows, metas, columns = [], [], {F.CAPTION: None}
     for line in (folder / "metadata.jsonl").read_text().splitlines():
@@ -149,12 +157,12 @@ def _imagefolder_source(folder: Path, want) -> Source:
             continue
         rows.append((folder / name, caption))
         if want:
-            metas.append(_kept(fields, want, caption))
+            metas.append(_keep(fields, want, caption))
     read = lambda row: (_open_image(row[0]), row[1])  # noqa: E731
     return Source("imagefolder", rows, read, skipped, columns=list(columns), meta=metas if want else None)
 
 
-def _sidecar_source(folder: Path, want) -> Source:
+def _sidecar_source(folder: Path, want: Wanted | None) -> Source:
     skipped: Counter = Counter()
     rows = []
     for path in sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()):
@@ -177,7 +185,7 @@ def _tar_paths(spec: str) -> list[Path]:
     return [p] if p.is_file() else []
 
 
-def _webdataset_source(paths: list[Path], want) -> Source:
+def _webdataset_source(paths: list[Path], want: Wanted | None) -> Source:
     """Index the shards' members (offsets only); read an image's bytes on demand by seeking into the tar. A
     sample's ``.json`` is its metadata (and its caption when it has no ``.txt``)."""
     skipped: Counter = Counter()
@@ -220,7 +228,7 @@ def _webdataset_source(paths: list[Path], want) -> Source:
                     continue
                 rows.append((path, image.offset_data, image.size, caption, key))
                 if want:
-                    metas.append(_kept(fields, want, caption))
+                    metas.append(_keep(fields, want, caption))
 
     def read(row):
         path, offset, size, caption, _ = row
@@ -242,7 +250,7 @@ def _scalar(t) -> bool:
     return any(getattr(pa.types, f"is_{k}")(t) for k in kinds)
 
 
-def _parquet_source(paths: list[Path], want) -> Source:
+def _parquet_source(paths: list[Path], want: Wanted | None) -> Source:
     import pyarrow.parquet as pq
 
     skipped: Counter = Counter()
@@ -260,7 +268,9 @@ def _parquet_source(paths: list[Path], want) -> Source:
         scalar = [f.name for f in pf.schema_arrow if f.name != image_col and _scalar(f.type)]
         columns |= dict.fromkeys(scalar)
         read_meta = (
-            [c for c in scalar if c != caption_col and (want == ALL or c.casefold() in want)] if want else []
+            [c for c in scalar if c != caption_col and (want.observe or c.casefold() in want.names)]
+            if want
+            else []
         )
         for g in range(pf.num_row_groups):
             table = pf.read_row_group(g, columns=[caption_col, *read_meta])
@@ -274,7 +284,7 @@ def _parquet_source(paths: list[Path], want) -> Source:
                 rows.append((str(path), g, r, image_col, caption))
                 if want:
                     metas.append(
-                        _kept({caption_col: c} | {k: v[r] for k, v in values.items()}, want, caption)
+                        _keep({caption_col: c} | {k: v[r] for k, v in values.items()}, want, caption)
                     )
 
     cache: dict = {}
@@ -315,13 +325,15 @@ def _cache_source(folder: Path) -> Source:
         f = handles[shard]
         return {k: f.get_slice(k)[i : i + 1][0] for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
 
-    return Source("cache", rows, read, Counter(info.get("skipped", {})), info)
+    # rows a data_filter removed when the cache was written (their counts are in skipped too)
+    filtered = list(info.get("filter", []))
+    return Source("cache", rows, read, Counter(info.get("skipped", {})), info, filtered=filtered)
 
 
 def open_source(spec: str, seed: int = 0, data_filter: list[str] | str | None = None) -> Source:
     """The data source for ``spec`` (see the module docstring), its rows selected by ``data_filter``."""
     rules = F.parse_rules(data_filter)
-    source = index_source(spec, seed, F.wanted(rules) if rules else None)
+    source = index_source(spec, seed, Wanted(F.wanted(rules)) if rules else None)
     if rules:
         filter_source(source, rules, str(spec))
     source.meta = None  # read by the filter only
@@ -340,7 +352,6 @@ def filter_source(source: Source, rules: list[F.Rule], spec: str) -> None:
                 f"data {spec!r} is a latent cache made with data_filter {made}, not {[r.text for r in rules]}; "
                 "a cache holds no metadata to filter: write the cache with these rules (slimsd cache --filter)"
             )
-        source.filtered = list(source.info.get("filter", []))
         return
     kept, source.filtered = F.select(rules, source.meta, source.columns, spec)
     source.rows = [source.rows[i] for i in kept]
@@ -349,8 +360,8 @@ def filter_source(source: Source, rules: list[F.Rule], spec: str) -> None:
         source.skipped[FILTER_PREFIX + r["rule"]] += r["removed"]
 
 
-def index_source(spec: str, seed: int = 0, want=None) -> Source:
-    """Every usable row of ``spec``, with the metadata ``want`` asks for (``ALL``, casefolded names, None)."""
+def index_source(spec: str, seed: int = 0, want: Wanted | None = None) -> Source:
+    """Every usable row of ``spec``, with the metadata ``want`` asks for (None: none)."""
     spec = str(spec)
     if spec.startswith("shapes:"):
         try:

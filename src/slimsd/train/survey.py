@@ -13,6 +13,7 @@ import io
 import math
 import random
 import textwrap
+from array import array
 from collections import Counter
 from pathlib import Path
 
@@ -49,28 +50,73 @@ def _missing(v) -> bool:
     return v is None or (isinstance(v, float) and math.isnan(v))
 
 
-def column_ranges(source: D.Source) -> dict:
-    """Per metadata column (not the caption): its kind, how many rows have a value, and its range (numbers),
-    its counts (true / false) or its distinct values and the most common three (text)."""
-    out = {}
-    for column in source.columns:
-        if column == F.CAPTION:
-            continue
-        values = [m.get(column) for m in source.meta]
-        present = [v for v in values if not _missing(v)]
-        entry: dict = {"values": len(present), "missing": len(values) - len(present)}
-        if present and all(isinstance(v, bool) for v in present):
-            entry |= {"kind": "bool", "true": sum(present), "false": len(present) - sum(present)}
-        elif present and all(isinstance(v, int | float) and not isinstance(v, bool) for v in present):
-            s = spread(present)
-            entry |= {"kind": "number", "min": s["min"], "median": s["median"], "max": s["max"]}
-        elif present and all(isinstance(v, str) for v in present):
-            top = Counter(present).most_common(3)
-            entry |= {"kind": "text", "distinct": len(set(present)), "top": [[v, n] for v, n in top]}
-        else:
-            entry["kind"] = "mixed" if present else "empty"
-        out[column] = entry
-    return out
+class ColumnStats:
+    """Column ranges gathered row by row while the data is indexed: per column the numbers (a compact array, for
+    the median), true / false counts, or the text values' counts (at most MAX_DISTINCT distinct values kept, so
+    that an id or URL column cannot fill the memory). Nothing else is kept per row."""
+
+    MAX_DISTINCT = 100_000
+
+    def __init__(self):
+        self.rows = 0
+        self.order: dict[str, None] = {}
+        self.present: Counter = Counter()  # rows with a value, per column
+        self.numbers: dict[str, array] = {}
+        self.whole: dict[str, bool] = {}  # every number of the column an int
+        self.bools: dict[str, list[int]] = {}
+        self.texts: dict[str, Counter] = {}
+        self.more_text: set = set()  # columns with more distinct values than were kept
+        self.other: Counter = Counter()
+
+    def __call__(self, fields: dict) -> None:
+        self.rows += 1
+        for k, v in fields.items():
+            self.order.setdefault(k)
+            if _missing(v):
+                continue
+            self.present[k] += 1
+            if isinstance(v, bool):
+                self.bools.setdefault(k, [0, 0])[0 if v else 1] += 1
+            elif isinstance(v, int | float):
+                self.numbers.setdefault(k, array("d")).append(v)
+                self.whole[k] = self.whole.get(k, True) and isinstance(v, int)
+            elif isinstance(v, str):
+                counts = self.texts.setdefault(k, Counter())
+                if v in counts or len(counts) < self.MAX_DISTINCT:
+                    counts[v] += 1
+                else:
+                    self.more_text.add(k)
+            else:
+                self.other[k] += 1
+
+    def ranges(self) -> dict:
+        """Per column (not the caption): its kind, how many rows have a value, and its range (numbers), its
+        true / false counts, or its distinct values and the three most common (text)."""
+        out = {}
+        for column in self.order:
+            if column == F.CAPTION:
+                continue
+            nums, bools, texts = self.numbers.get(column), self.bools.get(column), self.texts.get(column)
+            kinds = [k for k, v in (("number", nums), ("bool", bools), ("text", texts)) if v]
+            present = self.present[column]
+            entry: dict = {"values": present, "missing": self.rows - present}
+            if len(kinds) != 1 or self.other[column]:
+                entry["kind"] = "mixed" if present else "empty"
+            elif nums:
+                cast = int if self.whole[column] else float
+                s = spread(list(nums))
+                entry |= {"kind": "number", **{k: cast(s[k]) for k in ("min", "median", "max")}}
+            elif bools:
+                entry |= {"kind": "bool", "true": bools[0], "false": bools[1]}
+            else:
+                distinct = f"more than {len(texts)}" if column in self.more_text else len(texts)
+                entry |= {
+                    "kind": "text",
+                    "distinct": distinct,
+                    "top": [[v, n] for v, n in texts.most_common(3)],
+                }
+            out[column] = entry
+        return out
 
 
 def _cell(image: Image.Image, caption: str, font) -> Image.Image:
@@ -131,9 +177,10 @@ def survey(
     from slimsd.atomic import atomic_write_bytes
 
     rules = F.parse_rules(data_filter)
-    source = D.index_source(spec, seed, D.ALL)
+    stats = ColumnStats()
+    source = D.index_source(spec, seed, D.Wanted(frozenset(F.wanted(rules)), observe=stats))
     cached = source.kind == "cache"
-    columns = {} if cached else column_ranges(source)
+    columns = stats.ranges()
     if rules:
         D.filter_source(source, rules, str(spec))
     counts = D.row_counts(source)
