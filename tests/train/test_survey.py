@@ -173,3 +173,18 @@ def test_column_stats_keep_whole_numbers_and_cap_the_distinct_texts(monkeypatch)
     }
     assert ranges["nsfw"] == {"values": 3, "missing": 1, "kind": "bool", "true": 1, "false": 2}
     assert ranges["x"] == {"values": 2, "missing": 2, "kind": "mixed"}
+
+
+def test_slimsd_data_imports_no_torch(tmp_path):
+    """A sample is read in a few seconds: the command never imports torch (about 1.5 s of CPU to import)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\nfrom slimsd.cli import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
+        "print(sorted(m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules))"
+    )
+    args = ["data", make(tmp_path), "--filter", "aesthetic > 7", "--grid", str(tmp_path / "g.png")]
+    r = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=120)
+    assert r.stdout.strip().splitlines()[-1] == "[]", r.stdout + r.stderr
+    assert "kept: 3 rows" in r.stdout and (tmp_path / "g.png").is_file()

@@ -29,8 +29,8 @@ def dry_run_rows(cfg, num_processes: int = 1) -> tuple[list[str], dict]:
     `#` lines and a dict. Data that cannot be opened here is `not available` (a dry run may plan for another
     machine); a filter rule that cannot apply to the data is an error (exit 2)."""
     from slimsd.errors import SlimsdError
-    from slimsd.train.data import describe_skipped, open_source, row_counts
     from slimsd.train.filters import FilterError
+    from slimsd.train.sources import describe_skipped, open_source, row_counts
 
     try:
         counts = row_counts(open_source(cfg.data, cfg.seed, cfg.data_filter))
@@ -51,7 +51,7 @@ def dry_run_rows(cfg, num_processes: int = 1) -> tuple[list[str], dict]:
 
 def describe(s: dict) -> list[str]:
     """`slimsd data`'s lines."""
-    from slimsd.train.data import describe_skipped
+    from slimsd.train.sources import describe_skipped
 
     lines = [
         f"data {s['data']!r} ({s['kind']}): {s['found']} rows found",
@@ -125,11 +125,15 @@ def data(data_spec, config_file, rules, sample, full, grid, grid_images, seed, a
     `slimsd cache` folder.
     """
     from slimsd.errors import SlimsdError
-    from slimsd.train.config import read_values
     from slimsd.train.filters import add_rules
     from slimsd.train.survey import survey
 
-    values = add_rules(read_values(config_file) if config_file else {}, rules)
+    values = {}
+    if config_file:  # the config module imports torch (devices): only when a config is read
+        from slimsd.train.config import read_values
+
+        values = read_values(config_file)
+    values = add_rules(values, rules)
     spec = data_spec or values.get("data")
     if spec is None:
         raise SlimsdError(

@@ -19,8 +19,8 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
-from slimsd.train import data as D
 from slimsd.train import filters as F
+from slimsd.train import sources as S
 
 CELL = 160  # px: a grid cell's image, and its width
 CAPTION_LINES = 3
@@ -146,7 +146,7 @@ def grid_png(kept: list[tuple[Image.Image, str]]) -> bytes:
     return buf.getvalue()
 
 
-def read_rows(source: D.Source, indices: list[int], keep: int) -> tuple[Counter, list, list]:
+def read_rows(source: S.Source, indices: list[int], keep: int) -> tuple[Counter, list, list]:
     """Read the rows at ``indices``: unreadable ones by reason, the readable images' sizes, and the first
     ``keep`` readable (image, caption) pairs."""
     unreadable: Counter = Counter()
@@ -154,7 +154,7 @@ def read_rows(source: D.Source, indices: list[int], keep: int) -> tuple[Counter,
     for i in indices:
         try:
             image, caption = source.read(source.rows[i])
-        except D.BadRow as e:
+        except S.BadRow as e:
             unreadable[e.args[0]] += 1
             continue
         sizes.append(image.size)
@@ -178,12 +178,12 @@ def survey(
 
     rules = F.parse_rules(data_filter)
     stats = ColumnStats()
-    source = D.index_source(spec, seed, D.Wanted(frozenset(F.wanted(rules)), observe=stats))
+    source = S.index_source(spec, seed, S.Wanted(frozenset(F.wanted(rules)), observe=stats))
     cached = source.kind == "cache"
     columns = stats.ranges()
     if rules:
-        D.filter_source(source, rules, str(spec))
-    counts = D.row_counts(source)
+        S.filter_source(source, rules, str(spec))
+    counts = S.row_counts(source)
     found = counts["rows"] + sum(counts["dropped"].values()) + sum(f["removed"] for f in counts["filter"])
     out = {"data": str(spec), "found": found, **counts, "columns": columns}
     if cached:  # latents and embeddings: no captions or images to show
