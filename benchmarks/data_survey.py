@@ -122,6 +122,7 @@ def main(argv: list[str] | None = None) -> dict:
     from slimsd.atomic import atomic_write_text
     from slimsd.devices import cpu_isa, cpu_model
 
+    load = os.getloadavg()  # the machine may be shared: how busy it was when the runs began
     work = Path(tempfile.mkdtemp(prefix="slimsd-data-survey-"))
     rows = make_rows(args.rows, args.seed)
     write_parquet(rows, work / "parquet", args.per_file)
@@ -170,7 +171,7 @@ def main(argv: list[str] | None = None) -> dict:
             "cpu_model": cpu_model(),
             "cpu_isa": cpu_isa(),
             "cpus": os.cpu_count(),
-            "load_average_at_start": os.getloadavg(),
+            "load_average_at_start": [round(x, 2) for x in load],
             "python": sys.version.split()[0],
         },
         "settings": {"rows": args.rows, "per_file": args.per_file, "repeats": args.repeats, "rules": RULES},
