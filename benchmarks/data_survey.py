@@ -162,7 +162,8 @@ def main(argv: list[str] | None = None) -> dict:
             row |= {"found": s["found"], "kept": s["rows"], "read": s["read"]}
         table.append(row)
         print(
-            f"{fmt:10s} {mode:13s} {row['seconds_mean']:7.2f} s ± {row['seconds_std']} (kept {row['kept']})"
+            f"{fmt:10s} {mode:13s} wall {row['wall_s_mean']:6.2f} s ± {row['wall_s_std']}, "
+            f"CPU {row['cpu_s_mean']:6.2f} s ± {row['cpu_s_std']} (kept {row['kept']})"
         )
     result = {
         "command": command,

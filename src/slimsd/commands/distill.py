@@ -55,6 +55,7 @@ def plan_text(cfg, num_processes: int, as_json: bool) -> str:
     """The resolved config, each stage of a plan, and the memory and compute estimate (of each stage)."""
     from dataclasses import asdict, replace
 
+    from slimsd.commands.data import dry_run_rows
     from slimsd.errors import SlimsdError
     from slimsd.train.config import config_yaml, validate
     from slimsd.train.estimate import describe, estimate
@@ -83,11 +84,7 @@ def plan_text(cfg, num_processes: int, as_json: bool) -> str:
             estimates.append(estimate(one, num_processes))
         except SlimsdError as e:  # e.g. a hub teacher offline: the config is still worth printing
             estimates.append({"error": str(e)})
-    from slimsd.commands.data import dry_run_rows
-
-    rows_lines, rows = dry_run_rows(
-        cfg, num_processes
-    )  # the rows a run would use (data indexed and filtered)
+    rows_lines, rows = dry_run_rows(cfg, num_processes)  # the rows a run would use (indexed and filtered)
     if as_json:
         found = estimates if cfg.stages else estimates[0]
         return json.dumps({"config": asdict(cfg), "estimate": found, "data": rows}, indent=1) + "\n"
