@@ -393,3 +393,12 @@ def test_dry_run_of_the_seed_configs_reports_the_rows_a_run_uses(config, rows, f
     code, out, _ = run_cli(args, capsys)
     assert f"# data: a run uses {rows} rows, fewer than one global batch" in out
     assert f"# filter {filtered[0][0]!r}: removed {filtered[0][1]}" in out
+
+
+def test_the_run_summary_names_each_rule_with_its_count():
+    from slimsd.train.data import describe_skipped
+
+    skipped = {"missing_caption": 1, "filter: aesthetic > 7.5": 3, "filter: punsafe < 0.1": 0}
+    assert (
+        describe_skipped(skipped) == "filter 'aesthetic > 7.5' 3, filter 'punsafe < 0.1' 0, missing_caption 1"
+    )
