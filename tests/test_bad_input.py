@@ -177,6 +177,7 @@ ROWS = [
     row(["data", "shapes:2", "--sample", "0"], "--sample", "0"),
     row(["data", "--config", "{tmp}/missing.yaml"], "missing.yaml"),
     row(["data"], "no data", "DATA"),
+    row(["data", "shapes:2", "--grid", "/proc/slimsd-grid.png"], "slimsd-grid.png", "cannot be written"),
     row([*DISTILL, "--filter", "punsafe < 0.1x"], "'0.1x' is not a number"),
     row([*DISTILL, "--filter", "aesthetic >= 7.5"], "no column 'aesthetic'", "it has: caption"),
     # generate

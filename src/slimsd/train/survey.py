@@ -19,6 +19,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
+from slimsd.errors import SlimsdError
 from slimsd.train import filters as F
 from slimsd.train import sources as S
 
@@ -209,6 +210,9 @@ def survey(
     }
     out["grid"] = None
     if grid and shown:
-        atomic_write_bytes(grid, grid_png(shown))
+        try:
+            atomic_write_bytes(grid, grid_png(shown))
+        except OSError as e:
+            raise SlimsdError(f"grid file {str(grid)!r} cannot be written: {e.strerror}") from None
         out["grid"] = {"path": str(grid), "images": len(shown)}
     return out
