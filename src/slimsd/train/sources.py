@@ -8,7 +8,8 @@ examples whether one process or several read them):
 - a folder of images with ``.txt`` caption sidecars (same stem);
 - webdataset ``.tar`` shards (a path, a glob, or a folder of them): members grouped by key, an image
   (jpg/jpeg/png/webp) plus ``.txt`` or ``.json`` (``caption``/``text``);
-- parquet (a file or a folder of them): an image column (bytes, or a struct with ``bytes``) and a caption column;
+- parquet (a file or a folder of them): an image column (bytes, or a struct with ``bytes``) and a caption column
+  (their names in any case: LAION's metadata says ``TEXT``);
 - a latent cache written by ``slimsd cache`` (``slimsd.train.cache``; a folder with ``cache.json``): VAE latents
   and text embeddings, so training skips the VAE encoder and the text encoder(s).
 
@@ -18,7 +19,8 @@ select rows by it when the source is indexed; each rule's removed rows are count
 
 A row whose caption is missing is dropped when the source is indexed; a row whose image cannot be decoded is
 dropped when it is read. Both are counted by reason (``skipped``), never a crash. Data with too few rows left
-after indexing (``check_rows``), or whose every row has failed to read (``ReadGuard``), ends the run with one
+after indexing (``check_rows``), or whose every row has failed to read (``slimsd.train.data.ReadGuard``), ends the
+run with one
 line that names what was skipped and why.
 
 This module imports no torch (``slimsd data`` reads data in a few seconds); the trainer's examples and batch
