@@ -20,8 +20,7 @@ select rows by it when the source is indexed; each rule's removed rows are count
 A row whose caption is missing is dropped when the source is indexed; a row whose image cannot be decoded is
 dropped when it is read. Both are counted by reason (``skipped``), never a crash. Data with too few rows left
 after indexing (``check_rows``), or whose every row has failed to read (``slimsd.train.data.ReadGuard``), ends the
-run with one
-line that names what was skipped and why.
+run with one line that names what was skipped and why.
 
 This module imports no torch (``slimsd data`` reads data in a few seconds); the trainer's examples and batch
 plan are ``slimsd.train.data``.
