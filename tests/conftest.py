@@ -27,6 +27,14 @@ def pytest_collection_modifyitems(items):
     items.sort(key=lambda item: -expected_seconds(item))
 
 
+@pytest.fixture(params=["fp32", "bf16"])
+def cpu_default(request, monkeypatch):
+    """Runs a dtype-sensitive test under both CPU defaults (SLIMSD_CPU_DTYPE), whatever this CPU's own: an
+    AVX2-only machine checks the bf16 path too (slowly, emulated), a bf16 machine the fp32 one."""
+    monkeypatch.setenv("SLIMSD_CPU_DTYPE", request.param)
+    return request.param
+
+
 @pytest.fixture(scope="session")
 def micro_sd():
     from slimsd.models.micro import build_micro

@@ -23,6 +23,24 @@ def benchmark_module(name: str):
     return module
 
 
+def machine_cpu_dtype() -> str:
+    """What slimsd's CPU ``auto`` dtype should be on this machine, read here from /proc/cpuinfo, not through
+    slimsd: SLIMSD_CPU_DTYPE where set, else bf16 where the CPU lists avx512_bf16 or amx_bf16 (and oneDNN is
+    there), else fp32."""
+    import torch
+
+    forced = os.environ.get("SLIMSD_CPU_DTYPE", "").strip()
+    if forced:
+        return forced
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        flags = []
+    native = "avx512_bf16" in flags or "amx_bf16" in flags
+    return "bf16" if native and torch.backends.mkldnn.is_available() else "fp32"
+
+
 def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
     """(exit code, stdout, stderr) of ``slimsd ARGS``, run in this process."""
     from slimsd.cli import main
@@ -124,7 +142,8 @@ def sd_ddim(steps: int, prediction_type: str = "epsilon", set_alpha_to_one: bool
 
 def assert_generate_uses_own_sampling(pipe, final_dir, want: tuple, out_dir, capsys) -> None:
     """`slimsd generate FINAL PROMPT` with no steps or guidance samples with ``want`` = (steps, guidance,
-    scheduler name), pixel for pixel what plain diffusers' ``pipe`` gives with those settings."""
+    scheduler name) under either CPU default (SLIMSD_CPU_DTYPE), and in fp32 pixel for pixel what plain
+    diffusers' fp32 ``pipe`` gives with those settings."""
     import json
 
     import numpy as np
@@ -139,12 +158,21 @@ def assert_generate_uses_own_sampling(pipe, final_dir, want: tuple, out_dir, cap
         generator=torch.Generator().manual_seed(7),
         output_type="np",
     ).images[0]
-    args = ["generate", str(final_dir), "a red circle", "--seed", "7", "--no-optimize"]
-    code, out, err = run_cli([*args, "--out", str(out_dir), "--json"], capsys)
-    assert code == 0, err
-    info = json.loads(out)
-    assert (info["settings"]["steps"], info["settings"]["guidance"], info["settings"]["scheduler"]) == want
-    ours = np.asarray(Image.open(info["images"][0]["path"])).astype(int)
+    args = ["generate", str(final_dir), "a red circle", "--seed", "7", "--no-optimize", "--json"]
+    before, images = os.environ.get("SLIMSD_CPU_DTYPE"), {}
+    try:
+        for default in ("fp32", "bf16"):
+            os.environ["SLIMSD_CPU_DTYPE"] = default
+            code, out, err = run_cli([*args, "--out", str(Path(out_dir) / default)], capsys)
+            assert code == 0, err
+            info = json.loads(out)
+            settings = info["settings"]
+            got = (settings["steps"], settings["guidance"], settings["scheduler"], settings["dtype"])
+            assert got == (*want, default)
+            images[default] = info["images"][0]["path"]
+    finally:
+        os.environ.pop("SLIMSD_CPU_DTYPE") if before is None else os.environ.update(SLIMSD_CPU_DTYPE=before)
+    ours = np.asarray(Image.open(images["fp32"])).astype(int)
     assert np.abs(ours - np.round(ref * 255).astype(int)).max() <= 1
 
 

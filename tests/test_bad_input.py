@@ -168,6 +168,18 @@ ROWS = [
     row([*CACHE, "--data", "shapes:2", "--resolution", "12"], "--resolution", "12"),
     row([*CACHE, "--data", "shapes:2", "--out", "{tmp}/other"], "other", "choose another --out"),
     row([*CACHE, "--data", "shapes:2", "--batch-size", "0"], "--batch-size", "0"),
+    row([*CACHE, "--data", "shapes:2", "--filter", "aesthetic > 7"], "aesthetic", "it has: caption"),
+    # data
+    row(["data", "{tmp}/missing"], "missing", "shapes:N"),
+    row(["data", "shapes:2", "--filter", "aesthetic > 7"], "no column 'aesthetic'", "it has: caption"),
+    row(["data", "shapes:2", "--filter", "len(caption) >< 3"], "'><'", "allowed: ==, !="),
+    row(["data", "shapes:2", "--filter", "punsafe < 0.1x"], "'0.1x' is not a number"),
+    row(["data", "shapes:2", "--sample", "0"], "--sample", "0"),
+    row(["data", "--config", "{tmp}/missing.yaml"], "missing.yaml"),
+    row(["data"], "no data", "DATA"),
+    row(["data", "shapes:2", "--grid", "/proc/slimsd-grid.png"], "slimsd-grid.png", "cannot be written"),
+    row([*DISTILL, "--filter", "punsafe < 0.1x"], "'0.1x' is not a number"),
+    row([*DISTILL, "--filter", "aesthetic >= 7.5"], "no column 'aesthetic'", "it has: caption"),
     # generate
     row(["generate", "no-such-model", "a red circle"], "no-such-model", "slimsd presets"),
     row(["generate", "no-such/hub-model", "a red circle"], "no-such/hub-model", "HF_HUB_OFFLINE"),

@@ -8,6 +8,8 @@ import torch
 from slimsd import devices
 from slimsd.errors import SlimsdError
 
+from helpers import machine_cpu_dtype, run_cli
+
 
 def test_auto_dtype_follows_the_device_and_the_cpu(monkeypatch):
     monkeypatch.setattr(devices, "cpu_flags", lambda: frozenset({"avx2", "fma"}))
@@ -78,3 +80,32 @@ def test_cpu_isa_and_bf16_follow_the_flags(monkeypatch):
     monkeypatch.setattr(devices, "cpu_flags", lambda: sapphire)
     assert devices.cpu_isa() == ["avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16"]
     assert devices.cpu_supports_bf16() == torch.backends.mkldnn.is_available()
+
+
+def test_the_cpu_default_is_what_this_machine_should_pick():
+    """Read independently (tests/helpers.py parses /proc/cpuinfo itself): bf16 on a CPU with avx512_bf16 or
+    amx_bf16, fp32 elsewhere, unless SLIMSD_CPU_DTYPE says otherwise."""
+    assert devices.dtype_name(devices.resolve_dtype("auto", "cpu")) == machine_cpu_dtype()
+
+
+def test_slimsd_cpu_dtype_forces_the_cpu_default_on_any_cpu(monkeypatch):
+    for flags in (frozenset({"avx2"}), frozenset({"avx2", "avx512_bf16", "amx_bf16"})):
+        monkeypatch.setattr(devices, "cpu_flags", lambda f=flags: f)
+        for forced, want in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+            monkeypatch.setenv("SLIMSD_CPU_DTYPE", forced)
+            assert devices.resolve_dtype("auto", "cpu") == want
+            assert devices.resolve_dtype(None, "cpu") == want
+            assert devices.resolve_dtype("auto", "cuda") == torch.float16  # the CPU's default only
+            assert devices.resolve_dtype("fp32", "cpu") == torch.float32  # an explicit dtype still wins
+    monkeypatch.setenv("SLIMSD_CPU_DTYPE", "fp16")
+    with pytest.raises(SlimsdError, match=r"unknown SLIMSD_CPU_DTYPE value 'fp16'; allowed: bf16, fp32"):
+        devices.resolve_dtype("auto", "cpu")
+
+
+def test_a_bad_slimsd_cpu_dtype_is_one_line_from_the_cli(monkeypatch, capsys):
+    monkeypatch.setenv("SLIMSD_CPU_DTYPE", "int8")
+    code, _out, err = run_cli(["generate", "micro-sd", "x", "--steps", "1"], capsys)
+    assert (
+        code == 2
+        and err.strip() == "slimsd: error: unknown SLIMSD_CPU_DTYPE value 'int8'; allowed: bf16, fp32"
+    )

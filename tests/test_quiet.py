@@ -54,6 +54,18 @@ CASES = {
         ["cache", "--model", "micro-sd", "--data", "shapes:4", "--out", "{tmp}/k", "--resolution", "64"],
         [r"wrote \S+/k: 4 examples in 1 shard\(s\)"],
     ),
+    "data": (
+        ["data", "shapes:4", "--filter", "len(caption) > 3", "--grid", "{tmp}/g.png"],
+        [
+            r"data 'shapes:4' \(shapes\): 4 rows found",
+            r"dropped at indexing: none",
+            r"filter 'len\(caption\) > 3': removed 0, 4 left",
+            r"kept: 4 rows",
+            r"read a sample of 4 kept rows: 4 readable, 0 unreadable",
+            r"(caption|image) [a-z ]+: min .* mean [\d.]+",
+            r"grid: wrote \S+/g\.png \(4 images\)",
+        ],
+    ),
     "distill": (
         [
             "distill",

@@ -23,6 +23,7 @@ COMMANDS = {
     "finetune": "slimsd.commands.finetune:finetune",
     "export": "slimsd.commands.export:export",
     "cache": "slimsd.commands.cache:cache",
+    "data": "slimsd.commands.data:data",
     "generate": "slimsd.commands.generate:generate",
     "ui": "slimsd.commands.ui:ui",
     "bench": "slimsd.commands.bench:bench",

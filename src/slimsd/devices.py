@@ -5,6 +5,9 @@
 - dtype ``auto`` (or None): fp16 on CUDA and MPS; on the CPU bf16 where the CPU has native bf16 dot products
   (AVX512-BF16 or AMX, where oneDNN's bf16 kernels run about twice as fast as fp32), else fp32. fp16 on the
   CPU is refused: its kernels there are slow or missing.
+- ``SLIMSD_CPU_DTYPE=bf16|fp32`` (environment) forces the CPU's ``auto`` dtype on any machine: bf16 on a CPU
+  without native bf16 runs, slowly, through emulated kernels. The test suite runs its dtype-sensitive tests
+  under both values so that a machine of either kind checks both defaults.
 
 Every command and the trainer resolve their ``--device``/``--dtype`` (and ``mixed_precision``) here, and every
 record of a run names the dtype with :func:`dtype_name` (``fp32``, ``fp16``, ``bf16``).
@@ -31,6 +34,9 @@ DTYPES = {
 DTYPE_CHOICES = ("auto", *DTYPES)
 DEVICE_HELP = "auto | cpu | cuda | cuda:N | mps (auto: cuda when available, else cpu)."
 DTYPE_HELP = "auto | fp32 | fp16 | bf16 (auto: fp16 on a GPU, bf16 on a CPU with native bf16, else fp32)."
+
+CPU_DTYPE_ENV = "SLIMSD_CPU_DTYPE"
+CPU_DTYPE_CHOICES = ("bf16", "fp32")
 
 # accelerate's mixed_precision words -> the dtype the frozen models compute in
 MIXED_PRECISION = {"no": "fp32", "fp16": "fp16", "bf16": "bf16"}
@@ -72,12 +78,22 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
     if dtype in (None, "auto"):
         if device.startswith(("cuda", "mps")):
             return torch.float16
-        return torch.bfloat16 if cpu_supports_bf16() else torch.float32
+        return DTYPES[cpu_default_dtype()]
     if dtype not in DTYPES:
         raise unknown("dtype", dtype, DTYPE_CHOICES)
     if DTYPES[dtype] == torch.float16 and device == "cpu":
         raise SlimsdError(f"dtype {dtype!r} is not supported on the CPU; use fp32 or bf16 there")
     return DTYPES[dtype]
+
+
+def cpu_default_dtype() -> str:
+    """The CPU's ``auto`` dtype: ``SLIMSD_CPU_DTYPE`` where set, else bf16 with native bf16, else fp32."""
+    forced = os.environ.get(CPU_DTYPE_ENV, "").strip()
+    if forced:
+        if forced not in CPU_DTYPE_CHOICES:
+            raise unknown(f"{CPU_DTYPE_ENV} value", forced, CPU_DTYPE_CHOICES)
+        return forced
+    return "bf16" if cpu_supports_bf16() else "fp32"
 
 
 @lru_cache(maxsize=1)

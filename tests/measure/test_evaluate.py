@@ -257,7 +257,7 @@ def test_eval_cli_errors_are_one_line_and_come_before_any_model_is_loaded(tmp_pa
         assert len(err.strip().splitlines()) == 1, err
 
 
-def test_protocol_fills_unset_settings_and_explicit_options_win():
+def test_protocol_fills_unset_settings_and_explicit_options_win(cpu_default):
     cfg = ev.resolve(
         ev.EvalConfig(models=["m"], prompts="p.csv", out="o", protocol="bk-sdm-coco30k", steps=5)
     )
@@ -269,7 +269,7 @@ def test_protocol_fills_unset_settings_and_explicit_options_win():
         1234,
         30000,
     )
-    assert cfg.steps == 5 and cfg.device == "cpu" and cfg.dtype == "fp32"
+    assert cfg.steps == 5 and cfg.device == "cpu" and cfg.dtype == cpu_default
     plain = ev.resolve(ev.EvalConfig(models=["m"], prompts="p.csv", out="o"))
     assert (plain.resolution, plain.score_resolution, plain.scheduler, plain.num_prompts) == (None,) * 4
     with pytest.raises(SlimsdError, match="allowed"):

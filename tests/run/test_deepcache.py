@@ -24,14 +24,17 @@ def pixels(result) -> np.ndarray:
 
 def unet_inputs(unet, height: int, width: int, batch: int = 2, seed: int = 0) -> dict:
     """Random latents and text states (batch 2: a classifier-free-guidance batch), SDXL's added conditions."""
-    inputs = unet_dummy_inputs(unet, 64, batch=batch, device="cpu", dtype=torch.float32)
+    inputs = unet_dummy_inputs(unet, 64, batch=batch, device="cpu", dtype=unet.dtype)
     gen = torch.Generator().manual_seed(seed)
-    inputs["sample"] = torch.randn(batch, unet.config.in_channels, height // 8, width // 8, generator=gen)
-    inputs["encoder_hidden_states"] = torch.randn(inputs["encoder_hidden_states"].shape, generator=gen)
+    shape = (batch, unet.config.in_channels, height // 8, width // 8)
+    inputs["sample"] = torch.randn(shape, generator=gen).to(unet.dtype)
+    inputs["encoder_hidden_states"] = torch.randn(inputs["encoder_hidden_states"].shape, generator=gen).to(
+        unet.dtype
+    )
     if "added_cond_kwargs" in inputs:
         inputs["added_cond_kwargs"]["text_embeds"] = torch.randn(
             inputs["added_cond_kwargs"]["text_embeds"].shape, generator=gen
-        )
+        ).to(unet.dtype)
     return inputs
 
 
@@ -65,8 +68,8 @@ def deep_and_shallow(unet) -> dict:
 def _unet(name: str, micro_sd, micro_sdxl):
     if name == "micro-sd teacher":
         return micro_sd.unet
-    if name == "micro-sd teacher, slimsd runtime":
-        return load("micro-sd").unet  # fused QKV, channels_last
+    if name.startswith("micro-sd teacher, slimsd runtime"):  # fused QKV, channels_last, in each CPU dtype
+        return load("micro-sd", dtype=name.rsplit(" ", 1)[1]).unet
     if name == "bk-tiny student (no mid block)":
         from slimsd.models.compress import compress_pipeline
 
@@ -78,7 +81,13 @@ def _unet(name: str, micro_sd, micro_sdxl):
 
 @pytest.mark.parametrize(
     "name",
-    ["micro-sd teacher", "micro-sd teacher, slimsd runtime", "bk-tiny student (no mid block)", "micro-sdxl"],
+    [
+        "micro-sd teacher",
+        "micro-sd teacher, slimsd runtime fp32",
+        "micro-sd teacher, slimsd runtime bf16",
+        "bk-tiny student (no mid block)",
+        "micro-sdxl",
+    ],
 )
 @pytest.mark.parametrize(("height", "width"), [(64, 64), (72, 80)])  # 9x10 latents: upsample sizes forwarded
 def test_the_cached_call_is_the_full_unet_on_the_same_inputs(name, height, width, micro_sd, micro_sdxl):

@@ -122,6 +122,45 @@ def test_cli_from_png_reproduces_the_image_exactly(tmp_path, capsys):
     assert np.array_equal(np.asarray(Image.open(first)), np.asarray(Image.open(again["path"])))
 
 
+def test_from_png_runs_in_the_dtype_the_image_records(monkeypatch, tmp_path, capsys):
+    """An image made in fp32 (an AVX2 machine's default) reproduces pixel for pixel on a CPU whose default is
+    bf16 (forced here with SLIMSD_CPU_DTYPE), and says so; an image made in a dtype the CPU does not run
+    (fp16, a GPU's) falls back to the default with a line saying that pixels may differ."""
+    monkeypatch.setenv("SLIMSD_CPU_DTYPE", "bf16")
+    args = ["generate", "micro-sd", "a red circle", "--steps", "2", "--seed", "5", "--json"]
+    code, out, err = run_cli([*args, "--dtype", "fp32", "--out", str(tmp_path / "a")], capsys)
+    assert code == 0, err
+    first = json.loads(out)["images"][0]["path"]
+    pixels = np.asarray(Image.open(first))
+    code, out, err = run_cli(
+        ["generate", "--from-png", first, "--out", str(tmp_path / "b"), "--json"], capsys
+    )
+    assert code == 0, err
+    again = json.loads(out)
+    assert again["settings"]["dtype"] == "fp32" and again["runtime"]["dtype"] == "fp32"
+    assert err.strip() == "slimsd: dtype fp32, as the image records (bf16 is this machine's default)"
+    assert np.array_equal(pixels, np.asarray(Image.open(again["images"][0]["path"])))
+    # what the recorded dtype prevents: the same PNG in bf16 comes back different
+    code, out, err = run_cli(
+        ["generate", "--from-png", first, "--dtype", "bf16", "--out", str(tmp_path / "c"), "--json"], capsys
+    )
+    assert code == 0 and err == ""
+    assert np.abs(pixels.astype(int) - np.asarray(Image.open(json.loads(out)["images"][0]["path"]))).max() > 0
+    # a GPU's fp16 image on the CPU: the default, said in one line
+    image = Image.open(first)
+    stored = json.loads(image.text["slimsd"]) | {"dtype": "fp16", "device": "cuda"}
+    gpu_png = tmp_path / "gpu.png"
+    gpu_png.write_bytes(pnginfo.png_bytes(image, pnginfo.Settings(**stored)))
+    code, out, err = run_cli(
+        ["generate", "--from-png", str(gpu_png), "--out", str(tmp_path / "d"), "--json"], capsys
+    )
+    assert code == 0, err
+    assert json.loads(out)["settings"]["dtype"] == "bf16"
+    assert err.strip() == (
+        "slimsd: the image was made in fp16, which cpu does not run here; using bf16 instead: pixels may differ"
+    )
+
+
 @pytest.mark.slow
 def test_cli_from_png_reproduces_a_deep_cache_image_exactly(tmp_path, capsys):
     args = [
@@ -282,9 +321,10 @@ def test_long_prompt_warns_it_was_truncated(micro_sd):
     assert len(seen) == 1 and "truncated" in seen[0] and "77" in seen[0]
 
 
-def test_load_defaults_and_errors():
+def test_load_defaults_and_errors(cpu_default):
     pipe = load("micro-sd", scheduler="unipc")
-    assert pipe.device.type == "cpu" and pipe.unet.dtype == torch.float32
+    want = {"fp32": torch.float32, "bf16": torch.bfloat16}[cpu_default]
+    assert pipe.device.type == "cpu" and pipe.unet.dtype == want and pipe.vae.dtype == want
     assert type(pipe.scheduler).__name__ == "UniPCMultistepScheduler"
     assert pipe._slimsd["default_scheduler"] == "unipc"  # generate() uses it when given none
     (r,) = g.generate(pipe, "a red circle", steps=2, seed=1)

@@ -4,6 +4,7 @@ and a real headless Chromium (Playwright)."""
 from __future__ import annotations
 
 import gc
+import json
 import os
 import shutil
 import socket
@@ -23,7 +24,7 @@ from slimsd.errors import SlimsdError
 from slimsd.run.pnginfo import settings_from_png
 from slimsd.run.ui import ModelCache, UIConfig, default_models, run_compare, run_generate
 
-from helpers import CHROMIUM, CHROMIUM_FLAGS
+from helpers import CHROMIUM, CHROMIUM_FLAGS, machine_cpu_dtype, run_cli
 
 MAX_QUEUE = 2
 
@@ -128,6 +129,13 @@ def test_a_custom_model_generates_when_allowed(tmp_path):
     assert (stored["model"], stored["seed"], stored["scheduler"]) == ("micro-sdxl", 3, "ddim")
 
 
+def test_the_runtime_line_names_the_cpu_default(cpu_default, tmp_path):
+    cache = ModelCache(UIConfig(models=["micro-sd"], out_dir=tmp_path))
+    items, info = run_generate(cache, "micro-sd", "a red circle", "", 2, 7.5, 0, 0, 3, False, 1, "ddim")
+    assert f"runtime: {cpu_default} on cpu · channels_last" in info
+    assert settings_from_png(items[0][0])["dtype"] == cpu_default  # the PNG says what made it
+
+
 def test_the_dropdown_takes_free_text_only_when_custom_models_are_allowed(tmp_path):
     import gradio as gr
 
@@ -162,6 +170,41 @@ def test_the_deep_cache_field_reaches_generate(tmp_path):
         run_generate(
             ModelCache(UIConfig(out_dir=tmp_path)), "micro-sd", "x", "", 2, 7.5, 0, 0, 1, False, 1, "ddim", 0
         )
+
+
+@pytest.mark.slow(seconds=20)
+def test_png_info_reproduces_an_fp32_image_on_a_bf16_server(monkeypatch, tmp_path, capsys):
+    """The PNG info tab reads a PNG made in fp32 (as on an AVX2 machine) and sends its settings, the dtype
+    included, to the Generate tab: on a server whose default is bf16 the image comes back pixel for pixel."""
+    import numpy as np
+
+    from slimsd.run.ui import build_app
+
+    monkeypatch.setenv("SLIMSD_CPU_DTYPE", "bf16")
+    args = ["generate", "micro-sd", "a red circle", "--steps", "2", "--seed", "4", "--dtype", "fp32"]
+    code, out, err = run_cli([*args, "--scheduler", "euler", "--out", str(tmp_path / "a"), "--json"], capsys)
+    assert code == 0, err
+    first = json.loads(out)["images"][0]["path"]
+    app = build_app(UIConfig(models=["micro-sd"], out_dir=tmp_path / "ui"))
+    events = {getattr(f.fn, "__name__", ""): f for f in app.fns.values()}
+    (generate,) = [f for f in app.fns.values() if f.api_name == "generate"]
+    read, send = events["on_png"], events["on_send"]
+    assert [c._id for c in send.outputs[:-1]] == [
+        c._id for c in generate.inputs
+    ]  # wired to Generate's fields
+    values, info = read.fn(first)
+    assert "dtype: dtype fp32, as the image records (bf16 is this machine's default)" in info
+    *sent, _tab = send.fn(values)
+    items, info = generate.fn(*sent)
+    assert "runtime: fp32 on cpu" in info and "euler · 2 steps" in info
+    assert np.array_equal(np.asarray(Image.open(first)), np.asarray(Image.open(items[0][0])))
+    cache = app.slimsd_cache
+    assert cache.loaded() == ["micro-sd (fp32)"] and cache.drop("micro-sd") and cache.loaded() == []
+    with pytest.raises(SlimsdError, match="dtype 'fp16' is not supported on the CPU"):
+        run_generate(cache, "micro-sd", "x", "", 2, 7.5, 0, 0, 1, False, 1, "ddim", 1, "fp16")
+    other = build_app(UIConfig(models=["micro-sdxl"], out_dir=tmp_path / "ui2"))
+    with pytest.raises(Exception, match="model 'micro-sd' is not served here; served: micro-sdxl"):
+        next(f for f in other.fns.values() if getattr(f.fn, "__name__", "") == "on_png").fn(first)
 
 
 class _Pipe:
@@ -332,7 +375,8 @@ def test_generate_needs_only_a_prompt_and_reports_the_runtime(server):
     images, info = client.predict(prompt="a red circle", api_name="/generate")
     # The page's defaults: the first listed model, 25 steps, 2 images, a random seed, its own size.
     assert len(images) == 2 and info.startswith("**micro-sd** · pndm · 25 steps · 64x64")
-    assert "runtime: fp32 on cpu · channels_last · fused QKV · sdpa" in info  # what load() applies on a CPU
+    # what load() applies on a CPU, in the dtype this CPU's default should be (read from /proc/cpuinfo here)
+    assert f"runtime: {machine_cpu_dtype()} on cpu · channels_last · fused QKV · sdpa" in info
     first = settings_from_png(images[0]["image"])
     assert (first["prompt"], first["steps"], first["negative_prompt"]) == ("a red circle", 25, "")
     images, info = client.predict(prompt="a red circle", steps=3, num_images=1, api_name="/generate")

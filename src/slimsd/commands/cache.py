@@ -19,6 +19,13 @@ from slimsd.commands.options import prediction_type_option
 @click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
 @click.option("--allow-pickle", is_flag=True, help="Allow loading pickle weights: they can run code.")
 @prediction_type_option
+@click.option(
+    "--filter",
+    "rules",
+    multiple=True,
+    metavar="RULE",
+    help="Cache only the rows these rules keep, e.g. 'aesthetic >= 7.5' (repeatable; see `slimsd data`).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the cache summary as JSON.")
 def cache(
     model,
@@ -32,6 +39,7 @@ def cache(
     overwrite,
     allow_pickle,
     prediction_type,
+    rules,
     as_json,
 ):
     """Precompute VAE latents and text embeddings, so that `slimsd distill data=OUT` skips both encoders."""
@@ -52,6 +60,7 @@ def cache(
         overwrite=overwrite,
         allow_pickle=allow_pickle,
         prediction_type=prediction_type,
+        data_filter=list(rules) or None,
     )
     if as_json:
         click.echo(json.dumps({k: v for k, v in info.items() if k != "shards"} | {"out": str(out)}, indent=1))

@@ -25,18 +25,26 @@ import click
     show_default=True,
     help="Processes (GPUs) the --dry-run estimate plans for.",
 )
+@click.option(
+    "--filter",
+    "rules",
+    multiple=True,
+    metavar="RULE",
+    help="Keep rows by metadata, e.g. 'aesthetic >= 7.5' (repeatable; after the config's data_filter).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary at the end.")
-def distill(config_file, overrides, dry_run, num_processes, as_json):
+def distill(config_file, overrides, dry_run, num_processes, rules, as_json):
     """Distill a student U-Net from its frozen teacher: objective=kd (task + output-KD + feature-KD), or
     objective=lcm / lcm-lora (latent consistency distillation into a few-step student).
 
     OVERRIDES are key=value pairs on top of the config file, e.g. max_steps=10 mixed_precision=bf16.
     Runs unchanged under `accelerate launch`.
     """
-    from slimsd.train.config import load_config
+    from slimsd.train.config import make_config, read_values
     from slimsd.train.distill import train
+    from slimsd.train.filters import add_rules
 
-    cfg = load_config(config_file, overrides)
+    cfg = make_config(add_rules(read_values(config_file, overrides), rules))
     if dry_run:
         click.echo(plan_text(cfg, num_processes, as_json), nl=False)
         return
@@ -47,6 +55,7 @@ def plan_text(cfg, num_processes: int, as_json: bool) -> str:
     """The resolved config, each stage of a plan, and the memory and compute estimate (of each stage)."""
     from dataclasses import asdict, replace
 
+    from slimsd.commands.data import dry_run_rows
     from slimsd.errors import SlimsdError
     from slimsd.train.config import config_yaml, validate
     from slimsd.train.estimate import describe, estimate
@@ -75,13 +84,15 @@ def plan_text(cfg, num_processes: int, as_json: bool) -> str:
             estimates.append(estimate(one, num_processes))
         except SlimsdError as e:  # e.g. a hub teacher offline: the config is still worth printing
             estimates.append({"error": str(e)})
+    rows_lines, rows = dry_run_rows(cfg, num_processes)  # the rows a run would use (indexed and filtered)
     if as_json:
         found = estimates if cfg.stages else estimates[0]
-        return json.dumps({"config": asdict(cfg), "estimate": found}, indent=1) + "\n"
+        return json.dumps({"config": asdict(cfg), "estimate": found, "data": rows}, indent=1) + "\n"
     if cfg.stages:
         from slimsd.train.stages import describe as describe_stages
 
-    text = config_yaml(cfg) + (describe_stages(cfg) if cfg.stages else "")
+    text = config_yaml(cfg) + "".join(f"{line}\n" for line in rows_lines)
+    text += describe_stages(cfg) if cfg.stages else ""
     for (head, _), est in zip(runs, estimates, strict=True):
         text += head + (
             describe(est) if "error" not in est else f"# estimate: not available ({est['error']})\n"

@@ -11,8 +11,15 @@ import click
 )
 @click.argument("overrides", nargs=-1)
 @click.option("--dry-run", is_flag=True, help="Print the resolved config and exit.")
+@click.option(
+    "--filter",
+    "rules",
+    multiple=True,
+    metavar="RULE",
+    help="Keep rows by metadata, e.g. 'aesthetic >= 7.5' (repeatable; after the config's data_filter).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary at the end.")
-def finetune(config_file, overrides, dry_run, as_json):
+def finetune(config_file, overrides, rules, dry_run, as_json):
     """Fine-tune LoRA adapters on any model (a teacher or a student: preset, micro name or folder) with the
     plain denoising loss, optionally with DreamBooth prior preservation (class_prompt=...). The distillation
     trainer's loop: checkpoints, exact resume, validation images, `accelerate launch`.
@@ -22,12 +29,17 @@ def finetune(config_file, overrides, dry_run, as_json):
     """
     import yaml
 
+    from slimsd.commands.data import dry_run_rows
     from slimsd.commands.distill import report
     from slimsd.train.config import finetune_config, finetune_view, read_values
     from slimsd.train.distill import train
+    from slimsd.train.filters import add_rules
 
-    cfg = finetune_config(read_values(config_file, overrides))
+    cfg = finetune_config(add_rules(read_values(config_file, overrides), rules))
     if dry_run:
-        click.echo(yaml.safe_dump(finetune_view(cfg), sort_keys=False), nl=False)
+        lines, _ = dry_run_rows(cfg)  # the rows a run would use
+        click.echo(
+            yaml.safe_dump(finetune_view(cfg), sort_keys=False) + "".join(f"{x}\n" for x in lines), nl=False
+        )
         return
     report(train(cfg), as_json)

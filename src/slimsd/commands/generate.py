@@ -165,7 +165,13 @@ def generate(
     from slimsd.progress import Progress
     from slimsd.run import generate as g
     from slimsd.run.outputs import save_grid, save_images
-    from slimsd.run.pnginfo import input_to_reload, loras_to_reload, model_to_reload, settings_from_png
+    from slimsd.run.pnginfo import (
+        dtype_to_reload,
+        input_to_reload,
+        loras_to_reload,
+        model_to_reload,
+        settings_from_png,
+    )
     from slimsd.run.schedulers import SCHEDULERS
 
     given = dict(
@@ -180,6 +186,7 @@ def generate(
         deep_cache=deep_cache,
         strength=strength,
     )
+    dtype_note = None  # said once the model has loaded, so that a refusal stays the only line
     init = read_input_image(init_image, "init image") if init_image else None
     mask_image = read_input_image(mask, "mask") if mask else None
     control = read_input_image(control_image, "control image") if control_image else None
@@ -192,6 +199,8 @@ def generate(
             given["scheduler"] = None  # the model's own, as when the image was made
         model = model or model_to_reload(stored)
         loras = loras or loras_to_reload(stored)
+        if dtype == "auto":  # the dtype it was made in: fp32 on a bf16 CPU differs by grey levels
+            dtype, dtype_note = dtype_to_reload(stored, device)
         prompts = [prompt] if prompt else [stored.get("prompt", "")]
         init = init or input_to_reload(stored, "init_image", "init image", "--init-image")
         if init is None and stored.get("strength") is not None:  # A1111 text only: no file recorded
@@ -260,6 +269,8 @@ def generate(
         prediction_type=prediction_type,
     )
 
+    if dtype_note:
+        click.echo(f"slimsd: {dtype_note}", err=True)
     bar = Progress("generate", disable=as_json)
 
     results = g.generate(

@@ -17,6 +17,7 @@ from pathlib import Path
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
+from slimsd.devices import dtype_name, resolve_device, resolve_dtype
 from slimsd.errors import SlimsdError
 from slimsd.run.schedulers import SAMPLER_TO_SCHEDULER, sampler_name
 
@@ -234,6 +235,29 @@ def model_to_reload(settings: dict) -> str:
     if not model:
         raise SlimsdError("the PNG names no model; pass MODEL on the command line")
     return model
+
+
+def dtype_to_reload(settings: dict, device: str | None = None) -> tuple[str, str | None]:
+    """The dtype to regenerate a PNG in, and a line for people where it is not this machine's own default.
+
+    The recorded dtype where DEVICE runs it: an fp32 image reproduced on a CPU whose default is bf16 must run
+    in fp32, or its pixels differ. Where DEVICE cannot (an fp16 GPU image on a CPU), this device's default, and
+    the line says that pixels may differ. A PNG that records no dtype (A1111's text only): the default."""
+    device = resolve_device(device)
+    default = dtype_name(resolve_dtype("auto", device))
+    recorded = settings.get("dtype")
+    if not isinstance(recorded, str) or not recorded:
+        return "auto", None
+    try:
+        resolve_dtype(recorded, device)
+    except SlimsdError:
+        return "auto", (
+            f"the image was made in {recorded}, which {device} does not run here; using {default} instead: "
+            "pixels may differ"
+        )
+    if dtype_name(resolve_dtype(recorded, device)) == default:
+        return recorded, None
+    return recorded, f"dtype {recorded}, as the image records ({default} is this machine's default)"
 
 
 def loras_to_reload(settings: dict) -> list[tuple[str, float, str]]:

@@ -1,10 +1,12 @@
 """The web UI: a Gradio Blocks app over :mod:`slimsd.run.generate`.
 
-Three tabs. *Generate*: model, prompt, negative prompt, an "Advanced" accordion (steps, guidance, size, seed with
-randomize, number of images, scheduler, deep cache) and a PNG gallery whose files are the very PNGs written to
-the output folder, so a download keeps its ``parameters`` chunk. *img2img*: the same settings, an init image, an
-optional mask (inpainting) and the denoising strength. *Compare*: one prompt and seed on several
-models side by side, each with its time: the source articles' four-model timing notebook, as a page.
+Four tabs. *Generate*: model, prompt, negative prompt, an "Advanced" accordion (steps, guidance, size, seed with
+randomize, number of images, scheduler, deep cache, precision) and a PNG gallery whose files are the very PNGs
+written to the output folder, so a download keeps its ``parameters`` chunk. *img2img*: the same settings, an init
+image, an optional mask (inpainting) and the denoising strength. *Compare*: one prompt and seed on several
+models side by side, each with its time: the source articles' four-model timing notebook, as a page. *PNG info*:
+a dropped PNG's settings, sent to Generate in the dtype the image records (a model loaded in a dtype other than
+the server's is cached beside it as ``MODEL (fp32)``), so that an image reproduces pixel for pixel.
 
 Only the operator's models are served: the ``--models`` list, exactly as given. Any other name a visitor types or
 sends to the API is refused with one message that says nothing about the file system, unless the operator
@@ -36,15 +38,18 @@ from pathlib import Path
 
 import torch
 
+from slimsd.devices import dtype_name, resolve_device, resolve_dtype
 from slimsd.errors import SlimsdError
 from slimsd.models.loading import load
 from slimsd.run import generate as g
 from slimsd.run.deepcache import INTERVAL_RANGE
 from slimsd.run.outputs import save_images
+from slimsd.run.pnginfo import dtype_to_reload, settings_from_png
 from slimsd.run.runtime import summary
 from slimsd.run.schedulers import SCHEDULERS
 
 DEFAULT_SCHEDULER = "model default"
+DEFAULT_DTYPE = "server default"
 
 
 def default_models() -> list[str]:
@@ -80,6 +85,18 @@ class ModelCache:
         self._loading: dict[str, Future] = {}  # models being loaded, by the request that loads them
         self._lock = threading.Lock()  # guards the two dicts; never held during a load
         self._run_locks: dict[str, threading.Lock] = {}  # a pipeline's scheduler is state: one run at a time
+        self.device = resolve_device(config.device)
+        self.dtype = dtype_name(resolve_dtype(config.dtype, self.device))  # what the server runs in
+
+    def key(self, model: str, dtype=None) -> tuple[str, str | None]:
+        """(cache key, dtype to load in): the server's own dtype under the model's name, another one (a PNG
+        reproduced in the dtype it was made in) beside it as 'MODEL (fp32)'."""
+        if dtype in (None, "", DEFAULT_DTYPE):
+            return model, None
+        if not isinstance(dtype, str):
+            raise SlimsdError(f"dtype {dtype!r} is not a dtype name")
+        name = dtype_name(resolve_dtype(dtype, self.device))  # refuses what this device does not run
+        return (model, None) if name == self.dtype else (f"{model} ({name})", name)
 
     def admit(self, model) -> tuple[str, bool]:
         """(model name, allow_pickle) for a name a visitor sent, or one refusal that does not look at the disk."""
@@ -97,8 +114,10 @@ class ModelCache:
         with self._lock:
             return list(self._pipes)
 
-    def get(self, model):
+    def get(self, model, dtype=None):
         model, allow_pickle = self.admit(model)
+        key, dtype = self.key(model, dtype)
+        model, name = key, model  # the cache and its locks go by key; the load by the model's name
         with self._lock:
             if model in self._pipes:
                 self._pipes.move_to_end(model)
@@ -115,14 +134,14 @@ class ModelCache:
             return future.result()  # the same load, or its error
         try:
             pipe = load(
-                model,
+                name,
                 device=self.config.device,
-                dtype=self.config.dtype,
+                dtype=dtype or self.config.dtype,
                 optimize=self.config.optimize,
                 allow_pickle=allow_pickle,
                 prediction_type=self.config.prediction_type,
                 loras=self.config.loras,
-                on_warning=lambda m: print(f"slimsd: warning: {model}: {m}", file=sys.stderr, flush=True),
+                on_warning=lambda m: print(f"slimsd: warning: {name}: {m}", file=sys.stderr, flush=True),
             )
         except BaseException as e:
             with self._lock:
@@ -139,15 +158,17 @@ class ModelCache:
         return pipe
 
     @contextmanager
-    def using(self, model) -> Iterator[object]:
-        pipe = self.get(model)
-        with self._run_locks[model.strip()]:
+    def using(self, model, dtype=None) -> Iterator[object]:
+        pipe = self.get(model, dtype)
+        with self._run_locks[self.key(model.strip(), dtype)[0]]:
             yield pipe
 
     def drop(self, model) -> bool:
+        """Unload MODEL, in every dtype it is loaded in."""
         model, _ = self.admit(model)
         with self._lock:
-            return self._drop_locked(model)
+            keys = [k for k in self._pipes if k == model or k.startswith(f"{model} (")]
+            return any([self._drop_locked(k) for k in keys])
 
     def _drop_locked(self, model: str) -> bool:
         pipe = self._pipes.pop(model, None)
@@ -202,10 +223,12 @@ def run_generate(
     num_images,
     scheduler,
     deep_cache=1,
+    dtype=DEFAULT_DTYPE,
     progress=None,
     warn=None,
 ):
     """One Generate click: -> (gallery items [(png path, caption)], markdown summary). Raises SlimsdError.
+    ``dtype``: the server's own, or another this device runs (a PNG reproduced in the dtype it was made in).
 
     ``progress`` is Gradio-style: called as ``progress((done, total), desc=...)``."""
     return _run(
@@ -224,6 +247,7 @@ def run_generate(
         deep_cache,
         progress,
         warn,
+        dtype=dtype,
     )
 
 
@@ -307,8 +331,10 @@ def _run(
     init=None,
     mask=None,
     strength=None,
+    dtype=None,
 ):
     model, _ = cache.admit(model)
+    cache.key(model, dtype)  # a dtype this device does not run: refused before anything loads
     prompt, negative = _text(prompt, "prompt").strip(), _text(negative, "negative prompt")
     guidance = _number(guidance, "guidance")
     if not prompt:
@@ -333,7 +359,7 @@ def _run(
         deep_cache=deep_cache,
         strength=strength,
     )  # before loading anything
-    with cache.using(model) as pipe:
+    with cache.using(model, dtype) as pipe:
         results = g.generate(
             pipe,
             prompt,
@@ -374,6 +400,44 @@ def _run(
         f"- image {i}: seed `{r.seed}`, {r.time_s:.2f} s — `{r.path.name}`" for i, r in enumerate(results)
     ]
     return items, "\n".join(lines)
+
+
+def from_png(cache: ModelCache, png) -> tuple[list, str]:
+    """An uploaded PNG's settings as the Generate tab's values (in :func:`run_generate`'s order, the seed fixed,
+    one image) and what it records, for people: A1111's ``parameters`` text and the dtype it reproduces in.
+    The model must be one this server serves; the dtype is the one recorded where this device runs it."""
+    path = png.get("path") if isinstance(png, dict) else png
+    if not isinstance(path, str) or not path:
+        raise SlimsdError("no PNG; upload an image slimsd (or AUTOMATIC1111) wrote")
+    stored = settings_from_png(path)
+    model = stored.get("model") or ""
+    if model not in cache.models and stored.get("model_source") in cache.models:
+        model = stored["model_source"]
+    model, _ = cache.admit(model)
+    dtype, note = dtype_to_reload(stored, cache.device)
+    scheduler = stored.get("scheduler")
+    values = {
+        "model": model,
+        "prompt": stored.get("prompt", ""),
+        "negative": stored.get("negative_prompt", ""),
+        "steps": stored.get("steps", 25),
+        "guidance": stored.get("guidance", 7.5),
+        "width": stored.get("width", 0),
+        "height": stored.get("height", 0),
+        "seed": stored.get("seed", 0),
+        "randomize": False,
+        "num_images": 1,
+        "scheduler": scheduler if scheduler in SCHEDULERS else DEFAULT_SCHEDULER,
+        "deep_cache": stored.get("deep_cache") or 1,
+        "dtype": DEFAULT_DTYPE if dtype == "auto" else dtype,
+    }
+    lines = [f"**{model}** · seed `{values['seed']}` · {values['steps']} steps", ""]
+    lines += [f"dtype: {note}" if note else f"dtype: {values['dtype']}", ""]
+    if stored.get("init_image") or stored.get("strength") is not None:
+        lines += ["made by img2img: the img2img tab takes its init image", ""]
+    return [values[name] for name in inspect.signature(run_generate).parameters if name in values], "\n".join(
+        lines
+    )
 
 
 def lora_summary(record: dict) -> str:
@@ -500,6 +564,15 @@ def settings_fields(gr, cache: ModelCache, config: UIConfig, models: list[str], 
                 label="Deep cache (full U-Net every N steps; 1: off)",
                 elem_id=f"{prefix}deep-cache",
             )
+            dtypes = (
+                ("fp16", "bf16", "fp32") if cache.device.startswith(("cuda", "mps")) else ("bf16", "fp32")
+            )
+            f["dtype"] = gr.Dropdown(
+                [DEFAULT_DTYPE, *dtypes],
+                value=DEFAULT_DTYPE,
+                label=f"Precision (server default: {cache.dtype})",
+                elem_id=f"{prefix}dtype",
+            )
 
     def on_model(name):
         try:
@@ -527,6 +600,32 @@ def result_fields(gr, prefix: str = ""):
 def wired(fn, fields: dict) -> list:
     """FIELDS named like FN's parameters, in its order: the wiring cannot drift."""
     return [fields[n] for n in inspect.signature(fn).parameters if n in fields]
+
+
+def png_info_tab(gr, cache: ModelCache, generate_fields: dict, tabs) -> None:
+    """A1111's "PNG Info": drop a PNG, read what it records, send its settings (the dtype included) to the
+    Generate tab, which then reproduces the image."""
+    png = gr.File(label="A PNG slimsd or AUTOMATIC1111 wrote", file_types=[".png"], elem_id="png")
+    info = gr.Markdown(elem_id="png-info")
+    send = gr.Button("Send to Generate", variant="primary", elem_id="png-send")
+    values = gr.State([])
+
+    def on_png(file):
+        if file is None:
+            return [], ""
+        try:
+            return from_png(cache, file)
+        except SlimsdError as e:
+            raise gr.Error(str(e)) from None
+
+    def on_send(read):
+        if not read:
+            raise gr.Error("no PNG read yet; upload one first")
+        return [*read, gr.Tabs(selected="generate")]
+
+    png.change(on_png, [png], [values, info], api_name=False, queue=False)
+    outputs = [*wired(run_generate, generate_fields), tabs]
+    send.click(on_send, [values], outputs, api_name=False, queue=False)
 
 
 def build_app(config: UIConfig | None = None, cache: ModelCache | None = None):
@@ -570,85 +669,90 @@ def build_app(config: UIConfig | None = None, cache: ModelCache | None = None):
             "# slimsd\nDistilled Stable Diffusion: generate, from text or from an image, and compare models "
             "side by side."
         )
-        with gr.Tab("Generate"):
-            fields = settings_fields(gr, cache, config, models)
-            run = gr.Button("Generate", variant="primary", elem_id="generate")
-            gallery, info = result_fields(gr)
-            status = gr.Markdown()
-            run.click(
-                on_generate,
-                wired(run_generate, fields),
-                [gallery, info],
-                api_name="generate",
-                concurrency_id="device",
-                preprocess=False,  # raw values: the model check is ModelCache.admit's, one message for all
-            )
-            fields["unload"].click(
-                on_unload, [fields["model"]], [status], api_name="unload", queue=False, preprocess=False
-            )
-        with gr.Tab("img2img"):
-            fields = settings_fields(gr, cache, config, models, prefix="img2img-")
-            with gr.Row():
-                fields["init_image"] = gr.Image(
-                    type="filepath", label="Init image", elem_id="img2img-init", format="png"
+        with gr.Tabs() as tabs:
+            with gr.Tab("Generate", id="generate"):
+                fields = generate_fields = settings_fields(gr, cache, config, models)
+                run = gr.Button("Generate", variant="primary", elem_id="generate")
+                gallery, info = result_fields(gr)
+                status = gr.Markdown()
+                run.click(
+                    on_generate,
+                    wired(run_generate, fields),
+                    [gallery, info],
+                    api_name="generate",
+                    concurrency_id="device",
+                    preprocess=False,  # raw values: the model check is ModelCache.admit's, one message for all
                 )
-                fields["mask"] = gr.Image(
-                    type="filepath",
-                    label="Mask (optional; white is repainted, black kept; the init image's size)",
-                    elem_id="img2img-mask",
-                    format="png",
+                fields["unload"].click(
+                    on_unload, [fields["model"]], [status], api_name="unload", queue=False, preprocess=False
                 )
-            fields["strength"] = gr.Slider(
-                0.01,
-                1,
-                value=g.DEFAULT_STRENGTH,
-                step=0.01,
-                label="Denoising strength (1: nothing of the image is kept)",
-                elem_id="img2img-strength",
-            )
-            i_run = gr.Button("Generate from the image", variant="primary", elem_id="img2img-generate")
-            i_gallery, i_info = result_fields(gr, prefix="img2img-")
-            i_status = gr.Markdown()
-            fields["unload"].click(
-                on_unload, [fields["model"]], [i_status], api_name=False, queue=False, preprocess=False
-            )
-            i_run.click(
-                handler(run_img2img),
-                wired(run_img2img, fields),
-                [i_gallery, i_info],
-                api_name="img2img",
-                concurrency_id="device",
-                # raw values, as for /generate; Gradio still checks that a file payload is an upload
-                preprocess=False,
-            )
-        with gr.Tab("Compare"):
-            c_models = gr.CheckboxGroup(models, value=models[:2], label="Models")
-            c_prompt = gr.Textbox(label="Prompt", lines=2)
-            c_negative = gr.Textbox(value="", label="Negative prompt")
-            with gr.Row():
-                c_steps = gr.Slider(1, g.STEPS_RANGE[1], value=25, step=1, label="Steps")
-                c_guidance = gr.Slider(0, g.GUIDANCE_RANGE[1], value=7.5, step=0.5, label="Guidance (CFG)")
-                c_seed = gr.Number(value=0, precision=0, label="Seed (-1: random)")
-                c_scheduler = gr.Dropdown(schedulers, value=DEFAULT_SCHEDULER, label="Scheduler")
-            c_own = gr.Checkbox(
-                value=True,
-                label="Step-distilled models at their own steps and guidance (others: the sliders)",
-            )
-            c_run = gr.Button("Compare", variant="primary")
-            c_gallery = gr.Gallery(label="Side by side", format="png", type="filepath", columns=4)
-            c_table = gr.Dataframe(
-                headers=["model", "steps", "generate s", "load s", "U-Net params (M)", "seed"],
-                label="Times (generation excludes loading)",
-                interactive=False,
-            )
-            c_run.click(
-                on_compare,
-                [c_models, c_prompt, c_negative, c_steps, c_guidance, c_seed, c_scheduler, c_own],
-                [c_gallery, c_table],
-                api_name="compare",
-                concurrency_id="device",
-                preprocess=False,
-            )
+            with gr.Tab("img2img"):
+                fields = settings_fields(gr, cache, config, models, prefix="img2img-")
+                with gr.Row():
+                    fields["init_image"] = gr.Image(
+                        type="filepath", label="Init image", elem_id="img2img-init", format="png"
+                    )
+                    fields["mask"] = gr.Image(
+                        type="filepath",
+                        label="Mask (optional; white is repainted, black kept; the init image's size)",
+                        elem_id="img2img-mask",
+                        format="png",
+                    )
+                fields["strength"] = gr.Slider(
+                    0.01,
+                    1,
+                    value=g.DEFAULT_STRENGTH,
+                    step=0.01,
+                    label="Denoising strength (1: nothing of the image is kept)",
+                    elem_id="img2img-strength",
+                )
+                i_run = gr.Button("Generate from the image", variant="primary", elem_id="img2img-generate")
+                i_gallery, i_info = result_fields(gr, prefix="img2img-")
+                i_status = gr.Markdown()
+                fields["unload"].click(
+                    on_unload, [fields["model"]], [i_status], api_name=False, queue=False, preprocess=False
+                )
+                i_run.click(
+                    handler(run_img2img),
+                    wired(run_img2img, fields),
+                    [i_gallery, i_info],
+                    api_name="img2img",
+                    concurrency_id="device",
+                    # raw values, as for /generate; Gradio still checks that a file payload is an upload
+                    preprocess=False,
+                )
+            with gr.Tab("Compare"):
+                c_models = gr.CheckboxGroup(models, value=models[:2], label="Models")
+                c_prompt = gr.Textbox(label="Prompt", lines=2)
+                c_negative = gr.Textbox(value="", label="Negative prompt")
+                with gr.Row():
+                    c_steps = gr.Slider(1, g.STEPS_RANGE[1], value=25, step=1, label="Steps")
+                    c_guidance = gr.Slider(
+                        0, g.GUIDANCE_RANGE[1], value=7.5, step=0.5, label="Guidance (CFG)"
+                    )
+                    c_seed = gr.Number(value=0, precision=0, label="Seed (-1: random)")
+                    c_scheduler = gr.Dropdown(schedulers, value=DEFAULT_SCHEDULER, label="Scheduler")
+                c_own = gr.Checkbox(
+                    value=True,
+                    label="Step-distilled models at their own steps and guidance (others: the sliders)",
+                )
+                c_run = gr.Button("Compare", variant="primary")
+                c_gallery = gr.Gallery(label="Side by side", format="png", type="filepath", columns=4)
+                c_table = gr.Dataframe(
+                    headers=["model", "steps", "generate s", "load s", "U-Net params (M)", "seed"],
+                    label="Times (generation excludes loading)",
+                    interactive=False,
+                )
+                c_run.click(
+                    on_compare,
+                    [c_models, c_prompt, c_negative, c_steps, c_guidance, c_seed, c_scheduler, c_own],
+                    [c_gallery, c_table],
+                    api_name="compare",
+                    concurrency_id="device",
+                    preprocess=False,
+                )
+            with gr.Tab("PNG info", id="png-info"):
+                png_info_tab(gr, cache, generate_fields, tabs)
     app.queue(max_size=config.max_queue, default_concurrency_limit=config.concurrency)
     app.slimsd_cache = cache
     return app

@@ -28,11 +28,14 @@ def write_cache(
     overwrite: bool = False,
     allow_pickle: bool = False,
     prediction_type: str | None = None,
+    data_filter: list[str] | None = None,
 ) -> dict:
     """Precompute VAE posteriors and text embeddings of ``data`` with ``model``'s VAE and text encoder(s).
 
     A folder of safetensors shards plus ``cache.json``; training on it skips the VAE encoder and the text
     encoder(s). With ``flip`` the flipped image's posterior is stored too, so ``random_flip`` stays exact.
+    ``data_filter``: only the rows its rules keep (a cache holds no metadata to filter later); cache.json records
+    the rules and each one's count.
     """
     from safetensors.torch import save_file
 
@@ -40,7 +43,7 @@ def write_cache(
     from slimsd.models.loading import load
 
     check_output_dir(out, overwrite, marker="cache.json", command="cache")
-    source = open_source(data, seed)
+    source = open_source(data, seed, data_filter)
     if source.kind == "cache":
         raise SlimsdError(f"data {data!r} is already a latent cache")
     if not len(source):  # every row was dropped at indexing: known before the model loads
@@ -102,6 +105,8 @@ def write_cache(
             "count": sum(n for _, n in shards),
             "shards": shards,
             "skipped": dict(skipped),
+            "data_filter": [f["rule"] for f in source.filtered] or None,
+            "filter": source.filtered,
         }
         (tmp / "cache.json").write_text(json.dumps(info, indent=1) + "\n")
     return info

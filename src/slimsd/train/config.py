@@ -16,6 +16,7 @@ import yaml
 
 from slimsd.devices import MIXED_PRECISION
 from slimsd.errors import SlimsdError
+from slimsd.train.filters import normalize as normalize_rules
 
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
 OBJECTIVES = ("kd", "lcm", "lcm-lora", "progressive", "finetune")
@@ -33,6 +34,8 @@ class DistillConfig:
     # with the task loss alone, no teacher (`slimsd finetune`, which names the keys below as FINETUNE_NAMES).
     objective: str = "kd"
     data: str = "shapes:64"  # folder, .tar shard(s), parquet, `slimsd cache` folder, or shapes:N
+    # rows kept by their metadata, e.g. ["aesthetic >= 7.5", "min(width, height) >= 512"] (train/filters.py)
+    data_filter: list[str] | None = None
     output_dir: str = "runs/distill"
     max_steps: int = 100  # optimizer steps
     batch_size: int = 4  # per process; global batch = batch_size x processes x gradient_accumulation_steps
@@ -291,6 +294,7 @@ def validate(cfg: DistillConfig) -> DistillConfig:
         from slimsd.train.losses import parse_taps
 
         parse_taps(cfg.feature_taps)
+    cfg.data_filter = normalize_rules(cfg.data_filter)  # each rule read (one-line error); no rules: None
     if cfg.stages is not None:
         from slimsd.train.stages import check_stages
 
@@ -401,6 +405,7 @@ FINETUNE_KEYS = (
     *("gradient_checkpointing", "use_8bit_adam", "validation_prompts", "validation_every"),
     *("validation_steps", "log_every", "num_workers", "tensorboard", "progress", "allow_pickle"),
     *("class_prompt", "num_class_images", "class_steps", "prior_loss_weight"),
+    "data_filter",
 )
 FINETUNE_DEFAULTS = {
     "objective": "finetune",

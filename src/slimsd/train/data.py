@@ -1,294 +1,37 @@
-"""Image + caption data for distillation.
+"""Image + caption data for distillation: examples and the batch plan over a source's rows.
 
-Sources (``open_source(spec)``), all map-style so that the trainer owns the order (exact resume, and the same
-examples whether one process or several read them):
-
-- ``shapes:N``: N procedural images of the shapes world (``slimsd.toy.shapes.make_dataset``);
-- a folder with ``metadata.jsonl`` (the Hugging Face imagefolder convention: ``file_name`` + ``text``/``caption``);
-- a folder of images with ``.txt`` caption sidecars (same stem);
-- webdataset ``.tar`` shards (a path, a glob, or a folder of them): members grouped by key, an image
-  (jpg/jpeg/png/webp) plus ``.txt`` or ``.json`` (``caption``/``text``);
-- parquet (a file or a folder of them): an image column (bytes, or a struct with ``bytes``) and a caption column;
-- a latent cache written by ``slimsd cache`` (``slimsd.train.cache``; a folder with ``cache.json``): VAE latents
-  and text embeddings, so training skips the VAE encoder and the text encoder(s).
-
-A row whose caption is missing is dropped when the source is indexed; a row whose image cannot be decoded is
-dropped when it is read. Both are counted by reason (``skipped``), never a crash. Data with too few rows left
-after indexing (``check_rows``), or whose every row has failed to read (``ReadGuard``), ends the run with one
-line that names what was skipped and why.
+The sources (formats, metadata, row filters) are ``slimsd.train.sources``, whose names are also importable from
+here. Sources are map-style so that the trainer owns the order (exact resume, and the same examples whether one
+process or several read them). A row whose image cannot be decoded is dropped when it is read and counted by
+reason (``skipped``), never a crash; data whose every row has failed to read (``ReadGuard``) ends the run with
+one line that names what was skipped and why.
 """
 
 from __future__ import annotations
 
-import glob
-import io
-import json
 import random
-import tarfile
 from collections import Counter
-from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
-from slimsd.errors import SlimsdError
-from slimsd.images import IMAGE_SUFFIXES
-
-CAPTION_KEYS = ("text", "caption", "prompt")
-IMAGE_COLUMNS = ("image", "jpg", "png", "image_bytes", "img")
-CACHE_FORMAT = 1
-
-
-class BadRow(Exception):
-    """A row that cannot be used; ``args[0]`` is the reason that is counted."""
-
-
-@dataclass
-class Source:
-    """Rows by index. ``rows[i]`` is whatever ``read(row)`` needs; ``skipped`` counts rows dropped at indexing."""
-
-    kind: str
-    rows: list
-    read: object  # callable(row) -> (PIL.Image, caption) or a dict of cached tensors
-    skipped: Counter = field(default_factory=Counter)
-    info: dict = field(default_factory=dict)
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-
-def _caption(value) -> str | None:
-    if isinstance(value, dict):
-        for k in CAPTION_KEYS:
-            if isinstance(value.get(k), str):
-                return _caption(value[k])
-        return None
-    if isinstance(value, str) and value.strip():
-        return value.strip()
-    return None
-
-
-def _decode(data: bytes) -> Image.Image:
-    try:
-        img = Image.open(io.BytesIO(data))
-        img.load()
-        return img.convert("RGB")
-    except Exception as e:  # PIL raises many types for bad bytes
-        raise BadRow("unreadable_image") from e
-
-
-def _open_image(path: Path) -> Image.Image:
-    try:
-        return _decode(path.read_bytes())
-    except OSError as e:
-        raise BadRow("missing_image") from e
-
-
-# --- sources ---------------------------------------------------------------------------------------------------
-
-
-def _shapes_source(n: int, seed: int) -> Source:
-    from slimsd.toy.shapes import make_dataset
-
-    return Source("shapes", make_dataset(n, seed=seed), lambda row: row)
-
-
-def _imagefolder_source(folder: Path) -> Source:
-    skipped: Counter = Counter()
-    rows = []
-    for line in (folder / "metadata.jsonl").read_text().splitlines():
-        if not line.strip():
-            continue
-        try:
-            meta = json.loads(line)
-        except json.JSONDecodeError:
-            skipped["bad_metadata_line"] += 1
-            continue
-        name = meta.get("file_name") if isinstance(meta, dict) else None
-        if not isinstance(name, str) or Path(name).is_absolute() or ".." in Path(name).parts:
-            skipped["bad_metadata_line"] += 1
-            continue
-        caption = _caption(meta)
-        if caption is None:
-            skipped["missing_caption"] += 1
-            continue
-        rows.append((folder / name, caption))
-    return Source("imagefolder", rows, lambda row: (_open_image(row[0]), row[1]), skipped)
-
-
-def _sidecar_source(folder: Path) -> Source:
-    skipped: Counter = Counter()
-    rows = []
-    for path in sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()):
-        txt = path.with_suffix(".txt")
-        caption = _caption(txt.read_text(errors="replace")) if txt.is_file() else None
-        if caption is None:
-            skipped["missing_caption"] += 1
-            continue
-        rows.append((path, caption))
-    return Source("sidecar", rows, lambda row: (_open_image(row[0]), row[1]), skipped)
-
-
-def _tar_paths(spec: str) -> list[Path]:
-    p = Path(spec)
-    if p.is_dir():
-        return sorted(p.glob("*.tar"))
-    if any(c in spec for c in "*?["):
-        return [Path(x) for x in sorted(glob.glob(spec))]
-    return [p] if p.is_file() else []
-
-
-def _webdataset_source(paths: list[Path]) -> Source:
-    """Index the shards' members (offsets only); read an image's bytes on demand by seeking into the tar."""
-    skipped: Counter = Counter()
-    rows = []
-    for path in paths:
-        try:
-            tar = tarfile.open(path)  # noqa: SIM115 (closed by the `with tar:` below)
-        except (tarfile.TarError, OSError) as e:
-            raise SlimsdError(f"data shard {str(path)!r} is not a readable tar file: {e}") from None
-        groups: dict[str, dict[str, tarfile.TarInfo]] = {}
-        with tar:
-            for m in tar.getmembers():
-                if not m.isfile():
-                    continue
-                base = m.name.rsplit("/", 1)[-1]
-                if "." not in base:
-                    continue
-                stem, ext = base.split(".", 1)  # webdataset: the key ends at the first dot of the basename
-                key = f"{m.name.rsplit('/', 1)[0]}/{stem}" if "/" in m.name else stem
-                groups.setdefault(key, {})[ext.lower()] = m
-            for key, members in groups.items():
-                image = next((members[e] for e in ("jpg", "jpeg", "png", "webp") if e in members), None)
-                if image is None:
-                    skipped["missing_image"] += 1
-                    continue
-                caption = None
-                if "txt" in members:
-                    caption = _caption(tar.extractfile(members["txt"]).read().decode("utf-8", "replace"))
-                elif "json" in members:
-                    try:
-                        caption = _caption(json.loads(tar.extractfile(members["json"]).read()))
-                    except json.JSONDecodeError:
-                        caption = None
-                if caption is None:
-                    skipped["missing_caption"] += 1
-                    continue
-                rows.append((path, image.offset_data, image.size, caption, key))
-
-    def read(row):
-        path, offset, size, caption, _ = row
-        try:
-            with open(path, "rb") as f:
-                f.seek(offset)
-                data = f.read(size)
-        except OSError as e:  # the shard went away after indexing
-            raise BadRow("missing_image") from e
-        return _decode(data), caption
-
-    return Source("webdataset", rows, read, skipped)
-
-
-def _parquet_source(paths: list[Path]) -> Source:
-    import pyarrow.parquet as pq
-
-    skipped: Counter = Counter()
-    rows = []
-    for path in paths:
-        pf = pq.ParquetFile(path)
-        names = pf.schema_arrow.names
-        image_col = next((c for c in IMAGE_COLUMNS if c in names), None)
-        caption_col = next((c for c in CAPTION_KEYS if c in names), None)
-        if image_col is None or caption_col is None:
-            raise SlimsdError(
-                f"parquet file {str(path)!r} has columns {names}; it needs an image column (one of "
-                f"{', '.join(IMAGE_COLUMNS)}) and a caption column (one of {', '.join(CAPTION_KEYS)})"
-            )
-        for g in range(pf.num_row_groups):
-            captions = pf.read_row_group(g, columns=[caption_col]).column(0).to_pylist()
-            for r, c in enumerate(captions):
-                caption = _caption(c)
-                if caption is None:
-                    skipped["missing_caption"] += 1
-                    continue
-                rows.append((str(path), g, r, image_col, caption))
-
-    cache: dict = {}
-
-    def read(row):
-        path, g, r, col, caption = row
-        if cache.get("key") != (path, g):  # rows come mostly in order within a row group: keep the last one
-            try:
-                cache["column"] = pq.ParquetFile(path).read_row_group(g, columns=[col]).column(0)
-            except OSError as e:  # the file went away or broke after indexing (pyarrow's errors are OSErrors)
-                raise BadRow("missing_image") from e
-            cache["key"] = (path, g)
-        value = cache["column"][r].as_py()
-        if isinstance(value, dict):
-            value = value.get("bytes")
-        if not isinstance(value, bytes | bytearray):
-            raise BadRow("missing_image")
-        return _decode(bytes(value)), caption
-
-    return Source("parquet", rows, read, skipped)
-
-
-def _cache_source(folder: Path) -> Source:
-    from safetensors import safe_open
-
-    info = json.loads((folder / "cache.json").read_text())
-    if info.get("format") != CACHE_FORMAT:
-        raise SlimsdError(
-            f"latent cache {str(folder)!r} has format {info.get('format')!r}; expected {CACHE_FORMAT}"
-        )
-    rows = [(shard, i) for shard, n in info["shards"] for i in range(n)]
-    handles: dict = {}
-
-    def read(row):
-        shard, i = row
-        if shard not in handles:
-            handles[shard] = safe_open(str(folder / shard), framework="pt")
-        f = handles[shard]
-        return {k: f.get_slice(k)[i : i + 1][0] for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
-
-    return Source("cache", rows, read, Counter(info.get("skipped", {})), info)
-
-
-def open_source(spec: str, seed: int = 0) -> Source:
-    """The data source for ``spec`` (see the module docstring)."""
-    spec = str(spec)
-    if spec.startswith("shapes:"):
-        try:
-            n = int(spec.split(":", 1)[1])
-        except ValueError:
-            n = 0
-        if n < 1:
-            raise SlimsdError(f"data {spec!r}: expected shapes:N with N >= 1")
-        return _shapes_source(n, seed)
-    p = Path(spec)
-    if p.is_dir():
-        if (p / "cache.json").is_file():
-            return _cache_source(p)
-        if (p / "metadata.jsonl").is_file():
-            return _imagefolder_source(p)
-        if list(p.glob("*.parquet")):
-            return _parquet_source(sorted(p.glob("*.parquet")))
-        if list(p.glob("*.tar")):
-            return _webdataset_source(sorted(p.glob("*.tar")))
-        return _sidecar_source(p)
-    if p.suffix == ".parquet" and p.is_file():
-        return _parquet_source([p])
-    if spec.endswith(".tar") or any(c in spec for c in "*?["):
-        paths = _tar_paths(spec)
-        if paths:
-            return _webdataset_source(paths)
-    raise SlimsdError(
-        f"data {spec!r}: not found or not understood; allowed: shapes:N, an image folder (metadata.jsonl or .txt "
-        "sidecars), webdataset .tar shard(s) (path or glob), a .parquet file or folder, a `slimsd cache` folder"
-    )
-
+from slimsd.train.sources import (  # noqa: F401 (the sources' names, importable from here as before)
+    CACHE_FORMAT,
+    CAPTION_KEYS,
+    FILTER_PREFIX,
+    IMAGE_COLUMNS,
+    BadRow,
+    Source,
+    Wanted,
+    check_rows,
+    describe_skipped,
+    filter_source,
+    index_source,
+    nothing_readable,
+    open_source,
+    row_counts,
+)
 
 # --- examples and batches --------------------------------------------------------------------------------------
 
@@ -383,29 +126,6 @@ def collate(items: list[dict]) -> dict:
     return batch
 
 
-def describe_skipped(skipped: Counter | dict) -> str:
-    """ "missing_caption 3, unreadable_image 2" (by reason), or "none"."""
-    return ", ".join(f"{k} {v}" for k, v in sorted(skipped.items())) or "none"
-
-
-def check_rows(source: Source, spec: str, global_batch: int) -> None:
-    """Before any work: the rows left after indexing fill at least one global batch (else one line that says
-    which rows were dropped, and why)."""
-    if len(source) < global_batch:
-        raise SlimsdError(
-            f"data {spec!r}: {len(source)} usable rows, fewer than one global batch ({global_batch}); "
-            f"skipped: {describe_skipped(source.skipped)}"
-        )
-
-
-def nothing_readable(spec: str, rows: Counter, step: int = 0) -> SlimsdError:
-    """The one line for data that yields nothing: ``rows`` counts its rows by the reason each was skipped."""
-    since = f" since step {step}" if step else ""
-    return SlimsdError(
-        f"data {spec!r}: no row could be read{since}; skipped {sum(rows.values())} rows: {describe_skipped(rows)}"
-    )
-
-
 class ReadGuard:
     """Ends a run whose data yields nothing instead of spinning on empty micro-batches: once every row of the
     source has failed to read since the last row that read (all rows bad from the start, or the files gone in
@@ -416,7 +136,9 @@ class ReadGuard:
     """
 
     def __init__(self, spec: str, source: Source):
-        self.spec, self.n, self.dropped = spec, len(source), source.skipped
+        self.spec, self.n = spec, len(source)
+        # rows dropped at indexing for being unusable; a filter's chosen removals are no failed read
+        self.dropped = Counter({k: v for k, v in source.skipped.items() if not k.startswith(FILTER_PREFIX)})
         self.failed: dict[int, str] = {}  # row -> reason, for the distinct rows that failed since a good one
 
     def check(self, batch: dict, step: int) -> None:

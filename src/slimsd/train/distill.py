@@ -435,7 +435,7 @@ def train(cfg: DistillConfig, step_offset: int = 0, keep_process_group: bool = F
             file=sys.stderr,
         )
     # Rows dropped when the data is indexed end the run here, before the folder is touched or a model loads.
-    source = D.open_source(cfg.data, cfg.seed)
+    source = D.open_source(cfg.data, cfg.seed, cfg.data_filter)  # each rule's removals counted in skipped
     D.check_rows(source, cfg.data, cfg.batch_size * accelerator.num_processes)
     accelerator.wait_for_everyone()  # every process has read the folder before the main one writes it
     if accelerator.is_main_process:
