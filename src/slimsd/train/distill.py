@@ -287,10 +287,14 @@ def write_adapters(folder: Path, pipe_cls, unet, unet_state: dict) -> None:
     from peft.utils import get_peft_model_state_dict
 
     lora = get_peft_model_state_dict(unet, unet_state)
+    metadata = unet.peft_config["default"].to_dict()
+    # peft keeps target_modules as a set, whose order changes with Python's string hash seed: sorted, the file
+    # is the same on every run
+    metadata["target_modules"] = sorted(metadata["target_modules"])
     pipe_cls.save_lora_weights(
         folder,
         unet_lora_layers={k: v.detach().float().cpu().contiguous() for k, v in lora.items()},
-        unet_lora_adapter_metadata=unet.peft_config["default"].to_dict(),
+        unet_lora_adapter_metadata=metadata,
     )
 
 
