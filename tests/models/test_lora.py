@@ -410,7 +410,7 @@ def test_a_student_preset_maps_teacher_layers_by_its_recipe():
 def peft_lora(folder, model="micro-sd", rank=4, alpha=8.0):
     """A LoRA as `slimsd finetune` writes it (peft's keys, peft's config with alpha != rank in the header),
     with random B so that it changes the model."""
-    from slimsd.train.distill import add_lora, write_adapters
+    from slimsd.train.adapters import add_lora, write_adapters
 
     pipe = build_micro(model)
     unet = add_lora(pipe.unet, rank, alpha, UNET_TARGETS)

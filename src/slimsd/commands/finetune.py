@@ -7,7 +7,7 @@ import click
     "config_file",
     type=click.Path(dir_okay=False),
     default=None,
-    help="YAML config (see configs/finetune-micro-sd.yaml); keys as in slimsd.train.config.FINETUNE_NAMES/KEYS.",
+    help="YAML config (see configs/finetune-micro-sd.yaml); keys as in slimsd.train.objectives.finetune.FINETUNE_NAMES/KEYS.",
 )
 @click.argument("overrides", nargs=-1)
 @click.option("--dry-run", is_flag=True, help="Print the resolved config and exit.")
@@ -23,8 +23,9 @@ def finetune(config_file, overrides, dry_run, as_json):
     import yaml
 
     from slimsd.commands.distill import report
-    from slimsd.train.config import finetune_config, finetune_view, read_values
+    from slimsd.train.config import finetune_config, read_values
     from slimsd.train.distill import train
+    from slimsd.train.objectives.finetune import finetune_view
 
     cfg = finetune_config(read_values(config_file, overrides))
     if dry_run:
