@@ -28,8 +28,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def build(threads: int):
     import torch
 
+    from slimsd.models import runtime
     from slimsd.models.loading import load
-    from slimsd.run import runtime
     from slimsd.train.config import DistillConfig
     from slimsd.train.consistency import with_guidance_embedding
     from slimsd.train.objectives.lcm import LCM

@@ -162,11 +162,11 @@ def generate(
     from slimsd.errors import SlimsdError
     from slimsd.images import read_input_image
     from slimsd.models.loading import load
+    from slimsd.models.schedulers import SCHEDULERS
     from slimsd.progress import Progress
     from slimsd.run import generate as g
     from slimsd.run.outputs import save_grid, save_images
     from slimsd.run.pnginfo import input_to_reload, loras_to_reload, model_to_reload, settings_from_png
-    from slimsd.run.schedulers import SCHEDULERS
 
     given = dict(
         negative=negative,

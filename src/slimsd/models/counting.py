@@ -11,6 +11,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from slimsd.models.single_file import TEXT_FIELDS
+
 
 def count_params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
@@ -126,19 +128,6 @@ def preset_architecture(name: str) -> tuple[dict, list[dict], dict, int]:
     return unet, list(teacher.text_encoders), teacher.vae, p.resolution
 
 
-# what a text encoder's config says of its architecture (its parameters follow from these; single files too)
-TEXT_FIELDS = (
-    "vocab_size",
-    "hidden_size",
-    "intermediate_size",
-    "num_hidden_layers",
-    "num_attention_heads",
-    "max_position_embeddings",
-    "hidden_act",
-    "projection_dim",
-)
-
-
 def _arch_from_configs(source: str) -> tuple[dict, list[dict], dict, int]:
     """Architecture from a local pipeline folder or a hub repo: configs only, no weights."""
     from diffusers import AutoencoderKL, DiffusionPipeline, UNet2DConditionModel
@@ -155,7 +144,7 @@ def _arch_from_configs(source: str) -> tuple[dict, list[dict], dict, int]:
         d = {k: getattr(cfg, k) for k in TEXT_FIELDS}
         d["with_projection"] = "CLIPTextModelWithProjection" in (cfg.architectures or [])
         encoders.append(d)
-    from slimsd.models.loading import native_resolution_of
+    from slimsd.models.sources import native_resolution_of
 
     return unet, encoders, vae, native_resolution_of(unet, vae)
 
@@ -163,7 +152,7 @@ def _arch_from_configs(source: str) -> tuple[dict, list[dict], dict, int]:
 def model_architecture(model: str) -> tuple[dict, list[dict], dict, int]:
     """(unet config, text encoder configs, vae config, default resolution) of any model: configs only."""
     from slimsd.errors import SlimsdError
-    from slimsd.models.loading import describe_model
+    from slimsd.models.sources import describe_model
 
     kind = describe_model(model)
     if kind in ("micro", "preset"):
@@ -175,7 +164,7 @@ def model_architecture(model: str) -> tuple[dict, list[dict], dict, int]:
     try:
         return _arch_from_configs(model)
     except (OSError, ValueError) as e:
-        from slimsd.models.loading import _first_line, check_local_folder, hub_error_reason
+        from slimsd.models.sources import _first_line, check_local_folder, hub_error_reason
 
         if kind == "local":  # a folder that is there but unreadable is broken, not missing from a cache
             check_local_folder(Path(model), allow_pickle=True)
@@ -200,8 +189,8 @@ def unet_counts(unet_cfg: dict, vae_cfg: dict, resolution: int):
 
 def summarize(model: str, resolution: int | None = None) -> dict:
     """What ``slimsd inspect`` reports: parameters of each component and U-Net MACs at ``resolution``."""
-    from slimsd.models.loading import describe_model
     from slimsd.models.presets import PRESETS
+    from slimsd.models.sources import describe_model
 
     kind = describe_model(model)
     unet_cfg, encoders, vae_cfg, default_res = model_architecture(model)

@@ -32,9 +32,9 @@ from slimsd.devices import dtype_name
 from slimsd.errors import SlimsdError
 from slimsd.images import InputImage, as_input_image, fit
 from slimsd.models.loading import is_sdxl, model_info, native_resolution, quiet_libraries
+from slimsd.models.schedulers import check_scheduler, set_scheduler
 from slimsd.run import deepcache
 from slimsd.run.pnginfo import Settings
-from slimsd.run.schedulers import check_scheduler, set_scheduler
 
 # Limits: wide enough for every real model, narrow enough to catch typos before minutes of work.
 SIZE_RANGE = (64, 2048)
@@ -244,7 +244,7 @@ def generate(
     :func:`slimsd.run.controlnet.load_controlnet`) steers a text-to-image run with ``control_image`` at
     ``control_scale``.
     """
-    from slimsd import __version__
+    from slimsd.version import __version__
 
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     if not prompts:

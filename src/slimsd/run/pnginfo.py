@@ -18,7 +18,7 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from slimsd.errors import SlimsdError
-from slimsd.run.schedulers import SAMPLER_TO_SCHEDULER, sampler_name
+from slimsd.models.schedulers import SAMPLER_TO_SCHEDULER, sampler_name
 
 PNG_JSON_KEY = "slimsd"
 

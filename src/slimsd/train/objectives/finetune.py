@@ -105,8 +105,8 @@ class Finetune(UNetObjective):
         return finetune_loss(pred, target, instances, self.cfg.prior_loss_weight)
 
     def save_final(self, run: Run, weights: dict, state: dict) -> Path:
-        from slimsd import __version__
         from slimsd.atomic import atomic_dir
+        from slimsd.version import __version__
 
         cfg = self.cfg
         out = Path(cfg.output_dir) / "final"

@@ -214,9 +214,9 @@ class UNetObjective(Objective):
         """The trained student as a plain diffusers pipeline folder (fp32), with slimsd.json provenance."""
         from diffusers import UNet2DConditionModel
 
-        from slimsd import __version__
         from slimsd.atomic import atomic_dir
         from slimsd.models.loading import load
+        from slimsd.version import __version__
 
         cfg, models = self.cfg, run.models
         unet = UNet2DConditionModel.from_config(models.student.config)
