@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from slimsd.models.single_file import TEXT_FIELDS
+from slimsd.models.sources import ModelRef, resolve_model
 
 
 def count_params(module: nn.Module) -> int:
@@ -149,12 +150,12 @@ def _arch_from_configs(source: str) -> tuple[dict, list[dict], dict, int]:
     return unet, encoders, vae, native_resolution_of(unet, vae)
 
 
-def model_architecture(model: str) -> tuple[dict, list[dict], dict, int]:
+def model_architecture(model: str | ModelRef) -> tuple[dict, list[dict], dict, int]:
     """(unet config, text encoder configs, vae config, default resolution) of any model: configs only."""
     from slimsd.errors import SlimsdError
-    from slimsd.models.sources import describe_model
 
-    kind = describe_model(model)
+    ref = resolve_model(model)
+    model, kind = ref.name, ref.kind
     if kind in ("micro", "preset"):
         return preset_architecture(model)
     if kind == "single-file":
@@ -190,10 +191,10 @@ def unet_counts(unet_cfg: dict, vae_cfg: dict, resolution: int):
 def summarize(model: str, resolution: int | None = None) -> dict:
     """What ``slimsd inspect`` reports: parameters of each component and U-Net MACs at ``resolution``."""
     from slimsd.models.presets import PRESETS
-    from slimsd.models.sources import describe_model
 
-    kind = describe_model(model)
-    unet_cfg, encoders, vae_cfg, default_res = model_architecture(model)
+    ref = resolve_model(model)
+    model, kind = ref.name, ref.kind
+    unet_cfg, encoders, vae_cfg, default_res = model_architecture(ref)
     resolution = resolution or default_res
     unet, up, macs = unet_counts(unet_cfg, vae_cfg, resolution)
     te = [text_encoder_params(c) for c in encoders]

@@ -68,8 +68,9 @@ class UNetObjective(Objective):
         `slimsd compress` folder, or compressed here by a recipe."""
         from slimsd.models.architecture import load_recipe, parse_recipe, plan
         from slimsd.models.compress import compress_pipeline
-        from slimsd.models.loading import load, read_slimsd_info
+        from slimsd.models.loading import load
         from slimsd.models.single_file import is_single_file
+        from slimsd.models.sources import resolve_model
         from slimsd.train.losses import default_taps, parse_taps
 
         cfg = self.cfg
@@ -81,10 +82,11 @@ class UNetObjective(Objective):
             cfg.teacher, device=device, dtype=weight_dtype, optimize=False, allow_pickle=cfg.allow_pickle
         )
         if student_is_folder:
+            ref = resolve_model(cfg.student)  # read once: the loader and the provenance take it
             student = load(
-                cfg.student, device="cpu", dtype="fp32", optimize=False, allow_pickle=cfg.allow_pickle
+                ref, device="cpu", dtype="fp32", optimize=False, allow_pickle=cfg.allow_pickle
             ).unet
-            info = read_slimsd_info(cfg.student) or {}
+            info = ref.info or {}
             recipe_obj = parse_recipe(info["recipe"]) if info.get("recipe") else None
             weight_map, source = info.get("weight_map"), cfg.student
         else:
