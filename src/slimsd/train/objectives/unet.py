@@ -199,6 +199,53 @@ class UNetObjective(Objective):
         wv = w.view(-1, 1, 1, 1)
         return x0_c + wv * (x0_c - x0_u), eps_c + wv * (eps_c - eps_u)
 
+    def architecture(self, student, models: Models) -> str:
+        from slimsd.train.checkpoints import architecture
+
+        return architecture(student, models.recipe["name"] if models.recipe else self.cfg.student)
+
+    # --- validation images -----------------------------------------------------------------------------
+
+    def validation(self, run: Run, step: int, log_with) -> None:
+        """The validation grid of STEP: the fixed prompts from the current student, same seeds every time. A
+        sharded student runs its forward on every process (collectives); the main one writes the grid (and logs
+        it to TensorBoard)."""
+        import io
+
+        from slimsd.atomic import atomic_write_bytes
+        from slimsd.images import make_grid
+
+        cfg, accelerator, tp = self.cfg, run.accelerator, run.models.pipe
+        if accelerator.is_main_process or run.engine in ("fsdp", "deepspeed"):
+            student = accelerator.unwrap_model(run.student)
+            pipe = type(tp)(**(dict(tp.components) | {"unet": student}))
+            pipe.set_progress_bar_config(disable=True)
+            was_training = student.training
+            student.eval()
+            images = []
+            for i, prompt in enumerate(cfg.validation_prompts):
+                g = torch.Generator().manual_seed(cfg.seed + i)
+                size = {"height": run.resolution, "width": run.resolution}
+                with (
+                    torch.no_grad(),
+                    accelerator.autocast(),
+                ):  # fp32 student, frozen parts in the compute dtype
+                    images.append(
+                        pipe(prompt, num_inference_steps=cfg.validation_steps, generator=g, **size).images[0]
+                    )
+            student.train(was_training)
+            grid = make_grid(images, cols=len(images))
+            if accelerator.is_main_process:
+                buf = io.BytesIO()
+                grid.save(buf, format="PNG")
+                atomic_write_bytes(run.output_dir / "validation" / f"step-{step:08d}.png", buf.getvalue())
+                if log_with:
+                    import numpy as np
+
+                    writer = accelerator.get_tracker("tensorboard").writer
+                    writer.add_image("validation", np.asarray(grid), step, dataformats="HWC")
+        accelerator.wait_for_everyone()
+
     # --- final/ --------------------------------------------------------------------------------------------
 
     def final_unet_state(self, weights: dict) -> dict:
