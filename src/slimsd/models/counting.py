@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from slimsd.models.presets import Preset
 from slimsd.models.single_file import TEXT_FIELDS
 from slimsd.models.sources import ModelRef, resolve_model
 
@@ -109,11 +110,12 @@ def block_params(unet) -> dict[str, int]:
     }
 
 
-def preset_architecture(name: str) -> tuple[dict, list[dict], dict, int]:
-    """(unet config, text encoder configs, vae config, default resolution) of a preset or offline model."""
+def preset_architecture(preset: str | Preset) -> tuple[dict, list[dict], dict, int]:
+    """(unet config, text encoder configs, vae config, default resolution) of a preset or offline model (its
+    name, or its entry as a ModelRef carries it)."""
     from slimsd.models.presets import get_preset, student_teacher_unet
 
-    p = get_preset(name)
+    p = get_preset(preset) if isinstance(preset, str) else preset
     if p.kind == "micro":
         from slimsd.models.micro import load_tokenizer, micro_text_config
 
@@ -157,7 +159,7 @@ def model_architecture(model: str | ModelRef) -> tuple[dict, list[dict], dict, i
     ref = resolve_model(model)
     model, kind = ref.name, ref.kind
     if kind in ("micro", "preset"):
-        return preset_architecture(model)
+        return preset_architecture(ref.preset)
     if kind == "single-file":
         from slimsd.models.single_file import file_architecture
 
