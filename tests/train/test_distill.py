@@ -322,3 +322,23 @@ def test_a_missing_tensorboard_is_a_one_line_warning_and_training_goes_on(tmp_pa
     assert "the tensorboard package is not installed" in warnings[0] and "tensorboard=false" in warnings[0]
     assert (Path(result["final_dir"]) / "slimsd.json").is_file()
     assert not (tmp_path / "run" / "tensorboard").exists()
+
+
+@pytest.mark.slow(seconds=40)
+@pytest.mark.xdist_group("processes")  # one multi-process test at a time (tests/conftest.py)
+def test_two_processes_report_the_skipped_rows_of_all_processes(tmp_path):
+    """Each process reads its own rows, so the run's count of unreadable rows is the sum over processes: 2
+    processes report what 1 process with the same global batch reports (2 epochs: the corrupt image read twice,
+    by whichever process its slot falls to; the caption-less row dropped once, at indexing)."""
+    from test_data import make_imagefolder
+
+    dirty = tmp_path / "dirty"
+    dirty.mkdir()
+    make_imagefolder(dirty)  # 4 rows indexed (3 good, 1 corrupt image) and 1 dropped (no caption)
+    kw = {"max_steps": 2, "data": str(dirty)}
+    one = train(cfg(tmp_path, "one", batch_size=4, **kw))
+    assert one["skipped"] == {"missing_caption": 1, "unreadable_image": 2}
+    two = launch_distill({**FAST, **kw, "batch_size": 2, "output_dir": tmp_path / "two"}, tmp_path)
+    assert two["num_processes"] == 2 and two["skipped"] == one["skipped"]
+    info = json.loads((tmp_path / "two" / "final" / "slimsd.json").read_text())
+    assert info["skipped"] == one["skipped"]

@@ -97,8 +97,7 @@ def train_run(cfg: DistillConfig, step_offset: int = 0, keep_process_group: bool
         accelerator.print(f"resumed from {folder.checkpoint} at step {state['step']}")
     # What the next checkpoints record: this run's config, its history of changes, the student it trains.
     state |= {"config": asdict(cfg), "config_changes": folder.history, "architecture": arch}
-    skipped = Counter(state["skipped"])
-    skipped.update({} if folder.checkpoint else source.skipped)
+    skipped = own_skipped(accelerator, state, source, resumed=folder.checkpoint is not None)
 
     # 4. Data: this process's slice of every global micro-batch, from the saved position on.
     next_batch = batches(run, source, state, skipped, torch_rng)
@@ -145,7 +144,7 @@ def train_run(cfg: DistillConfig, step_offset: int = 0, keep_process_group: bool
             accelerator.log(logged | {"train/images_per_s": rate}, step=step)
 
         if (cfg.checkpoint_every and (step + step_offset) % cfg.checkpoint_every == 0) or step == end:
-            state["skipped"] = dict(skipped)
+            state |= skipped_totals(accelerator, skipped)  # (a collective: every process is here)
             opt = (optimizer, lr_scheduler)
             save_checkpoint(
                 accelerator, engine, output_dir, step, student, *opt, averages, gen, state, cfg.keep_last
@@ -157,14 +156,14 @@ def train_run(cfg: DistillConfig, step_offset: int = 0, keep_process_group: bool
     # 6. final/: what the objective leaves (the average it keeps for that, else the trained weights). A run
     # stopped early (stop_at_step) leaves only its checkpoint: resume=latest finishes it.
     finished = state["step"] >= cfg.max_steps
-    state["skipped"] = dict(skipped)
+    state |= skipped_totals(accelerator, skipped)
     weights = objective.final_average()
     if weights is None and finished:  # gathered on every process (a collective under FSDP / ZeRO-3)
         weights = S.full_weights(accelerator, engine, student)
     if accelerator.is_main_process and finished:
         objective.save_final(run, weights, state)
-    if skipped:
-        accelerator.print(f"skipped rows: {D.describe_skipped(skipped)}")
+    if state["skipped"]:
+        accelerator.print(f"skipped rows: {D.describe_skipped(state['skipped'])}")
     accelerator.wait_for_everyone()
     if keep_process_group:
         for tracker in accelerator.trackers:
@@ -177,7 +176,7 @@ def train_run(cfg: DistillConfig, step_offset: int = 0, keep_process_group: bool
     return {
         "final_dir": str(output_dir / "final") if finished else None,
         "losses": losses,
-        "skipped": dict(skipped),
+        "skipped": state["skipped"],
         "steps": state["step"],
         "num_processes": num_processes,
         "process_index": process_index,
@@ -251,6 +250,28 @@ def make_optimizer(cfg: DistillConfig, student) -> tuple:
         cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps, num_training_steps=cfg.max_steps
     )
     return optimizer, lr_scheduler
+
+
+def own_skipped(accelerator, state: dict, source, resumed: bool) -> Counter:
+    """This process's count of skipped rows by reason: the rows dropped at indexing once (on the main process:
+    every process indexes the same), and on a resume this process's own count from the checkpoint."""
+    if not resumed:
+        return Counter(source.skipped) if accelerator.is_main_process else Counter()
+    by_process = state.get("skipped_by_process")
+    if by_process and len(by_process) == accelerator.num_processes:
+        return Counter(by_process[accelerator.process_index])
+    # an older checkpoint, or another number of processes: the run's total, kept on the main process
+    return Counter(state["skipped"]) if accelerator.is_main_process else Counter()
+
+
+def skipped_totals(accelerator, skipped: Counter) -> dict:
+    """{"skipped": the run's count over all processes, "skipped_by_process": each process's own} (a collective:
+    every process calls it). Each process reads its own rows, so the run's count is the sum."""
+    from accelerate.utils import gather_object
+
+    by_process = gather_object([dict(skipped)])
+    total = sum((Counter(c) for c in by_process), Counter())
+    return {"skipped": dict(sorted(total.items())), "skipped_by_process": by_process}
 
 
 def batches(run: Run, source, state: dict, skipped: Counter, torch_rng):
