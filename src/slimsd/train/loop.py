@@ -100,7 +100,8 @@ def train_run(cfg: DistillConfig, step_offset: int = 0, keep_process_group: bool
     skipped = own_skipped(accelerator, state, source, resumed=folder.checkpoint is not None)
 
     # 4. Data: this process's slice of every global micro-batch, from the saved position on.
-    next_batch = batches(run, source, state, skipped, torch_rng)
+    unreadable = Unreadable(run, len(source))  # ends a run on mostly unreadable data (max_skipped_fraction)
+    next_batch = batches(run, source, state, skipped, torch_rng, unreadable)
     if log_with and accelerator.is_main_process:
         config = {k: v for k, v in asdict(cfg).items() if isinstance(v, int | float | str | bool)}
         accelerator.init_trackers("tensorboard", config=config)
@@ -129,6 +130,7 @@ def train_run(cfg: DistillConfig, step_offset: int = 0, keep_process_group: bool
         # the whole weights (gathered under FSDP / ZeRO-3) only when an average needs them
         kept = any(v is not None for v in averages.values())
         objective.after_step(run, step, S.full_weights(accelerator, engine, student) if kept else None)
+        unreadable.check(step)
 
         mean_terms = {k: torch.stack([t[k] for t in step_terms]).mean() for k in step_terms[0]}
         mean_terms = {
@@ -274,7 +276,35 @@ def skipped_totals(accelerator, skipped: Counter) -> dict:
     return {"skipped": dict(sorted(total.items())), "skipped_by_process": by_process}
 
 
-def batches(run: Run, source, state: dict, skipped: Counter, torch_rng):
+class Unreadable:
+    """The distinct rows that failed to read, over all processes. When they are more than max_skipped_fraction
+    of the data's rows the run ends with one line, on every process at the same step, instead of training to the
+    end on what is left. Rows dropped at indexing (check_rows) are not counted: they are known before training."""
+
+    def __init__(self, run: Run, rows: int):
+        self.accelerator, self.cfg, self.rows = run.accelerator, run.cfg, rows
+        self.own: set[int] = set()  # this process's failed rows
+        self.known: set[int] = set()  # every process's, as of the last check
+
+    def check(self, step: int) -> None:
+        """After each optimizer step, on every process (a collective; the rows themselves only when new)."""
+        from accelerate.utils import gather_object
+
+        new = torch.tensor([len(self.own - self.known)], device=self.accelerator.device)
+        if self.accelerator.reduce(new, reduction="sum").item() == 0:
+            return
+        for rows in gather_object([sorted(self.own)]):
+            self.known.update(rows)
+        limit = self.cfg.max_skipped_fraction
+        if len(self.known) > limit * self.rows:
+            raise SlimsdError(
+                f"data {self.cfg.data!r}: {len(self.known)} of its {self.rows} rows could not be read by step "
+                f"{step}, more than max_skipped_fraction {limit:g} allows; fix or remove them, or raise "
+                "max_skipped_fraction (1: train on whatever reads)"
+            )
+
+
+def batches(run: Run, source, state: dict, skipped: Counter, torch_rng, unreadable: Unreadable):
     """``next_batch()``: this process's next micro-batch with a readable row (a micro-batch whose rows are all
     unreadable is counted and skipped), from the position STATE saved."""
     cfg, accelerator = run.cfg, run.accelerator
@@ -305,6 +335,7 @@ def batches(run: Run, source, state: dict, skipped: Counter, torch_rng):
             batch = next(it)
             state["micro_batches"] += 1
             skipped.update(batch["skipped"])
+            unreadable.own.update(batch["bad_index"])
             guard.check(batch, state["step"])  # ends a run whose data yields nothing
             if batch["size"]:
                 return batch
