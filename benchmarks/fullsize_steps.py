@@ -28,16 +28,18 @@ ROOT = Path(__file__).resolve().parents[1]
 def build(threads: int):
     import torch
 
+    from slimsd.models import runtime
     from slimsd.models.loading import load
-    from slimsd.run import runtime
-    from slimsd.train.distill import DistillConfig, step_scheduler, with_guidance_embedding
+    from slimsd.train.config import DistillConfig
+    from slimsd.train.consistency import with_guidance_embedding
+    from slimsd.train.objectives.lcm import LCM
 
     torch.set_num_threads(threads)
     teacher = load("sd-v1.4", device="cpu", dtype="fp32", random_weights=True)
     lcm = load("bk-sdm-tiny", device="cpu", dtype="fp32", random_weights=True, optimize=False)
     lcm.unet = with_guidance_embedding(lcm.unet, 256)
     # the scheduler `slimsd distill objective=lcm` saves with its student
-    lcm.scheduler = step_scheduler(DistillConfig(objective="lcm"), lcm.scheduler.config)
+    lcm.scheduler = LCM(DistillConfig(objective="lcm")).final_scheduler(lcm.scheduler.config)
     lcm._slimsd["default_scheduler"] = "lcm"
     lcm._slimsd["base_scheduler"] = dict(lcm.scheduler.config)
     runtime.optimize_pipeline(lcm, runtime.RuntimeConfig(device="cpu", dtype=torch.float32))

@@ -26,7 +26,7 @@ import numpy as np
 from slimsd import load
 from slimsd.atomic import atomic_write_text
 from slimsd.measure.bench import environment
-from slimsd.run import runtime
+from slimsd.models import runtime
 from slimsd.run.generate import generate
 
 RESULTS = Path(__file__).parent / "results"

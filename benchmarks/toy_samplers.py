@@ -31,7 +31,7 @@ def log(msg: str) -> None:
 
 
 def parse_config(text: str) -> tuple[str, float]:
-    from slimsd.run.schedulers import SCHEDULERS
+    from slimsd.models.schedulers import SCHEDULERS
 
     name, _, guidance = text.partition(":")
     try:

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from slimsd.atomic import atomic_write_text
 from slimsd.measure.bench import environment
-from slimsd.run import runtime
+from slimsd.models import runtime
 from slimsd.train.config import DistillConfig
 from slimsd.train.estimate import estimate
 

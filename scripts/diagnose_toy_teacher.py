@@ -131,7 +131,7 @@ def run(old, freeze_text, steps, every):
 @torch.no_grad()
 def guidance_sweep(folder, scales, scheduler=None):
     """Fidelity at each guidance scale, with the folder's own scheduler or SCHEDULER (a slimsd name)."""
-    from slimsd.run.schedulers import set_scheduler
+    from slimsd.models.schedulers import set_scheduler
 
     pipe = load(folder)
     if scheduler:

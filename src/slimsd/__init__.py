@@ -1,8 +1,7 @@
 """slimsd: distilled Stable Diffusion. Compress a U-Net by block removal, distill it from its teacher, run it."""
 
-__version__ = "0.1.0"
-
 from slimsd.models.presets import PRESETS, RECIPES, get_preset
+from slimsd.version import __version__
 
 
 def compress(*args, **kwargs):

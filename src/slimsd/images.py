@@ -11,6 +11,7 @@ from pathlib import Path
 from PIL import Image
 
 from slimsd.errors import SlimsdError
+from slimsd.files import file_sha256
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
@@ -46,8 +47,6 @@ class InputImage:
 
 def read_input_image(path: str | Path, what: str) -> InputImage:
     """The image file at PATH as an :class:`InputImage`, or one line naming the file (WHAT: "init image", ...)."""
-    from slimsd.models.lora import file_sha256
-
     path = Path(path)
     if not path.is_file():
         raise SlimsdError(f"{what} {str(path)!r} does not exist (or is not a file)")

@@ -13,11 +13,8 @@ from safetensors.torch import load_file, save_file
 
 from slimsd.errors import SlimsdError
 from slimsd.models.loading import load
-from slimsd.models.single_file import (
-    export_single_file,
-    load_single_file,
-    read_unet_config,
-)
+from slimsd.models.single_file import load_single_file, read_unet_config
+from slimsd.models.single_file_export import export_single_file
 
 from helpers import FAST_DISTILL, run_cli
 

@@ -13,9 +13,10 @@ from PIL.PngImagePlugin import PngInfo
 from slimsd.cli import main
 from slimsd.errors import SlimsdError
 from slimsd.images import make_grid
+from slimsd.models import schedulers
 from slimsd.models.loading import load
 from slimsd.run import generate as g
-from slimsd.run import outputs, pnginfo, schedulers
+from slimsd.run import outputs, pnginfo
 
 FAST = {"steps": 2, "guidance": 7.5}
 

@@ -189,7 +189,7 @@ def test_lcm_lora_saves_adapters_plain_diffusers_loads(tmp_path):
 
     from slimsd.models.compress import compress_pipeline
     from slimsd.models.micro import build_micro
-    from slimsd.train.distill import add_lora
+    from slimsd.train.adapters import add_lora
 
     result = train(lcm_cfg(tmp_path, objective="lcm-lora", max_steps=2, lora_rank=4, learning_rate=1e-2))
     final = Path(result["final_dir"])

@@ -10,7 +10,7 @@ from slimsd.commands.options import (
     split_models,
 )
 from slimsd.measure.protocols import DEFAULT_CLIP, FID_EXTRACTORS, PROTOCOLS
-from slimsd.run.schedulers import SCHEDULERS
+from slimsd.models.schedulers import SCHEDULERS
 
 
 def _models(ctx, param, value):

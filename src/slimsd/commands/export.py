@@ -33,7 +33,7 @@ def export(source, target, out, dtype, overwrite, allow_pickle, prediction_type)
     """Write SOURCE (single-file: a preset, micro model, folder, single file or hub id; a1111-lora: a LoRA file
     or a folder holding pytorch_lora_weights.safetensors) for use in other tools."""
     if target == "single-file":
-        from slimsd.models.single_file import export_single_file
+        from slimsd.models.single_file_export import export_single_file
 
         path = export_single_file(
             source,

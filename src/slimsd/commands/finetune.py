@@ -7,7 +7,7 @@ import click
     "config_file",
     type=click.Path(dir_okay=False),
     default=None,
-    help="YAML config (see configs/finetune-micro-sd.yaml); keys as in slimsd.train.config.FINETUNE_NAMES/KEYS.",
+    help="YAML config (see configs/finetune-micro-sd.yaml); keys as in slimsd.train.objectives.finetune.FINETUNE_NAMES/KEYS.",
 )
 @click.argument("overrides", nargs=-1)
 @click.option("--dry-run", is_flag=True, help="Print the resolved config and exit.")
@@ -31,9 +31,10 @@ def finetune(config_file, overrides, rules, dry_run, as_json):
 
     from slimsd.commands.data import dry_run_rows
     from slimsd.commands.distill import report
-    from slimsd.train.config import finetune_config, finetune_view, read_values
+    from slimsd.train.config import finetune_config, read_values
     from slimsd.train.distill import train
     from slimsd.train.filters import add_rules
+    from slimsd.train.objectives.finetune import finetune_view
 
     cfg = finetune_config(add_rules(read_values(config_file, overrides), rules))
     if dry_run:

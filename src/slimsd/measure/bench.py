@@ -45,7 +45,7 @@ import torch
 
 from slimsd import devices
 from slimsd.errors import SlimsdError
-from slimsd.run import runtime
+from slimsd.models import runtime
 from slimsd.run.deepcache import check_interval
 
 DEFAULT_PROMPT = "a photograph of an astronaut riding a horse"

@@ -75,7 +75,7 @@ class EvalConfig:
     grid: int = 8
     device: str | None = None
     dtype: str | None = None
-    optimize: bool = True  # the fast runtime (slimsd.run.runtime)
+    optimize: bool = True  # the fast runtime (slimsd.models.runtime)
     random_weights: bool = False
     allow_pickle: bool = False
     prediction_type: str | None = None  # None: each model's own
@@ -93,7 +93,7 @@ def resolve(config: EvalConfig) -> EvalConfig:
             setattr(config, key, preset.get(key, defaults.get(key)))
     config.deep_cache = 1 if config.deep_cache is None else config.deep_cache  # no protocol sets it
     from slimsd.devices import dtype_name, resolve_device, resolve_dtype
-    from slimsd.run.schedulers import check_scheduler
+    from slimsd.models.schedulers import check_scheduler
 
     check_scheduler(config.scheduler)
     config.device = resolve_device(config.device)

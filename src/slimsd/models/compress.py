@@ -11,12 +11,12 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from slimsd import __version__
 from slimsd.atomic import atomic_dir, check_output_dir
 from slimsd.errors import SlimsdError
 from slimsd.models.architecture import Recipe, build_student
 from slimsd.models.counting import count_params
 from slimsd.models.loading import load
+from slimsd.version import __version__
 
 # How the student's U-Net starts: the teacher's weights copied by the recipe's map (BK-SDM), or fresh
 # random weights of the same architecture (BK-SDM's ablation baseline; no tensor is inherited).

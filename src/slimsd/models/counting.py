@@ -11,6 +11,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from slimsd.models.presets import Preset
+from slimsd.models.single_file import TEXT_FIELDS
+from slimsd.models.sources import ModelRef, resolve_model
+
 
 def count_params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
@@ -106,11 +110,12 @@ def block_params(unet) -> dict[str, int]:
     }
 
 
-def preset_architecture(name: str) -> tuple[dict, list[dict], dict, int]:
-    """(unet config, text encoder configs, vae config, default resolution) of a preset or offline model."""
+def preset_architecture(preset: str | Preset) -> tuple[dict, list[dict], dict, int]:
+    """(unet config, text encoder configs, vae config, default resolution) of a preset or offline model (its
+    name, or its entry as a ModelRef carries it)."""
     from slimsd.models.presets import get_preset, student_teacher_unet
 
-    p = get_preset(name)
+    p = get_preset(preset) if isinstance(preset, str) else preset
     if p.kind == "micro":
         from slimsd.models.micro import load_tokenizer, micro_text_config
 
@@ -124,19 +129,6 @@ def preset_architecture(name: str) -> tuple[dict, list[dict], dict, int]:
         unet = student_config(unet, load_recipe(p.recipe))
     teacher = get_preset(p.teacher) if p.kind == "student" else p
     return unet, list(teacher.text_encoders), teacher.vae, p.resolution
-
-
-# what a text encoder's config says of its architecture (its parameters follow from these; single files too)
-TEXT_FIELDS = (
-    "vocab_size",
-    "hidden_size",
-    "intermediate_size",
-    "num_hidden_layers",
-    "num_attention_heads",
-    "max_position_embeddings",
-    "hidden_act",
-    "projection_dim",
-)
 
 
 def _arch_from_configs(source: str) -> tuple[dict, list[dict], dict, int]:
@@ -155,19 +147,19 @@ def _arch_from_configs(source: str) -> tuple[dict, list[dict], dict, int]:
         d = {k: getattr(cfg, k) for k in TEXT_FIELDS}
         d["with_projection"] = "CLIPTextModelWithProjection" in (cfg.architectures or [])
         encoders.append(d)
-    from slimsd.models.loading import native_resolution_of
+    from slimsd.models.sources import native_resolution_of
 
     return unet, encoders, vae, native_resolution_of(unet, vae)
 
 
-def model_architecture(model: str) -> tuple[dict, list[dict], dict, int]:
+def model_architecture(model: str | ModelRef) -> tuple[dict, list[dict], dict, int]:
     """(unet config, text encoder configs, vae config, default resolution) of any model: configs only."""
     from slimsd.errors import SlimsdError
-    from slimsd.models.loading import describe_model
 
-    kind = describe_model(model)
+    ref = resolve_model(model)
+    model, kind = ref.name, ref.kind
     if kind in ("micro", "preset"):
-        return preset_architecture(model)
+        return preset_architecture(ref.preset)
     if kind == "single-file":
         from slimsd.models.single_file import file_architecture
 
@@ -175,7 +167,7 @@ def model_architecture(model: str) -> tuple[dict, list[dict], dict, int]:
     try:
         return _arch_from_configs(model)
     except (OSError, ValueError) as e:
-        from slimsd.models.loading import _first_line, check_local_folder, hub_error_reason
+        from slimsd.models.sources import _first_line, check_local_folder, hub_error_reason
 
         if kind == "local":  # a folder that is there but unreadable is broken, not missing from a cache
             check_local_folder(Path(model), allow_pickle=True)
@@ -200,11 +192,11 @@ def unet_counts(unet_cfg: dict, vae_cfg: dict, resolution: int):
 
 def summarize(model: str, resolution: int | None = None) -> dict:
     """What ``slimsd inspect`` reports: parameters of each component and U-Net MACs at ``resolution``."""
-    from slimsd.models.loading import describe_model
     from slimsd.models.presets import PRESETS
 
-    kind = describe_model(model)
-    unet_cfg, encoders, vae_cfg, default_res = model_architecture(model)
+    ref = resolve_model(model)
+    model, kind = ref.name, ref.kind
+    unet_cfg, encoders, vae_cfg, default_res = model_architecture(ref)
     resolution = resolution or default_res
     unet, up, macs = unet_counts(unet_cfg, vae_cfg, resolution)
     te = [text_encoder_params(c) for c in encoders]

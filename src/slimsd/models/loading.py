@@ -9,7 +9,7 @@ distill, compress) gets its pipeline here, so the same rules hold everywhere:
   ``.pt``, ``.pth``) is refused unless the caller passes ``allow_pickle=True`` (unpickling runs code);
   ``trust_remote_code`` is never passed and no separate safety-checker model is ever downloaded;
 - the device and dtype follow :mod:`slimsd.devices`;
-- ``optimize=True`` (the default) applies the fast runtime (:mod:`slimsd.run.runtime`); ``optimize=False``
+- ``optimize=True`` (the default) applies the fast runtime (:mod:`slimsd.models.runtime`); ``optimize=False``
   gives the plain diffusers pipeline, for training and weight surgery, which need the modules as they are;
 - library progress bars are off: commands show their own.
 
@@ -20,8 +20,6 @@ source, the scheduler it was loaded with, and the runtime that was applied.
 from __future__ import annotations
 
 import contextlib
-import json
-import os
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
@@ -29,59 +27,23 @@ import torch
 
 from slimsd.devices import quiet_deepspeed, resolve_device, resolve_dtype
 from slimsd.errors import SlimsdError
-from slimsd.models.presets import PRESETS, Preset, get_preset
+from slimsd.models.presets import Preset, get_preset
 
-PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
-
-
-def describe_model(model: str) -> str:
-    """What kind of MODEL string this is: 'micro' (offline: micro-sd, micro-sdxl, toy-sd), 'preset',
-    'local' (a diffusers folder), 'single-file' or 'hub'."""
-    from slimsd.models.single_file import SUFFIXES
-
-    if model in PRESETS:
-        return "micro" if PRESETS[model].kind == "micro" else "preset"
-    if Path(model).suffix.lower() in SUFFIXES:
-        if not Path(model).is_file():
-            raise SlimsdError(f"model file {model!r} does not exist (a single-file checkpoint was expected)")
-        return "single-file"
-    if Path(model).exists():
-        return "local"
-    if _looks_like_hub_id(model):
-        return "hub"
-    raise SlimsdError(
-        f"unknown model {model!r}: not a preset (see `slimsd presets`), not an existing folder, not a hub id (org/name)"
-    )
-
-
-def _looks_like_hub_id(model: str) -> bool:
-    parts = model.split("/")
-    return (
-        len(parts) == 2
-        and all(p and not p.startswith(".") for p in parts)
-        and not model.startswith(("/", "."))
-    )
-
-
-def check_local_folder(folder: Path, allow_pickle: bool) -> None:
-    """Refuse a folder that is not a diffusers pipeline, or whose weights are pickle-only."""
-    if not folder.is_dir():
-        raise SlimsdError(
-            f"model path {str(folder)!r} is not a folder; a diffusers pipeline folder is expected"
-        )
-    if not (folder / "model_index.json").is_file():
-        raise SlimsdError(
-            f"model folder {str(folder)!r} has no model_index.json: not a diffusers pipeline folder"
-        )
-    for sub in sorted(p for p in folder.iterdir() if p.is_dir()):
-        files = [f for f in sub.iterdir() if f.is_file()]
-        has_safe = any(f.suffix == ".safetensors" for f in files)
-        pickles = [f.name for f in files if f.suffix in PICKLE_SUFFIXES]
-        if pickles and not has_safe and not allow_pickle:
-            raise SlimsdError(
-                f"{sub.name}/{pickles[0]} in {str(folder)!r} is a pickle file and there is no safetensors "
-                "copy; pickle can run code when loaded: pass --allow-pickle to load it anyway"
-            )
+# The loader's public names that live in sources.py (read without loading): callers ask the loader for them.
+from slimsd.models.sources import (  # noqa: F401
+    ModelRef,
+    _first_line,
+    check_local_folder,
+    describe_model,
+    hub_error_reason,
+    is_sdxl,
+    model_sampling,
+    native_resolution,
+    quiet_libraries,
+    quiet_loading,
+    read_slimsd_info,
+    resolve_model,
+)
 
 
 @contextlib.contextmanager
@@ -151,61 +113,16 @@ def build_random_pipeline(preset: Preset, seed: int = 0, dtype: torch.dtype = to
     )
 
 
-@contextlib.contextmanager
-def quiet_loading() -> Iterator[None]:
-    """The libraries' loading progress bars off ("Loading pipeline components...", checkpoint shards, and
-    downloads), for this load only: a caller's own settings come back afterwards."""
-    from diffusers.utils import logging as diffusers_logging
-    from huggingface_hub import utils as hub_utils
-    from transformers.utils import logging as transformers_logging
-
-    was = (
-        diffusers_logging.is_progress_bar_enabled(),
-        transformers_logging.is_progress_bar_enabled(),
-        not hub_utils.are_progress_bars_disabled(),
-    )
-    diffusers_logging.disable_progress_bar()
-    transformers_logging.disable_progress_bar()
-    hub_utils.disable_progress_bars()
-    try:
-        yield
-    finally:
-        if was[0]:
-            diffusers_logging.enable_progress_bar()
-        if was[1]:
-            transformers_logging.enable_progress_bar()
-        if was[2]:
-            hub_utils.enable_progress_bars()
-
-
-@contextlib.contextmanager
-def quiet_libraries() -> Iterator[None]:
-    """diffusers and transformers warn as they build pipelines and load adapters: errors only, and no
-    progress bars, for this call."""
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
-
-    was = diffusers_logging.get_verbosity(), transformers_logging.get_verbosity()
-    diffusers_logging.set_verbosity_error()
-    transformers_logging.set_verbosity_error()
-    try:
-        with quiet_loading():
-            yield
-    finally:
-        diffusers_logging.set_verbosity(was[0])
-        transformers_logging.set_verbosity(was[1])
-
-
 def _diffusers_pipeline(
-    model: str,
-    kind: str,
+    ref: ModelRef,
     torch_dtype,
     allow_pickle: bool,
     random_weights: bool,
     seed: int,
     prediction_type: str | None = None,
 ):
-    """The plain diffusers pipeline of MODEL, in ``torch_dtype``, on the CPU."""
+    """The plain diffusers pipeline of the model REF names, in ``torch_dtype``, on the CPU."""
+    model, kind = ref.name, ref.kind
     if random_weights and kind not in ("preset", "micro"):
         raise SlimsdError(f"--random-weights needs a preset name; {model!r} is a {kind} model")
     if kind == "micro":
@@ -217,7 +134,7 @@ def _diffusers_pipeline(
 
         return build_micro(model)
     if kind == "preset" and random_weights:
-        return build_random_pipeline(get_preset(model), seed, torch_dtype)
+        return build_random_pipeline(ref.preset, seed, torch_dtype)
     if kind == "single-file":
         from slimsd.models.single_file import load_single_file
 
@@ -225,12 +142,11 @@ def _diffusers_pipeline(
     if kind == "local":
         check_local_folder(Path(model), allow_pickle)
         return _from_pretrained(model, allow_pickle, torch_dtype, local=True)
-    hub_id = get_preset(model).hub_id if kind == "preset" else model
-    return _from_pretrained(hub_id, allow_pickle, torch_dtype, local=False)
+    return _from_pretrained(ref.location, allow_pickle, torch_dtype, local=False)  # a hub id
 
 
 def load(
-    model: str,
+    model: str | ModelRef,
     *,
     device: str | None = None,
     dtype: str | torch.dtype | None = None,
@@ -247,7 +163,7 @@ def load(
     """A ready diffusers pipeline for MODEL on ``device`` in ``dtype`` (see the module docstring).
 
     ``optimize`` applies the fast runtime (channels_last, fused QKV, SDPA; ``compile`` adds torch.compile);
-    ``scheduler`` picks a named scheduler (:mod:`slimsd.run.schedulers`); ``random_weights`` builds a preset
+    ``scheduler`` picks a named scheduler (:mod:`slimsd.models.schedulers`); ``random_weights`` builds a preset
     with random weights seeded by ``seed`` (offline). An SDXL VAE in fp16 overflows to NaN (black images), so
     in fp16 it is marked ``force_upcast``: diffusers decodes in fp32.
 
@@ -257,9 +173,8 @@ def load(
     ``prediction_type`` (``epsilon`` | ``v_prediction``) overrides what the model says it predicts: a single
     file written by another tool may not say (an SD 2.x one must be told).
     """
-    from slimsd.models import lora
-    from slimsd.run import runtime
-    from slimsd.run.schedulers import check_scheduler, scheduler_name, set_scheduler
+    from slimsd.models import lora, runtime
+    from slimsd.models.schedulers import check_scheduler, scheduler_name, set_scheduler
 
     quiet_deepspeed()
     device = resolve_device(device)
@@ -269,24 +184,22 @@ def load(
         from slimsd.models.single_file import check_prediction_type
 
         check_prediction_type(prediction_type)
-    kind = describe_model(model)
-    sampling = model_sampling(model)
+    ref = resolve_model(model)  # the name is read once; every step below takes ref
+    model, kind, sampling = ref.name, ref.kind, ref.sampling
     loras = [lora.as_spec(s, allow_pickle) for s in loras]  # a bad file fails before minutes of loading
     if sampling and sampling.get("lora"):
         # An LCM-LoRA student's adapters come with it, merged first and once (--from-png lists them again).
         own = lora.as_spec((str(Path(model) / sampling["lora"]), 1.0), allow_pickle)
         loras = [own, *(s for s in loras if Path(s.path).resolve() != Path(own.path).resolve())]
     with quiet_loading():
-        pipe = _diffusers_pipeline(
-            model, kind, torch_dtype, allow_pickle, random_weights, seed, prediction_type
-        )
+        pipe = _diffusers_pipeline(ref, torch_dtype, allow_pickle, random_weights, seed, prediction_type)
     if prediction_type is not None and pipe.scheduler.config.get("prediction_type") != prediction_type:
         pipe.scheduler = type(pipe.scheduler).from_config(
             pipe.scheduler.config, prediction_type=prediction_type
         )
     if getattr(pipe, "safety_checker", None) is not None:
         pipe.safety_checker = None
-    weight_map = lora.student_weight_map(model, kind, pipe.unet) if loras else None
+    weight_map = lora.student_weight_map(ref, pipe.unet) if loras else None
     applied_loras = lora.apply_loras(pipe, loras, allow_pickle, weight_map, on_warning)
     if optimize:
         runtime.optimize_pipeline(
@@ -300,7 +213,7 @@ def load(
     pipe._slimsd = {
         "model": model,
         "kind": kind,
-        "source": model_source(model, random_weights),
+        "source": model_source(ref, random_weights),
         "random_weights": random_weights,
         "base_scheduler": dict(pipe.scheduler.config),
         "default_scheduler": scheduler_name(pipe.scheduler),
@@ -315,23 +228,19 @@ def load(
     return pipe
 
 
-def model_source(model: str, random_weights: bool = False) -> str:
+def model_source(model: str | ModelRef, random_weights: bool = False) -> str:
     """Where MODEL's weights come from, as every PNG records it (``model_source``): the resolved path of a local
     folder, the hub id of a preset or hub model, the name of a micro model or of a preset with random weights."""
-    kind = describe_model(model)
-    if kind in ("local", "single-file"):
-        return str(Path(model).resolve())
-    if kind == "preset" and not random_weights:
-        return get_preset(model).hub_id or model
-    return model
+    ref = resolve_model(model)
+    return ref.name if ref.kind == "preset" and random_weights else ref.location
 
 
 def model_info(pipe) -> dict:
     """What :func:`load` recorded about PIPE (a pipeline made elsewhere gets placeholders)."""
     info = getattr(pipe, "_slimsd", None)
     if info is None:
-        from slimsd.run.runtime import applied
-        from slimsd.run.schedulers import scheduler_name
+        from slimsd.models.runtime import applied
+        from slimsd.models.schedulers import scheduler_name
 
         info = {
             "model": type(pipe).__name__,
@@ -372,60 +281,3 @@ def _from_pretrained(source: str, allow_pickle: bool, torch_dtype, local: bool):
         if local:
             raise SlimsdError(f"model folder {source!r} is broken: {msg}") from None
         raise SlimsdError(f"could not load {source!r}: {msg}") from None
-
-
-def _first_line(e: Exception) -> str:
-    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    return first if len(first) < 300 else first[:297] + "..."
-
-
-def hub_error_reason(e: Exception) -> str:
-    """A short reason for a failed hub load (the libraries' messages run to several sentences)."""
-    if os.environ.get("HF_HUB_OFFLINE") == "1":
-        return "not in the local cache, and HF_HUB_OFFLINE=1 forbids downloading it"
-    return _first_line(e)
-
-
-def is_sdxl(pipe_or_unet) -> bool:
-    """An SDXL-class model: its U-Net takes SDXL's added text and time conditions."""
-    unet = getattr(pipe_or_unet, "unet", pipe_or_unet)
-    return unet.config.get("addition_embed_type") == "text_time"
-
-
-def native_resolution_of(unet_config: dict, vae_config: dict) -> int:
-    """The image size in pixels a model was made for: U-Net sample size x the VAE's down-sampling."""
-    return int(unet_config.get("sample_size", 64)) * 2 ** (
-        len(vae_config.get("block_out_channels", [0] * 4)) - 1
-    )
-
-
-def native_resolution(pipe) -> int:
-    return native_resolution_of(dict(pipe.unet.config), dict(pipe.vae.config))
-
-
-def model_sampling(model: str) -> dict | None:
-    """How MODEL samples unless told otherwise, read without loading it: a step-distilled student's own (its
-    slimsd.json ``sampling``: scheduler, steps, guidance); the toy teacher's guidance (TOY_SAMPLING: its PLMS
-    scheduler follows 0.93 of its captions at guidance 2 and 0.13 at SD's 7.5), also for a student of it that says
-    nothing itself; None for other models (25 steps, 7.5)."""
-    if model == "toy-sd":
-        from slimsd.toy.teacher import TOY_SAMPLING
-
-        return {"guidance": TOY_SAMPLING["guidance_scale"]}
-    if describe_model(model) != "local":
-        return None
-    info = read_slimsd_info(model) or {}
-    if "sampling" in info:
-        return info["sampling"]
-    return model_sampling("toy-sd") if info.get("teacher") == "toy-sd" else None
-
-
-def read_slimsd_info(folder: str | Path) -> dict | None:
-    """The provenance compress writes beside a student (teacher, recipe, weight map), if there is one; a
-    single file exported by slimsd carries it in its header."""
-    if Path(folder).is_file():
-        from slimsd.models.single_file import provenance
-
-        return provenance(folder)
-    path = Path(folder) / "slimsd.json"
-    return json.loads(path.read_text()) if path.is_file() else None

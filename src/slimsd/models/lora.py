@@ -3,7 +3,7 @@
 A LoRA file in diffusers/peft format or in kohya/A1111 format (which diffusers converts) is read, reduced to
 plain ``B @ A`` pairs (its alpha/rank and its SCALE folded into ``B``), loaded with diffusers'
 ``load_lora_weights`` and MERGED into the base weights (``fuse_lora``, then ``unload_lora_weights``): inference
-costs nothing extra, and the fast runtime (fused Q/K/V, :mod:`slimsd.run.runtime`) applies afterwards to the
+costs nothing extra, and the fast runtime (fused Q/K/V, :mod:`slimsd.models.runtime`) applies afterwards to the
 merged weights. Several LoRAs add up, each with its own scale.
 
 Layers a LoRA names that the model does not have, or has in another shape, are left out (one warning line
@@ -20,8 +20,6 @@ Each LoRA is recorded (``pipe._slimsd["loras"]``, the PNG info): name, resolved 
 
 from __future__ import annotations
 
-import functools
-import hashlib
 import json
 import math
 import os
@@ -33,7 +31,8 @@ from typing import NamedTuple
 import torch
 
 from slimsd.errors import SlimsdError
-from slimsd.models.loading import PICKLE_SUFFIXES, quiet_libraries
+from slimsd.files import file_sha256, safe_stem
+from slimsd.models.sources import PICKLE_SUFFIXES, ModelRef, quiet_libraries
 
 SCALE_RANGE = (-10.0, 10.0)
 SHOWN_SKIPPED = 3  # skipped layer names shown in the warning
@@ -120,20 +119,6 @@ def as_spec(item, allow_pickle: bool = False) -> LoraSpec:
             f"image was made with {spec.sha256[:10]}...; restore that file, or choose LoRAs with --lora"
         )
     return LoraSpec(os.fspath(spec.path), float(spec.scale), spec.sha256)
-
-
-def file_sha256(path) -> str:
-    st = os.stat(path)
-    return _sha256(str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
-
-
-@functools.lru_cache(maxsize=64)
-def _sha256(path: str, size: int, mtime_ns: int) -> str:  # size and mtime: a changed file is hashed again
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 # Reading a file: diffusers' conversion, then one layout (peft's MODULE.lora_A.weight ...) with scale 1.
@@ -335,18 +320,17 @@ def fit_layers(
     return state, applied, skipped, as_teacher
 
 
-def student_weight_map(model: str, kind: str, unet) -> dict[str, str] | None:
+def student_weight_map(ref: ModelRef, unet) -> dict[str, str] | None:
     """{student weight: teacher weight} of a student slimsd knows the making of: a folder written by
     ``slimsd compress`` or ``distill`` (its slimsd.json) or its single-file export (its header), or a student
     preset (its recipe); else None."""
     from slimsd.models.architecture import load_recipe, plan, weight_map
-    from slimsd.models.loading import read_slimsd_info
-    from slimsd.models.presets import PRESETS, student_teacher_unet
+    from slimsd.models.presets import student_teacher_unet
 
-    if kind in ("local", "single-file"):
-        return (read_slimsd_info(model) or {}).get("weight_map") or None
-    preset = PRESETS.get(model)
-    if kind != "preset" or preset is None or preset.kind != "student" or not preset.recipe:
+    if ref.kind in ("local", "single-file"):
+        return (ref.info or {}).get("weight_map") or None
+    preset = ref.preset
+    if ref.kind != "preset" or preset is None or preset.kind != "student" or not preset.recipe:
         return None
     teacher = {k: v for k, v in student_teacher_unet(preset).items() if not k.startswith("_")}
     _, p = plan(teacher, load_recipe(preset.recipe))
@@ -355,7 +339,6 @@ def student_weight_map(model: str, kind: str, unet) -> dict[str, str] | None:
 
 def adapter_names(paths: Sequence[str]) -> list[str]:
     """Adapter names from the file stems (peft names cannot hold dots), made unique: x, x_2, ..."""
-    from slimsd.run.outputs import safe_stem
 
     names: list[str] = []
     for path in paths:

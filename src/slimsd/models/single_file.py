@@ -20,11 +20,22 @@ from pathlib import Path
 import torch
 
 from slimsd.errors import SlimsdError
-from slimsd.models.counting import TEXT_FIELDS
+from slimsd.models.sources import SINGLE_FILE_SUFFIXES as SUFFIXES
+from slimsd.models.sources import hub_error_reason, native_resolution
 
-SUFFIXES = (".safetensors", ".ckpt")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 EXPORT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+# what a text encoder's config says of its architecture (its parameters follow from these; single files too)
+TEXT_FIELDS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "max_position_embeddings",
+    "hidden_act",
+    "projection_dim",
+)
 UNET = "model.diffusion_model."
 VAE = "first_stage_model."
 # family -> the file prefix of each text encoder and its layout ("clip": OpenAI CLIP with transformers' own
@@ -401,21 +412,9 @@ def read_file(path: str | Path, allow_pickle: bool) -> tuple[dict, dict]:
         ) from None
 
 
-def read_metadata(path: str | Path) -> dict:
-    """The header metadata of a .safetensors file (none for .ckpt), without reading its tensors."""
-    if Path(path).suffix.lower() != ".safetensors":
-        return {}
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        return dict(f.metadata() or {})
-
-
 def file_architecture(path: str, allow_pickle: bool = False) -> tuple[dict, list[dict], dict, int]:
     """(unet config, text encoder configs, vae config, native resolution) of a single file, as
     :mod:`slimsd.models.counting` wants them."""
-    from slimsd.models.loading import native_resolution
-
     pipe = load_single_file(path, allow_pickle, prediction_type="epsilon")  # the scheduler is not counted
     encoders = []
     for model in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None)):
@@ -562,8 +561,6 @@ def _tokenizer(hub_id: str, index: int, vocab_size: int):
     try:
         return CLIPTokenizer.from_pretrained(hub_id, subfolder=sub)
     except OSError as e:
-        from slimsd.models.loading import hub_error_reason
-
         raise SlimsdError(
             f"the tokenizer for this checkpoint comes from {hub_id}/{sub}: {hub_error_reason(e)}"
         ) from None
@@ -624,7 +621,7 @@ def original_state(pipe) -> tuple[dict, str]:
 
 def export_metadata(pipe, family: str, info: dict | None) -> dict[str, str]:
     """The header: what import needs beyond the shapes, and the student's provenance (strings only)."""
-    from slimsd import __version__
+    from slimsd.version import __version__
 
     def config(module) -> str:
         cfg = module.config.to_dict() if hasattr(module.config, "to_dict") else dict(module.config)
@@ -658,55 +655,3 @@ def export_metadata(pipe, family: str, info: dict | None) -> dict[str, str]:
         meta["slimsd.recipe"] = json.dumps(info.get("recipe"))
         meta["slimsd.weight_map"] = json.dumps(info.get("weight_map") or {})
     return meta
-
-
-def provenance(path: str | Path) -> dict | None:
-    """A slimsd export's teacher, recipe and weight map (what slimsd.json holds beside a folder), or None."""
-    meta = read_metadata(path)
-    if "slimsd.teacher" not in meta:
-        return None
-    return {
-        "teacher": meta["slimsd.teacher"],
-        "recipe": json.loads(meta.get("slimsd.recipe") or "null"),
-        "weight_map": json.loads(meta.get("slimsd.weight_map") or "{}"),
-    }
-
-
-def export_single_file(
-    model: str,
-    out: str | Path,
-    *,
-    dtype: str = "fp16",
-    allow_pickle: bool = False,
-    overwrite: bool = False,
-    prediction_type: str | None = None,
-) -> Path:
-    """MODEL (anything :func:`slimsd.models.loading.load` takes) as one .safetensors file in the original layout."""
-    from safetensors.torch import save
-
-    from slimsd.atomic import atomic_write_bytes
-    from slimsd.models.loading import describe_model, load, read_slimsd_info
-
-    out = Path(out)
-    if out.suffix.lower() != ".safetensors":
-        raise SlimsdError(f"--out {str(out)!r}: a single-file export is a .safetensors file")
-    if out.exists() and not overwrite:
-        raise SlimsdError(f"--out {str(out)!r} exists; pass --overwrite to replace it")
-    if dtype not in EXPORT_DTYPES:
-        raise SlimsdError(f"--dtype {dtype!r}: allowed {', '.join(EXPORT_DTYPES)}")
-    torch_dtype = EXPORT_DTYPES[dtype]
-    pipe = load(  # in fp32 (the CPU has no fp16 kernels; only the written copy is cast)
-        model,
-        device="cpu",
-        dtype="fp32",
-        optimize=False,
-        allow_pickle=allow_pickle,
-        prediction_type=prediction_type,
-    )
-    state, family = original_state(pipe)
-    info = read_slimsd_info(model) if describe_model(model) in ("local", "single-file") else None
-    meta = export_metadata(pipe, family, info)
-    tensors = {k: v.detach().to(torch_dtype).contiguous() for k, v in state.items()}
-    if meta["slimsd.prediction_type"] == "v_prediction":
-        tensors[V_PRED] = torch.zeros(0)
-    return atomic_write_bytes(out, save(tensors, metadata=meta))

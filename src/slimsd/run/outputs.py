@@ -6,7 +6,6 @@ import json
 import os
 import re
 import tempfile
-import unicodedata
 from collections.abc import Sequence
 from dataclasses import asdict
 from io import BytesIO
@@ -16,28 +15,9 @@ from PIL.PngImagePlugin import PngInfo
 
 from slimsd.atomic import usual_mode
 from slimsd.errors import SlimsdError
+from slimsd.files import safe_stem
 from slimsd.images import make_grid
 from slimsd.run.pnginfo import PNG_JSON_KEY, png_bytes
-
-
-def safe_stem(
-    text: str,
-    max_len: int = 60,
-    *,
-    keep: str = "",
-    sep: str = "-",
-    lower: bool = True,
-    fallback: str = "image",
-) -> str:
-    """The one file-name sanitiser: a name fragment from any text (a prompt, an id, a model name).
-
-    ASCII letters and digits, the characters in ``keep``, and ``sep`` for every other run of characters; no path
-    separators or control characters, no leading or trailing dots or separators (never '.' or '..'), at most
-    ``max_len`` characters, ``fallback`` when nothing is left."""
-    text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode("ascii")
-    text = re.sub(rf"[^A-Za-z0-9{re.escape(keep)}]+", sep, text).strip(f"{sep}.")
-    text = text.lower() if lower else text
-    return text[:max_len].rstrip(f"{sep}.") or fallback
 
 
 def next_index(folder: Path) -> int:

@@ -19,7 +19,7 @@ from PIL.PngImagePlugin import PngInfo
 
 from slimsd.devices import dtype_name, resolve_device, resolve_dtype
 from slimsd.errors import SlimsdError
-from slimsd.run.schedulers import SAMPLER_TO_SCHEDULER, sampler_name
+from slimsd.models.schedulers import SAMPLER_TO_SCHEDULER, sampler_name
 
 PNG_JSON_KEY = "slimsd"
 

@@ -41,12 +41,12 @@ import torch
 from slimsd.devices import dtype_name, resolve_device, resolve_dtype
 from slimsd.errors import SlimsdError
 from slimsd.models.loading import load
+from slimsd.models.runtime import summary
+from slimsd.models.schedulers import SCHEDULERS
 from slimsd.run import generate as g
 from slimsd.run.deepcache import INTERVAL_RANGE
 from slimsd.run.outputs import save_images
 from slimsd.run.pnginfo import dtype_to_reload, settings_from_png
-from slimsd.run.runtime import summary
-from slimsd.run.schedulers import SCHEDULERS
 
 DEFAULT_SCHEDULER = "model default"
 DEFAULT_DTYPE = "server default"
@@ -65,7 +65,7 @@ class UIConfig:
     out_dir: Path = Path("outputs/ui")
     device: str | None = None
     dtype: str | None = None
-    optimize: bool = True  # the fast runtime (slimsd.run.runtime)
+    optimize: bool = True  # the fast runtime (slimsd.models.runtime)
     allow_pickle: bool = False  # for the models above only, never for a visitor's
     prediction_type: str | None = None  # None: each model's own
     allow_custom_models: bool = False  # visitors may type any model name, folder or hub id

@@ -90,7 +90,7 @@ class DemoConfig:
     latency_repeats: int = 30
     image_repeats: int = 5  # whole images timed per model (image_ms)
     threads: int | None = None  # torch CPU threads; None: torch's default
-    optimize: bool = True  # sample with the fast runtime (slimsd.run.runtime), as `slimsd generate` does
+    optimize: bool = True  # sample with the fast runtime (slimsd.models.runtime), as `slimsd generate` does
     overwrite: bool = False
     progress: bool = False
     command: str | None = None  # the command line that ran the demo, for the page (None: from this config)

@@ -6,7 +6,6 @@ what is allowed (exit code 2 on the command line).
 
 from __future__ import annotations
 
-import itertools
 import math
 import typing
 from dataclasses import asdict, dataclass, field
@@ -17,10 +16,13 @@ import yaml
 from slimsd.devices import MIXED_PRECISION
 from slimsd.errors import SlimsdError
 from slimsd.train.filters import normalize as normalize_rules
+from slimsd.train.objectives import OBJECTIVES as OBJECTIVE_CLASSES
+from slimsd.train.objectives.finetune import FINETUNE_DEFAULTS, FINETUNE_KEYS, FINETUNE_NAMES
 
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
-OBJECTIVES = ("kd", "lcm", "lcm-lora", "progressive", "finetune")
-ATTENTION_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]  # finetune's LoRA layers: the attention projections
+OBJECTIVES = tuple(OBJECTIVE_CLASSES)  # kd, lcm, lcm-lora, progressive, finetune (objectives/__init__.py)
+# Keys a staged plan sets for every stage (a stage may not give them).
+PLAN_KEYS = ("stages", "student", "output_dir", "resume", "overwrite", "allow_config_change", "stop_at_step")
 
 
 @dataclass
@@ -78,6 +80,9 @@ class DistillConfig:
     validation_steps: int = 25
     log_every: int = 10
     num_workers: int = 0
+    # the share of the data's rows that may fail to read (corrupt or missing images, over all processes) before
+    # the run ends with one line; 1: train on whatever reads
+    max_skipped_fraction: float = 0.05
     tensorboard: bool = True
     progress: bool = True
     allow_pickle: bool = False
@@ -148,7 +153,7 @@ RANGES: dict[str, tuple[float | None, float | None, bool, bool]] = {
     **dict.fromkeys(("lambda_task", "lambda_out", "lambda_feat"), AT_LEAST_0),
     **dict.fromkeys(("learning_rate", "adam_epsilon"), (0, None, False, True)),  # above 0
     **dict.fromkeys(("adam_beta1", "adam_beta2"), (0, 1, True, False)),  # torch's AdamW refuses 1
-    **dict.fromkeys(("caption_dropout", "ema_decay"), (0, 1, True, True)),
+    **dict.fromkeys(("caption_dropout", "ema_decay", "max_skipped_fraction"), (0, 1, True, True)),
     "resolution": (8, None, True, True),
     "seed": (0, 2**32 - 1, True, True),  # numpy's seed range (accelerate's set_seed seeds numpy too)
 }
@@ -156,7 +161,7 @@ CHOICES = {
     "mixed_precision": tuple(MIXED_PRECISION),
     "lr_scheduler": LR_SCHEDULERS,
     "feat_norm": ("none", "teacher"),
-    "objective": OBJECTIVES,
+    "objective": OBJECTIVE_CLASSES.keys(),  # the registry's names as they are now
     "lcm_loss": ("l2", "huber"),
 }
 
@@ -268,19 +273,7 @@ def validate(cfg: DistillConfig) -> DistillConfig:
             f"config keys guidance_min {cfg.guidance_min:g} > guidance_max {cfg.guidance_max:g}; "
             "the range needs min <= max"
         )
-    if (
-        cfg.objective in ("lcm", "progressive")
-        and cfg.sample_guidance is not None
-        and not (cfg.guidance_min <= cfg.sample_guidance <= cfg.guidance_max)
-    ):
-        raise SlimsdError(
-            f"config key 'sample_guidance': {cfg.sample_guidance:g} is outside the trained range "
-            f"{cfg.guidance_min:g} to {cfg.guidance_max:g}"
-        )
-    if cfg.objective == "progressive":
-        check_rounds(cfg)
-    if cfg.objective == "kd" and not (cfg.lambda_task or cfg.lambda_out or cfg.lambda_feat):
-        raise SlimsdError("config keys lambda_task, lambda_out and lambda_feat are all 0: nothing to learn")
+    OBJECTIVE_CLASSES[cfg.objective].check(cfg)  # the objective's own rules (objectives/*.py)
     if cfg.resolution is not None and cfg.resolution % 8:
         raise SlimsdError(f"config key 'resolution': {cfg.resolution} is not a multiple of 8")
     if cfg.lora_targets is not None and not [t for t in cfg.lora_targets if t.strip()]:
@@ -296,47 +289,40 @@ def validate(cfg: DistillConfig) -> DistillConfig:
         parse_taps(cfg.feature_taps)
     cfg.data_filter = normalize_rules(cfg.data_filter)  # each rule read (one-line error); no rules: None
     if cfg.stages is not None:
-        from slimsd.train.stages import check_stages
-
         check_stages(cfg)
     return cfg
 
 
-def check_rounds(cfg: DistillConfig) -> None:
-    """progressive: a schedule that halves at each round, and max_steps that splits into its rounds."""
-    counts, rounds = cfg.progressive_steps, len(cfg.progressive_steps)
-    if not counts or any(n < 1 for n in counts):
-        raise SlimsdError(
-            f"config key 'progressive_steps': {counts} is not allowed; allowed: DDIM step counts >= 1, "
-            "e.g. [32, 16, 8, 4]"
-        )
-    for a, b in itertools.pairwise(counts):
-        if a != 2 * b:
+def check_stages(cfg: DistillConfig) -> None:
+    """A staged plan's shape and every stage's keys (no model is read; stages.py runs it); sets ``max_steps`` to
+    the plan's total and ``stages`` to plain, typed values."""
+    if not isinstance(cfg.stages, list) or not cfg.stages:
+        raise SlimsdError(f"config key 'stages': expected a list of mappings, got {cfg.stages!r}")
+    if cfg.objective != "kd":
+        raise SlimsdError(f"config key 'stages' needs objective kd; got objective {cfg.objective!r}")
+    allowed = ["recipe"] + [k for k in typing.get_type_hints(DistillConfig) if k not in PLAN_KEYS]
+    typed = []
+    for k, stage in enumerate(cfg.stages, 1):
+        if not isinstance(stage, dict) or "recipe" not in stage or "max_steps" not in stage:
             raise SlimsdError(
-                f"config key 'progressive_steps': {counts} does not halve at each round ({a} -> {b}); "
-                "allowed: each count half the one before, e.g. [32, 16, 8, 4]"
+                f"stage {k}: expected a mapping with at least recipe and max_steps, got {stage!r}"
             )
-    if cfg.ema:
-        raise SlimsdError(
-            "config key 'ema': true is not allowed with objective progressive: each round's student starts "
-            "from the last one and learns other steps, so an average over rounds mixes step counts"
-        )
-    per_round = cfg.steps_per_round
-    if per_round is None and cfg.max_steps % rounds:
-        raise SlimsdError(
-            f"config key 'max_steps': {cfg.max_steps} does not split into the {rounds} rounds of "
-            f"progressive_steps {counts}; allowed: a multiple of {rounds}, or set steps_per_round"
-        )
-    if per_round is not None and cfg.max_steps != rounds * per_round:
-        raise SlimsdError(
-            f"config key 'max_steps': {cfg.max_steps} is not {rounds} rounds (progressive_steps {counts}) x "
-            f"steps_per_round {per_round}; allowed: max_steps={rounds * per_round}"
-        )
-
-
-def round_length(cfg: DistillConfig) -> int:
-    """Optimizer steps per progressive round."""
-    return cfg.steps_per_round or cfg.max_steps // len(cfg.progressive_steps)
+        bad = [key for key in stage if key not in allowed]
+        if bad:
+            raise SlimsdError(f"stage {k}: unknown key {str(bad[0])!r}; allowed: {', '.join(allowed)}")
+        if k == 1 and stage.get("teacher") == "previous":
+            raise SlimsdError(
+                "stage 1: teacher 'previous' is not allowed: the first stage has no previous one"
+            )
+        values = {key: v for key, v in stage.items() if key != "recipe"}
+        base = {key: v for key, v in asdict(cfg).items() if key not in ("stages", "student", "max_steps")}
+        try:  # the stage's values on top of the plan's, checked together
+            one = make_config(base | values | {"student": stage["recipe"]})
+        except SlimsdError as e:
+            raise SlimsdError(f"stage {k}: {e}") from None
+        typed.append({"recipe": one.student} | {key: getattr(one, key) for key in values})
+    cfg.stages = typed
+    cfg.max_steps = sum(s["max_steps"] for s in typed)
 
 
 def make_config(values: dict) -> DistillConfig:
@@ -389,33 +375,8 @@ def config_yaml(cfg: DistillConfig) -> str:
     return yaml.safe_dump(asdict(cfg), sort_keys=False)
 
 
-# `slimsd finetune`: the same config under the names a fine-tuner expects; the model takes the student's slot
-# (and the teacher's, which no finetune run loads), and only the keys that mean something without a teacher.
-FINETUNE_NAMES = {
-    "model": "student",
-    "rank": "lora_rank",
-    "alpha": "lora_alpha",
-    "target_modules": "lora_targets",
-}
-FINETUNE_KEYS = (
-    *("data", "output_dir", "max_steps", "batch_size", "gradient_accumulation_steps", "learning_rate"),
-    *("weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon", "max_grad_norm", "lr_scheduler"),
-    *("lr_warmup_steps", "resolution", "center_crop", "random_flip", "caption_dropout", "checkpoint_every"),
-    *("keep_last", "resume", "overwrite", "allow_config_change", "stop_at_step", "mixed_precision", "seed"),
-    *("gradient_checkpointing", "use_8bit_adam", "validation_prompts", "validation_every"),
-    *("validation_steps", "log_every", "num_workers", "tensorboard", "progress", "allow_pickle"),
-    *("class_prompt", "num_class_images", "class_steps", "prior_loss_weight"),
-    "data_filter",
-)
-FINETUNE_DEFAULTS = {
-    "objective": "finetune",
-    "lambda_out": 0.0,
-    "lambda_feat": 0.0,
-    "learning_rate": 1e-4,  # diffusers' train_text_to_image_lora.py
-    "lora_rank": 4,
-    "lora_targets": ATTENTION_TARGETS,
-    "output_dir": "runs/finetune",
-}
+# `slimsd finetune`: the same config under the names a fine-tuner expects (objectives/finetune.py: FINETUNE_NAMES,
+# FINETUNE_KEYS, FINETUNE_DEFAULTS, finetune_view).
 
 
 def finetune_config(values: dict) -> DistillConfig:
@@ -436,9 +397,3 @@ def finetune_config(values: dict) -> DistillConfig:
         for name, key in FINETUNE_NAMES.items():
             message = message.replace(f"config key {key!r}", f"config key {name!r}")
         raise SlimsdError(message) from None
-
-
-def finetune_view(cfg: DistillConfig) -> dict:
-    """The config under finetune's key names: what `slimsd finetune --dry-run` prints and final/ records."""
-    values = asdict(cfg)
-    return {name: values[key] for name, key in FINETUNE_NAMES.items()} | {k: values[k] for k in FINETUNE_KEYS}

@@ -97,3 +97,16 @@ def consistency_distance(
     if kind == "huber":
         return (diff.pow(2) + huber_c**2).sqrt().sub(huber_c).mean()
     raise SlimsdError(f"lcm_loss {kind!r} is not allowed; allowed: {', '.join(LCM_LOSSES)}")
+
+
+def with_guidance_embedding(unet, dim: int):
+    """The U-Net with a guidance input (``time_cond_proj_dim``), its other weights unchanged. The new projection
+    keeps torch's default initialisation, as the reference does (it loads the teacher's weights non-strictly)."""
+    from diffusers import UNet2DConditionModel
+
+    if unet.config.time_cond_proj_dim is not None:
+        return unet
+    out = UNet2DConditionModel.from_config(unet.config, time_cond_proj_dim=dim)
+    missing, unexpected = out.load_state_dict(unet.state_dict(), strict=False)
+    assert not unexpected and all("cond_proj" in k for k in missing), (missing, unexpected)
+    return out

@@ -32,52 +32,16 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import typing
 from dataclasses import asdict
 from pathlib import Path
 from types import SimpleNamespace
 
 from slimsd.errors import SlimsdError
-from slimsd.train.config import DistillConfig
+from slimsd.train.config import DistillConfig, validate
+from slimsd.train.loop import train_run
 from slimsd.train.sharding import end_process_group, wait_for_everyone
 
-# Keys the plan sets for every stage (a stage may not give them).
-PLAN_KEYS = ("stages", "student", "output_dir", "resume", "overwrite", "allow_config_change", "stop_at_step")
 PLAN_FILE = "plan.json"
-
-
-def check_stages(cfg: DistillConfig) -> None:
-    """The plan's shape and every stage's keys (no model is read); sets ``max_steps`` to the plan's total and
-    ``stages`` to plain, typed values."""
-    from slimsd.train.config import make_config
-
-    if not isinstance(cfg.stages, list) or not cfg.stages:
-        raise SlimsdError(f"config key 'stages': expected a list of mappings, got {cfg.stages!r}")
-    if cfg.objective != "kd":
-        raise SlimsdError(f"config key 'stages' needs objective kd; got objective {cfg.objective!r}")
-    allowed = ["recipe"] + [k for k in typing.get_type_hints(DistillConfig) if k not in PLAN_KEYS]
-    typed = []
-    for k, stage in enumerate(cfg.stages, 1):
-        if not isinstance(stage, dict) or "recipe" not in stage or "max_steps" not in stage:
-            raise SlimsdError(
-                f"stage {k}: expected a mapping with at least recipe and max_steps, got {stage!r}"
-            )
-        bad = [key for key in stage if key not in allowed]
-        if bad:
-            raise SlimsdError(f"stage {k}: unknown key {str(bad[0])!r}; allowed: {', '.join(allowed)}")
-        if k == 1 and stage.get("teacher") == "previous":
-            raise SlimsdError(
-                "stage 1: teacher 'previous' is not allowed: the first stage has no previous one"
-            )
-        values = {key: v for key, v in stage.items() if key != "recipe"}
-        base = {key: v for key, v in asdict(cfg).items() if key not in ("stages", "student", "max_steps")}
-        try:  # the stage's values on top of the plan's, checked together
-            one = make_config(base | values | {"student": stage["recipe"]})
-        except SlimsdError as e:
-            raise SlimsdError(f"stage {k}: {e}") from None
-        typed.append({"recipe": one.student} | {key: getattr(one, key) for key in values})
-    cfg.stages = typed
-    cfg.max_steps = sum(s["max_steps"] for s in typed)
 
 
 def stage_configs(cfg: DistillConfig) -> list[tuple[DistillConfig, int]]:
@@ -270,7 +234,6 @@ def _check_folder(cfg: DistillConfig, root: Path) -> None:
 def train_plan(cfg: DistillConfig) -> dict:
     """Run the stages in order, each through the distillation loop; returns train()'s summary, in global steps."""
     from slimsd.atomic import atomic_dir, atomic_write_text
-    from slimsd.train.distill import train
 
     root = Path(cfg.output_dir)
     if cfg.resume not in (None, "latest"):
@@ -314,7 +277,7 @@ def train_plan(cfg: DistillConfig) -> dict:
                 f"stage {k}/{len(rows)}: {rows[k - 1]['recipe']}, teacher {rows[k - 1]['teacher']}, "
                 f"global steps {offset + 1}-{offset + one.max_steps}"
             )
-        result = train(one, step_offset=offset, keep_process_group=True)
+        result = train_run(validate(one), step_offset=offset, keep_process_group=True)
         summary["already_finished"] &= bool(result.get("already_finished"))
         summary["losses"] += [r | {"step": r["step"] + offset} for r in result.get("losses", [])]
         for name, n in result.get("skipped", {}).items():

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from slimsd.measure.bench import unet_inputs
-from slimsd.run import runtime
+from slimsd.models import runtime
 
 
 @pytest.fixture(autouse=True)
