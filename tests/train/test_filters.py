@@ -300,7 +300,7 @@ def test_config_key_and_command_line_rules(tmp_path, capsys, monkeypatch):
         load_config(None, ["data_filter=[aesthetic => 7.5]"])
     # a bad rule, or a rule on a column the data lacks, ends the run before the folder or any model
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr("slimsd.train.distill.load_models", lambda *a, **k: pytest.fail("a model loaded"))
+    monkeypatch.setattr("slimsd.models.loading.load", lambda *a, **k: pytest.fail("a model loaded"))
     data = make_parquet(tmp_path)
     for rule, needle in [
         ("aesthetic >= 7.5x", "filter rule 'aesthetic >= 7.5x': '7.5x' is not a number"),

@@ -16,12 +16,15 @@ import os
 import re
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from slimsd.errors import SlimsdError
 from slimsd.train import sharding as S
-from slimsd.train.config import DistillConfig
+
+if TYPE_CHECKING:  # the config names the objectives, whose modules use this one: a type only, no import
+    from slimsd.train.config import DistillConfig
 
 
 def list_checkpoints(output_dir: Path) -> list[Path]:
