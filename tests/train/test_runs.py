@@ -72,7 +72,12 @@ def test_a_second_run_into_a_used_folder_is_refused_and_overwrite_starts_over(fi
 
     # overwrite=true: the old run goes whole (its step-2 checkpoint must not sit beside the new step-1)
     (tmp_path / f".run.old-{dead_pid()}-abc").mkdir()  # as left by an overwrite killed after its rename
-    code, out_text, _ = run_cli(args(out, seed=1, max_steps=1, overwrite="true", resume="latest"), capsys)
+    # beside resume=latest it is refused, the run untouched: a restart script that carries both keys would
+    # otherwise delete the run, checkpoints included, on every restart
+    code, _, err = run_cli(args(out, seed=1, max_steps=1, overwrite="true", resume="latest"), capsys)
+    one_line_error(code, err, "overwrite=true starts a new run", "'latest'", "drop one")
+    assert snapshot(out) == before
+    code, out_text, _ = run_cli(args(out, seed=1, max_steps=1, overwrite="true"), capsys)
     assert code == 0 and f"overwrite=true: removing the earlier run in {out}" in out_text
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000001"]
     record = json.loads((out / "run.json").read_text())

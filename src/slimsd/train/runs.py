@@ -5,7 +5,8 @@ checkpoint's ``state.json`` holds the config that wrote it. Before any work:
 
 - a start without a checkpoint to resume refuses a folder that holds another run's checkpoints or final student
   (``resume=latest``, ``overwrite=true`` or another ``output_dir``); ``overwrite=true`` removes the old run in
-  one rename (never a mix of old and new checkpoints), and only a folder that holds nothing but a run;
+  one rename (never a mix of old and new checkpoints), and only a folder that holds nothing but a run; it is
+  refused beside any ``resume`` (``latest`` included);
 - a resume prints every key that differs from the checkpoint's config, and refuses keys that change the
   computation (the run would no longer equal an uninterrupted one) unless ``allow_config_change=true``, which
   is then recorded with its step;
@@ -130,13 +131,22 @@ def _breaking(changes: dict, cfg: DistillConfig) -> list[str]:
     return keys
 
 
+def refuse_overwrite_with_resume(cfg: DistillConfig) -> None:
+    """Both keys at once is refused, ``resume=latest`` included: a restart script that carries both would
+    otherwise delete the run, checkpoints included, on every restart."""
+    if cfg.overwrite and cfg.resume is not None:
+        raise SlimsdError(
+            f"overwrite=true starts a new run (it removes the one in output_dir); it cannot resume from "
+            f"{cfg.resume!r}: drop one of the two (resume=null clears a config file's resume)"
+        )
+
+
 def plan_run(cfg: DistillConfig) -> RunPlan:
     """Decide how this run uses ``cfg.output_dir`` (reads only; refusals are one-line errors)."""
     out = Path(cfg.output_dir)
     if out.exists() and not out.is_dir():
         raise SlimsdError(f"output_dir {str(out)!r} exists and is not a folder")
-    if cfg.overwrite and cfg.resume not in (None, "latest"):
-        raise SlimsdError(f"overwrite=true starts a new run; it cannot resume from {cfg.resume!r}: drop one")
+    refuse_overwrite_with_resume(cfg)
     checkpoint = None if cfg.overwrite else resolve_resume(cfg)
     plan = RunPlan(out, checkpoint)
     own = checkpoint is not None and checkpoint.parent.parent.resolve() == out.resolve()
