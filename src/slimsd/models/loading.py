@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
@@ -189,7 +190,10 @@ def quiet_libraries() -> Iterator[None]:
     diffusers_logging.set_verbosity_error()
     transformers_logging.set_verbosity_error()
     try:
-        with quiet_loading():
+        with quiet_loading(), warnings.catch_warnings():  # their deprecation warnings too (torch_dtype, ...)
+            warnings.filterwarnings(
+                "ignore", module=r"(huggingface_hub|diffusers|transformers|accelerate)(\.|$)"
+            )
             yield
     finally:
         diffusers_logging.set_verbosity(was[0])
@@ -229,6 +233,7 @@ def _diffusers_pipeline(
     return _from_pretrained(hub_id, allow_pickle, torch_dtype, local=False)
 
 
+@quiet_libraries()  # the API as quiet as the commands: a notebook sees none of the libraries' chatter
 def load(
     model: str,
     *,
