@@ -178,12 +178,14 @@ def test_command_prints_only_its_own_lines(name, tmp_path):
     ],
 )
 def test_help_and_presets_do_not_import_torch(args):
+    """And they succeed: the exit code is checked (a `--help` that exits 2 is a failure, not a pass)."""
     code = (
-        "import sys\nfrom slimsd.cli import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
-        "print(sorted(m for m in ('torch', 'diffusers', 'transformers', 'gradio') if m in sys.modules))"
+        "import sys\nfrom slimsd.cli import main\nstatus = 0\ntry:\n    main(sys.argv[1:])\n"
+        "except SystemExit as e:\n    status = e.code or 0\n"
+        "print(status, sorted(m for m in ('torch', 'diffusers', 'transformers', 'gradio') if m in sys.modules))"
     )
     r = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=120)
-    assert r.stdout.strip().splitlines()[-1] == "[]", r.stdout + r.stderr
+    assert r.stdout.strip().splitlines()[-1] == "0 []", r.stdout + r.stderr
 
 
 API = """
