@@ -19,6 +19,9 @@ $(STAMP): pyproject.toml
 	# without it (its ZeRO tests must run).
 	$(BIN)/python -m pip install -q --no-build-isolation "deepspeed==0.19.8" || \
 	  echo "slimsd: deepspeed is not installable here: slimsd works without it (no ZeRO), make test will fail"
+	# torch-fidelity: an independent FID Inception the tests compare slimsd's with, output for output. Without
+	# its dependencies: it lists torchvision, which has no build for this torch; the module used needs none.
+	$(BIN)/python -m pip install -q --no-deps "torch-fidelity==0.4.0"
 	touch $(STAMP)
 
 install: $(STAMP)
