@@ -44,7 +44,8 @@ def micro_sdxl():
 # --- A skipped test is not a passing test ----------------------------------------------------------------------
 # Under `make test` (SLIMSD_NO_SKIPS=1) and on CI (CI=true) a skip fails the test, with its reason, so that a
 # missing DeepSpeed, Chromium or Playwright cannot turn CI green with the tests that need them not run. The one
-# allowed skip: a `gpu`-marked test on a machine without CUDA. (Self-contained: its own hooks, no shared state.)
+# allowed skip: a `gpu`-marked test on a machine without CUDA (or with fewer GPUs than its `gpu(count=N)`).
+# (Self-contained: its own hooks, no shared state.)
 
 
 def _skips_fail() -> bool:
@@ -52,11 +53,13 @@ def _skips_fail() -> bool:
 
 
 def _skip_allowed(item) -> bool:
-    if item is None or item.get_closest_marker("gpu") is None:
+    """A `gpu` test on a machine with fewer CUDA devices than it needs (`gpu(count=N)`, default 1)."""
+    marker = None if item is None else item.get_closest_marker("gpu")
+    if marker is None:
         return False
     import torch
 
-    return not torch.cuda.is_available()
+    return torch.cuda.device_count() < marker.kwargs.get("count", 1)
 
 
 def _fail_the_skip(report, item) -> None:
