@@ -15,9 +15,13 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q "torch==2.13.0" || $(BIN)/python -m pip install -q "torch>=2.4"
 	$(BIN)/python -m pip install -q -e ".[ui,train,eval,dev]"
 	# DeepSpeed for the ZeRO-2/3 tests (its CPU backend runs on gloo): a pure-Python sdist whose setup imports
-	# torch, hence no build isolation. Optional: without it those two tests are skipped.
+	# torch, hence no build isolation. Optional for users (slimsd runs without it, no ZeRO); `make test` fails
+	# without it (its ZeRO tests must run).
 	$(BIN)/python -m pip install -q --no-build-isolation "deepspeed==0.19.8" || \
-	  echo "deepspeed not installable here: the ZeRO tests will be skipped"
+	  echo "slimsd: deepspeed is not installable here: slimsd works without it (no ZeRO), make test will fail"
+	# torch-fidelity: an independent FID Inception the tests compare slimsd's with, output for output. Without
+	# its dependencies: it lists torchvision, which has no build for this torch; the module used needs none.
+	$(BIN)/python -m pip install -q --no-deps "torch-fidelity==0.4.0"
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -31,15 +35,22 @@ demo: $(STAMP)
 # CI machine (pytest-xdist), the longest tests first, the multi-process ones on one worker (tests/conftest.py):
 # 21.7 min in one process at stop 19.
 TEST_WORKERS ?= 2
+# A skipped test fails here (SLIMSD_NO_SKIPS=1, tests/conftest.py): only gpu tests may skip, on machines
+# without CUDA; a missing DeepSpeed or Chromium fails the run instead of hiding the tests that need them.
 test: $(STAMP) browser
-	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(BIN)/python -m pytest -q -m "not gpu" -n $(TEST_WORKERS) \
-	  --dist loadgroup $(PYTEST_ARGS)
+	@$(BIN)/python -c "import importlib.util as u, sys; sys.exit(u.find_spec('deepspeed') is None)" || \
+	  { echo "make test: deepspeed is missing (make install could not install it); the ZeRO tests need it" >&2; \
+	    exit 1; }
+	SLIMSD_NO_SKIPS=1 OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(BIN)/python -m pytest -q -m "not gpu" \
+	  -n $(TEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
 
 # The web UI test drives Debian's Chromium (via Playwright); install it once, only where we may (root + apt).
+# Without it `make test` stops here: the browser test must run.
 browser:
 	@test -x /usr/bin/chromium || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; } || \
-	  echo "chromium missing and not installable here: the browser test will be skipped"
+	  { echo "make test: /usr/bin/chromium is missing, not installable here (root + apt-get): the browser test" \
+	    "needs it" >&2; exit 1; }
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow and not gpu and not browser" $(PYTEST_ARGS)

@@ -1,6 +1,7 @@
-"""On a machine with 2+ CUDA GPUs: for each sharded engine (FSDP2 FULL_SHARD and SHARD_GRAD_OP, DeepSpeed ZeRO-2
-and ZeRO-3), train micro-sd 2 steps, stop, resume to step 3, and compare with an uninterrupted 1-GPU run of the
-same global batch. Prints one JSON verdict. Not run by the test suite (CPU-only); the same checks run on CPUs in
+"""On a machine with 2+ CUDA GPUs: for each multi-process engine (DDP, FSDP2 FULL_SHARD and SHARD_GRAD_OP,
+DeepSpeed ZeRO-2 and ZeRO-3; NCCL), train micro-sd 2 steps, stop, resume to step 3, and compare with an
+uninterrupted 1-GPU run of the same global batch. Prints one JSON verdict. Run by the gpu test
+tests/train/test_gpu_training.py (benchmarks/gpu_check.sh); the same checks run on CPUs (gloo) in
 tests/train/test_sharded.py.
 
     python benchmarks/gpu_sharded_check.py            # needs CUDA, accelerate, deepspeed
@@ -18,7 +19,7 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = ["fsdp.yaml", "fsdp-shard-grad-op.yaml", "deepspeed-zero2.yaml", "deepspeed-zero3.yaml"]
+CONFIGS = ["ddp.yaml", "fsdp.yaml", "fsdp-shard-grad-op.yaml", "deepspeed-zero2.yaml", "deepspeed-zero3.yaml"]
 RUN = {
     "teacher": "micro-sd",
     "student": "bk-small",

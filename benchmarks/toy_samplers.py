@@ -1,7 +1,7 @@
 """Which sampler and guidance should the toy world sample with? Models x (scheduler, guidance), scored as the demo
 scores (caption fidelity of fresh captions of seen and of held-out colour x shape combinations, 25 steps), on
-the tuning caption streams (slimsd.toy.demo.TUNING_CAPTION_SEEDS: captions no evaluation uses) unless
-``--captions eval``.
+the tuning captions (slimsd.toy.demo.tuning_captions: seen combinations, no caption text and no held-out
+combination that an evaluation uses, hence no held-out score) unless ``--captions eval``.
 
 The toy teacher's own scheduler is PLMS (diffusers' PNDMScheduler, 4th-order linear multistep); high-order
 multistep solvers are unstable at large guidance scales (Lu et al. 2022, "DPM-Solver++: Fast Solver for Guided
@@ -24,6 +24,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ["pndm:2", "euler:2", "dpm++2m:2", "pndm:5", "euler:5", "dpm++2m:5"]
+
+
+def cell(row: dict) -> str:
+    held_out = row["caption_fidelity_held_out"]
+    return f"{row['caption_fidelity']:.3f}" + ("" if held_out is None else f" ({held_out:.3f})")
 
 
 def log(msg: str) -> None:
@@ -71,19 +76,21 @@ def main(argv: list[str] | None = None) -> list[dict]:
     from slimsd.atomic import atomic_write_text
     from slimsd.devices import cpu_model
     from slimsd.models.loading import load
-    from slimsd.toy.demo import CAPTION_SEEDS, TUNING_CAPTION_SEEDS, DemoConfig, fidelity
+    from slimsd.toy.demo import DemoConfig, eval_captions, fidelity, tuning_captions
 
     torch.set_num_threads(1)
-    streams = TUNING_CAPTION_SEEDS if args.captions == "tuning" else CAPTION_SEEDS
+    source = tuning_captions if args.captions == "tuning" else eval_captions
     base = DemoConfig(eval_seeds=tuple(range(args.eval_seeds)), eval_prompts=args.eval_prompts)
     rows = []
     for label, model in models:
         pipe = load(model, device="cpu", dtype="fp32")
         for scheduler, guidance in configs:
-            r = fidelity(pipe, replace(base, scheduler=scheduler, guidance_scale=guidance), streams=streams)
+            r = fidelity(
+                pipe, replace(base, scheduler=scheduler, guidance_scale=guidance), caption_source=source
+            )
             row = {"model": label, "path": model, "scheduler": scheduler, "guidance": guidance}
             row |= {
-                k: r[k]
+                k: r.get(k)  # no held-out score on tuning captions
                 for k in (
                     "caption_fidelity",
                     "caption_fidelity_held_out",
@@ -92,14 +99,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 )
             }
             rows.append(row)
-            log(
-                f"{label} {scheduler} guidance {guidance:g}: {row['caption_fidelity']:.3f} ({row['caption_fidelity_held_out']:.3f})"
-            )
+            log(f"{label} {scheduler} guidance {guidance:g}: {cell(row)}")
     meta = {
         "machine": f"{cpu_model()}, 1 torch thread, torch {torch.__version__}",
         "date": datetime.date.today().isoformat(),
         "command": "python benchmarks/toy_samplers.py " + " ".join(sys.argv[1:] if argv is None else argv),
-        "captions": f"{args.captions} streams, {args.eval_seeds} seeds x {args.eval_prompts} captions per split, 25 steps",
+        "captions": f"{args.captions} captions, {args.eval_seeds} seeds x {args.eval_prompts} captions per split, 25 steps",
     }
     lines = [
         f"# {args.name}: samplers and guidance on the toy world",
@@ -113,11 +118,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ]
     for label, _ in models:
         cells = [r for r in rows if r["model"] == label]
-        lines.append(
-            f"| {label} | "
-            + " | ".join(f"{r['caption_fidelity']:.3f} ({r['caption_fidelity_held_out']:.3f})" for r in cells)
-            + " |"
-        )
+        lines.append(f"| {label} | " + " | ".join(cell(r) for r in cells) + " |")
     args.out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(args.out_dir / f"{args.name}.json", json.dumps({**meta, "rows": rows}, indent=1) + "\n")
     atomic_write_text(args.out_dir / f"{args.name}.md", "\n".join(lines) + "\n")

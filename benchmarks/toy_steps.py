@@ -16,6 +16,9 @@ fp32, one torch thread, median of round-robin repeats):
 Writes OUT.json (rows), OUT.md (machine, date, command) and OUT.png (fidelity against ms per image).
 
 Run:  .venv/bin/python benchmarks/toy_steps.py --seeds 0 1 2
+      .venv/bin/python benchmarks/toy_steps.py --from-json benchmarks/results/toy_steps.json  # re-aggregate
+
+Spreads are sample standard deviations (n - 1), as in every results file.
 """
 
 from __future__ import annotations
@@ -124,7 +127,7 @@ def aggregate(rows: list[dict]) -> list[dict]:
                 "deep_cache": first["deep_cache"],
                 "seeds": [r["seed"] for r in group],
                 "caption_fidelity_mean": statistics.fmean(fid),
-                "caption_fidelity_std": statistics.pstdev(fid),
+                "caption_fidelity_std": statistics.stdev(fid) if len(fid) > 1 else 0.0,  # sample std
                 "caption_fidelity_held_out_mean": statistics.fmean(held),
                 "image_ms_median": statistics.median(r["image_ms"] for r in group),
                 "unet_params": first["unet_params"],
@@ -133,7 +136,8 @@ def aggregate(rows: list[dict]) -> list[dict]:
     return out
 
 
-def write(out: Path, table: list[dict], rows: list[dict], command: str) -> None:
+def write(out: Path, table: list[dict], rows: list[dict], command: str, meta: dict | None = None) -> None:
+    """The results (``meta``: machine, torch, date and command of the run, when re-aggregating one)."""
     import matplotlib
 
     from slimsd.devices import cpu_model
@@ -142,12 +146,13 @@ def write(out: Path, table: list[dict], rows: list[dict], command: str) -> None:
     import matplotlib.pyplot as plt
     import torch
 
-    meta = {
+    meta = meta or {
         "machine": f"{cpu_model()}, {os.cpu_count()} cores, 1 torch thread, other jobs running alike for all rows",
         "torch": torch.__version__,
         "date": datetime.date.today().isoformat(),
         "command": command,
     }
+    command = meta["command"]
     out.with_suffix(".json").write_text(
         json.dumps({**meta, "rows": table, "per_seed": rows}, indent=1) + "\n"
     )
@@ -191,7 +196,17 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--work", type=Path, default=ROOT / "runs" / "toy_steps")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "toy_steps")
+    ap.add_argument(
+        "--from-json", type=Path, help="re-aggregate the per-seed rows of an earlier run's results"
+    )
     args = ap.parse_args()
+    if args.from_json:
+        earlier = json.loads(args.from_json.read_text())
+        meta = {k: earlier[k] for k in ("machine", "torch", "date", "command")}
+        meta["aggregated_by"] = "python benchmarks/toy_steps.py " + " ".join(sys.argv[1:])
+        write(args.out, aggregate(earlier["per_seed"]), earlier["per_seed"], meta["command"], meta)
+        log(f"wrote {args.out}.json/.md/.png from the per-seed rows of {args.from_json}")
+        return
     import torch
 
     torch.set_num_threads(1)

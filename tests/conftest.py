@@ -47,3 +47,46 @@ def micro_sdxl():
     from slimsd.models.micro import build_micro
 
     return build_micro("micro-sdxl")
+
+
+# --- A skipped test is not a passing test ----------------------------------------------------------------------
+# Under `make test` (SLIMSD_NO_SKIPS=1) and on CI (CI=true) a skip fails the test, with its reason, so that a
+# missing DeepSpeed, Chromium or Playwright cannot turn CI green with the tests that need them not run. The one
+# allowed skip: a `gpu`-marked test on a machine without CUDA (or with fewer GPUs than its `gpu(count=N)`).
+# (Self-contained: its own hooks, no shared state.)
+
+
+def _skips_fail() -> bool:
+    return os.environ.get("SLIMSD_NO_SKIPS") == "1" or os.environ.get("CI", "").lower() == "true"
+
+
+def _skip_allowed(item) -> bool:
+    """A `gpu` test on a machine with fewer CUDA devices than it needs (`gpu(count=N)`, default 1)."""
+    marker = None if item is None else item.get_closest_marker("gpu")
+    if marker is None:
+        return False
+    import torch
+
+    return torch.cuda.device_count() < marker.kwargs.get("count", 1)
+
+
+def _fail_the_skip(report, item) -> None:
+    if report.skipped and not hasattr(report, "wasxfail") and _skips_fail() and not _skip_allowed(item):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        report.outcome = "failed"
+        report.longrepr = (
+            f"skipped, and a skip is a failure under make test / CI (only gpu tests may skip without CUDA): "
+            f"{reason}"
+        )
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    _fail_the_skip(outcome.get_result(), item)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector):
+    outcome = yield
+    _fail_the_skip(outcome.get_result(), None)  # a whole module skipped (importorskip at import)

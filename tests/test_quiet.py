@@ -191,9 +191,37 @@ def test_command_prints_only_its_own_lines(name, tmp_path):
     ],
 )
 def test_help_and_presets_do_not_import_torch(args):
+    """And they succeed: the exit code is checked (a `--help` that exits 2 is a failure, not a pass)."""
     code = (
-        "import sys\nfrom slimsd.cli import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
-        "print(sorted(m for m in ('torch', 'diffusers', 'transformers', 'gradio') if m in sys.modules))"
+        "import sys\nfrom slimsd.cli import main\nstatus = 0\ntry:\n    main(sys.argv[1:])\n"
+        "except SystemExit as e:\n    status = e.code or 0\n"
+        "print(status, sorted(m for m in ('torch', 'diffusers', 'transformers', 'gradio') if m in sys.modules))"
     )
     r = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=120)
-    assert r.stdout.strip().splitlines()[-1] == "[]", r.stdout + r.stderr
+    assert r.stdout.strip().splitlines()[-1] == "0 []", r.stdout + r.stderr
+
+
+API = """
+import tempfile
+
+import slimsd
+from slimsd.run.generate import generate
+
+with tempfile.TemporaryDirectory() as tmp:
+    generate(slimsd.load("micro-sd"), "a red circle", steps=2, seed=1)
+    generate(slimsd.load("toy-sd"), "a red circle", steps=2, seed=1)  # a committed folder: from_pretrained
+    slimsd.compress("micro-sd", "bk-small", tmp + "/c")
+"""
+
+
+@pytest.mark.slow(seconds=30)
+def test_the_python_api_is_as_quiet_as_the_commands():
+    """What a notebook user sees: every warning shown (-W always), stdout and stderr captured. diffusers'
+    FutureWarning about torch_dtype, its "modules ... should be kept in float32" lines, transformers' torchvision
+    fallback notes and "Writing model shards" bars used to appear."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    r = subprocess.run(
+        [sys.executable, "-W", "always", "-c", API], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert r.returncode == 0, r.stderr
+    assert r.stdout + r.stderr == ""

@@ -173,6 +173,64 @@ def test_stand_in_extractor_features_separate_image_sets():
         scores.load_fid_extractor("vgg")
 
 
+def torch_fidelity_inception():
+    """torch-fidelity's FID Inception-v3 (its own port of the TF graph, after pytorch-fid's), imported without
+    the package's __init__, which imports torchvision (not installable beside this torch): the module needs only
+    torch and three small modules of its own."""
+    import importlib.util
+    import sys
+    import types
+
+    spec = importlib.util.find_spec("torch_fidelity")
+    assert spec is not None, "torch-fidelity is installed by make install (pip install --no-deps)"
+    if "torch_fidelity" not in sys.modules:
+        package = types.ModuleType("torch_fidelity")
+        package.__path__ = list(spec.submodule_search_locations)
+        sys.modules["torch_fidelity"] = package
+    return importlib.import_module("torch_fidelity.feature_extractor_inceptionv3").FeatureExtractorInceptionV3
+
+
+@pytest.mark.slow(seconds=15)
+def test_the_fid_inception_computes_what_torch_fidelitys_computes(tmp_path):
+    """Output for output against an independent implementation of the same network, both with the same random
+    weights (batch-norm statistics included, names mapped one to one) and in float64, so that only the order of
+    sums can differ: a wrong pool (TF's average pools ignore the zero padding; 7c max-pools), a swapped branch
+    or a missing ReLU would show as differences of order 1."""
+    from slimsd.measure.inception import FIDInceptionV3
+
+    torch.manual_seed(0)
+    ours = FIDInceptionV3().double().eval()
+    with torch.no_grad():
+        for module in ours.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.running_mean.normal_(0, 0.1)
+                module.running_var.uniform_(0.5, 2.0)
+                module.weight.uniform_(0.5, 1.5)
+                module.bias.normal_(0, 0.1)
+    name_map = {k: k for k in ours.state_dict()}  # the same module names (torchvision's Inception3 naming)
+    ours = ours.float().double()  # fp32 values, as the file gives them to torch-fidelity
+    torch.save({name_map[k]: v.float() for k, v in ours.state_dict().items()}, tmp_path / "w.pth")
+    theirs = torch_fidelity_inception()(
+        "inception-v3-compat", ["2048", "logits"], feature_extractor_weights_path=str(tmp_path / "w.pth")
+    )
+    # its "float64" option maps to float32 (torch_fidelity.helpers.text_to_dtype, 0.4.0): set it directly
+    theirs = theirs.double()
+    theirs.feature_extractor_internal_dtype = torch.float64
+    images = torch.randint(0, 256, (2, 3, 299, 299), dtype=torch.uint8)  # at 299 px: no resize on either side
+    with torch.no_grad():
+        pool3, logits = theirs(images)  # computed in float64, returned rounded to float32
+        # theirs maps u8 to (u - 128) / 128; ours maps [0, 1] to 2x - 1: the same input is u / 256
+        features, our_logits = ours(images.double() / 256)
+    assert features.shape == (2, 2048) and our_logits.shape == (2, 1008)
+    assert (
+        pool3.abs().max() > 0.1
+    )  # the features are not all zero (dead ReLUs would make the comparison empty)
+    # two float64 results a few 1e-16 apart round to the same float32 or to neighbours: one float32 ulp at most
+    one_ulp = {"rtol": 2**-23, "atol": 1e-30}
+    torch.testing.assert_close(features.float(), pool3, **one_ulp)
+    torch.testing.assert_close(our_logits.float(), logits, **one_ulp)
+
+
 @pytest.mark.slow
 def test_inception_architecture_matches_fid_weights_layout(tmp_path):
     from safetensors.torch import save_file

@@ -32,7 +32,9 @@ def test_an_image_with_and_without_the_runtime_is_the_same_to_float_rounding():
     a = pixels(generate(fast, prompts, **TOY))
     b = pixels(generate(plain, prompts, **TOY))
     # different GEMM grouping and memory layout: rounding-level differences, at most one grey level here and there
-    assert np.abs(a - b).max() <= 2 and (a != b).mean() < 0.05
+    # (the README's claim): a pixel moves only when its value lies within that difference of a rounding boundary,
+    # a few in a thousand at most (measured: max 1, 0.08% of the values)
+    assert np.abs(a - b).max() <= 1 and (a != b).mean() < 0.01
 
 
 def test_without_the_runtime_it_is_plain_diffusers():

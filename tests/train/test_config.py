@@ -50,6 +50,7 @@ BAD = [
     (["mixed_precision=off"], "'mixed_precision': 'off' is not allowed; allowed: no, fp16, bf16"),
     (["overwrite=maybe"], "'overwrite': expected bool"),
     (["overwrite=true", "resume=runs/x/checkpoints/step-00000002"], "overwrite=true starts a new run"),
+    (["overwrite=true", "resume=latest"], "overwrite=true starts a new run"),
     (["output_dir=/proc/slimsd-cannot-write-here", "max_steps=1"], "cannot be created"),
 ]
 

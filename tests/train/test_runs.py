@@ -72,7 +72,12 @@ def test_a_second_run_into_a_used_folder_is_refused_and_overwrite_starts_over(fi
 
     # overwrite=true: the old run goes whole (its step-2 checkpoint must not sit beside the new step-1)
     (tmp_path / f".run.old-{dead_pid()}-abc").mkdir()  # as left by an overwrite killed after its rename
-    code, out_text, _ = run_cli(args(out, seed=1, max_steps=1, overwrite="true", resume="latest"), capsys)
+    # beside resume=latest it is refused, the run untouched: a restart script that carries both keys would
+    # otherwise delete the run, checkpoints included, on every restart
+    code, _, err = run_cli(args(out, seed=1, max_steps=1, overwrite="true", resume="latest"), capsys)
+    one_line_error(code, err, "overwrite=true starts a new run", "'latest'", "drop one")
+    assert snapshot(out) == before
+    code, out_text, _ = run_cli(args(out, seed=1, max_steps=1, overwrite="true"), capsys)
     assert code == 0 and f"overwrite=true: removing the earlier run in {out}" in out_text
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000001"]
     record = json.loads((out / "run.json").read_text())
@@ -109,6 +114,52 @@ def test_a_finished_run_is_left_as_it_is_and_a_larger_max_steps_continues_it(fin
     code, text, _ = run_cli(args(out, max_steps=3, resume="latest"), capsys)
     assert code == 0 and "config change since step 2: max_steps: 2 -> 3" in text
     assert json.loads((out / "final" / "slimsd.json").read_text())["step"] == 3
+
+
+def test_a_final_student_whose_replacement_was_killed_is_put_back_and_the_run_stays_finished(
+    finished, tmp_path, capsys
+):
+    """A kill between final/'s set-aside and its replacement leaves only .final.old- and .final.tmp-; a start
+    used to delete both (final/ gone although a complete copy existed). Now the old copy is put back."""
+    out = copy_of(finished, tmp_path)
+    before, pid = snapshot(out), dead_pid()
+    (out / "final").rename(out / f".final.old-{pid}-ab")
+    (out / f".final.tmp-{pid}-cd").mkdir()
+    (out / f".final.tmp-{pid}-cd" / "model_index.json").write_text("{")  # the unfinished new copy
+    code, text, _ = run_cli(args(out, max_steps=2, resume="latest"), capsys)
+    assert code == 0 and f"{out} already finished: step 2 of 2" in text
+    assert {k: v for k, v in snapshot(out).items() if not k.startswith(".")} == before  # final/ as it was
+    code, text, _ = run_cli(args(out, max_steps=3, resume="latest"), capsys)  # the next start clears the rest
+    assert code == 0 and not [p.name for p in out.iterdir() if p.name.startswith(".")]
+
+
+def test_older_checkpoints_go_only_after_the_new_one_is_on_the_disk(tmp_path, monkeypatch):
+    """Each file and folder of step 2 fsynced, then the rename into checkpoints/ fsynced, and only then step 1
+    set aside for deletion (keep_last=1): after a crash the newest checkpoint is whole or the older one is there."""
+    import os
+
+    events, real_fsync, real_replace = [], os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def replace(a, b):
+        events.append(("rename", str(a), str(b)))
+        real_replace(a, b)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    train(cfg(tmp_path, "run", **{**BASE, "max_steps": 2, "keep_last": 1}))
+    ckpts = tmp_path / "run" / "checkpoints"
+    step1, step2 = str(ckpts / "step-00000001"), str(ckpts / "step-00000002")
+    into = next(i for i, e in enumerate(events) if e[0] == "rename" and e[2] == step2)
+    tmp = events[into][1]
+    gone = next(i for i, e in enumerate(events) if e[0] == "rename" and e[1] == step1)
+    synced = {e[1].replace(tmp, step2) for e in events[:into] if e[0] == "fsync" and e[1].startswith(tmp)}
+    assert synced == {str(p) for p in Path(step2).rglob("*")} | {step2}
+    assert ("fsync", str(ckpts)) in events[into:gone]
+    assert ".step-00000001.del-" in events[gone][2]  # set aside to be deleted: never put back on a start
 
 
 def test_a_changed_config_that_breaks_exact_resumption_is_refused_unless_allowed(finished, tmp_path, capsys):

@@ -211,6 +211,7 @@ def test_plan_keys_beside_stages_and_a_foreign_plan_are_refused(whole, tmp_path,
         (["max_steps=6"], "config key 'max_steps' is not allowed beside 'stages'"),
         (["student=bk-small"], "config key 'student' is not allowed beside 'stages'"),
         ([f"output_dir={out}", "data=shapes:8"], "holds another plan; choose resume=latest"),
+        ([f"output_dir={out}", "overwrite=true", "resume=latest"], "overwrite=true starts a new run"),
         (
             [f"output_dir={out}", "resume=latest", "stages=[{recipe: bk-small, max_steps: 4}]"],
             "holds a plan with other stages",

@@ -15,7 +15,7 @@ from slimsd.atomic import atomic_dir, check_output_dir
 from slimsd.errors import SlimsdError
 from slimsd.models.architecture import Recipe, build_student
 from slimsd.models.counting import count_params
-from slimsd.models.loading import load
+from slimsd.models.loading import load, quiet_libraries
 from slimsd.version import __version__
 
 # How the student's U-Net starts: the teacher's weights copied by the recipe's map (BK-SDM), or fresh
@@ -83,7 +83,7 @@ def compress_pipeline(teacher_pipe, recipe, init: str = "teacher", seed: int = 0
 
 
 def save_student(result: CompressResult, out: str | Path, teacher: str, overwrite: bool = False) -> Path:
-    with atomic_dir(out, overwrite) as tmp:
+    with atomic_dir(out, overwrite) as tmp, quiet_libraries():  # transformers' "Writing model shards" bar
         result.pipeline.save_pretrained(tmp, safe_serialization=True)
         info = {
             "slimsd_version": __version__,

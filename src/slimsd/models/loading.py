@@ -145,6 +145,7 @@ def _diffusers_pipeline(
     return _from_pretrained(ref.location, allow_pickle, torch_dtype, local=False)  # a hub id
 
 
+@quiet_libraries()  # the API as quiet as the commands: a notebook sees none of the libraries' chatter
 def load(
     model: str | ModelRef,
     *,

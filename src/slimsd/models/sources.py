@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -105,7 +106,10 @@ def quiet_libraries() -> Iterator[None]:
     diffusers_logging.set_verbosity_error()
     transformers_logging.set_verbosity_error()
     try:
-        with quiet_loading():
+        with quiet_loading(), warnings.catch_warnings():  # their deprecation warnings too (torch_dtype, ...)
+            warnings.filterwarnings(
+                "ignore", module=r"(huggingface_hub|diffusers|transformers|accelerate)(\.|$)"
+            )
             yield
     finally:
         diffusers_logging.set_verbosity(was[0])

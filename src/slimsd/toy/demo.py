@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -149,20 +150,44 @@ def check_out(cfg: DemoConfig) -> bool:
 # --- measurements -------------------------------------------------------------------------------------------
 
 
-# Seed streams of the evaluation captions, apart from every training set's (shapes:N uses the run's seed); the
-# tuning streams are for choosing sampling settings (benchmarks/toy_samplers.py), so no evaluation sees them.
+# Seed streams of the evaluation captions, apart from every training set's (shapes:N uses the run's seed).
 CAPTION_SEEDS = {"seen": 1_000_003, "held_out": 2_000_003}
-TUNING_CAPTION_SEEDS = {"seen": 3_000_003, "held_out": 4_000_003}
+# Tuning captions (for choosing sampling settings: benchmarks/toy_samplers.py) are drawn from their own stream
+# and share nothing with the demo's evaluation captions (its 3 seeds x 24 per split, which every toy evaluation
+# here uses): no caption text, and no held-out colour x shape combination. Every held-out combination is
+# evaluated, so tuning has seen combinations only.
+TUNING_CAPTION_SEED = 3_000_003
 
 
-def eval_captions(
-    cfg: DemoConfig, seed: int, split: str = "seen", streams: dict[str, int] = CAPTION_SEEDS
-) -> list[str]:
+def eval_captions(cfg: DemoConfig, seed: int, split: str = "seen") -> list[str]:
     """Evaluation captions of ``split``: ``seen`` = fresh draws of training combinations (the same caption text
     can occur in training: the world has 360 captions); ``held_out`` = combinations no training set contains."""
     from slimsd.toy.shapes import make_captions
 
-    return make_captions(cfg.eval_prompts, seed=streams[split] + seed, split=split)
+    return make_captions(cfg.eval_prompts, seed=CAPTION_SEEDS[split] + seed, split=split)
+
+
+def tuning_captions(cfg: DemoConfig, seed: int, split: str = "seen") -> list[str]:
+    """``cfg.eval_prompts`` captions to choose settings on: draws of seen combinations (as the world draws them)
+    whose text no evaluation caption has; none of ``held_out`` (every held-out combination is evaluated)."""
+    import random
+
+    from slimsd.toy.shapes import sample_scene
+
+    if split != "seen":
+        return []
+    evaluation = DemoConfig()
+    taken = {
+        c
+        for s in evaluation.eval_seeds
+        for p in ("seen", "held_out")
+        for c in eval_captions(evaluation, s, p)
+    }
+    rng, out = random.Random(TUNING_CAPTION_SEED + seed), []
+    while len(out) < cfg.eval_prompts:  # 300 seen captions, at most 72 of them evaluated
+        caption = sample_scene(rng, "seen").caption
+        out += [caption] if caption not in taken else []
+    return out
 
 
 def sample(
@@ -193,18 +218,21 @@ def fidelity(
     cfg: DemoConfig,
     steps: int | None = None,
     deep_cache: int = 1,
-    streams: dict[str, int] = CAPTION_SEEDS,
+    caption_source: Callable[[DemoConfig, int, str], list[str]] = eval_captions,
 ) -> dict:
     """Caption fidelity per seed and its mean (plus colour and shape accuracy), on seen and held-out
-    combinations (image i of evaluation seed s uses sample seed 10_000 * (s + 1) + i in both); ``streams``:
-    the caption seed streams (TUNING_CAPTION_SEEDS to choose settings on captions no evaluation uses)."""
+    combinations (image i of evaluation seed s uses sample seed 10_000 * (s + 1) + i in both);
+    ``caption_source``: the captions of a seed and split (``tuning_captions`` to choose settings on captions no evaluation uses; a
+    split without captions is left out)."""
     from slimsd.toy.shapes import caption_fidelity
 
     out = {}
     for split, suffix in (("seen", ""), ("held_out", "_held_out")):
+        if not caption_source(cfg, cfg.eval_seeds[0], split):
+            continue
         per_seed = []
         for s in cfg.eval_seeds:
-            captions = eval_captions(cfg, s, split, streams)
+            captions = caption_source(cfg, s, split)
             images = sample(pipe, captions, 10_000 * (s + 1), cfg, steps, deep_cache)
             r = caption_fidelity(images, captions, details=True)
             per_seed.append({k: r[k] for k in ("fidelity", "colour_accuracy", "shape_accuracy")})

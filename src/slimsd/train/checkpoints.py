@@ -115,6 +115,8 @@ def save_checkpoint(
             if staging is not None:
                 os.replace(staging, tmp / "engine")
             (tmp / "state.json").write_text(json.dumps(state | {"engine": engine}) + "\n")
+        # only now, with the new checkpoint on the disk (atomic_dir fsynced its files, folders and the rename),
+        # may older ones go: after a crash the newest is whole or the older ones are still there
         for old in list_checkpoints(output_dir)[:-keep_last]:
             remove_dir(old)  # renamed aside first: a kill never leaves a half-deleted step-N behind
     accelerator.wait_for_everyone()

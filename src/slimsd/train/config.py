@@ -64,7 +64,7 @@ class DistillConfig:
     checkpoint_every: int = 500  # 0: only at the end
     keep_last: int = 2
     resume: str | None = None  # "latest" or a checkpoint folder
-    overwrite: bool = False  # start over: remove the run already in output_dir (resume is then ignored)
+    overwrite: bool = False  # start over: remove the run already in output_dir (refused with resume)
     allow_config_change: bool = False  # resume even when keys that change the computation differ (recorded)
     stop_at_step: int | None = (
         None  # end this run early after this step (checkpointed), for time-limited jobs

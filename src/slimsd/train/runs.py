@@ -5,14 +5,16 @@ checkpoint's ``state.json`` holds the config that wrote it. Before any work:
 
 - a start without a checkpoint to resume refuses a folder that holds another run's checkpoints or final student
   (``resume=latest``, ``overwrite=true`` or another ``output_dir``); ``overwrite=true`` removes the old run in
-  one rename (never a mix of old and new checkpoints), and only a folder that holds nothing but a run;
+  one rename (never a mix of old and new checkpoints), and only a folder that holds nothing but a run; it is
+  refused beside any ``resume`` (``latest`` included);
 - a resume prints every key that differs from the checkpoint's config, and refuses keys that change the
   computation (the run would no longer equal an uninterrupted one) unless ``allow_config_change=true``, which
   is then recorded with its step;
 - a checkpoint at or past ``max_steps`` whose final student is written is a finished run: nothing to do.
 
-``plan_run`` only reads (every process of a launch runs it and reaches the same decision); ``begin_run``
-writes, on the main process only.
+``plan_run`` only reads (every process of a launch runs it and reaches the same decision), but for putting back a
+``final/`` whose replacement was killed (atomic.restore_set_aside: one rename, whichever process wins);
+``begin_run`` writes, on the main process only.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from slimsd.atomic import atomic_write_text, clean_leftovers, is_leftover, remove_dir
+from slimsd.atomic import atomic_write_text, clean_leftovers, is_leftover, remove_dir, restore_set_aside
 from slimsd.errors import SlimsdError
 from slimsd.train.checkpoints import list_checkpoints, read_state, resolve_resume
 from slimsd.train.config import DistillConfig
@@ -130,13 +132,25 @@ def _breaking(changes: dict, cfg: DistillConfig) -> list[str]:
     return keys
 
 
+def refuse_overwrite_with_resume(cfg: DistillConfig) -> None:
+    """Both keys at once is refused, ``resume=latest`` included: a restart script that carries both would
+    otherwise delete the run, checkpoints included, on every restart."""
+    if cfg.overwrite and cfg.resume is not None:
+        raise SlimsdError(
+            f"overwrite=true starts a new run (it removes the one in output_dir); it cannot resume from "
+            f"{cfg.resume!r}: drop one of the two (resume=null clears a config file's resume)"
+        )
+
+
 def plan_run(cfg: DistillConfig) -> RunPlan:
     """Decide how this run uses ``cfg.output_dir`` (reads only; refusals are one-line errors)."""
     out = Path(cfg.output_dir)
     if out.exists() and not out.is_dir():
         raise SlimsdError(f"output_dir {str(out)!r} exists and is not a folder")
-    if cfg.overwrite and cfg.resume not in (None, "latest"):
-        raise SlimsdError(f"overwrite=true starts a new run; it cannot resume from {cfg.resume!r}: drop one")
+    refuse_overwrite_with_resume(cfg)
+    # A final/ whose replacement was killed between its set-aside and the rename is put back before anything is
+    # read (the one write here: every process may try it, one rename wins, all then see the same folder).
+    restore_set_aside(out / "final")
     checkpoint = None if cfg.overwrite else resolve_resume(cfg)
     plan = RunPlan(out, checkpoint)
     own = checkpoint is not None and checkpoint.parent.parent.resolve() == out.resolve()
@@ -194,13 +208,16 @@ def begin_run(plan: RunPlan, cfg: DistillConfig) -> None:
     out = plan.output_dir
     if plan.start_over:
         remove_dir(out)  # one rename, then the delete: never a mix of the old run and the new one
-    clean_leftovers(out.parent, out.name)  # a start-over killed between its rename and its delete
+    # a start-over killed between its rename and its delete: the run folder is only ever set aside to be deleted
+    clean_leftovers(out.parent, out.name, restore=False)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise SlimsdError(f"output_dir {str(out)!r} cannot be created: {e.strerror}") from None
     for folder in (out, out / "checkpoints", out / "validation"):
-        clean_leftovers(folder)  # .step-N.tmp-*, .final.old-*, ... of a killed run
+        clean_leftovers(
+            folder
+        )  # .step-N.tmp-* of a killed run removed, a .final.old-* without final/ restored
     record = {}
     if plan.checkpoint is not None:
         try:

@@ -39,6 +39,7 @@ from types import SimpleNamespace
 from slimsd.errors import SlimsdError
 from slimsd.train.config import DistillConfig, validate
 from slimsd.train.loop import train_run
+from slimsd.train.runs import refuse_overwrite_with_resume
 from slimsd.train.sharding import end_process_group, wait_for_everyone
 
 PLAN_FILE = "plan.json"
@@ -236,6 +237,7 @@ def train_plan(cfg: DistillConfig) -> dict:
     from slimsd.atomic import atomic_dir, atomic_write_text
 
     root = Path(cfg.output_dir)
+    refuse_overwrite_with_resume(cfg)
     if cfg.resume not in (None, "latest"):
         raise SlimsdError(f"resume {cfg.resume!r}: a staged plan resumes with resume=latest")
     rows = plan_layers(cfg)  # every stage checked before any work

@@ -1,0 +1,79 @@
+"""The README's figures are the results files' (benchmarks/results/, written by committed scripts), and every
+spread in them is a sample standard deviation (n - 1). Run by `make test`: a table edited by hand, or a results
+file re-made without its README table, fails here."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def readme_rows() -> list[str]:
+    return [line for line in (ROOT / "README.md").read_text().splitlines() if line.startswith("|")]
+
+
+def records(node):
+    """Every dict in a JSON document."""
+    if isinstance(node, dict):
+        yield node
+        for value in node.values():
+            yield from records(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from records(value)
+
+
+@pytest.mark.parametrize("path", sorted(RESULTS.rglob("*.json")), ids=lambda p: p.name)
+def test_every_spread_with_its_values_beside_it_is_a_sample_std(path):
+    for record in records(json.loads(path.read_text())):
+        for key, spread in record.items():
+            values = record.get(key.removesuffix("_std") + "_per_seed") if key.endswith("_std") else None
+            if isinstance(values, list) and len(values) > 1:
+                assert spread == pytest.approx(statistics.stdev(values), abs=1e-12), (key, record)
+
+
+def test_toy_steps_spreads_are_the_sample_std_of_its_seeds():
+    data = json.loads((RESULTS / "toy_steps.json").read_text())
+    for row in data["rows"]:
+        values = [r["caption_fidelity"] for r in data["per_seed"] if r["row"] == row["row"]]
+        assert row["caption_fidelity_std"] == pytest.approx(statistics.stdev(values), abs=1e-12), row["row"]
+
+
+def cell(mean: float, std: float | None, held: float) -> str:
+    return f"{mean:.3f}" + ("" if std is None else f" ± {std:.3f}") + f" ({held:.3f})"
+
+
+def test_the_toy_steps_table_is_its_results_file():
+    rows = readme_rows()
+    for r in json.loads((RESULTS / "toy_steps.json").read_text())["rows"]:
+        std = r["caption_fidelity_std"] if len(r["seeds"]) > 1 and r["row"] != "teacher" else None
+        want = cell(r["caption_fidelity_mean"], std, r["caption_fidelity_held_out_mean"])
+        assert any(f"| {want} |" in line for line in rows), (r["row"], want)
+
+
+def test_the_toy_ablation_table_is_its_results_file():
+    rows = readme_rows()
+    for r in json.loads((RESULTS / "toy_ablation.json").read_text()):
+        std = None if r["arm"] == "teacher" else r["caption_fidelity_std"]
+        want = cell(r["caption_fidelity_mean"], std, r["caption_fidelity_held_out_mean"])
+        line = next((line for line in rows if line.startswith(f"| {r['recipe']} |")), None)
+        if r["arm"] == "teacher":
+            line = next(line for line in rows if line.startswith("| teacher (toy-sd) | 3,222,692"))
+        assert line is not None and f"| {want} |" in line, (r["recipe"], r["arm"], want, line)
+
+
+def test_the_toy_samplers_table_is_its_results_file():
+    data = json.loads((RESULTS / "toy_samplers.json").read_text())
+    rows = readme_rows()
+    for label in dict.fromkeys(r["model"] for r in data["rows"]):
+        cells = []
+        for r in (r for r in data["rows"] if r["model"] == label):
+            held = r["caption_fidelity_held_out"]
+            cells.append(f"{r['caption_fidelity']:.3f}" + ("" if held is None else f" ({held:.3f})"))
+        assert f"| {label} | " + " | ".join(cells) + " |" in rows, label
