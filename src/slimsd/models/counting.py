@@ -82,6 +82,33 @@ def unet_macs(unet, resolution: int) -> int:
     return count_macs(unet, unet_dummy_inputs(unet, resolution, device=device))
 
 
+class _Decode(nn.Module):
+    """One decode of latents, as a module (count_macs calls modules)."""
+
+    def __init__(self, vae):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, z):
+        return self.vae.decode(z).sample
+
+
+def decoder_counts(vae, resolution: int) -> tuple[int, int]:
+    """(parameters, MACs of one decode at RESOLUTION px, batch 1) of a VAE's decoding path: AutoencoderKL's
+    post_quant_conv and decoder, or AutoencoderTiny's decoder; on any device (meta included)."""
+    from slimsd.errors import SlimsdError
+
+    c = vae.config
+    factor = 2 ** (len(c.block_out_channels) - 1)
+    if resolution % factor:
+        raise SlimsdError(f"resolution {resolution} is not a multiple of the VAE factor {factor}")
+    p = next(vae.parameters())
+    side = resolution // factor
+    z = torch.zeros(1, c.latent_channels, side, side, device=p.device, dtype=p.dtype)
+    parts = [m for m in (getattr(vae, "post_quant_conv", None), vae.decoder) if m is not None]
+    return sum(count_params(m) for m in parts), count_macs(_Decode(vae), {"z": z})
+
+
 def text_encoder_params(config: dict) -> int:
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
