@@ -394,17 +394,18 @@ def test_a_student_preset_maps_teacher_layers_by_its_recipe():
 
     from slimsd.models.counting import preset_architecture
     from slimsd.models.lora import student_weight_map
+    from slimsd.models.sources import resolve_model
 
     with torch.device("meta"):
         unet = UNet2DConditionModel.from_config(preset_architecture("bk-sdm-small")[0])
-    mapping = student_weight_map("bk-sdm-small", "preset", unet)
+    mapping = student_weight_map(resolve_model("bk-sdm-small"), unet)
     # BK-SDM-Small keeps the teacher's up-stage layers 0 and 2 (its paper's Fig. 2): the student's layer 1 is
     # the teacher's layer 2; the down stages keep layer 0
     block = "transformer_blocks.0.attn1.to_q.weight"
     assert mapping[f"up_blocks.1.attentions.1.{block}"] == f"up_blocks.1.attentions.2.{block}"
     assert mapping[f"down_blocks.2.attentions.0.{block}"] == f"down_blocks.2.attentions.0.{block}"
-    assert student_weight_map("sd-v1.4", "preset", unet) is None
-    assert student_weight_map("micro-sd", "micro", unet) is None
+    assert student_weight_map(resolve_model("sd-v1.4"), unet) is None
+    assert student_weight_map(resolve_model("micro-sd"), unet) is None
 
 
 def peft_lora(folder, model="micro-sd", rank=4, alpha=8.0):

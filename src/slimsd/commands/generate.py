@@ -162,11 +162,9 @@ def generate(
     from slimsd.errors import SlimsdError
     from slimsd.images import read_input_image
     from slimsd.models.loading import load
-    from slimsd.models.schedulers import SCHEDULERS
     from slimsd.progress import Progress
     from slimsd.run import generate as g
     from slimsd.run.outputs import save_grid, save_images
-    from slimsd.run.pnginfo import input_to_reload, loras_to_reload, model_to_reload, settings_from_png
 
     given = dict(
         negative=negative,
@@ -184,35 +182,11 @@ def generate(
     mask_image = read_input_image(mask, "mask") if mask else None
     control = read_input_image(control_image, "control image") if control_image else None
     if from_png:
-        stored = settings_from_png(from_png)
-        for opt, key in FROM_PNG_KEYS.items():
-            if given[opt] is None and stored.get(key) is not None:
-                given[opt] = stored[key]
-        if given["scheduler"] not in SCHEDULERS:
-            given["scheduler"] = None  # the model's own, as when the image was made
-        model = model or model_to_reload(stored)
-        loras = loras or loras_to_reload(stored)
-        prompts = [prompt] if prompt else [stored.get("prompt", "")]
-        init = init or input_to_reload(stored, "init_image", "init image", "--init-image")
-        if init is None and stored.get("strength") is not None:  # A1111 text only: no file recorded
-            raise SlimsdError(
-                f"the image was made by img2img (strength {stored['strength']:g}) from an init image the PNG "
-                "does not record; give it with --init-image FILE"
-            )
-        mask_image = mask_image or (input_to_reload(stored, "mask", "mask", "--mask") if init else None)
-        recorded = stored.get("controlnet")
-        if isinstance(recorded, dict) and not controlnet:
-            controlnet = recorded.get("path")
-            control_scale = recorded.get("scale") if control_scale is None else control_scale
-            control = control or input_to_reload(recorded, "image", "control image", "--control-image")
+        model, loras, prompts, init, mask_image, controlnet, control_scale, control = _reload_from_png(
+            from_png, given, model, prompt, loras, init, mask_image, controlnet, control_scale, control
+        )
     else:
-        if not model:
-            raise SlimsdError("missing MODEL: a preset, micro-sd, micro-sdxl, toy-sd, a folder or a hub id")
-        if prompt and prompts_file:
-            raise SlimsdError("give either PROMPT or --prompts FILE, not both")
-        prompts = [prompt] if prompt else _read_prompts(prompts_file) if prompts_file else []
-        if not prompts:
-            raise SlimsdError("missing PROMPT: give a prompt, or --prompts FILE with one prompt per line")
+        prompts = _prompts(model, prompt, prompts_file)
     # steps and guidance left out: the model's own (a step-distilled student says 4 steps), known once loaded
     opts = {"negative": "", "seed": -1, "batch_size": 1, "deep_cache": 1} | {
         k: v for k, v in given.items() if v is not None
@@ -287,29 +261,79 @@ def generate(
     bar.close()
     paths = save_images(results, out)
     grid = save_grid(results, out) if len(results) > 1 and not no_grid else None
-    if as_json:
-        click.echo(
-            json.dumps(
-                {
-                    "model": model,
-                    "images": [
-                        {"path": str(r.path), "prompt": r.settings.prompt, "seed": r.seed, "time_s": r.time_s}
-                        for r in results
-                    ],
-                    "grid": str(grid) if grid else None,
-                    "seeds": [r.seed for r in results],
-                    "total_time_s": round(sum(r.time_s for r in results), 4),
-                    "settings": {
-                        k: v
-                        for k, v in vars(results[0].settings).items()
-                        if k not in ("prompt", "seed", "time_s", "extra")
-                    },
-                    "runtime": pipe._slimsd["runtime"],
-                    "loras": pipe._slimsd["loras"],
-                },
-                indent=1,
-            )
+    _report(model, pipe, results, paths, grid, as_json)
+
+
+def _reload_from_png(
+    from_png, given, model, prompt, loras, init, mask_image, controlnet, control_scale, control
+):
+    """--from-png: the settings stored in the PNG fill what the command line leaves out (GIVEN, in place); the
+    model, LoRAs, prompt, init image, mask and ControlNet too, when they are still at their recorded paths."""
+    from slimsd.errors import SlimsdError
+    from slimsd.models.schedulers import SCHEDULERS
+    from slimsd.run.pnginfo import input_to_reload, loras_to_reload, model_to_reload, settings_from_png
+
+    stored = settings_from_png(from_png)
+    for opt, key in FROM_PNG_KEYS.items():
+        if given[opt] is None and stored.get(key) is not None:
+            given[opt] = stored[key]
+    if given["scheduler"] not in SCHEDULERS:
+        given["scheduler"] = None  # the model's own, as when the image was made
+    model = model or model_to_reload(stored)
+    loras = loras or loras_to_reload(stored)
+    prompts = [prompt] if prompt else [stored.get("prompt", "")]
+    init = init or input_to_reload(stored, "init_image", "init image", "--init-image")
+    if init is None and stored.get("strength") is not None:  # A1111 text only: no file recorded
+        raise SlimsdError(
+            f"the image was made by img2img (strength {stored['strength']:g}) from an init image the PNG "
+            "does not record; give it with --init-image FILE"
         )
+    mask_image = mask_image or (input_to_reload(stored, "mask", "mask", "--mask") if init else None)
+    recorded = stored.get("controlnet")
+    if isinstance(recorded, dict) and not controlnet:
+        controlnet = recorded.get("path")
+        control_scale = recorded.get("scale") if control_scale is None else control_scale
+        control = control or input_to_reload(recorded, "image", "control image", "--control-image")
+    return model, loras, prompts, init, mask_image, controlnet, control_scale, control
+
+
+def _prompts(model, prompt, prompts_file) -> list[str]:
+    """The prompts of a command without --from-png (MODEL and a prompt are then required)."""
+    from slimsd.errors import SlimsdError
+
+    if not model:
+        raise SlimsdError("missing MODEL: a preset, micro-sd, micro-sdxl, toy-sd, a folder or a hub id")
+    if prompt and prompts_file:
+        raise SlimsdError("give either PROMPT or --prompts FILE, not both")
+    prompts = [prompt] if prompt else _read_prompts(prompts_file) if prompts_file else []
+    if not prompts:
+        raise SlimsdError("missing PROMPT: give a prompt, or --prompts FILE with one prompt per line")
+    return prompts
+
+
+def _report(model, pipe, results, paths, grid, as_json: bool) -> None:
+    """One line per image (and the grid), or the JSON summary."""
+    if as_json:
+        settings = {
+            k: v
+            for k, v in vars(results[0].settings).items()
+            if k not in ("prompt", "seed", "time_s", "extra")
+        }
+        images = [
+            {"path": str(r.path), "prompt": r.settings.prompt, "seed": r.seed, "time_s": r.time_s}
+            for r in results
+        ]
+        summary = {
+            "model": model,
+            "images": images,
+            "grid": str(grid) if grid else None,
+            "seeds": [r.seed for r in results],
+            "total_time_s": round(sum(r.time_s for r in results), 4),
+            "settings": settings,
+            "runtime": pipe._slimsd["runtime"],
+            "loras": pipe._slimsd["loras"],
+        }
+        click.echo(json.dumps(summary, indent=1))
         return
     for r, p in zip(results, paths, strict=True):
         click.echo(f"{p}  seed {r.seed}  {r.time_s:.2f} s")

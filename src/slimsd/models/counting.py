@@ -11,7 +11,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from slimsd.models.presets import Preset
 from slimsd.models.single_file import TEXT_FIELDS
+from slimsd.models.sources import ModelRef, resolve_model
 
 
 def count_params(module: nn.Module) -> int:
@@ -135,11 +137,12 @@ def block_params(unet) -> dict[str, int]:
     }
 
 
-def preset_architecture(name: str) -> tuple[dict, list[dict], dict, int]:
-    """(unet config, text encoder configs, vae config, default resolution) of a preset or offline model."""
+def preset_architecture(preset: str | Preset) -> tuple[dict, list[dict], dict, int]:
+    """(unet config, text encoder configs, vae config, default resolution) of a preset or offline model (its
+    name, or its entry as a ModelRef carries it)."""
     from slimsd.models.presets import get_preset, student_teacher_unet
 
-    p = get_preset(name)
+    p = get_preset(preset) if isinstance(preset, str) else preset
     if p.kind == "micro":
         from slimsd.models.micro import load_tokenizer, micro_text_config
 
@@ -176,14 +179,14 @@ def _arch_from_configs(source: str) -> tuple[dict, list[dict], dict, int]:
     return unet, encoders, vae, native_resolution_of(unet, vae)
 
 
-def model_architecture(model: str) -> tuple[dict, list[dict], dict, int]:
+def model_architecture(model: str | ModelRef) -> tuple[dict, list[dict], dict, int]:
     """(unet config, text encoder configs, vae config, default resolution) of any model: configs only."""
     from slimsd.errors import SlimsdError
-    from slimsd.models.sources import describe_model
 
-    kind = describe_model(model)
+    ref = resolve_model(model)
+    model, kind = ref.name, ref.kind
     if kind in ("micro", "preset"):
-        return preset_architecture(model)
+        return preset_architecture(ref.preset)
     if kind == "single-file":
         from slimsd.models.single_file import file_architecture
 
@@ -217,10 +220,10 @@ def unet_counts(unet_cfg: dict, vae_cfg: dict, resolution: int):
 def summarize(model: str, resolution: int | None = None) -> dict:
     """What ``slimsd inspect`` reports: parameters of each component and U-Net MACs at ``resolution``."""
     from slimsd.models.presets import PRESETS
-    from slimsd.models.sources import describe_model
 
-    kind = describe_model(model)
-    unet_cfg, encoders, vae_cfg, default_res = model_architecture(model)
+    ref = resolve_model(model)
+    model, kind = ref.name, ref.kind
+    unet_cfg, encoders, vae_cfg, default_res = model_architecture(ref)
     resolution = resolution or default_res
     unet, up, macs = unet_counts(unet_cfg, vae_cfg, resolution)
     te = [text_encoder_params(c) for c in encoders]

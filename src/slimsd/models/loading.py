@@ -31,6 +31,7 @@ from slimsd.models.presets import Preset, get_preset
 
 # The loader's public names that live in sources.py (read without loading): callers ask the loader for them.
 from slimsd.models.sources import (  # noqa: F401
+    ModelRef,
     _first_line,
     check_local_folder,
     describe_model,
@@ -41,6 +42,7 @@ from slimsd.models.sources import (  # noqa: F401
     quiet_libraries,
     quiet_loading,
     read_slimsd_info,
+    resolve_model,
 )
 
 
@@ -112,15 +114,15 @@ def build_random_pipeline(preset: Preset, seed: int = 0, dtype: torch.dtype = to
 
 
 def _diffusers_pipeline(
-    model: str,
-    kind: str,
+    ref: ModelRef,
     torch_dtype,
     allow_pickle: bool,
     random_weights: bool,
     seed: int,
     prediction_type: str | None = None,
 ):
-    """The plain diffusers pipeline of MODEL, in ``torch_dtype``, on the CPU."""
+    """The plain diffusers pipeline of the model REF names, in ``torch_dtype``, on the CPU."""
+    model, kind = ref.name, ref.kind
     if random_weights and kind not in ("preset", "micro"):
         raise SlimsdError(f"--random-weights needs a preset name; {model!r} is a {kind} model")
     if kind == "micro":
@@ -132,7 +134,7 @@ def _diffusers_pipeline(
 
         return build_micro(model)
     if kind == "preset" and random_weights:
-        return build_random_pipeline(get_preset(model), seed, torch_dtype)
+        return build_random_pipeline(ref.preset, seed, torch_dtype)
     if kind == "single-file":
         from slimsd.models.single_file import load_single_file
 
@@ -140,12 +142,11 @@ def _diffusers_pipeline(
     if kind == "local":
         check_local_folder(Path(model), allow_pickle)
         return _from_pretrained(model, allow_pickle, torch_dtype, local=True)
-    hub_id = get_preset(model).hub_id if kind == "preset" else model
-    return _from_pretrained(hub_id, allow_pickle, torch_dtype, local=False)
+    return _from_pretrained(ref.location, allow_pickle, torch_dtype, local=False)  # a hub id
 
 
 def load(
-    model: str,
+    model: str | ModelRef,
     *,
     device: str | None = None,
     dtype: str | torch.dtype | None = None,
@@ -183,24 +184,22 @@ def load(
         from slimsd.models.single_file import check_prediction_type
 
         check_prediction_type(prediction_type)
-    kind = describe_model(model)
-    sampling = model_sampling(model)
+    ref = resolve_model(model)  # the name is read once; every step below takes ref
+    model, kind, sampling = ref.name, ref.kind, ref.sampling
     loras = [lora.as_spec(s, allow_pickle) for s in loras]  # a bad file fails before minutes of loading
     if sampling and sampling.get("lora"):
         # An LCM-LoRA student's adapters come with it, merged first and once (--from-png lists them again).
         own = lora.as_spec((str(Path(model) / sampling["lora"]), 1.0), allow_pickle)
         loras = [own, *(s for s in loras if Path(s.path).resolve() != Path(own.path).resolve())]
     with quiet_loading():
-        pipe = _diffusers_pipeline(
-            model, kind, torch_dtype, allow_pickle, random_weights, seed, prediction_type
-        )
+        pipe = _diffusers_pipeline(ref, torch_dtype, allow_pickle, random_weights, seed, prediction_type)
     if prediction_type is not None and pipe.scheduler.config.get("prediction_type") != prediction_type:
         pipe.scheduler = type(pipe.scheduler).from_config(
             pipe.scheduler.config, prediction_type=prediction_type
         )
     if getattr(pipe, "safety_checker", None) is not None:
         pipe.safety_checker = None
-    weight_map = lora.student_weight_map(model, kind, pipe.unet) if loras else None
+    weight_map = lora.student_weight_map(ref, pipe.unet) if loras else None
     applied_loras = lora.apply_loras(pipe, loras, allow_pickle, weight_map, on_warning)
     if optimize:
         runtime.optimize_pipeline(
@@ -214,7 +213,7 @@ def load(
     pipe._slimsd = {
         "model": model,
         "kind": kind,
-        "source": model_source(model, random_weights),
+        "source": model_source(ref, random_weights),
         "random_weights": random_weights,
         "base_scheduler": dict(pipe.scheduler.config),
         "default_scheduler": scheduler_name(pipe.scheduler),
@@ -229,15 +228,11 @@ def load(
     return pipe
 
 
-def model_source(model: str, random_weights: bool = False) -> str:
+def model_source(model: str | ModelRef, random_weights: bool = False) -> str:
     """Where MODEL's weights come from, as every PNG records it (``model_source``): the resolved path of a local
     folder, the hub id of a preset or hub model, the name of a micro model or of a preset with random weights."""
-    kind = describe_model(model)
-    if kind in ("local", "single-file"):
-        return str(Path(model).resolve())
-    if kind == "preset" and not random_weights:
-        return get_preset(model).hub_id or model
-    return model
+    ref = resolve_model(model)
+    return ref.name if ref.kind == "preset" and random_weights else ref.location
 
 
 def model_info(pipe) -> dict:

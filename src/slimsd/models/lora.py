@@ -32,7 +32,7 @@ import torch
 
 from slimsd.errors import SlimsdError
 from slimsd.files import file_sha256, safe_stem
-from slimsd.models.sources import PICKLE_SUFFIXES, quiet_libraries, read_slimsd_info
+from slimsd.models.sources import PICKLE_SUFFIXES, ModelRef, quiet_libraries
 
 SCALE_RANGE = (-10.0, 10.0)
 SHOWN_SKIPPED = 3  # skipped layer names shown in the warning
@@ -320,17 +320,17 @@ def fit_layers(
     return state, applied, skipped, as_teacher
 
 
-def student_weight_map(model: str, kind: str, unet) -> dict[str, str] | None:
+def student_weight_map(ref: ModelRef, unet) -> dict[str, str] | None:
     """{student weight: teacher weight} of a student slimsd knows the making of: a folder written by
     ``slimsd compress`` or ``distill`` (its slimsd.json) or its single-file export (its header), or a student
     preset (its recipe); else None."""
     from slimsd.models.architecture import load_recipe, plan, weight_map
-    from slimsd.models.presets import PRESETS, student_teacher_unet
+    from slimsd.models.presets import student_teacher_unet
 
-    if kind in ("local", "single-file"):
-        return (read_slimsd_info(model) or {}).get("weight_map") or None
-    preset = PRESETS.get(model)
-    if kind != "preset" or preset is None or preset.kind != "student" or not preset.recipe:
+    if ref.kind in ("local", "single-file"):
+        return (ref.info or {}).get("weight_map") or None
+    preset = ref.preset
+    if ref.kind != "preset" or preset is None or preset.kind != "student" or not preset.recipe:
         return None
     teacher = {k: v for k, v in student_teacher_unet(preset).items() if not k.startswith("_")}
     _, p = plan(teacher, load_recipe(preset.recipe))

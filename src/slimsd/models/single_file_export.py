@@ -10,7 +10,7 @@ import torch
 from slimsd.errors import SlimsdError
 from slimsd.models.loading import load
 from slimsd.models.single_file import EXPORT_DTYPES, V_PRED, export_metadata, original_state
-from slimsd.models.sources import describe_model, read_slimsd_info
+from slimsd.models.sources import resolve_model
 
 
 def export_single_file(
@@ -35,8 +35,9 @@ def export_single_file(
     if dtype not in EXPORT_DTYPES:
         raise SlimsdError(f"--dtype {dtype!r}: allowed {', '.join(EXPORT_DTYPES)}")
     torch_dtype = EXPORT_DTYPES[dtype]
+    ref = resolve_model(model)
     pipe = load(  # in fp32 (the CPU has no fp16 kernels; only the written copy is cast)
-        model,
+        ref,
         device="cpu",
         dtype="fp32",
         optimize=False,
@@ -44,7 +45,7 @@ def export_single_file(
         prediction_type=prediction_type,
     )
     state, family = original_state(pipe)
-    info = read_slimsd_info(model) if describe_model(model) in ("local", "single-file") else None
+    info = ref.info
     meta = export_metadata(pipe, family, info)
     tensors = {k: v.detach().to(torch_dtype).contiguous() for k, v in state.items()}
     if meta["slimsd.prediction_type"] == "v_prediction":

@@ -9,10 +9,11 @@ import contextlib
 import json
 import os
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from slimsd.errors import SlimsdError
-from slimsd.models.presets import PRESETS
+from slimsd.models.presets import PRESETS, Preset
 
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")  # a single file in the original layout (single_file.py)
@@ -140,8 +141,41 @@ def native_resolution(pipe) -> int:
     return native_resolution_of(dict(pipe.unet.config), dict(pipe.vae.config))
 
 
-def model_sampling(model: str) -> dict | None:
-    """How MODEL samples unless told otherwise, read without loading it: a step-distilled student's own (its
+@dataclass(frozen=True)
+class ModelRef:
+    """A model name resolved once (:func:`resolve_model`): what it is, where it lives, what slimsd wrote beside
+    it and how it samples. The loader, the counter, the LoRA mapper and the trainer take this instead of the name,
+    so a name is read once however many steps use it."""
+
+    name: str  # as given
+    kind: (
+        str  # micro (micro-sd, micro-sdxl, toy-sd) | preset | local (a diffusers folder) | single-file | hub
+    )
+    location: str  # where the weights are: the resolved path, the hub id (preset, hub), or the name (micro)
+    preset: Preset | None = None  # the preset entry (micro, preset)
+    family: str | None = None  # sd | sdxl, when known without loading (presets, micro models)
+    info: dict | None = None  # slimsd's provenance: slimsd.json beside a folder, a single file's header
+    sampling: dict | None = None  # how it samples unless told otherwise (model_sampling)
+
+
+def resolve_model(model: str | ModelRef) -> ModelRef:
+    """MODEL as a :class:`ModelRef` (one already resolved is returned as it is); an unknown name is one line."""
+    if isinstance(model, ModelRef):
+        return model
+    kind = describe_model(model)
+    preset = PRESETS.get(model) if kind in ("micro", "preset") else None
+    info, location = None, model
+    if kind in ("local", "single-file"):
+        location = str(Path(model).resolve())
+        info = read_slimsd_info(model)
+    elif kind == "preset":
+        location = preset.hub_id or model
+    family = preset.family if preset is not None else None
+    return ModelRef(model, kind, location, preset, family, info, _sampling(model, kind, info))
+
+
+def _sampling(model: str, kind: str, info: dict | None) -> dict | None:
+    """How a model samples unless told otherwise, read without loading it: a step-distilled student's own (its
     slimsd.json ``sampling``: scheduler, steps, guidance); the toy teacher's guidance (TOY_SAMPLING: its PLMS
     scheduler follows 0.93 of its captions at guidance 2 and 0.13 at SD's 7.5), also for a student of it that says
     nothing itself; None for other models (25 steps, 7.5)."""
@@ -149,12 +183,17 @@ def model_sampling(model: str) -> dict | None:
         from slimsd.toy.teacher import TOY_SAMPLING
 
         return {"guidance": TOY_SAMPLING["guidance_scale"]}
-    if describe_model(model) != "local":
+    if kind != "local":
         return None
-    info = read_slimsd_info(model) or {}
+    info = info or {}
     if "sampling" in info:
         return info["sampling"]
-    return model_sampling("toy-sd") if info.get("teacher") == "toy-sd" else None
+    return _sampling("toy-sd", "micro", None) if info.get("teacher") == "toy-sd" else None
+
+
+def model_sampling(model: str | ModelRef) -> dict | None:
+    """How MODEL samples unless told otherwise (:class:`ModelRef` ``sampling``)."""
+    return resolve_model(model).sampling
 
 
 def read_slimsd_info(folder: str | Path) -> dict | None:

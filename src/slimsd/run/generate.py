@@ -255,28 +255,12 @@ def generate(
     guidance = defaults["guidance"] if guidance is None else guidance
     init = as_input_image(init_image, "init image")
     mask = as_input_image(mask, "mask")
-    check_mask(init, mask)
-    if init is None and strength is not None:
-        raise SlimsdError("strength applies to img2img: give an init image with it")
-    if init is not None and strength is None:
-        strength = DEFAULT_STRENGTH
     control = as_input_image(control_image, "control image")
-    if (controlnet is None) != (control is None):
-        raise SlimsdError("a ControlNet needs a control image and a control image a ControlNet: give both")
-    if controlnet is not None:
-        check_control_scale(control_scale)
-        if deep_cache > 1:  # DeepCache reuses deep features that the ControlNet's residuals would change
-            raise SlimsdError("deep cache with a ControlNet is not supported; use --deep-cache 1")
+    strength = check_task(init, mask, strength, controlnet, control, control_scale, deep_cache)
     own_w, own_h = input_size(init) if init is not None else (native_resolution(pipe),) * 2
     width = width or own_w
     height = height or own_h
-    if seeds is not None:
-        seeds = list(seeds)
-        if len(seeds) != len(prompts):
-            raise SlimsdError(f"{len(seeds)} seeds for {len(prompts)} prompts; give one seed per prompt")
-        for s in seeds:
-            if isinstance(s, bool) or not isinstance(s, int) or not 0 <= s <= MAX_SEED:
-                raise SlimsdError(f"seed {s!r} is out of range; allowed: 0 to {MAX_SEED}")
+    seeds = None if seeds is None else check_seeds(seeds, prompts)
     validate(
         steps=steps,
         guidance=guidance,
@@ -304,18 +288,27 @@ def generate(
         task_kwargs["strength"] = strength
     if controlnet is not None:
         task_kwargs["controlnet_conditioning_scale"] = float(control_scale)
-    controlnet_record = (
-        None
-        if controlnet is None
-        else {
-            "name": Path(getattr(controlnet, "_slimsd_path", "") or "controlnet").name,
-            "path": getattr(controlnet, "_slimsd_path", None),
-            "scale": float(control_scale),
-            "image": control.record(),
-        }
-    )
-    device = str(pipe.device)
-    dtype = dtype_name(pipe.unet.dtype)
+    # what every image's PNG records beside its prompt, seed and time
+    recorded = {
+        "negative_prompt": negative,
+        "steps": steps,
+        "guidance": float(guidance),
+        "width": width,
+        "height": height,
+        "scheduler": scheduler or "default",
+        "model": info["model"],
+        "model_source": info["source"],
+        "batch_size": batch_size,
+        "deep_cache": deep_cache,
+        "dtype": dtype_name(pipe.unet.dtype),
+        "device": str(pipe.device),
+        "slimsd_version": __version__,
+        "loras": list(info.get("loras", [])),
+        "strength": None if strength is None else float(strength),
+        "init_image": None if init is None else init.record(),
+        "mask": None if mask is None else mask.record(),
+        "controlnet": controlnet_record(controlnet, control, control_scale),
+    }
     # The pipeline's own scheduler comes back afterwards: a call's choice must not leak into the next one.
     original_scheduler = pipe.scheduler
     try:
@@ -354,33 +347,54 @@ def generate(
                 ).images
             elapsed = time.perf_counter() - start
             for (prompt, s), image in zip(batch, images, strict=True):
-                settings = Settings(
-                    prompt=prompt,
-                    negative_prompt=negative,
-                    steps=steps,
-                    guidance=float(guidance),
-                    width=width,
-                    height=height,
-                    seed=s,
-                    scheduler=scheduler or "default",
-                    model=info["model"],
-                    model_source=info["source"],
-                    batch_size=batch_size,
-                    deep_cache=deep_cache,
-                    dtype=dtype,
-                    device=device,
-                    slimsd_version=__version__,
-                    time_s=round(elapsed / len(batch), 4),
-                    loras=list(info.get("loras", [])),
-                    strength=None if strength is None else float(strength),
-                    init_image=None if init is None else init.record(),
-                    mask=None if mask is None else mask.record(),
-                    controlnet=controlnet_record,
-                )
+                time_s = round(elapsed / len(batch), 4)
+                settings = Settings(prompt=prompt, seed=s, time_s=time_s, **recorded)
                 results.append(GeneratedImage(image=image, settings=settings, index=len(results)))
     finally:
         pipe.scheduler = original_scheduler
     return results
+
+
+def check_task(
+    init, mask, strength, controlnet, control, control_scale: float, deep_cache: int
+) -> float | None:
+    """The img2img / inpainting / ControlNet inputs fit together; returns the strength (img2img's default when
+    an init image comes without one)."""
+    check_mask(init, mask)
+    if init is None and strength is not None:
+        raise SlimsdError("strength applies to img2img: give an init image with it")
+    if init is not None and strength is None:
+        strength = DEFAULT_STRENGTH
+    if (controlnet is None) != (control is None):
+        raise SlimsdError("a ControlNet needs a control image and a control image a ControlNet: give both")
+    if controlnet is not None:
+        check_control_scale(control_scale)
+        if deep_cache > 1:  # DeepCache reuses deep features that the ControlNet's residuals would change
+            raise SlimsdError("deep cache with a ControlNet is not supported; use --deep-cache 1")
+    return strength
+
+
+def check_seeds(seeds: Sequence[int], prompts: list[str]) -> list[int]:
+    """One seed per prompt, each in range."""
+    seeds = list(seeds)
+    if len(seeds) != len(prompts):
+        raise SlimsdError(f"{len(seeds)} seeds for {len(prompts)} prompts; give one seed per prompt")
+    for s in seeds:
+        if isinstance(s, bool) or not isinstance(s, int) or not 0 <= s <= MAX_SEED:
+            raise SlimsdError(f"seed {s!r} is out of range; allowed: 0 to {MAX_SEED}")
+    return seeds
+
+
+def controlnet_record(controlnet, control, control_scale: float) -> dict | None:
+    """What a PNG records of the ControlNet that steered it (None: none did)."""
+    if controlnet is None:
+        return None
+    return {
+        "name": Path(getattr(controlnet, "_slimsd_path", "") or "controlnet").name,
+        "path": getattr(controlnet, "_slimsd_path", None),
+        "scale": float(control_scale),
+        "image": control.record(),
+    }
 
 
 def task_inputs(pipe, init, mask, control, width: int, height: int) -> dict:

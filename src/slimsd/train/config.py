@@ -155,7 +155,7 @@ CHOICES = {
     "mixed_precision": tuple(MIXED_PRECISION),
     "lr_scheduler": LR_SCHEDULERS,
     "feat_norm": ("none", "teacher"),
-    "objective": OBJECTIVES,
+    "objective": OBJECTIVE_CLASSES.keys(),  # the registry's names as they are now
     "lcm_loss": ("l2", "huber"),
 }
 

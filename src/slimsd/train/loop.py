@@ -31,7 +31,7 @@ import torch
 from slimsd.errors import SlimsdError
 from slimsd.train import data as D
 from slimsd.train import sharding as S
-from slimsd.train.checkpoints import apply_optimizer_settings, architecture, load_checkpoint, save_checkpoint
+from slimsd.train.checkpoints import apply_optimizer_settings, load_checkpoint, save_checkpoint
 from slimsd.train.config import DistillConfig
 from slimsd.train.objectives import OBJECTIVES
 from slimsd.train.objectives.base import Run
@@ -81,7 +81,7 @@ def train_run(cfg: DistillConfig, step_offset: int = 0, keep_process_group: bool
     optimizer, lr_scheduler = make_optimizer(cfg, student)
     averages = objective.averages(student)
     # 3. Resume: weights, optimizer, schedule, averages, generator, step and data position.
-    arch = architecture(student, models.recipe["name"] if models.recipe else cfg.student)
+    arch = objective.architecture(student, models)  # names the student when a checkpoint does not fit
     shapes = {k: tuple(v.shape) for k, v in student.state_dict().items()}
     # Prepared first: the checkpoint's whole weights and optimizer state are then put into each process's shard.
     student, optimizer = accelerator.prepare(student, optimizer)
@@ -151,7 +151,7 @@ def train_run(cfg: DistillConfig, step_offset: int = 0, keep_process_group: bool
                 accelerator, engine, output_dir, step, student, *opt, averages, gen, state, cfg.keep_last
             )
         if cfg.validation_every and cfg.validation_prompts and step % cfg.validation_every == 0:
-            validate_images(run, log_with, step)
+            objective.validation(run, step, log_with)
     bar.close()
 
     # 6. final/: what the objective leaves (the average it keeps for that, else the trained weights). A run
@@ -302,65 +302,6 @@ def progress_bar(cfg: DistillConfig, accelerator, label: str, initial: int):
         desc=label,
         dynamic_ncols=True,
     )
-
-
-def validate_images(run: Run, log_with, step: int) -> None:
-    """The validation grid of STEP: a sharded student runs its forward on every process (collectives); the
-    main one writes it (and logs it to TensorBoard)."""
-    accelerator = run.accelerator
-    if accelerator.is_main_process or run.engine in ("fsdp", "deepspeed"):
-        grid = save_validation(
-            type(run.models.pipe),
-            run.models.pipe,
-            accelerator.unwrap_model(run.student),
-            run.cfg,
-            run.resolution,
-            run.output_dir / "validation" / f"step-{step:08d}.png",
-            accelerator.autocast,
-            write=accelerator.is_main_process,
-        )
-        if log_with and accelerator.is_main_process:
-            import numpy as np
-
-            accelerator.get_tracker("tensorboard").writer.add_image(
-                "validation", np.asarray(grid), step, dataformats="HWC"
-            )
-    accelerator.wait_for_everyone()
-
-
-def save_validation(
-    pipe_cls, teacher_pipe, student, cfg: DistillConfig, resolution: int, path: Path, autocast, write=True
-):
-    """Images of the fixed prompts from the current student (same seeds every time), as one PNG grid."""
-    import io
-
-    from slimsd.atomic import atomic_write_bytes
-    from slimsd.images import make_grid
-
-    pipe = pipe_cls(**(dict(teacher_pipe.components) | {"unet": student}))
-    pipe.set_progress_bar_config(disable=True)
-    was_training = student.training
-    student.eval()
-    images = []
-    for i, prompt in enumerate(cfg.validation_prompts):
-        g = torch.Generator().manual_seed(cfg.seed + i)
-        with torch.no_grad(), autocast():  # fp32 student, frozen parts in the compute dtype
-            images.append(
-                pipe(
-                    prompt,
-                    num_inference_steps=cfg.validation_steps,
-                    height=resolution,
-                    width=resolution,
-                    generator=g,
-                ).images[0]
-            )
-    student.train(was_training)
-    buf = io.BytesIO()
-    grid = make_grid(images, cols=len(images))
-    grid.save(buf, format="PNG")
-    if write:
-        atomic_write_bytes(path, buf.getvalue())
-    return grid
 
 
 def _reset_accelerate_state(num_processes: int) -> None:

@@ -5,11 +5,13 @@ An objective is a class with a ``name``, registered in objectives/__init__.py. T
 
     check(cfg)                        its own config keys (static: config.validate calls it; no model is read)
     load(device, weight_dtype)        -> Models: the trainable student, the frozen parts, what final/ records
+    architecture(student, models)     names the student when a checkpoint does not fit
     prepare(run)                      before the optimizer: taps, target networks, schedules, class images
     averages()                        -> {name: state dict | None}: weight averages, checkpointed by name
     loss(run, batch, step)            -> {"loss": tensor, term: tensor ...} of one micro-batch on this process
     after_step(run, step, online)     after each optimizer step: update the averages from the whole weights
     record(step)                      extra fields of the step's loss record (e.g. progressive's round)
+    validation(run, step, log_with)   the validation images (validation_every)
     final_average()                   the average final/ holds (None: the trained weights themselves)
     save_final(run, weights, state)   -> final/: what a finished run leaves
     close()                           undo what prepare hooked on the models
@@ -112,6 +114,13 @@ class Objective:
 
     def record(self, step: int) -> dict:
         return {}
+
+    def architecture(self, student: torch.nn.Module, models: Models) -> str:
+        """A short description of the student, to name it when a checkpoint does not fit."""
+        return f"{type(student).__name__} ({sum(p.numel() for p in student.parameters()):,} parameters)"
+
+    def validation(self, run: Run, step: int, log_with) -> None:
+        """The validation images of STEP (``validation_every``; called on every process); none by default."""
 
     def final_average(self) -> dict | None:
         return self.ema

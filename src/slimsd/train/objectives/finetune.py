@@ -59,16 +59,18 @@ class Finetune(UNetObjective):
     def load(self, device, weight_dtype: torch.dtype) -> Models:
         """ONE model, whose U-Net (fp32) gets the adapters and fills the student's slot; its other parts serve
         as the frozen VAE and text encoder(s), in the compute dtype. No teacher is loaded."""
-        from slimsd.models.loading import load, read_slimsd_info
+        from slimsd.models.loading import load
+        from slimsd.models.sources import resolve_model
 
         cfg = self.cfg
-        pipe = load(cfg.student, device="cpu", dtype="fp32", optimize=False, allow_pickle=cfg.allow_pickle)
+        ref = resolve_model(cfg.student)  # read once: the loader and the provenance take it
+        pipe = load(ref, device="cpu", dtype="fp32", optimize=False, allow_pickle=cfg.allow_pickle)
         for part in pipe.components.values():
             if isinstance(part, torch.nn.Module) and part is not pipe.unet:
                 part.to(device)
                 if weight_dtype != torch.float32:  # (a cast to the dtype it has already makes diffusers warn)
                     part.to(weight_dtype)
-        info = (read_slimsd_info(cfg.student) or {}) if Path(cfg.student).is_dir() else {}
+        info = (ref.info or {}) if ref.kind == "local" else {}
         unet = add_lora(pipe.unet, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets or ATTENTION_TARGETS)
         frozen = freeze(pipe, unet)
         return Models(pipe, unet, frozen, info.get("recipe"), info.get("weight_map"))

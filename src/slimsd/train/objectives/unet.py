@@ -68,8 +68,9 @@ class UNetObjective(Objective):
         `slimsd compress` folder, or compressed here by a recipe."""
         from slimsd.models.architecture import load_recipe, parse_recipe, plan
         from slimsd.models.compress import compress_pipeline
-        from slimsd.models.loading import load, read_slimsd_info
+        from slimsd.models.loading import load
         from slimsd.models.single_file import is_single_file
+        from slimsd.models.sources import resolve_model
         from slimsd.train.losses import default_taps, parse_taps
 
         cfg = self.cfg
@@ -81,10 +82,11 @@ class UNetObjective(Objective):
             cfg.teacher, device=device, dtype=weight_dtype, optimize=False, allow_pickle=cfg.allow_pickle
         )
         if student_is_folder:
+            ref = resolve_model(cfg.student)  # read once: the loader and the provenance take it
             student = load(
-                cfg.student, device="cpu", dtype="fp32", optimize=False, allow_pickle=cfg.allow_pickle
+                ref, device="cpu", dtype="fp32", optimize=False, allow_pickle=cfg.allow_pickle
             ).unet
-            info = read_slimsd_info(cfg.student) or {}
+            info = ref.info or {}
             recipe_obj = parse_recipe(info["recipe"]) if info.get("recipe") else None
             weight_map, source = info.get("weight_map"), cfg.student
         else:
@@ -196,6 +198,53 @@ class UNetObjective(Objective):
         x0_u, eps_u = C.predicted_x0_eps(out[n:], t, noisy, self.alphas_cumprod, kind)
         wv = w.view(-1, 1, 1, 1)
         return x0_c + wv * (x0_c - x0_u), eps_c + wv * (eps_c - eps_u)
+
+    def architecture(self, student, models: Models) -> str:
+        from slimsd.train.checkpoints import architecture
+
+        return architecture(student, models.recipe["name"] if models.recipe else self.cfg.student)
+
+    # --- validation images -----------------------------------------------------------------------------
+
+    def validation(self, run: Run, step: int, log_with) -> None:
+        """The validation grid of STEP: the fixed prompts from the current student, same seeds every time. A
+        sharded student runs its forward on every process (collectives); the main one writes the grid (and logs
+        it to TensorBoard)."""
+        import io
+
+        from slimsd.atomic import atomic_write_bytes
+        from slimsd.images import make_grid
+
+        cfg, accelerator, tp = self.cfg, run.accelerator, run.models.pipe
+        if accelerator.is_main_process or run.engine in ("fsdp", "deepspeed"):
+            student = accelerator.unwrap_model(run.student)
+            pipe = type(tp)(**(dict(tp.components) | {"unet": student}))
+            pipe.set_progress_bar_config(disable=True)
+            was_training = student.training
+            student.eval()
+            images = []
+            for i, prompt in enumerate(cfg.validation_prompts):
+                g = torch.Generator().manual_seed(cfg.seed + i)
+                size = {"height": run.resolution, "width": run.resolution}
+                with (
+                    torch.no_grad(),
+                    accelerator.autocast(),
+                ):  # fp32 student, frozen parts in the compute dtype
+                    images.append(
+                        pipe(prompt, num_inference_steps=cfg.validation_steps, generator=g, **size).images[0]
+                    )
+            student.train(was_training)
+            grid = make_grid(images, cols=len(images))
+            if accelerator.is_main_process:
+                buf = io.BytesIO()
+                grid.save(buf, format="PNG")
+                atomic_write_bytes(run.output_dir / "validation" / f"step-{step:08d}.png", buf.getvalue())
+                if log_with:
+                    import numpy as np
+
+                    writer = accelerator.get_tracker("tensorboard").writer
+                    writer.add_image("validation", np.asarray(grid), step, dataformats="HWC")
+        accelerator.wait_for_everyone()
 
     # --- final/ --------------------------------------------------------------------------------------------
 
