@@ -119,12 +119,9 @@ def save_checkpoint(
 
 
 def architecture(unet, label: str) -> str:
-    """A short description of a student's architecture (a U-Net; a tiny decoder: its blocks per stage), to name
-    it when a checkpoint does not fit."""
+    """A short description of a U-Net's architecture, to name it when a checkpoint does not fit."""
     c = unet.config
     params = sum(p.numel() for p in unet.parameters())
-    if "layers_per_block" not in c:
-        return f"{label} (block_out_channels {list(c.block_out_channels)}, {params:,} parameters)"
     return (
         f"{label} (block_out_channels {list(c.block_out_channels)}, layers_per_block {c.layers_per_block}, "
         f"mid block {c.mid_block_type or 'none'}, {params:,} parameters)"

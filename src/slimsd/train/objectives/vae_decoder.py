@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 from dataclasses import asdict
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -32,32 +31,6 @@ import torch.nn.functional as F
 from slimsd.errors import SlimsdError
 from slimsd.models.decoders import LATENT_SCALING, TINY_DECODERS, is_decoder_folder
 from slimsd.train.objectives.base import Models, Objective, Run
-
-
-class DecoderPreview:
-    """The teacher pipeline as the loop's validation sees it (loop.save_validation builds
-    ``type(models.pipe)(**models.pipe.components, unet=student)`` and calls it with a prompt): the teacher
-    samples the prompt's latents; each image is the teacher VAE's decode beside the tiny decoder's."""
-
-    def __init__(self, teacher, unet=None):
-        self.teacher, self.decoder = teacher, unet
-
-    @property
-    def components(self) -> dict:
-        return {"teacher": self.teacher}
-
-    def set_progress_bar_config(self, **kwargs) -> None:
-        self.teacher.set_progress_bar_config(**kwargs)
-
-    def __call__(self, prompt, **kwargs):
-        from slimsd.images import make_grid
-
-        tp = self.teacher
-        latents = tp(prompt, output_type="latent", **kwargs).images
-        full = tp.vae.decode(latents.to(tp.vae.dtype) / tp.vae.config.scaling_factor).sample
-        tiny = self.decoder.decode(latents.float()).sample
-        images = tp.image_processor.postprocess(torch.cat([full.float(), tiny.float()]), output_type="pil")
-        return SimpleNamespace(images=[make_grid(images, cols=2)])
 
 
 def encoder_features(vae, pixels: torch.Tensor) -> list[torch.Tensor]:
@@ -131,12 +104,55 @@ class VAEDecoder(Objective):
             "name": cfg.student,
             "config": {k: v for k, v in student.config.items() if not k.startswith("_")},
         }
-        return Models(DecoderPreview(teacher), student, frozen, recipe, student_source=source)
+        return Models(teacher, student, frozen, recipe, student_source=source)
 
-    def resolution(self, models: Models) -> int:
-        from slimsd.models.loading import native_resolution
+    def architecture(self, student, models: Models) -> str:
+        c = student.config
+        params = sum(p.numel() for p in student.parameters())
+        return (
+            f"{self.cfg.student} (AutoencoderTiny, decoder channels {list(c.decoder_block_out_channels)}, blocks "
+            f"{list(c.num_decoder_blocks)}, {params:,} parameters)"
+        )
 
-        return self.cfg.resolution or native_resolution(self.teacher)
+    def validation(self, run: Run, step: int, log_with) -> None:
+        """The validation grid of STEP (main process; one process only, see loss): for each fixed prompt the
+        teacher samples latents (same seeds every time), shown decoded by the teacher's VAE beside the tiny
+        decoder."""
+        import io
+
+        from slimsd.atomic import atomic_write_bytes
+        from slimsd.images import make_grid
+
+        cfg, tp, decoder = self.cfg, self.teacher, run.student
+        images = []
+        decoder.eval()
+        for i, prompt in enumerate(cfg.validation_prompts):
+            g = torch.Generator().manual_seed(cfg.seed + i)
+            size = {"height": run.resolution, "width": run.resolution}
+            with torch.no_grad(), run.accelerator.autocast():
+                z = tp(
+                    prompt,
+                    num_inference_steps=cfg.validation_steps,
+                    generator=g,
+                    output_type="latent",
+                    **size,
+                )
+                z = z.images
+                full = tp.vae.decode(z.to(tp.vae.dtype) / tp.vae.config.scaling_factor).sample
+                tiny = decoder.decode(z.float()).sample
+            images += tp.image_processor.postprocess(
+                torch.cat([full.float(), tiny.float()]), output_type="pil"
+            )
+        decoder.train()
+        grid = make_grid(images, cols=2)
+        buf = io.BytesIO()
+        grid.save(buf, format="PNG")
+        atomic_write_bytes(run.output_dir / "validation" / f"step-{step:08d}.png", buf.getvalue())
+        if log_with:
+            import numpy as np
+
+            writer = run.accelerator.get_tracker("tensorboard").writer
+            writer.add_image("validation", np.asarray(grid), step, dataformats="HWC")
 
     def prepare(self, run: Run) -> None:
         from slimsd.models.loading import is_sdxl
