@@ -114,6 +114,13 @@ def _check_out(out: str) -> None:
 @click.option(
     "--control-scale", type=float, default=None, help="How strongly the ControlNet steers (0-2; default 1)."
 )
+@click.option(
+    "--vae",
+    default=None,
+    metavar="DIR",
+    help="A tiny decoder folder (a `vae-decoder` run's final/, AutoencoderTiny) to decode with instead of the "
+    "model's VAE.",
+)
 @deep_cache_option
 @click.option("--no-grid", is_flag=True, help="Do not write a grid image.")
 @runtime_options
@@ -141,6 +148,7 @@ def generate(
     controlnet,
     control_image,
     control_scale,
+    vae,
     deep_cache,
     no_grid,
     device,
@@ -185,6 +193,7 @@ def generate(
         model, loras, prompts, init, mask_image, controlnet, control_scale, control = _reload_from_png(
             from_png, given, model, prompt, loras, init, mask_image, controlnet, control_scale, control
         )
+        vae = vae or _reload_vae(from_png)
     else:
         prompts = _prompts(model, prompt, prompts_file)
     # steps and guidance left out: the model's own (a step-distilled student says 4 steps), known once loaded
@@ -232,6 +241,7 @@ def generate(
         loras=loras,
         on_warning=warn,
         prediction_type=prediction_type,
+        vae=vae,
     )
 
     bar = Progress("generate", disable=as_json)
@@ -297,6 +307,13 @@ def _reload_from_png(
     return model, loras, prompts, init, mask_image, controlnet, control_scale, control
 
 
+def _reload_vae(from_png) -> str | None:
+    """--from-png: the tiny decoder the image was decoded with (None: the model's own VAE)."""
+    from slimsd.run.pnginfo import settings_from_png, vae_to_reload
+
+    return vae_to_reload(settings_from_png(from_png))
+
+
 def _prompts(model, prompt, prompts_file) -> list[str]:
     """The prompts of a command without --from-png (MODEL and a prompt are then required)."""
     from slimsd.errors import SlimsdError
@@ -332,6 +349,7 @@ def _report(model, pipe, results, paths, grid, as_json: bool) -> None:
             "settings": settings,
             "runtime": pipe._slimsd["runtime"],
             "loras": pipe._slimsd["loras"],
+            "vae": pipe._slimsd["vae"],
         }
         click.echo(json.dumps(summary, indent=1))
         return

@@ -43,6 +43,7 @@ TINY_DECODERS: dict[str, dict] = {
     },
 }
 INFO_FILE = "slimsd.json"
+WEIGHTS = "diffusion_pytorch_model.safetensors"
 LATENT_SCALING = "unet-latents"  # the decoder takes the U-Net's latents: VAE latents x the teacher's scaling
 
 
@@ -102,12 +103,8 @@ def read_decoder_info(folder: str | Path) -> dict:
         return {}
 
 
-def load_decoder(folder: str | Path, dtype: torch.dtype = torch.float32, device="cpu"):
-    """The tiny decoder in FOLDER (a plain diffusers AutoencoderTiny folder, safetensors), checked."""
-    from diffusers import AutoencoderTiny
-
-    from slimsd.models.sources import quiet_loading
-
+def check_folder(folder: str | Path) -> Path:
+    """FOLDER as a tiny decoder folder (a plain diffusers AutoencoderTiny folder, safetensors), or one line."""
     folder = Path(folder)
     if not folder.is_dir():
         raise SlimsdError(f"decoder folder {str(folder)!r} does not exist")
@@ -116,11 +113,29 @@ def load_decoder(folder: str | Path, dtype: torch.dtype = torch.float32, device=
             f"decoder folder {str(folder)!r} holds no AutoencoderTiny (config.json with _class_name "
             "AutoencoderTiny); allowed: the final/ folder of a `vae-decoder` run or a diffusers AutoencoderTiny"
         )
-    if not (folder / "diffusion_pytorch_model.safetensors").is_file():
-        raise SlimsdError(f"decoder folder {str(folder)!r} has no diffusion_pytorch_model.safetensors")
+    if not (folder / WEIGHTS).is_file():
+        raise SlimsdError(f"decoder folder {str(folder)!r} has no {WEIGHTS}")
+    return folder
+
+
+def load_decoder(folder: str | Path, dtype: torch.dtype = torch.float32, device="cpu"):
+    """The tiny decoder in FOLDER (check_folder), in DTYPE on DEVICE, for inference."""
+    from diffusers import AutoencoderTiny
+
+    from slimsd.models.sources import quiet_loading
+
+    folder = check_folder(folder)
     with quiet_loading():
         decoder = AutoencoderTiny.from_pretrained(str(folder), torch_dtype=dtype, use_safetensors=True)
-    return decoder.to(device).eval()
+    return decoder.to(device).eval().requires_grad_(False)
+
+
+def decoder_record(folder: str | Path) -> dict:
+    """What a PNG records of the decoder in FOLDER: its resolved path and its weights' sha256."""
+    from slimsd.files import file_sha256
+
+    path = check_folder(folder).resolve()
+    return {"path": str(path), "sha256": file_sha256(path / WEIGHTS)}
 
 
 def check_fits(decoder, vae_config: dict, where: str) -> None:
@@ -144,14 +159,11 @@ def check_fits(decoder, vae_config: dict, where: str) -> None:
 def swap_decoder(pipe, folder: str | Path) -> dict:
     """Put the tiny decoder in FOLDER into PIPE as its VAE (in the pipeline's device and dtype). Returns what a
     PNG records of it: {"path", "sha256"}."""
-    from slimsd.files import file_sha256
-
     vae = pipe.vae
     decoder = load_decoder(folder, dtype=vae.dtype, device=vae.device)
     check_fits(decoder, dict(vae.config), str(folder))
     pipe.vae = decoder
-    path = Path(folder).resolve()
-    return {"path": str(path), "sha256": file_sha256(path / "diffusion_pytorch_model.safetensors")}
+    return decoder_record(folder)
 
 
 # --- counting (counting.decoder_counts) ----------------------------------------------------------------------
