@@ -15,6 +15,7 @@ from PIL import Image
 
 from slimsd.errors import SlimsdError
 from slimsd.models.decoders import build_tiny_decoder, swap_decoder
+from slimsd.models.presets import MICRO_VAE
 from slimsd.run import generate as g
 from slimsd.run import pnginfo
 
@@ -164,3 +165,20 @@ def test_img2img_with_a_tiny_decoder_is_one_line(tmp_path, capsys):
     args = ["generate", "micro-sd", PROMPT, "--steps", "2", "--vae", str(folder), "--init-image"]
     code, _, err = run_cli([*args, str(tmp_path / "init.png"), "--out", str(tmp_path / "o")], capsys)
     assert code == 2 and "a tiny decoder (--vae) only decodes" in err
+
+
+def test_inspect_shows_both_decoders(tmp_path, capsys):
+    """SD 1.x's decoder against TAESD's size at 512 px (published parameter counts, as above); a folder given with
+    --vae is the one compared."""
+    code, out, err = run_cli(["inspect", "bk-sdm-tiny", "--json"], capsys)
+    assert code == 0, err
+    d = json.loads(out)["decoders"]
+    assert d["resolution"] == 512 and d["tiny_decoder"]["source"] == "tiny-decoder"
+    assert d["vae_decoder"]["params"] == pytest.approx(49.49e6, rel=1e-3)
+    assert d["tiny_decoder"]["params"] == pytest.approx(1.22e6, rel=5e-3)
+    folder = decoder_folder(tmp_path, "micro-sd")
+    code, out, _ = run_cli(["inspect", "micro-sd", "--vae", str(folder)], capsys)
+    params = sum(p.numel() for p in build_tiny_decoder("micro-tiny-decoder", MICRO_VAE).decoder.parameters())
+    assert code == 0 and f"tiny decoder  {params:>15,} params" in out
+    code, _, err = run_cli(["inspect", "micro-sd", "--vae", str(tmp_path)], capsys)
+    assert code == 2 and "holds no AutoencoderTiny" in err

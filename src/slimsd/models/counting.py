@@ -246,3 +246,26 @@ def summarize(model: str, resolution: int | None = None) -> dict:
         out["published"] = PRESETS[model].published
         out["hub_id"] = PRESETS[model].hub_id
     return out
+
+
+def decoder_summary(model: str, resolution: int | None = None, vae: str | None = None) -> dict:
+    """The decoders ``slimsd inspect`` compares at ``resolution``: the model's VAE decoder and a tiny decoder for
+    its latent space (the folder VAE, else the ``tiny-decoder`` preset), parameters and MACs of one decode."""
+    from diffusers import AutoencoderTiny
+
+    from slimsd.models.decoders import check_folder, meta_decoders
+
+    _, _, vae_cfg, default_res = model_architecture(model)
+    resolution = resolution or default_res
+    full, tiny = meta_decoders(vae_cfg)
+    if vae is not None:
+        with torch.device("meta"):
+            tiny = AutoencoderTiny.from_config(AutoencoderTiny.load_config(str(check_folder(vae))))
+    full_params, full_macs = decoder_counts(full, resolution)
+    tiny_params, tiny_macs = decoder_counts(tiny, resolution)
+    return {
+        "resolution": resolution,
+        "vae_decoder": {"params": full_params, "macs": full_macs},
+        "tiny_decoder": {"source": vae or "tiny-decoder", "params": tiny_params, "macs": tiny_macs},
+        "macs_ratio": full_macs / tiny_macs,
+    }
