@@ -157,7 +157,9 @@ def test_latent_cache_is_transparent_and_bad_rows_are_counted(tmp_path):
     make_imagefolder(dirty)
     info = write_cache("micro-sd", str(dirty), tmp_path / "dirty-cache", resolution=64)
     assert info["count"] == 3 and info["skipped"] == {"missing_caption": 1, "unreadable_image": 1}
-    run = train(cfg(tmp_path, "dirty-run", batch_size=4, max_steps=1, data=str(dirty)))
+    run = train(
+        cfg(tmp_path, "dirty-run", batch_size=4, max_steps=1, data=str(dirty), max_skipped_fraction=0.5)
+    )
     assert run["skipped"] == {"missing_caption": 1, "unreadable_image": 1}  # counted, not a crash
 
     clean = tmp_path / "clean"
@@ -322,3 +324,55 @@ def test_a_missing_tensorboard_is_a_one_line_warning_and_training_goes_on(tmp_pa
     assert "the tensorboard package is not installed" in warnings[0] and "tensorboard=false" in warnings[0]
     assert (Path(result["final_dir"]) / "slimsd.json").is_file()
     assert not (tmp_path / "run" / "tensorboard").exists()
+
+
+@pytest.mark.slow(seconds=40)
+@pytest.mark.xdist_group("processes")  # one multi-process test at a time (tests/conftest.py)
+def test_two_processes_report_the_skipped_rows_of_all_processes(tmp_path):
+    """Each process reads its own rows, so the run's count of unreadable rows is the sum over processes: 2
+    processes report what 1 process with the same global batch reports (2 epochs: the corrupt image read twice,
+    by whichever process its slot falls to; the caption-less row dropped once, at indexing)."""
+    from test_data import make_imagefolder
+
+    dirty = tmp_path / "dirty"
+    dirty.mkdir()
+    make_imagefolder(dirty)  # 4 rows indexed (3 good, 1 corrupt image) and 1 dropped (no caption)
+    kw = {"max_steps": 2, "data": str(dirty), "max_skipped_fraction": 0.5}  # 1 of 4 rows: 0.25
+    one = train(cfg(tmp_path, "one", batch_size=4, **kw))
+    assert one["skipped"] == {"missing_caption": 1, "unreadable_image": 2}
+    two = launch_distill({**FAST, **kw, "batch_size": 2, "output_dir": tmp_path / "two"}, tmp_path)
+    assert two["num_processes"] == 2 and two["skipped"] == one["skipped"]
+    info = json.loads((tmp_path / "two" / "final" / "slimsd.json").read_text())
+    assert info["skipped"] == one["skipped"]
+
+
+def test_mostly_unreadable_data_ends_the_run_with_one_line(tmp_path, capsys):
+    """3 of the 4 indexed rows are corrupt images: more than max_skipped_fraction (default 0.05) of the data, so
+    the run ends with one line naming the count and the key after the first step whose reads find one (not at the
+    end). Which rows step 1 reads follows from the epoch order (row 0, "0.png", is the good one)."""
+    from test_data import CORRUPT, png
+
+    from slimsd.train.data import epoch_order
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for i in range(4):
+        (data / f"{i}.png").write_bytes(png("red") if i == 0 else CORRUPT)
+        (data / f"{i}.txt").write_text("a red square")
+    args = [
+        "distill",
+        *(f"{k}={v}" for k, v in FAST.items()),
+        f"data={data}",
+        f"output_dir={tmp_path / 'run'}",
+    ]
+    code, _, err = run_cli([*args, "batch_size=2", "max_steps=20"], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    order = epoch_order(
+        4, 0, 0
+    )  # seed 0, epoch 0; micro-batch 1 = its first 2 rows, or the next 2 if both fail
+    bad = {i for i in order[:2] if i != 0}
+    if len(bad) == 2:
+        bad |= {i for i in order[2:] if i != 0}
+    assert (
+        f"{len(bad)} of its 4 rows could not be read by step 1" in err and "max_skipped_fraction 0.05" in err
+    )

@@ -71,15 +71,44 @@ def file_hashes(out: Path) -> dict[str, str]:
     hashes = {}
     for p in sorted(files):
         data = p.read_bytes()
+        if p.name == "slimsd.json":  # written as json.dumps(info, indent=1) + "\n": the same bytes, rewritten
+            data = (json.dumps(recorded_keys(json.loads(data)), indent=1) + "\n").encode()
+            data = data.replace(json.dumps(__version__).encode(), b'"<version>"')
         if p.suffix == ".json":  # diffusers' configs keep the folder they were read from (_name_or_path)
-            text = data.decode().replace(str(out), "<out>")
-            if p.name == "slimsd.json":
-                text = text.replace(json.dumps(__version__), '"<version>"')
-            data = text.encode()
+            data = data.decode().replace(str(out), "<out>").encode()
         if p.suffix == ".safetensors":
             data = canonical_safetensors(data)
         hashes[p.relative_to(out).as_posix()] = hashlib.sha256(data).hexdigest()
     return hashes
+
+
+# The config keys of the recording (DistillConfig at 2c995db). A key added since then appears in slimsd.json's
+# record of the config ("distill", "finetune"); it is left out of the hash: with its default, a new key must not
+# change these runs' computation, which the weights' hashes check.
+# fmt: off
+RECORDED_KEYS = {
+    "teacher", "student", "objective", "data", "output_dir", "max_steps", "batch_size",
+    "gradient_accumulation_steps", "learning_rate", "weight_decay", "adam_beta1", "adam_beta2",
+    "adam_epsilon", "max_grad_norm", "lr_scheduler", "lr_warmup_steps", "lambda_task", "lambda_out",
+    "lambda_feat", "feat_norm", "feature_taps", "resolution", "center_crop", "random_flip", "caption_dropout",
+    "checkpoint_every", "keep_last", "resume", "overwrite", "allow_config_change", "stop_at_step",
+    "mixed_precision", "seed", "gradient_checkpointing", "use_8bit_adam", "ema", "ema_decay",
+    "validation_prompts", "validation_every", "validation_steps", "log_every", "num_workers", "tensorboard",
+    "progress", "allow_pickle", "solver_steps", "guidance_min", "guidance_max", "lcm_loss", "huber_c",
+    "target_decay", "timestep_scaling", "cond_proj_dim", "lora_rank", "lora_alpha", "lora_targets",
+    "sample_steps", "sample_guidance", "progressive_steps", "steps_per_round", "class_prompt",
+    "num_class_images", "class_steps", "prior_loss_weight", "stages",
+}
+# fmt: on
+FINETUNE_NAMES = {"model", "rank", "alpha", "target_modules"}  # finetune's names for four of them
+
+
+def recorded_keys(info: dict) -> dict:
+    """slimsd.json with its record of the config cut to the recording's keys."""
+    for section in ("distill", "finetune"):
+        if section in info:
+            info[section] = {k: v for k, v in info[section].items() if k in RECORDED_KEYS | FINETUNE_NAMES}
+    return info
 
 
 def canonical_safetensors(data: bytes) -> bytes:

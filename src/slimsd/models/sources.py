@@ -167,11 +167,22 @@ def resolve_model(model: str | ModelRef) -> ModelRef:
     info, location = None, model
     if kind in ("local", "single-file"):
         location = str(Path(model).resolve())
-        info = read_slimsd_info(model)
+        info = _readable_info(model)
     elif kind == "preset":
         location = preset.hub_id or model
     family = preset.family if preset is not None else None
     return ModelRef(model, kind, location, preset, family, info, _sampling(model, kind, info))
+
+
+def _readable_info(model: str) -> dict | None:
+    """read_slimsd_info, or None for a single file whose header does not read: the loader, which reads it
+    again, says what is wrong with it in one line."""
+    from safetensors import SafetensorError
+
+    try:
+        return read_slimsd_info(model)
+    except (SafetensorError, OSError, ValueError):
+        return None
 
 
 def _sampling(model: str, kind: str, info: dict | None) -> dict | None:

@@ -77,6 +77,9 @@ class DistillConfig:
     validation_steps: int = 25
     log_every: int = 10
     num_workers: int = 0
+    # the share of the data's rows that may fail to read (corrupt or missing images, over all processes) before
+    # the run ends with one line; 1: train on whatever reads
+    max_skipped_fraction: float = 0.05
     tensorboard: bool = True
     progress: bool = True
     allow_pickle: bool = False
@@ -147,7 +150,7 @@ RANGES: dict[str, tuple[float | None, float | None, bool, bool]] = {
     **dict.fromkeys(("lambda_task", "lambda_out", "lambda_feat"), AT_LEAST_0),
     **dict.fromkeys(("learning_rate", "adam_epsilon"), (0, None, False, True)),  # above 0
     **dict.fromkeys(("adam_beta1", "adam_beta2"), (0, 1, True, False)),  # torch's AdamW refuses 1
-    **dict.fromkeys(("caption_dropout", "ema_decay"), (0, 1, True, True)),
+    **dict.fromkeys(("caption_dropout", "ema_decay", "max_skipped_fraction"), (0, 1, True, True)),
     "resolution": (8, None, True, True),
     "seed": (0, 2**32 - 1, True, True),  # numpy's seed range (accelerate's set_seed seeds numpy too)
 }

@@ -97,11 +97,11 @@ def train_run(cfg: DistillConfig, step_offset: int = 0, keep_process_group: bool
         accelerator.print(f"resumed from {folder.checkpoint} at step {state['step']}")
     # What the next checkpoints record: this run's config, its history of changes, the student it trains.
     state |= {"config": asdict(cfg), "config_changes": folder.history, "architecture": arch}
-    skipped = Counter(state["skipped"])
-    skipped.update({} if folder.checkpoint else source.skipped)
+    skipped = own_skipped(accelerator, state, source, resumed=folder.checkpoint is not None)
 
     # 4. Data: this process's slice of every global micro-batch, from the saved position on.
-    next_batch = batches(run, source, state, skipped, torch_rng)
+    unreadable = Unreadable(run, len(source))  # ends a run on mostly unreadable data (max_skipped_fraction)
+    next_batch = batches(run, source, state, skipped, torch_rng, unreadable)
     if log_with and accelerator.is_main_process:
         config = {k: v for k, v in asdict(cfg).items() if isinstance(v, int | float | str | bool)}
         accelerator.init_trackers("tensorboard", config=config)
@@ -130,6 +130,7 @@ def train_run(cfg: DistillConfig, step_offset: int = 0, keep_process_group: bool
         # the whole weights (gathered under FSDP / ZeRO-3) only when an average needs them
         kept = any(v is not None for v in averages.values())
         objective.after_step(run, step, S.full_weights(accelerator, engine, student) if kept else None)
+        unreadable.check(step)
 
         mean_terms = {k: torch.stack([t[k] for t in step_terms]).mean() for k in step_terms[0]}
         mean_terms = {
@@ -145,7 +146,7 @@ def train_run(cfg: DistillConfig, step_offset: int = 0, keep_process_group: bool
             accelerator.log(logged | {"train/images_per_s": rate}, step=step)
 
         if (cfg.checkpoint_every and (step + step_offset) % cfg.checkpoint_every == 0) or step == end:
-            state["skipped"] = dict(skipped)
+            state |= skipped_totals(accelerator, skipped)  # (a collective: every process is here)
             opt = (optimizer, lr_scheduler)
             save_checkpoint(
                 accelerator, engine, output_dir, step, student, *opt, averages, gen, state, cfg.keep_last
@@ -157,14 +158,14 @@ def train_run(cfg: DistillConfig, step_offset: int = 0, keep_process_group: bool
     # 6. final/: what the objective leaves (the average it keeps for that, else the trained weights). A run
     # stopped early (stop_at_step) leaves only its checkpoint: resume=latest finishes it.
     finished = state["step"] >= cfg.max_steps
-    state["skipped"] = dict(skipped)
+    state |= skipped_totals(accelerator, skipped)
     weights = objective.final_average()
     if weights is None and finished:  # gathered on every process (a collective under FSDP / ZeRO-3)
         weights = S.full_weights(accelerator, engine, student)
     if accelerator.is_main_process and finished:
         objective.save_final(run, weights, state)
-    if skipped:
-        accelerator.print(f"skipped rows: {D.describe_skipped(skipped)}")
+    if state["skipped"]:
+        accelerator.print(f"skipped rows: {D.describe_skipped(state['skipped'])}")
     accelerator.wait_for_everyone()
     if keep_process_group:
         for tracker in accelerator.trackers:
@@ -177,7 +178,7 @@ def train_run(cfg: DistillConfig, step_offset: int = 0, keep_process_group: bool
     return {
         "final_dir": str(output_dir / "final") if finished else None,
         "losses": losses,
-        "skipped": dict(skipped),
+        "skipped": state["skipped"],
         "steps": state["step"],
         "num_processes": num_processes,
         "process_index": process_index,
@@ -253,7 +254,57 @@ def make_optimizer(cfg: DistillConfig, student) -> tuple:
     return optimizer, lr_scheduler
 
 
-def batches(run: Run, source, state: dict, skipped: Counter, torch_rng):
+def own_skipped(accelerator, state: dict, source, resumed: bool) -> Counter:
+    """This process's count of skipped rows by reason: the rows dropped at indexing once (on the main process:
+    every process indexes the same), and on a resume this process's own count from the checkpoint."""
+    if not resumed:
+        return Counter(source.skipped) if accelerator.is_main_process else Counter()
+    by_process = state.get("skipped_by_process")
+    if by_process and len(by_process) == accelerator.num_processes:
+        return Counter(by_process[accelerator.process_index])
+    # an older checkpoint, or another number of processes: the run's total, kept on the main process
+    return Counter(state["skipped"]) if accelerator.is_main_process else Counter()
+
+
+def skipped_totals(accelerator, skipped: Counter) -> dict:
+    """{"skipped": the run's count over all processes, "skipped_by_process": each process's own} (a collective:
+    every process calls it). Each process reads its own rows, so the run's count is the sum."""
+    from accelerate.utils import gather_object
+
+    by_process = gather_object([dict(skipped)])
+    total = sum((Counter(c) for c in by_process), Counter())
+    return {"skipped": dict(sorted(total.items())), "skipped_by_process": by_process}
+
+
+class Unreadable:
+    """The distinct rows that failed to read, over all processes. When they are more than max_skipped_fraction
+    of the data's rows the run ends with one line, on every process at the same step, instead of training to the
+    end on what is left. Rows dropped at indexing (check_rows) are not counted: they are known before training."""
+
+    def __init__(self, run: Run, rows: int):
+        self.accelerator, self.cfg, self.rows = run.accelerator, run.cfg, rows
+        self.own: set[int] = set()  # this process's failed rows
+        self.known: set[int] = set()  # every process's, as of the last check
+
+    def check(self, step: int) -> None:
+        """After each optimizer step, on every process (a collective; the rows themselves only when new)."""
+        from accelerate.utils import gather_object
+
+        new = torch.tensor([len(self.own - self.known)], device=self.accelerator.device)
+        if self.accelerator.reduce(new, reduction="sum").item() == 0:
+            return
+        for rows in gather_object([sorted(self.own)]):
+            self.known.update(rows)
+        limit = self.cfg.max_skipped_fraction
+        if len(self.known) > limit * self.rows:
+            raise SlimsdError(
+                f"data {self.cfg.data!r}: {len(self.known)} of its {self.rows} rows could not be read by step "
+                f"{step}, more than max_skipped_fraction {limit:g} allows; fix or remove them, or raise "
+                "max_skipped_fraction (1: train on whatever reads)"
+            )
+
+
+def batches(run: Run, source, state: dict, skipped: Counter, torch_rng, unreadable: Unreadable):
     """``next_batch()``: this process's next micro-batch with a readable row (a micro-batch whose rows are all
     unreadable is counted and skipped), from the position STATE saved."""
     cfg, accelerator = run.cfg, run.accelerator
@@ -284,6 +335,7 @@ def batches(run: Run, source, state: dict, skipped: Counter, torch_rng):
             batch = next(it)
             state["micro_batches"] += 1
             skipped.update(batch["skipped"])
+            unreadable.own.update(batch["bad_index"])
             guard.check(batch, state["step"])  # ends a run whose data yields nothing
             if batch["size"]:
                 return batch

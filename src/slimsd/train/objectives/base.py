@@ -5,9 +5,10 @@ An objective is a class with a ``name``, registered in objectives/__init__.py. T
 
     check(cfg)                        its own config keys (static: config.validate calls it; no model is read)
     load(device, weight_dtype)        -> Models: the trainable student, the frozen parts, what final/ records
-    architecture(student, models)     names the student when a checkpoint does not fit
+    resolution(models)                the training resolution (default: the pipeline's native one)
     prepare(run)                      before the optimizer: taps, target networks, schedules, class images
-    averages()                        -> {name: state dict | None}: weight averages, checkpointed by name
+    averages(student)                 -> {name: state dict | None}: weight averages, checkpointed by name
+    architecture(student, models)     names the student when a checkpoint does not fit
     loss(run, batch, step)            -> {"loss": tensor, term: tensor ...} of one micro-batch on this process
     after_step(run, step, online)     after each optimizer step: update the averages from the whole weights
     record(step)                      extra fields of the step's loss record (e.g. progressive's round)

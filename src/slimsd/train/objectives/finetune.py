@@ -33,6 +33,7 @@ FINETUNE_KEYS = (
     *("keep_last", "resume", "overwrite", "allow_config_change", "stop_at_step", "mixed_precision", "seed"),
     *("gradient_checkpointing", "use_8bit_adam", "validation_prompts", "validation_every"),
     *("validation_steps", "log_every", "num_workers", "tensorboard", "progress", "allow_pickle"),
+    "max_skipped_fraction",
     *("class_prompt", "num_class_images", "class_steps", "prior_loss_weight"),
 )
 FINETUNE_DEFAULTS = {
