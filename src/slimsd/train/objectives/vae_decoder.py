@@ -199,7 +199,9 @@ class VAEDecoder(Objective):
         from slimsd.version import __version__
 
         cfg = self.cfg
-        decoder = AutoencoderTiny.from_config(run.models.student.config)
+        # block_out_channels: what AutoencoderTiny registers of its own accord, not an argument (diffusers warns)
+        config = {k: v for k, v in run.models.student.config.items() if k != "block_out_channels"}
+        decoder = AutoencoderTiny.from_config(config)
         decoder.load_state_dict({k: v.float() for k, v in weights.items()})
         out = Path(cfg.output_dir) / "final"
         with atomic_dir(out, overwrite=True) as tmp:
