@@ -3,7 +3,8 @@ several training seeds, measured against the full decoder.
 
 For each training seed: PSNR and SSIM of the tiny decoder's image against the full decoder's image (both as 8-bit
 images, what a user gets), the mean colour shift per channel in grey levels (tiny - full, averaged over every pixel
-of every image), on two sets of latents: reconstructions (fresh shapes images of every colour x shape combination,
+of every image; and per image, in absolute value, averaged over the images: opposite shifts of two images do not
+cancel there), on two sets of latents: reconstructions (fresh shapes images of every colour x shape combination,
 encoded by the teacher's VAE: its posterior mean x scaling factor) and samples (the teacher's own latents at its
 25 steps and guidance 2 for the demo's evaluation captions: what the decoder decodes in use), and the caption
 fidelity of those sampled images through each decoder (colour and shape read back from the pixels,
@@ -122,13 +123,19 @@ def ssim(a: np.ndarray, b: np.ndarray) -> list[float]:
 
 def compare(full: np.ndarray, tiny: np.ndarray) -> dict:
     p, s = psnr(tiny, full), ssim(tiny, full)
-    shift = (tiny.astype(np.float64) - full.astype(np.float64)).mean(axis=(0, 1, 2))
+    diff = tiny.astype(np.float64) - full.astype(np.float64)
+    shift = diff.mean(axis=(0, 1, 2))
+    per_image = np.abs(
+        diff.mean(axis=(1, 2))
+    )  # (images, channels): opposite errors of two images do not cancel
     return {
         "psnr_db": statistics.fmean(p),
         "psnr_db_min": min(p),
         "ssim": statistics.fmean(s),
         "colour_shift_rgb": [float(v) for v in shift],
         "colour_shift_max_abs": float(np.abs(shift).max()),
+        "colour_shift_per_image_abs_rgb": [float(v) for v in per_image.mean(axis=0)],
+        "colour_shift_per_image_abs_max": float(per_image.mean(axis=0).max()),
         "images": len(full),
     }
 
@@ -258,6 +265,9 @@ def main(argv=None) -> dict:
             "psnr_db": mean_sd([r[name]["psnr_db"] for r in per_seed]),
             "ssim": mean_sd([r[name]["ssim"] for r in per_seed]),
             "colour_shift_max_abs": max(r[name]["colour_shift_max_abs"] for r in per_seed),
+            "colour_shift_per_image_abs_max": max(
+                r[name]["colour_shift_per_image_abs_max"] for r in per_seed
+            ),
         }
     tf = [r["fidelity_tiny"]["fidelity"] for r in per_seed]
     summary["fidelity_full"] = full_fid["fidelity"]
