@@ -2,10 +2,10 @@
 `tiny-decoder` preset, diffusers' AutoencoderTiny) at 512 px (SD 1.x: 64x64 latents) and the SDXL VAE decoder
 against the same tiny decoder at 1024 px (128x128 latents), in one run.
 
-Per (resolution, dtype): one decode of batch 1 under torch.inference_mode(), full and tiny interleaved round by
-round after --warmup rounds, median and sample std over --repeats; peak tensor memory of one decode (the live
-bytes of the tensors its operators create, slimsd.train.estimate.LiveBytes: activations, not the weights) and the
-weights' bytes; parameters and MACs (convolutions and linear layers, slimsd.models.counting) of each decoder.
+Per (resolution, dtype): one decode of batch 1 under torch.inference_mode(), in channels_last as slimsd's runtime
+runs a pipeline's VAE (--no-channels-last: not), full and tiny interleaved round by round after --warmup rounds,
+median and sample std over --repeats; peak tensor memory of one decode (the live bytes of the tensors its
+operators create, slimsd.train.estimate.LiveBytes: activations, not the weights) and the weights' bytes; parameters and MACs (convolutions and linear layers, slimsd.models.counting) of each decoder.
 Random weights: speed and memory only (no quality: no real weights offline).
 
     python benchmarks/decoder_speed.py --threads 2 [--cases 512:bf16 512:fp32 1024:bf16 1024:fp32] [--repeats 3]
@@ -38,11 +38,17 @@ def parse_args(argv=None):
     )
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
+    p.add_argument(
+        "--no-channels-last",
+        dest="channels_last",
+        action="store_false",
+        help="keep the default memory format (slimsd.load's runtime puts the VAE in channels_last, as here)",
+    )
     p.add_argument("--out", default="benchmarks/results/decoder_speed.json")
     return p.parse_args(argv)
 
 
-def decoders(vae_config: dict, dtype: torch.dtype) -> dict:
+def decoders(vae_config: dict, dtype: torch.dtype, channels_last: bool) -> dict:
     from diffusers import AutoencoderKL
 
     from slimsd.models.decoders import build_tiny_decoder
@@ -50,7 +56,10 @@ def decoders(vae_config: dict, dtype: torch.dtype) -> dict:
     torch.manual_seed(0)
     full = AutoencoderKL.from_config(vae_config).eval()
     tiny = build_tiny_decoder("tiny-decoder", vae_config, seed=0).eval()
-    return {"full": full.to(dtype), "tiny": tiny.to(dtype)}
+    models = {"full": full.to(dtype), "tiny": tiny.to(dtype)}
+    if channels_last:  # what slimsd's runtime does to a pipeline's VAE (models/runtime.optimize_pipeline)
+        models = {k: m.to(memory_format=torch.channels_last) for k, m in models.items()}
+    return models
 
 
 def peak_bytes(vae, z) -> int:
@@ -68,9 +77,11 @@ def measure(resolution: int, dtype_name: str, args) -> dict:
 
     dtype = DTYPES[dtype_name]
     vae_config = getattr(presets, CASES[resolution])
-    models = decoders(vae_config, dtype)
+    models = decoders(vae_config, dtype, args.channels_last)
     side = resolution // 8
     z = torch.randn(1, 4, side, side, generator=torch.Generator().manual_seed(0)).to(dtype)
+    if args.channels_last:
+        z = z.to(memory_format=torch.channels_last)
     inputs = {"full": z / vae_config["scaling_factor"], "tiny": z}  # each as its pipeline hands it over
     times: dict[str, list[float]] = {k: [] for k in models}
     with torch.inference_mode():
