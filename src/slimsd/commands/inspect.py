@@ -43,8 +43,8 @@ def inspect(model: str, resolution: int | None, vae: str | None, as_json: bool):
     full, tiny = d["vae_decoder"], d["tiny_decoder"]
     click.echo(f"  VAE decoder   {full['params']:>15,} params  {_g(full['macs'])} MACs")
     click.echo(
-        f"  tiny decoder  {tiny['params']:>15,} params  {_g(tiny['macs'])} MACs  ({tiny['source']}: "
-        f"{d['macs_ratio']:.1f}x fewer MACs)"
+        f"  tiny decoder  {tiny['params']:>15,} params  {_g(tiny['macs'])} MACs  ({tiny['source']}; the VAE "
+        f"decoder has {d['macs_ratio']:.1f}x its MACs)"
     )
     if s.get("published"):
         click.echo(f"  published: {s['published']}")

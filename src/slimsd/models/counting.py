@@ -250,14 +250,17 @@ def summarize(model: str, resolution: int | None = None) -> dict:
 
 def decoder_summary(model: str, resolution: int | None = None, vae: str | None = None) -> dict:
     """The decoders ``slimsd inspect`` compares at ``resolution``: the model's VAE decoder and a tiny decoder for
-    its latent space (the folder VAE, else the ``tiny-decoder`` preset), parameters and MACs of one decode."""
+    its latent space (the folder VAE, else the ``tiny-decoder`` preset; ``micro-tiny-decoder`` for the micro
+    models), parameters and MACs of one decode."""
     from diffusers import AutoencoderTiny
 
     from slimsd.models.decoders import check_folder, meta_decoders
+    from slimsd.models.presets import PRESETS
 
     _, _, vae_cfg, default_res = model_architecture(model)
     resolution = resolution or default_res
-    full, tiny = meta_decoders(vae_cfg)
+    preset = "micro-tiny-decoder" if model in PRESETS and PRESETS[model].kind == "micro" else "tiny-decoder"
+    full, tiny = meta_decoders(vae_cfg, preset)
     if vae is not None:
         with torch.device("meta"):
             tiny = AutoencoderTiny.from_config(AutoencoderTiny.load_config(str(check_folder(vae))))
@@ -266,6 +269,6 @@ def decoder_summary(model: str, resolution: int | None = None, vae: str | None =
     return {
         "resolution": resolution,
         "vae_decoder": {"params": full_params, "macs": full_macs},
-        "tiny_decoder": {"source": vae or "tiny-decoder", "params": tiny_params, "macs": tiny_macs},
+        "tiny_decoder": {"source": vae or preset, "params": tiny_params, "macs": tiny_macs},
         "macs_ratio": full_macs / tiny_macs,
     }
