@@ -48,6 +48,8 @@ CASES = {
             r"micro-sd \(micro\) at 64 px",
             r"  (U-Net|text encoder|VAE|total) +[\d,]+ params( +[\d.]+M MACs)?",
             r"    down [\d.]+M  mid [\d.]+M  up [\d.]+M",
+            r"  VAE decoder +[\d,]+ params +[\d.]+[MG] MACs",
+            r"  tiny decoder +[\d,]+ params +[\d.]+[MG] MACs  \(micro-tiny-decoder; the VAE decoder has [\d.]+x its MACs\)",
         ],
     ),
     "cache": (

@@ -114,6 +114,13 @@ def _check_out(out: str) -> None:
 @click.option(
     "--control-scale", type=float, default=None, help="How strongly the ControlNet steers (0-2; default 1)."
 )
+@click.option(
+    "--vae",
+    default=None,
+    metavar="DIR",
+    help="A tiny decoder folder (a `vae-decoder` run's final/, AutoencoderTiny) to decode with instead of the "
+    "model's VAE.",
+)
 @deep_cache_option
 @click.option("--no-grid", is_flag=True, help="Do not write a grid image.")
 @runtime_options
@@ -141,6 +148,7 @@ def generate(
     controlnet,
     control_image,
     control_scale,
+    vae,
     deep_cache,
     no_grid,
     device,
@@ -165,7 +173,6 @@ def generate(
     from slimsd.progress import Progress
     from slimsd.run import generate as g
     from slimsd.run.outputs import save_grid, save_images
-    from slimsd.run.pnginfo import dtype_to_reload, settings_from_png
 
     given = dict(
         negative=negative,
@@ -180,17 +187,15 @@ def generate(
         strength=strength,
     )
     init = read_input_image(init_image, "init image") if init_image else None
-    reload_dtype = {"dtype": None if dtype == "auto" else dtype, "note": None}
+    dtype_note = None  # --from-png in the dtype the image records: said once the model has loaded
     mask_image = read_input_image(mask, "mask") if mask else None
     control = read_input_image(control_image, "control image") if control_image else None
     if from_png:
         model, loras, prompts, init, mask_image, controlnet, control_scale, control = _reload_from_png(
             from_png, given, model, prompt, loras, init, mask_image, controlnet, control_scale, control
         )
-        if (
-            reload_dtype["dtype"] is None
-        ):  # the dtype it was made in: fp32 on a bf16 CPU differs by grey levels
-            reload_dtype["dtype"], reload_dtype["note"] = dtype_to_reload(settings_from_png(from_png), device)
+        vae = vae or _reload_vae(from_png)
+        dtype, dtype_note = _reload_dtype(from_png, device) if dtype == "auto" else (dtype, None)
     else:
         prompts = _prompts(model, prompt, prompts_file)
     # steps and guidance left out: the model's own (a step-distilled student says 4 steps), known once loaded
@@ -231,17 +236,18 @@ def generate(
     pipe = load(
         model,
         device=device,
-        dtype=reload_dtype["dtype"] or dtype,
+        dtype=dtype,
         optimize=optimize,
         allow_pickle=allow_pickle,
         random_weights=random_weights,
         loras=loras,
         on_warning=warn,
         prediction_type=prediction_type,
+        vae=vae,
     )
 
-    if reload_dtype["note"]:  # said once the model has loaded, so that a refusal stays the only line
-        click.echo(f"slimsd: {reload_dtype['note']}", err=True)
+    if dtype_note:  # after the load, so that a refusal stays the only line
+        click.echo(f"slimsd: {dtype_note}", err=True)
     bar = Progress("generate", disable=as_json)
 
     results = g.generate(
@@ -305,6 +311,21 @@ def _reload_from_png(
     return model, loras, prompts, init, mask_image, controlnet, control_scale, control
 
 
+def _reload_dtype(from_png, device) -> tuple[str, str | None]:
+    """--from-png: the dtype the image was made in (fp32 on a bf16 CPU differs by grey levels), and a line
+    for people where it is not this machine's default or cannot run here."""
+    from slimsd.run.pnginfo import dtype_to_reload, settings_from_png
+
+    return dtype_to_reload(settings_from_png(from_png), device)
+
+
+def _reload_vae(from_png) -> str | None:
+    """--from-png: the tiny decoder the image was decoded with (None: the model's own VAE)."""
+    from slimsd.run.pnginfo import settings_from_png, vae_to_reload
+
+    return vae_to_reload(settings_from_png(from_png))
+
+
 def _prompts(model, prompt, prompts_file) -> list[str]:
     """The prompts of a command without --from-png (MODEL and a prompt are then required)."""
     from slimsd.errors import SlimsdError
@@ -340,6 +361,7 @@ def _report(model, pipe, results, paths, grid, as_json: bool) -> None:
             "settings": settings,
             "runtime": pipe._slimsd["runtime"],
             "loras": pipe._slimsd["loras"],
+            "vae": pipe._slimsd["vae"],
         }
         click.echo(json.dumps(summary, indent=1))
         return

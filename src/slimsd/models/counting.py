@@ -84,6 +84,33 @@ def unet_macs(unet, resolution: int) -> int:
     return count_macs(unet, unet_dummy_inputs(unet, resolution, device=device))
 
 
+class _Decode(nn.Module):
+    """One decode of latents, as a module (count_macs calls modules)."""
+
+    def __init__(self, vae):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, z):
+        return self.vae.decode(z).sample
+
+
+def decoder_counts(vae, resolution: int) -> tuple[int, int]:
+    """(parameters, MACs of one decode at RESOLUTION px, batch 1) of a VAE's decoding path: AutoencoderKL's
+    post_quant_conv and decoder, or AutoencoderTiny's decoder; on any device (meta included)."""
+    from slimsd.errors import SlimsdError
+
+    c = vae.config
+    factor = 2 ** (len(c.block_out_channels) - 1)
+    if resolution % factor:
+        raise SlimsdError(f"resolution {resolution} is not a multiple of the VAE factor {factor}")
+    p = next(vae.parameters())
+    side = resolution // factor
+    z = torch.zeros(1, c.latent_channels, side, side, device=p.device, dtype=p.dtype)
+    parts = [m for m in (getattr(vae, "post_quant_conv", None), vae.decoder) if m is not None]
+    return sum(count_params(m) for m in parts), count_macs(_Decode(vae), {"z": z})
+
+
 def text_encoder_params(config: dict) -> int:
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
@@ -219,3 +246,29 @@ def summarize(model: str, resolution: int | None = None) -> dict:
         out["published"] = PRESETS[model].published
         out["hub_id"] = PRESETS[model].hub_id
     return out
+
+
+def decoder_summary(model: str, resolution: int | None = None, vae: str | None = None) -> dict:
+    """The decoders ``slimsd inspect`` compares at ``resolution``: the model's VAE decoder and a tiny decoder for
+    its latent space (the folder VAE, else the ``tiny-decoder`` preset; ``micro-tiny-decoder`` for the micro
+    models), parameters and MACs of one decode."""
+    from diffusers import AutoencoderTiny
+
+    from slimsd.models.decoders import check_folder, meta_decoders
+    from slimsd.models.presets import PRESETS
+
+    _, _, vae_cfg, default_res = model_architecture(model)
+    resolution = resolution or default_res
+    preset = "micro-tiny-decoder" if model in PRESETS and PRESETS[model].kind == "micro" else "tiny-decoder"
+    full, tiny = meta_decoders(vae_cfg, preset)
+    if vae is not None:
+        with torch.device("meta"):
+            tiny = AutoencoderTiny.from_config(AutoencoderTiny.load_config(str(check_folder(vae))))
+    full_params, full_macs = decoder_counts(full, resolution)
+    tiny_params, tiny_macs = decoder_counts(tiny, resolution)
+    return {
+        "resolution": resolution,
+        "vae_decoder": {"params": full_params, "macs": full_macs},
+        "tiny_decoder": {"source": vae or preset, "params": tiny_params, "macs": tiny_macs},
+        "macs_ratio": full_macs / tiny_macs,
+    }

@@ -160,6 +160,7 @@ def load(
     loras: Sequence = (),
     on_warning: Callable[[str], None] | None = None,
     prediction_type: str | None = None,
+    vae: str | None = None,
 ):
     """A ready diffusers pipeline for MODEL on ``device`` in ``dtype`` (see the module docstring).
 
@@ -173,8 +174,11 @@ def load(
 
     ``prediction_type`` (``epsilon`` | ``v_prediction``) overrides what the model says it predicts: a single
     file written by another tool may not say (an SD 2.x one must be told).
+
+    ``vae``: a tiny decoder folder (:mod:`slimsd.models.decoders`, AutoencoderTiny) put in place of the model's
+    VAE: a pipeline with it decodes, not encodes (img2img and inpainting need the model's own VAE).
     """
-    from slimsd.models import lora, runtime
+    from slimsd.models import decoders, lora, runtime
     from slimsd.models.schedulers import check_scheduler, scheduler_name, set_scheduler
 
     quiet_deepspeed()
@@ -188,6 +192,8 @@ def load(
     ref = resolve_model(model)  # the name is read once; every step below takes ref
     model, kind, sampling = ref.name, ref.kind, ref.sampling
     loras = [lora.as_spec(s, allow_pickle) for s in loras]  # a bad file fails before minutes of loading
+    if vae is not None:
+        decoders.check_folder(vae)
     if sampling and sampling.get("lora"):
         # An LCM-LoRA student's adapters come with it, merged first and once (--from-png lists them again).
         own = lora.as_spec((str(Path(model) / sampling["lora"]), 1.0), allow_pickle)
@@ -202,13 +208,20 @@ def load(
         pipe.safety_checker = None
     weight_map = lora.student_weight_map(ref, pipe.unet) if loras else None
     applied_loras = lora.apply_loras(pipe, loras, allow_pickle, weight_map, on_warning)
+    vae_record = decoders.swap_decoder(pipe, vae) if vae is not None else None
     if optimize:
         runtime.optimize_pipeline(
             pipe, runtime.RuntimeConfig(device=device, dtype=torch_dtype, compile=compile)
         )
     else:
         runtime.place(pipe, device, torch_dtype)
-    if is_sdxl(pipe) and torch_dtype == torch.float16 and getattr(pipe, "vae", None) is not None:
+    # (a tiny decoder has no post_quant_conv, which diffusers' upcast path reads; it decodes in fp16 as it is)
+    if (
+        is_sdxl(pipe)
+        and torch_dtype == torch.float16
+        and vae is None
+        and getattr(pipe, "vae", None) is not None
+    ):
         pipe.vae.register_to_config(force_upcast=True)
     pipe.set_progress_bar_config(disable=True)
     pipe._slimsd = {
@@ -222,6 +235,7 @@ def load(
         # A step-distilled student says how it samples (scheduler, steps, guidance): generate's defaults.
         "sampling": sampling,
         "loras": applied_loras,
+        "vae": vae_record,  # the tiny decoder in place of the model's VAE: {"path", "sha256"}
     }
     if scheduler is not None:  # the pipeline's own from now on: generate() uses it when given none
         set_scheduler(pipe, scheduler)

@@ -257,6 +257,11 @@ def generate(
     mask = as_input_image(mask, "mask")
     control = as_input_image(control_image, "control image")
     strength = check_task(init, mask, strength, controlnet, control, control_scale, deep_cache)
+    if init is not None and info.get("vae"):
+        raise SlimsdError(
+            "a tiny decoder (--vae) only decodes; img2img and inpainting encode the init image with the model's "
+            "own VAE: leave out --vae"
+        )
     own_w, own_h = input_size(init) if init is not None else (native_resolution(pipe),) * 2
     width = width or own_w
     height = height or own_h
@@ -304,6 +309,7 @@ def generate(
         "device": str(pipe.device),
         "slimsd_version": __version__,
         "loras": list(info.get("loras", [])),
+        "vae": info.get("vae"),
         "strength": None if strength is None else float(strength),
         "init_image": None if init is None else init.record(),
         "mask": None if mask is None else mask.record(),

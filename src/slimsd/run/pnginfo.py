@@ -45,6 +45,7 @@ class Settings:
     slimsd_version: str = ""
     time_s: float = 0.0  # this image's share of its batch's wall time
     loras: list = field(default_factory=list)  # LoRAs merged into the model (slimsd.models.lora records)
+    vae: dict | None = None  # the tiny decoder used in place of the model's VAE: {"path", "sha256"}
     # img2img / inpainting: how far the init image is noised (A1111's "Denoising strength"), and the init image
     # and mask as slimsd.images.InputImage records (name, path, sha256); None for text-to-image
     strength: float | None = None
@@ -76,6 +77,11 @@ class Settings:
             f"Seed: {self.seed}, Size: {self.width}x{self.height}, Model: {_a1111_value(self.model)}, "
             f"{strength}{deep_cache}{controlnet}"
             + (f"Lora hashes: {json.dumps(lora_hashes(self.loras))}, " if self.loras else "")
+            + (
+                f"VAE hash: {self.vae['sha256'][:10]}, VAE: {_a1111_value(Path(self.vae['path']).name)}, "
+                if self.vae
+                else ""
+            )
             + f"Version: slimsd {self.slimsd_version}"
         )
         return "\n".join(lines)
@@ -203,6 +209,7 @@ _STORED_TYPES = {
     "model": (str,),
     "model_source": (str, type(None)),
     "loras": (list,),
+    "vae": (dict, type(None)),
     "strength": (int, float, type(None)),
     "init_image": (dict, type(None)),
     "mask": (dict, type(None)),
@@ -282,6 +289,32 @@ def loras_to_reload(settings: dict) -> list[tuple[str, float, str]]:
             )
         out.append((entry["path"], float(scale), entry["sha256"]))
     return out
+
+
+def vae_to_reload(settings: dict) -> str | None:
+    """The tiny decoder folder a PNG records (None: the model's own VAE), when it is still at its recorded path
+    with its recorded weights (pixel-equal regeneration needs the very same decoder)."""
+    from slimsd.files import file_sha256
+    from slimsd.models.decoders import WEIGHTS, is_decoder_folder
+
+    record = settings.get("vae")
+    if record is None:
+        return None
+    if not (isinstance(record.get("path"), str) and isinstance(record.get("sha256"), str)):
+        raise SlimsdError(f"the PNG's {PNG_JSON_KEY!r} chunk has vae = {record!r}; expected path and sha256")
+    path = Path(record["path"])
+    if not is_decoder_folder(path) or not (path / WEIGHTS).is_file():
+        raise SlimsdError(
+            f"the image was decoded by the tiny decoder {str(path)!r}, which is not there any more; restore it, "
+            "or give one with --vae DIR"
+        )
+    found = file_sha256(path / WEIGHTS)
+    if found != record["sha256"]:
+        raise SlimsdError(
+            f"decoder {str(path)!r} has changed: its weights' sha256 is {found[:10]}..., the image was decoded "
+            f"with {record['sha256'][:10]}...; restore it, or give one with --vae DIR"
+        )
+    return str(path)
 
 
 def input_to_reload(settings: dict, key: str, what: str, option: str):

@@ -174,27 +174,19 @@ def backward_peak(timeline: list[tuple[int, bool]], grad_share: int = 1) -> tupl
     return peak, rest_peak
 
 
-def estimate(cfg: DistillConfig, num_processes: int) -> dict:
-    """Memory per process (bytes, per engine) and compute per step (MACs) of the run ``cfg`` describes."""
-    from slimsd.devices import DTYPES, MIXED_PRECISION
-    from slimsd.models.counting import build_unet_meta, count_macs, count_params, unet_dummy_inputs
-
-    arch = architecture(cfg)
-    res = arch.resolution
-    student = build_unet_meta(arch.student)
-    params = count_params(student)
-    trainable = params if cfg.objective != "lcm-lora" else 0  # LoRA: adapters only (not estimated: small)
-    frozen_bytes = torch.finfo(DTYPES[MIXED_PRECISION[cfg.mixed_precision]]).bits // 8
-    t = arch.teacher
-    frozen = (t["unet_params"] + t["text_encoder_params"] + t["vae_params"]) * frozen_bytes
-    averages = (1 if cfg.ema else 0) + (1 if cfg.objective in ("lcm", "progressive") else 0)
-    timeline = backward_timeline(
-        arch.student, res, cfg.batch_size, cfg.gradient_checkpointing, arch.vae_factor
-    )
-    if not trainable:  # LoRA: the U-Net's own weights get no gradients
-        timeline = [(delta, False) for delta, is_grad in timeline if not is_grad]
-    largest = max(p.numel() for p in student.parameters()) * 4 if trainable else 0
-    n = num_processes
+def engine_memory(
+    cfg: DistillConfig,
+    n: int,
+    params: int,
+    trainable: int,
+    frozen: int,
+    averages: int,
+    timeline,
+    largest: int,
+) -> dict:
+    """Memory per process of each engine (module docstring), from the student's parameters (all, trainable),
+    the frozen parts' bytes, the number of averaged copies, the training step's timeline and the largest
+    trainable parameter's bytes."""
     engines = {}
     for name, (shard_states, shard_weights) in SHARDS.items():
         states_div = n if shard_states else 1
@@ -215,12 +207,88 @@ def estimate(cfg: DistillConfig, num_processes: int) -> dict:
         }
         fixed = ("student_weights", "frozen", "averages", "gathered_weights", "step_peak")
         engines[name] = parts | {"total": sum(parts[k] for k in fixed)}
+    return engines
+
+
+def decoder_estimate(cfg: DistillConfig, num_processes: int) -> dict:
+    """The estimate of a vae-decoder run (objectives/vae_decoder.py): the tiny decoder is the student (only its
+    decoder trained), the teacher's U-Net, text encoder(s) and VAE are frozen. Compute per sample: the student's
+    decode and its backward, the teacher VAE's encode of the image and decode of the latents, and with the
+    feature term the teacher encoder on both images plus its backward to the student's image (~2x)."""
+    from diffusers import AutoencoderTiny
+
+    from slimsd.devices import DTYPES, MIXED_PRECISION
+    from slimsd.models.counting import count_macs, count_params, decoder_counts, model_architecture, summarize
+    from slimsd.models.decoders import TINY_DECODERS, meta_decoders, tiny_decoder_config
+
+    t = summarize(cfg.teacher, cfg.resolution)
+    res, vae_config = t["resolution"], model_architecture(cfg.teacher)[2]
+    full, _ = meta_decoders(vae_config)
+    config = (
+        tiny_decoder_config(cfg.student, vae_config)
+        if cfg.student in TINY_DECODERS
+        else dict(AutoencoderTiny.load_config(cfg.student))
+    )
+    with torch.device("meta"):
+        student = AutoencoderTiny.from_config(config).train()
+    if cfg.gradient_checkpointing:
+        student.enable_gradient_checkpointing()
+    params, trainable = count_params(student), count_params(student.decoder)
+    side = res // t["vae_factor"]
+    z = torch.zeros(cfg.batch_size, config["latent_channels"], side, side, device="meta")
+    with LiveBytes() as meter:
+        student.decode(z).sample.square().mean().backward()
+    grads = {meter.number(p.grad) for p in student.decoder.parameters() if p.grad is not None}
+    timeline = [(delta, number in grads) for number, delta in meter.events]
+    frozen_bytes = torch.finfo(DTYPES[MIXED_PRECISION[cfg.mixed_precision]]).bits // 8
+    frozen = (t["unet_params"] + t["text_encoder_params"] + t["vae_params"]) * frozen_bytes
+    largest = max(p.numel() for p in student.decoder.parameters()) * 4
+    engines = engine_memory(cfg, num_processes, params, trainable, frozen, int(cfg.ema), timeline, largest)
+    student_macs = decoder_counts(student, res)[1]
+    teacher_decode = decoder_counts(full, res)[1]
+    image = torch.zeros(1, vae_config.get("in_channels", 3), res, res, device="meta")
+    encode = count_macs(full.encoder, {"sample": image})
+    backward = (3 if cfg.gradient_checkpointing else 2) * student_macs
+    teacher = teacher_decode + encode + (4 * encode if cfg.lambda_feat else 0)
+    return summary(cfg, num_processes, res, params, engines, student_macs, backward, teacher)
+
+
+def estimate(cfg: DistillConfig, num_processes: int) -> dict:
+    """Memory per process (bytes, per engine) and compute per step (MACs) of the run ``cfg`` describes."""
+    if cfg.objective == "vae-decoder":
+        return decoder_estimate(cfg, num_processes)
+    from slimsd.devices import DTYPES, MIXED_PRECISION
+    from slimsd.models.counting import build_unet_meta, count_macs, count_params, unet_dummy_inputs
+
+    arch = architecture(cfg)
+    res = arch.resolution
+    student = build_unet_meta(arch.student)
+    params = count_params(student)
+    trainable = params if cfg.objective != "lcm-lora" else 0  # LoRA: adapters only (not estimated: small)
+    frozen_bytes = torch.finfo(DTYPES[MIXED_PRECISION[cfg.mixed_precision]]).bits // 8
+    t = arch.teacher
+    frozen = (t["unet_params"] + t["text_encoder_params"] + t["vae_params"]) * frozen_bytes
+    averages = (1 if cfg.ema else 0) + (1 if cfg.objective in ("lcm", "progressive") else 0)
+    timeline = backward_timeline(
+        arch.student, res, cfg.batch_size, cfg.gradient_checkpointing, arch.vae_factor
+    )
+    if not trainable:  # LoRA: the U-Net's own weights get no gradients
+        timeline = [(delta, False) for delta, is_grad in timeline if not is_grad]
+    largest = max(p.numel() for p in student.parameters()) * 4 if trainable else 0
+    engines = engine_memory(cfg, num_processes, params, trainable, frozen, averages, timeline, largest)
     student_macs = count_macs(student, unet_dummy_inputs(student, res, vae_factor=arch.vae_factor))
     teacher_passes = 2 if cfg.objective in ("lcm", "progressive") else 1  # guided: with and without caption
     uses_teacher = cfg.objective != "kd" or cfg.lambda_out > 0 or cfg.lambda_feat > 0
     backward = (3 if cfg.gradient_checkpointing else 2) * student_macs  # checkpointing recomputes the forward
-    per_sample = student_macs + backward + (teacher_passes * t["unet_macs"] if uses_teacher else 0)
-    global_batch = cfg.batch_size * n * cfg.gradient_accumulation_steps
+    teacher = teacher_passes * t["unet_macs"] if uses_teacher else 0
+    return summary(cfg, num_processes, res, params, engines, student_macs, backward, teacher)
+
+
+def summary(
+    cfg, n: int, res: int, params: int, engines: dict, student: int, backward: int, teacher: int
+) -> dict:
+    """The estimate's fields: memory per engine and MACs of the student's forward and backward and the teacher's
+    forwards per sample, times the global batch per optimizer step."""
     return {
         "num_processes": n,
         "resolution": res,
@@ -229,11 +297,14 @@ def estimate(cfg: DistillConfig, num_processes: int) -> dict:
         "student_params": params,
         "memory_per_process": engines,
         "macs_per_sample": {
-            "student_forward": student_macs,
+            "student_forward": student,
             "student_backward": backward,
-            "teacher_forward": teacher_passes * t["unet_macs"] if uses_teacher else 0,
+            "teacher_forward": teacher,
         },
-        "macs_per_step": per_sample * global_batch,
+        "macs_per_step": (student + backward + teacher)
+        * cfg.batch_size
+        * n
+        * cfg.gradient_accumulation_steps,
     }
 
 

@@ -9,5 +9,8 @@ from slimsd.train.objectives.kd import KD
 from slimsd.train.objectives.lcm import LCM
 from slimsd.train.objectives.lcm_lora import LCMLoRA
 from slimsd.train.objectives.progressive import Progressive
+from slimsd.train.objectives.vae_decoder import VAEDecoder
 
-OBJECTIVES: dict[str, type[Objective]] = {cls.name: cls for cls in (KD, LCM, LCMLoRA, Progressive, Finetune)}
+OBJECTIVES: dict[str, type[Objective]] = {
+    cls.name: cls for cls in (KD, LCM, LCMLoRA, Progressive, Finetune, VAEDecoder)
+}

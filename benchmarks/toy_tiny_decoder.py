@@ -1,0 +1,302 @@
+"""The tiny decoder on the toy world (issue 24): trained from toy-sd's VAE decoder (objective vae-decoder) over
+several training seeds, measured against the full decoder.
+
+For each training seed: PSNR and SSIM of the tiny decoder's image against the full decoder's image (both as 8-bit
+images, what a user gets), the mean colour shift per channel in grey levels (tiny - full, averaged over every pixel
+of every image; and per image, in absolute value, averaged over the images: opposite shifts of two images do not
+cancel there), on two sets of latents: reconstructions (fresh shapes images of every colour x shape combination,
+encoded by the teacher's VAE: its posterior mean x scaling factor) and samples (the teacher's own latents at its
+25 steps and guidance 2 for the demo's evaluation captions: what the decoder decodes in use), and the caption
+fidelity of those sampled images through each decoder (colour and shape read back from the pixels,
+slimsd.toy.shapes.caption_fidelity: 24 seen + 24 held-out captions of the demo's evaluation seed 0; not the 4-step
+student's images: that student is made by the demo, not kept). Decoder parameters and MACs at 64 px, and ms per
+decode of one 64 px latent (full and tiny interleaved, median and sample std over --repeats, --threads threads).
+
+    python benchmarks/toy_tiny_decoder.py --work runs/toy-tiny-decoder --seeds 0 1 2 \
+        [--out benchmarks/results/toy_tiny_decoder.json]
+
+Training resumes (or skips) what --work already holds (--train-only: train and stop, e.g. one process per seed
+in parallel after the cache is written); the results file is written whole at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+TEACHER = "toy-sd"
+EVAL_IMAGE_SEED = (
+    5_000_003  # a stream of shapes images no training set draws from (training: shapes:N, seed 0..)
+)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--work", default="runs/toy-tiny-decoder")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--decoder", default="micro-tiny-decoder")
+    p.add_argument("--steps", type=int, default=400)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--learning-rate", type=float, default=1e-3)
+    p.add_argument("--lambda-feat", type=float, default=0.1)
+    p.add_argument("--data-images", type=int, default=1024)
+    p.add_argument("--eval-images", type=int, default=256)
+    p.add_argument("--repeats", type=int, default=30)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--train-only", action="store_true", help="train (or finish) the seeds' decoders and stop")
+    p.add_argument("--out", default="benchmarks/results/toy_tiny_decoder.json")
+    return p.parse_args(argv)
+
+
+def train_seed(args, cache: Path, seed: int) -> Path:
+    from slimsd.train.config import make_config
+    from slimsd.train.distill import train
+
+    cfg = make_config(
+        {
+            "objective": "vae-decoder",
+            "teacher": TEACHER,
+            "student": args.decoder,
+            "data": str(cache),
+            "output_dir": str(Path(args.work) / f"seed-{seed}"),
+            "max_steps": args.steps,
+            "batch_size": args.batch_size,
+            "learning_rate": args.learning_rate,
+            "adam_beta2": 0.99,
+            "lr_scheduler": "cosine",
+            "lr_warmup_steps": min(50, args.steps // 10),
+            "lambda_task": 0.0,
+            "lambda_out": 1.0,
+            "lambda_feat": args.lambda_feat,
+            "resolution": 64,
+            "checkpoint_every": 200,
+            "resume": "latest",
+            "seed": seed,
+            "progress": False,
+            "tensorboard": False,
+        }
+    )
+    return Path(train(cfg)["final_dir"] or Path(cfg.output_dir) / "final")
+
+
+# --- image metrics, on uint8 images (N, H, W, 3) ------------------------------------------------------------
+
+
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    """A decoder's [-1, 1] output as the 8-bit images a pipeline returns (diffusers' postprocess: clip, round)."""
+    return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> list[float]:
+    mse = ((a.astype(np.float64) - b.astype(np.float64)) ** 2).reshape(len(a), -1).mean(axis=1)
+    return [float(10 * np.log10(255.0**2 / max(m, 1e-12))) for m in mse]
+
+
+def ssim(a: np.ndarray, b: np.ndarray) -> list[float]:
+    """SSIM (Wang et al. 2004): 11x11 Gaussian window, sigma 1.5, K1 0.01, K2 0.03, per channel, valid region,
+    mean over pixels and channels; one value per image."""
+    x = torch.from_numpy(a).double().permute(0, 3, 1, 2) / 255
+    y = torch.from_numpy(b).double().permute(0, 3, 1, 2) / 255
+    g = torch.exp(-((torch.arange(11, dtype=torch.float64) - 5) ** 2) / (2 * 1.5**2))
+    w = (g[:, None] * g[None, :]) / g.sum() ** 2
+    w = w.expand(3, 1, 11, 11)
+
+    def blur(t):
+        return F.conv2d(t, w, groups=3)
+
+    mx, my = blur(x), blur(y)
+    sxx, syy, sxy = blur(x * x) - mx**2, blur(y * y) - my**2, blur(x * y) - mx * my
+    c1, c2 = 0.01**2, 0.03**2
+    s = ((2 * mx * my + c1) * (2 * sxy + c2)) / ((mx**2 + my**2 + c1) * (sxx + syy + c2))
+    return s.mean(dim=(1, 2, 3)).tolist()
+
+
+def compare(full: np.ndarray, tiny: np.ndarray) -> dict:
+    p, s = psnr(tiny, full), ssim(tiny, full)
+    diff = tiny.astype(np.float64) - full.astype(np.float64)
+    shift = diff.mean(axis=(0, 1, 2))
+    per_image = np.abs(
+        diff.mean(axis=(1, 2))
+    )  # (images, channels): opposite errors of two images do not cancel
+    return {
+        "psnr_db": statistics.fmean(p),
+        "psnr_db_min": min(p),
+        "ssim": statistics.fmean(s),
+        "colour_shift_rgb": [float(v) for v in shift],
+        "colour_shift_max_abs": float(np.abs(shift).max()),
+        "colour_shift_per_image_abs_rgb": [float(v) for v in per_image.mean(axis=0)],
+        "colour_shift_per_image_abs_max": float(per_image.mean(axis=0).max()),
+        "images": len(full),
+    }
+
+
+# --- latents -------------------------------------------------------------------------------------------------
+
+
+def reconstruction_latents(pipe, n: int) -> torch.Tensor:
+    from slimsd.toy.shapes import make_dataset
+
+    images = make_dataset(n, seed=EVAL_IMAGE_SEED, size=64, split="all")
+    pixels = torch.stack(
+        [torch.from_numpy(np.asarray(im, dtype=np.float32)).permute(2, 0, 1) for im, _ in images]
+    )
+    with torch.no_grad():
+        mean = pipe.vae.encode(pixels / 127.5 - 1).latent_dist.mean
+    return mean * pipe.vae.config.scaling_factor
+
+
+def sample_latents(pipe) -> tuple[torch.Tensor, list[str]]:
+    """The teacher's latents for the demo's evaluation captions (seen and held-out, evaluation seed 0), at its own
+    steps and guidance, and the captions."""
+    from slimsd.toy.demo import DemoConfig, eval_captions
+
+    cfg = DemoConfig()
+    captions = eval_captions(cfg, 0, "seen") + eval_captions(cfg, 0, "held_out")
+    gens = [torch.Generator().manual_seed(10_000 + i) for i in range(len(captions))]
+    with torch.no_grad():
+        out = pipe(
+            captions,
+            num_inference_steps=cfg.inference_steps,
+            guidance_scale=cfg.guidance_scale,
+            generator=gens,
+            height=64,
+            width=64,
+            output_type="latent",
+        )
+    return out.images, captions
+
+
+def decode_both(pipe, decoder, latents: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    with torch.no_grad():
+        full = pipe.vae.decode(latents / pipe.vae.config.scaling_factor).sample
+        tiny = decoder.decode(latents).sample
+    return to_uint8(full), to_uint8(tiny)
+
+
+def decode_ms(pipe, decoder, repeats: int) -> dict:
+    """ms per decode of one 64 px latent, full and tiny interleaved (after 3 warm-up rounds)."""
+    z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    times: dict[str, list[float]] = {"full": [], "tiny": []}
+    calls = {
+        "full": lambda: pipe.vae.decode(z / pipe.vae.config.scaling_factor),
+        "tiny": lambda: decoder.decode(z),
+    }
+    with torch.inference_mode():
+        for r in range(repeats + 3):
+            for name, call in calls.items():
+                t0 = time.perf_counter()
+                call()
+                if r >= 3:
+                    times[name].append((time.perf_counter() - t0) * 1e3)
+    return {f"{k}_ms": statistics.median(v) for k, v in times.items()} | {
+        f"{k}_ms_std": statistics.stdev(v) for k, v in times.items()
+    }
+
+
+def fidelity(images: np.ndarray, captions: list[str]) -> dict:
+    """Caption fidelity (colour and shape read back from the pixels, slimsd.toy.shapes) of 8-bit images."""
+    from PIL import Image
+
+    from slimsd.toy.shapes import caption_fidelity
+
+    r = caption_fidelity([Image.fromarray(x) for x in images], captions, details=True)
+    return {k: r[k] for k in ("fidelity", "colour_accuracy", "shape_accuracy")}
+
+
+def main(argv=None) -> dict:
+    from slimsd.atomic import atomic_write_text
+    from slimsd.devices import cpu_isa, cpu_model
+    from slimsd.models.counting import decoder_counts
+    from slimsd.models.decoders import load_decoder
+    from slimsd.models.loading import load
+    from slimsd.train.cache import write_cache
+
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    work = Path(args.work)
+    cache = work / "cache"
+    if not (cache / "cache.json").exists():
+        write_cache(TEACHER, f"shapes:{args.data_images}", cache, resolution=64, seed=0)
+    finals = {}
+    for seed in args.seeds:
+        t0 = time.perf_counter()
+        finals[seed] = train_seed(args, cache, seed)
+        print(f"seed {seed}: {finals[seed]} ({time.perf_counter() - t0:.0f} s)", flush=True)
+    if args.train_only:
+        return {}
+
+    pipe = load(TEACHER, device="cpu", dtype="fp32", optimize=False)
+    samples, captions = sample_latents(pipe)
+    sets = {"reconstructions": reconstruction_latents(pipe, args.eval_images), "samples": samples}
+    full_fid = None
+    per_seed = []
+    for seed, final in finals.items():
+        decoder = load_decoder(final)
+        row = {"seed": seed, "final": str(final)}
+        for name, z in sets.items():
+            full, tiny = decode_both(pipe, decoder, z)
+            row[name] = compare(full, tiny)
+            if name == "samples":  # the teacher's images through each decoder
+                full_fid = fidelity(full, captions)
+                row["fidelity_tiny"] = fidelity(tiny, captions)
+        row |= decode_ms(pipe, decoder, args.repeats)
+        per_seed.append(row)
+        print(json.dumps({k: v for k, v in row.items() if k != "final"}), flush=True)
+
+    full_params, full_macs = decoder_counts(pipe.vae, 64)
+    tiny_params, tiny_macs = decoder_counts(load_decoder(finals[args.seeds[0]]), 64)
+
+    def mean_sd(values):
+        return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0}
+
+    summary = {}
+    for name in sets:
+        summary[name] = {
+            "psnr_db": mean_sd([r[name]["psnr_db"] for r in per_seed]),
+            "ssim": mean_sd([r[name]["ssim"] for r in per_seed]),
+            "colour_shift_max_abs": max(r[name]["colour_shift_max_abs"] for r in per_seed),
+            "colour_shift_per_image_abs_max": max(
+                r[name]["colour_shift_per_image_abs_max"] for r in per_seed
+            ),
+        }
+    tf = [r["fidelity_tiny"]["fidelity"] for r in per_seed]
+    summary["fidelity_full"] = full_fid["fidelity"]
+    summary["fidelity_tiny"] = mean_sd(tf)
+    summary["fidelity_ratio"] = mean_sd([f / full_fid["fidelity"] for f in tf])
+    summary["decode_speedup"] = mean_sd([r["full_ms"] / r["tiny_ms"] for r in per_seed])
+    result = {
+        "command": "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": {
+            "cpu_model": cpu_model(),
+            "cpu_isa": cpu_isa(),
+            "threads": args.threads,
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+        },
+        "settings": {k: v for k, v in vars(args).items() if k not in ("out",)},
+        "teacher": TEACHER,
+        "decoder_params": {"full": full_params, "tiny": tiny_params},
+        "decoder_macs_64px": {"full": full_macs, "tiny": tiny_macs, "ratio": full_macs / tiny_macs},
+        "full_decoder_fidelity": full_fid,
+        "captions": captions,
+        "per_seed": per_seed,
+        "summary": summary,
+    }
+    atomic_write_text(Path(args.out), json.dumps(result, indent=1) + "\n")
+    print(json.dumps(summary, indent=1))
+    return result
+
+
+if __name__ == "__main__":
+    main()

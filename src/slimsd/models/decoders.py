@@ -1,0 +1,177 @@
+"""Tiny VAE decoders (issue 24): sizes as data, built as diffusers' ``AutoencoderTiny``, and what a trained one
+needs to be used in place of a model's VAE.
+
+A tiny decoder is TAESD's design (madebyollin/taesd; diffusers' ``AutoencoderTiny``): Conv/ReLU residual blocks
+and nearest-neighbour upsampling, no attention, no normalisation. It decodes the *U-Net's* latents directly (the
+teacher VAE's latents times its ``scaling_factor``), so its own config says ``scaling_factor: 1.0``: a diffusers
+pipeline divides its latents by ``pipe.vae.config.scaling_factor`` before decoding, and 1.0 hands them over
+unchanged. Keeping SD's 0.18215 there (or dividing by it before a tiny decoder) is the classic mistake of
+diffusers#4676: latents 5.5x too large, clamped by the decoder's tanh, grey or dark images. The convention is
+recorded in the folder's slimsd.json (``latent_scaling``) and checked when a decoder is put into a pipeline.
+
+Only the decoder is trained (objective ``vae-decoder``); ``AutoencoderTiny`` always holds an encoder too, which
+is left as diffusers builds it (the preset's sizes, seeded random weights): encode with the model's own VAE.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from slimsd.errors import SlimsdError, unknown
+
+# name -> AutoencoderTiny config keys (those that differ from diffusers' defaults). The number of decoder stages
+# is the teacher VAE's (one 2x upsampling between stages, 8x for SD 1.x/2.x/SDXL's four); the latent channels are
+# the teacher's too (tiny_decoder_config).
+TINY_DECODERS: dict[str, dict] = {
+    # TAESD's sizes (diffusers' defaults): 1.22 M decoder parameters against the SD VAE decoder's 49.5 M.
+    "tiny-decoder": {
+        "decoder_block_out_channels": [64, 64, 64, 64],
+        "num_decoder_blocks": [3, 3, 3, 1],
+        "encoder_block_out_channels": [64, 64, 64, 64],
+        "num_encoder_blocks": [1, 3, 3, 3],
+    },
+    # The toy world's size: the micro VAE's decoder (32-64 channels, one block per stage) shrunk the way TAESD
+    # shrinks SD's: a third of its channels and no attention or normalisation.
+    "micro-tiny-decoder": {
+        "decoder_block_out_channels": [16, 16, 16, 16],
+        "num_decoder_blocks": [2, 2, 2, 1],
+        "encoder_block_out_channels": [16, 16, 16, 16],
+        "num_encoder_blocks": [1, 1, 1, 1],
+    },
+}
+INFO_FILE = "slimsd.json"
+WEIGHTS = "diffusion_pytorch_model.safetensors"
+LATENT_SCALING = "unet-latents"  # the decoder takes the U-Net's latents: VAE latents x the teacher's scaling
+
+
+def tiny_decoder_config(name: str, vae_config: dict) -> dict:
+    """The AutoencoderTiny config of preset NAME for the latent space of a VAE with config VAE_CONFIG."""
+    if name not in TINY_DECODERS:
+        raise unknown("tiny decoder", name, TINY_DECODERS)
+    stages = len(vae_config["block_out_channels"])
+    config = dict(TINY_DECODERS[name])
+    for key in ("decoder_block_out_channels", "num_decoder_blocks", "encoder_block_out_channels"):
+        config[key] = _stretch(config[key], stages)
+    config["num_encoder_blocks"] = _stretch(config["num_encoder_blocks"], stages)
+    return config | {
+        "latent_channels": vae_config["latent_channels"],
+        "in_channels": vae_config.get("in_channels", 3),
+        "out_channels": vae_config.get("out_channels", 3),
+        "scaling_factor": 1.0,  # the U-Net's latents are decoded as they are (module docstring)
+        "shift_factor": 0.0,
+    }
+
+
+def _stretch(values: list[int], stages: int) -> list[int]:
+    """A per-stage list for STAGES stages: the preset's, with its last stages kept when it is shorter."""
+    if len(values) >= stages:
+        return list(values[len(values) - stages :])
+    return [values[0]] * (stages - len(values)) + list(values)
+
+
+def build_tiny_decoder(name: str, vae_config: dict, seed: int = 0):
+    """A fresh AutoencoderTiny of preset NAME for VAE_CONFIG's latent space (fp32, weights seeded by SEED)."""
+    from diffusers import AutoencoderTiny
+
+    config = tiny_decoder_config(name, vae_config)
+    state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        return AutoencoderTiny(**config)
+    finally:
+        torch.random.set_rng_state(state)
+
+
+def is_decoder_folder(path: str | Path) -> bool:
+    config = Path(path) / "config.json"
+    if not config.is_file():
+        return False
+    try:
+        return json.loads(config.read_text()).get("_class_name") == "AutoencoderTiny"
+    except (OSError, ValueError):
+        return False
+
+
+def read_decoder_info(folder: str | Path) -> dict:
+    path = Path(folder) / INFO_FILE
+    try:
+        return json.loads(path.read_text()) if path.is_file() else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def check_folder(folder: str | Path) -> Path:
+    """FOLDER as a tiny decoder folder (a plain diffusers AutoencoderTiny folder, safetensors), or one line."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise SlimsdError(f"decoder folder {str(folder)!r} does not exist")
+    if not is_decoder_folder(folder):
+        raise SlimsdError(
+            f"decoder folder {str(folder)!r} holds no AutoencoderTiny (config.json with _class_name "
+            "AutoencoderTiny); allowed: the final/ folder of a `vae-decoder` run or a diffusers AutoencoderTiny"
+        )
+    if not (folder / WEIGHTS).is_file():
+        raise SlimsdError(f"decoder folder {str(folder)!r} has no {WEIGHTS}")
+    return folder
+
+
+def load_decoder(folder: str | Path, dtype: torch.dtype = torch.float32, device="cpu"):
+    """The tiny decoder in FOLDER (check_folder), in DTYPE on DEVICE, for inference."""
+    from diffusers import AutoencoderTiny
+
+    from slimsd.models.sources import quiet_loading
+
+    folder = check_folder(folder)
+    with quiet_loading():
+        decoder = AutoencoderTiny.from_pretrained(str(folder), torch_dtype=dtype, use_safetensors=True)
+    return decoder.to(device).eval().requires_grad_(False)
+
+
+def decoder_record(folder: str | Path) -> dict:
+    """What a PNG records of the decoder in FOLDER: its resolved path and its weights' sha256."""
+    from slimsd.files import file_sha256
+
+    path = check_folder(folder).resolve()
+    return {"path": str(path), "sha256": file_sha256(path / WEIGHTS)}
+
+
+def check_fits(decoder, vae_config: dict, where: str) -> None:
+    """Refuse a decoder for another latent space than the VAE's (channels, upsampling), or one whose config would
+    make a pipeline divide the latents by a scaling factor before it (diffusers#4676)."""
+    c = decoder.config
+    factor = 2 ** (len(vae_config["block_out_channels"]) - 1)
+    own = 2 ** (len(c.block_out_channels) - 1)
+    if c.latent_channels != vae_config["latent_channels"] or own != factor:
+        raise SlimsdError(
+            f"decoder {where!r} decodes {c.latent_channels}-channel latents {own}x up; the model's VAE "
+            f"{vae_config['latent_channels']}-channel latents {factor}x up"
+        )
+    if c.scaling_factor != 1.0:
+        raise SlimsdError(
+            f"decoder {where!r} has scaling_factor {c.scaling_factor:g}; a tiny decoder takes the U-Net's "
+            "latents unscaled (scaling_factor 1.0; diffusers#4676)"
+        )
+
+
+def swap_decoder(pipe, folder: str | Path) -> dict:
+    """Put the tiny decoder in FOLDER into PIPE as its VAE (in the pipeline's device and dtype). Returns what a
+    PNG records of it: {"path", "sha256"}."""
+    vae = pipe.vae
+    decoder = load_decoder(folder, dtype=vae.dtype, device=vae.device)
+    check_fits(decoder, dict(vae.config), str(folder))
+    pipe.vae = decoder
+    return decoder_record(folder)
+
+
+# --- counting (counting.decoder_counts) ----------------------------------------------------------------------
+
+
+def meta_decoders(vae_config: dict, tiny: str = "tiny-decoder") -> tuple:
+    """(the full AutoencoderKL, the tiny decoder) of a VAE config, on the meta device."""
+    from diffusers import AutoencoderKL, AutoencoderTiny
+
+    with torch.device("meta"):
+        return AutoencoderKL.from_config(vae_config), AutoencoderTiny(**tiny_decoder_config(tiny, vae_config))
