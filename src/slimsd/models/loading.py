@@ -257,7 +257,7 @@ def load(
     ``prediction_type`` (``epsilon`` | ``v_prediction``) overrides what the model says it predicts: a single
     file written by another tool may not say (an SD 2.x one must be told).
     """
-    from slimsd.models import lora
+    from slimsd.models import lora, runtimes
     from slimsd.run import runtime
     from slimsd.run.schedulers import check_scheduler, scheduler_name, set_scheduler
 
@@ -276,9 +276,16 @@ def load(
         # An LCM-LoRA student's adapters come with it, merged first and once (--from-png lists them again).
         own = lora.as_spec((str(Path(model) / sampling["lora"]), 1.0), allow_pickle)
         loras = [own, *(s for s in loras if Path(s.path).resolve() != Path(own.path).resolve())]
+    exported = kind == "local" and runtimes.is_exported(model)  # ONNX Runtime / OpenVINO sessions
+    if exported:
+        runtimes.check_load_options(loras, compile, device)
     with quiet_loading():
-        pipe = _diffusers_pipeline(
-            model, kind, torch_dtype, allow_pickle, random_weights, seed, prediction_type
+        pipe = (
+            runtimes.load_exported(model)
+            if exported
+            else _diffusers_pipeline(
+                model, kind, torch_dtype, allow_pickle, random_weights, seed, prediction_type
+            )
         )
     if prediction_type is not None and pipe.scheduler.config.get("prediction_type") != prediction_type:
         pipe.scheduler = type(pipe.scheduler).from_config(
@@ -288,7 +295,9 @@ def load(
         pipe.safety_checker = None
     weight_map = lora.student_weight_map(model, kind, pipe.unet) if loras else None
     applied_loras = lora.apply_loras(pipe, loras, allow_pickle, weight_map, on_warning)
-    if optimize:
+    if exported:
+        pass
+    elif optimize:
         runtime.optimize_pipeline(
             pipe, runtime.RuntimeConfig(device=device, dtype=torch_dtype, compile=compile)
         )
@@ -304,7 +313,9 @@ def load(
         "random_weights": random_weights,
         "base_scheduler": dict(pipe.scheduler.config),
         "default_scheduler": scheduler_name(pipe.scheduler),
-        "runtime": runtime.applied(pipe.unet, optimized=optimize),
+        "runtime": runtimes.runtime_record(model)
+        if exported
+        else runtime.applied(pipe.unet, optimized=optimize),
         # A step-distilled student says how it samples (scheduler, steps, guidance): generate's defaults.
         "sampling": sampling,
         "loras": applied_loras,
