@@ -55,7 +55,7 @@ def test_bad_quantize_options_are_one_line_exit_2(args, message, tmp_path, capsy
     assert not out.exists()
 
 
-@pytest.mark.slow(seconds=8)
+@pytest.mark.slow(seconds=15)
 def test_calibration_follows_the_models_own_trajectory(micro_sd):
     """Every call of the sampler is collected: steps x images calls, at exactly the scheduler's timesteps
     (diffusers' PNDM for micro-sd, read from a fresh scheduler), batch 2 (guided: unconditional + conditional)."""
@@ -87,7 +87,7 @@ def test_fake_quantisers_known_values():
     assert torch.allclose(Q._fake_act(x, -1.0, 1.0), torch.tensor([-1.0, 0.0, 0.5, 1.0]), atol=1 / 255)
 
 
-@pytest.mark.slow(seconds=60)
+@pytest.mark.slow(seconds=100)
 @pytest.mark.parametrize("to", ["openvino", "onnx"])
 def test_int8_through_generate_with_png_info_and_from_png(to, tmp_path, capsys):
     prompts = tmp_path / "p.txt"
