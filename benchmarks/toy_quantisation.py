@@ -35,7 +35,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", required=True)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--calibration-prompts", type=int, default=32)
+    ap.add_argument("--calibration-prompts", type=int, default=16)
     ap.add_argument("--work", default="/tmp/toy-quantisation")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()

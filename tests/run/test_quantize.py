@@ -137,3 +137,25 @@ def test_int8_through_generate_with_png_info_and_from_png(to, tmp_path, capsys):
     assert q["unet_bytes"] == sum(
         f.stat().st_size for f in (out / "unet").iterdir() if f.suffix in (".bin", ".onnx")
     )
+
+
+def test_kept_weights_are_stored_fp16_and_computed_in_f32(tmp_path):
+    """A MatMul with a kept (float) weight: saved as fp16, the file shrinks by the weight's half and the output
+    is x @ fp16(W) computed in f32 (numpy), not x @ W."""
+    import openvino as ov
+    import openvino.opset13 as ops
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((64, 64)).astype(np.float32)
+    x = rng.standard_normal((2, 64)).astype(np.float32)
+    param = ops.parameter([2, 64], np.float32, name="x")
+    model = ov.Model([ops.matmul(param, ops.constant(w), False, False)], [param])
+    ov.save_model(model, str(tmp_path / "fp32.xml"), compress_to_fp16=False)
+    assert Q.kept_weights_fp16(model) == 1
+    ov.save_model(model, str(tmp_path / "fp16.xml"), compress_to_fp16=False)
+    size = {n: (tmp_path / f"{n}.bin").stat().st_size for n in ("fp32", "fp16")}
+    assert size["fp32"] - size["fp16"] == w.size * 2
+    compiled = ov.Core().compile_model(str(tmp_path / "fp16.xml"), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    out = compiled([x])[0]
+    np.testing.assert_allclose(out, x @ w.astype(np.float16).astype(np.float32), rtol=1e-5, atol=1e-5)
+    assert np.abs(out - x @ w).max() > 1e-4  # the fp16 rounding is really there
