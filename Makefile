@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	# torch first, pinned to the CPU wheel this machine carries: a looser pin would pull a multi-GB CUDA build.
 	$(BIN)/python -m pip install -q "torch==2.13.0" || $(BIN)/python -m pip install -q "torch>=2.4"
-	$(BIN)/python -m pip install -q -e ".[ui,train,eval,dev]"
+	$(BIN)/python -m pip install -q -e ".[ui,train,eval,deploy,dev]"
 	# DeepSpeed for the ZeRO-2/3 tests (its CPU backend runs on gloo): a pure-Python sdist whose setup imports
 	# torch, hence no build isolation. Optional for users (slimsd runs without it, no ZeRO); `make test` fails
 	# without it (its ZeRO tests must run).

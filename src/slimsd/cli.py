@@ -22,6 +22,7 @@ COMMANDS = {
     "distill": "slimsd.commands.distill:distill",
     "finetune": "slimsd.commands.finetune:finetune",
     "export": "slimsd.commands.export:export",
+    "quantize": "slimsd.commands.quantize:quantize",
     "cache": "slimsd.commands.cache:cache",
     "data": "slimsd.commands.data:data",
     "generate": "slimsd.commands.generate:generate",

@@ -3,8 +3,9 @@
 import click
 
 from slimsd.commands.options import allow_pickle_option, prediction_type_option
+from slimsd.errors import SlimsdError
 
-TARGETS = ("single-file", "a1111-lora")
+TARGETS = ("single-file", "a1111-lora", "onnx", "openvino")
 
 
 @click.command()
@@ -16,22 +17,55 @@ TARGETS = ("single-file", "a1111-lora")
     type=click.Choice(TARGETS),
     help="single-file: the whole pipeline as one .safetensors in the original layout (A1111, ComfyUI, "
     "Fooocus, SD.Next, diffusers' from_single_file). a1111-lora: a LoRA file or a `slimsd finetune` output "
-    "as a kohya/A1111 LoRA (lora_unet_..., lora_down/lora_up/alpha).",
+    "as a kohya/A1111 LoRA (lora_unet_..., lora_down/lora_up/alpha). onnx / openvino: a folder that ONNX "
+    "Runtime / OpenVINO run (optimum's layout; slimsd generate, ui, eval and bench load it).",
 )
-@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Output file (.safetensors).")
+@click.option(
+    "--out", required=True, type=click.Path(), help="Output file (.safetensors) or folder (onnx, openvino)."
+)
 @click.option(
     "--dtype",
     type=click.Choice(["fp16", "bf16", "fp32"]),
-    default="fp16",
-    show_default=True,
-    help="single-file: precision of the written weights.",
+    default=None,
+    help="single-file: precision of the written weights (default fp16). openvino: fp32 (default), fp16 weights, "
+    "or bf16 (fp16 weights, bf16 compute); onnx: fp32.",
+)
+@click.option(
+    "--resolution",
+    default=None,
+    help="onnx / openvino: fix the image size, WxH (e.g. 512x512): static shapes, faster; other sizes are "
+    "refused at generate time. Default: dynamic shapes.",
+)
+@click.option(
+    "--batch", type=int, default=None, help="onnx / openvino: fix the images per call (static batch)."
 )
 @click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
 @allow_pickle_option
 @prediction_type_option
-def export(source, target, out, dtype, overwrite, allow_pickle, prediction_type):
+def export(source, target, out, dtype, resolution, batch, overwrite, allow_pickle, prediction_type):
     """Write SOURCE (single-file: a preset, micro model, folder, single file or hub id; a1111-lora: a LoRA file
     or a folder holding pytorch_lora_weights.safetensors) for use in other tools."""
+    if target in ("onnx", "openvino"):
+        from slimsd.models.exporting import export_runtime
+
+        record = export_runtime(
+            source,
+            out,
+            target,
+            resolution=resolution,
+            batch=batch,
+            dtype=dtype or "fp32",
+            overwrite=overwrite,
+            allow_pickle=allow_pickle,
+            prediction_type=prediction_type,
+            on_phase=lambda m: click.echo(m, err=True),
+        )
+        shapes = "x".join(map(str, record["resolution"])) if record["resolution"] else "dynamic"
+        click.echo(f"wrote {out} ({target}, {record['precision']}, {record['family']}, shapes {shapes})")
+        return
+    if resolution is not None or batch is not None:
+        raise SlimsdError(f"--resolution and --batch apply to --to onnx / openvino, not {target}")
+    dtype = dtype or "fp16"
     if target == "single-file":
         from slimsd.models.single_file_export import export_single_file
 

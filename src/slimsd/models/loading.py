@@ -178,7 +178,7 @@ def load(
     ``vae``: a tiny decoder folder (:mod:`slimsd.models.decoders`, AutoencoderTiny) put in place of the model's
     VAE: a pipeline with it decodes, not encodes (img2img and inpainting need the model's own VAE).
     """
-    from slimsd.models import decoders, lora, runtime
+    from slimsd.models import decoders, lora, runtime, runtimes
     from slimsd.models.schedulers import check_scheduler, scheduler_name, set_scheduler
 
     quiet_deepspeed()
@@ -198,8 +198,19 @@ def load(
         # An LCM-LoRA student's adapters come with it, merged first and once (--from-png lists them again).
         own = lora.as_spec((str(Path(model) / sampling["lora"]), 1.0), allow_pickle)
         loras = [own, *(s for s in loras if Path(s.path).resolve() != Path(own.path).resolve())]
+    exported = kind == "local" and runtimes.is_exported(model)  # ONNX Runtime / OpenVINO sessions
+    if exported:
+        runtimes.check_load_options(loras, compile, device)
+        if vae is not None:
+            raise SlimsdError(
+                f"--vae does not apply to the exported folder {model!r}: its decoder is part of the export"
+            )
     with quiet_loading():
-        pipe = _diffusers_pipeline(ref, torch_dtype, allow_pickle, random_weights, seed, prediction_type)
+        pipe = (
+            runtimes.load_exported(model)
+            if exported
+            else _diffusers_pipeline(ref, torch_dtype, allow_pickle, random_weights, seed, prediction_type)
+        )
     if prediction_type is not None and pipe.scheduler.config.get("prediction_type") != prediction_type:
         pipe.scheduler = type(pipe.scheduler).from_config(
             pipe.scheduler.config, prediction_type=prediction_type
@@ -209,7 +220,9 @@ def load(
     weight_map = lora.student_weight_map(ref, pipe.unet) if loras else None
     applied_loras = lora.apply_loras(pipe, loras, allow_pickle, weight_map, on_warning)
     vae_record = decoders.swap_decoder(pipe, vae) if vae is not None else None
-    if optimize:
+    if exported:
+        pass  # the sessions run as they were exported (their precision is the export's)
+    elif optimize:
         runtime.optimize_pipeline(
             pipe, runtime.RuntimeConfig(device=device, dtype=torch_dtype, compile=compile)
         )
@@ -231,7 +244,9 @@ def load(
         "random_weights": random_weights,
         "base_scheduler": dict(pipe.scheduler.config),
         "default_scheduler": scheduler_name(pipe.scheduler),
-        "runtime": runtime.applied(pipe.unet, optimized=optimize),
+        "runtime": runtimes.runtime_record(model)
+        if exported
+        else runtime.applied(pipe.unet, optimized=optimize),
         # A step-distilled student says how it samples (scheduler, steps, guidance): generate's defaults.
         "sampling": sampling,
         "loras": applied_loras,

@@ -1,0 +1,217 @@
+"""ONNX / OpenVINO export (slimsd export --to onnx|openvino) and the exported folders in slimsd.load: the folder
+is optimum's layout with optimum's input names (read back with onnx / openvino themselves), an fp32 export gives
+the torch image to within float rounding (the reference: the same model in plain diffusers, torch), per family,
+and an exported folder runs through `slimsd generate` with PNG info and --from-png."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from slimsd.errors import SlimsdError
+from slimsd.models.exporting import export_runtime, parse_resolution
+from slimsd.models.loading import load
+
+from helpers import run_cli
+
+# fp32 through another runtime's kernels: a different summation order per op. Measured on these micro models:
+# at most ~2e-6 per U-Net call (ORT and OpenVINO against torch), so over a few steps and a VAE decode 1e-4 is
+# float rounding while a wrong input (a timestep, a missing condition, a swapped output) moves pixels by > 1e-2.
+ROUNDING = 1e-4
+
+
+def lcm_student(folder: Path) -> Path:
+    """A micro LCM student without a mid block (random weights): a guidance-embedding input (timestep_cond),
+    LCMScheduler, and the `sampling` record slimsd's LCM distillation writes."""
+    from diffusers import LCMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+
+    from slimsd.models.micro import build_micro
+
+    base = build_micro("micro-sd")
+    config = {
+        k: v for k, v in base.unet.config.items() if k != "_use_default_values"
+    }  # else reset to defaults
+    config.update(mid_block_type=None, time_cond_proj_dim=8)
+    torch.manual_seed(3)
+    unet = UNet2DConditionModel.from_config(config)
+    pipe = StableDiffusionPipeline(
+        vae=base.vae,
+        text_encoder=base.text_encoder,
+        tokenizer=base.tokenizer,
+        unet=unet,
+        scheduler=LCMScheduler.from_config(base.scheduler.config),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    assert unet.mid_block is None and unet.time_embedding.cond_proj is not None
+    pipe.save_pretrained(folder)
+    sampling = {"kind": "lcm", "scheduler": "lcm", "steps": 4, "guidance": 3.0, "guidance_range": [2.0, 4.0]}
+    (folder / "slimsd.json").write_text(json.dumps({"teacher": "micro-sd", "sampling": sampling}))
+    return folder
+
+
+def images(pipe, steps: int = 2, guidance: float | None = None) -> np.ndarray:
+    """The pipeline's float image (no uint8 rounding), seed fixed; an LCM student at its own guidance."""
+    kwargs = {} if guidance is None else {"guidance_scale": guidance}
+    out = pipe(
+        "a red circle",
+        num_inference_steps=steps,
+        generator=torch.Generator().manual_seed(7),
+        output_type="np",
+        **kwargs,
+    )
+    return out.images
+
+
+@pytest.fixture(scope="module")
+def lcm_folder(tmp_path_factory):
+    return lcm_student(tmp_path_factory.mktemp("lcm") / "student")
+
+
+CASES = [
+    ("micro-sd", "onnx", 15),
+    ("micro-sd", "openvino", 45),
+    ("micro-sdxl", "onnx", 25),
+    ("micro-sdxl", "openvino", 80),
+]
+
+
+@pytest.mark.parametrize(
+    ("model", "to"),
+    [pytest.param(m, t, marks=pytest.mark.slow(seconds=s)) for m, t, s in CASES],
+)
+def test_fp32_export_gives_the_torch_image(model, to, tmp_path):
+    out = tmp_path / "exported"
+    record = export_runtime(model, out, to)
+    assert record["backend"] == to and record["family"] == ("sdxl" if model == "micro-sdxl" else "sd")
+    exported = load(str(out))
+    assert exported._slimsd["runtime"]["backend"] == to
+    assert exported._slimsd["runtime"]["precision"] == "fp32"
+    reference = load(model, dtype="fp32", optimize=False)
+    ours, theirs = images(exported), images(reference)
+    assert ours.shape == theirs.shape
+    np.testing.assert_allclose(ours, theirs, atol=ROUNDING, rtol=0)
+    check_layout(out, to, sdxl=model == "micro-sdxl")
+
+
+def graph_inputs(folder: Path, part: str, to: str) -> set[str]:
+    """The input names of a part, read by the runtime's own library."""
+    if to == "onnx":
+        import onnx
+
+        return {
+            i.name for i in onnx.load(str(folder / part / "model.onnx"), load_external_data=False).graph.input
+        }
+    import openvino as ov
+
+    model = ov.Core().read_model(str(folder / part / "openvino_model.xml"))
+    return {n for i in model.inputs for n in i.get_names() if not n.startswith("/")}
+
+
+def check_layout(folder: Path, to: str, sdxl: bool) -> None:
+    """optimum's folder layout and input names (optimum.intel's OVModelUnet / OVModelVaeDecoder feed these)."""
+    parts = ["unet", "text_encoder", "vae_decoder", "vae_encoder"] + (["text_encoder_2"] if sdxl else [])
+    name = "model.onnx" if to == "onnx" else "openvino_model.xml"
+    for part in parts:
+        assert (folder / part / name).is_file() and (folder / part / "config.json").is_file(), part
+    for extra in [
+        "model_index.json",
+        "scheduler/scheduler_config.json",
+        "tokenizer/tokenizer_config.json",
+        "slimsd.json",
+    ]:
+        assert (folder / extra).is_file(), extra
+    unet = {"sample", "timestep", "encoder_hidden_states"} | ({"text_embeds", "time_ids"} if sdxl else set())
+    assert graph_inputs(folder, "unet", to) == unet
+    assert graph_inputs(folder, "vae_decoder", to) == {"latent_sample"}
+    assert graph_inputs(folder, "text_encoder", to) == {"input_ids"}
+
+
+@pytest.mark.slow(seconds=25)
+def test_lcm_student_without_mid_block_exports_with_its_guidance_input(lcm_folder, tmp_path):
+    out = tmp_path / "lcm-onnx"
+    export_runtime(str(lcm_folder), out, "onnx")
+    assert graph_inputs(out, "unet", "onnx") == {
+        "sample",
+        "timestep",
+        "encoder_hidden_states",
+        "timestep_cond",
+    }
+    exported = load(str(out))
+    assert exported._slimsd["sampling"]["steps"] == 4  # the student's own sampling travels with the export
+    reference = load(str(lcm_folder), dtype="fp32", optimize=False)
+    np.testing.assert_allclose(images(exported, 4, 3.0), images(reference, 4, 3.0), atol=ROUNDING, rtol=0)
+
+
+@pytest.mark.slow(seconds=30)
+def test_static_export_through_generate_with_png_info_and_from_png(tmp_path, capsys):
+    out = tmp_path / "static"
+    code, _, err = run_cli(
+        ["export", "micro-sd", "--to", "onnx", "--out", str(out), "--resolution", "64x64"], capsys
+    )
+    assert code == 0, err
+    assert json.loads((out / "slimsd.json").read_text())["export"]["resolution"] == [64, 64]
+    args = ["generate", str(out), "a blue square", "--steps", "2", "--seed", "3", "--json"]
+    code, stdout, err = run_cli([*args, "--out", str(tmp_path / "a")], capsys)
+    assert code == 0, err
+    report = json.loads(stdout)
+    assert report["runtime"]["backend"] == "onnx" and report["runtime"]["precision"] == "fp32"
+    png = report["images"][0]["path"]
+    from PIL import Image
+
+    first = Image.open(png)
+    assert json.loads(first.text["slimsd"])["model_source"] == str(out.resolve())
+    assert "Seed: 3" in first.text["parameters"]
+    code, stdout, err = run_cli(
+        ["generate", "--from-png", png, "--out", str(tmp_path / "b"), "--json"], capsys
+    )
+    assert code == 0, err
+    again = Image.open(json.loads(stdout)["images"][0]["path"])
+    assert np.array_equal(np.asarray(first), np.asarray(again))
+    # another size than the fixed one: one line, exit 2, nothing written
+    code, _, err = run_cli([*args, "--width", "128", "--height", "128", "--out", str(tmp_path / "c")], capsys)
+    assert code == 2 and "fixed shapes: 64x64 px only, 128x128" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "c").exists() or not any((tmp_path / "c").iterdir())
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--to", "tensorrt"], "tensorrt"),
+        (["--to", "onnx", "--resolution", "65x64"], "multiples of 8"),
+        (["--to", "onnx", "--resolution", "big"], "not WxH"),
+        (["--to", "onnx", "--dtype", "bf16"], "ONNX exports are fp32"),
+        (["--to", "onnx", "--batch", "0"], "batch 0"),
+        (["--to", "single-file", "--resolution", "64"], "--resolution and --batch apply to"),
+    ],
+)
+def test_bad_export_options_are_one_line_and_write_nothing(args, message, tmp_path, capsys):
+    out = tmp_path / "x"
+    code, _, err = run_cli(["export", "micro-sd", "--out", str(out), *args], capsys)
+    assert code == 2 and message in err, err
+    assert len(err.strip().splitlines()) == 1, err
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_resolution_parsing_known_values():
+    assert parse_resolution("512x768") == (512, 768)
+    assert parse_resolution("64") == (64, 64)
+    assert parse_resolution(None) is None
+    with pytest.raises(SlimsdError, match="multiples of 8"):
+        parse_resolution("100x64")
+
+
+def test_a_missing_runtime_package_is_one_line_naming_it_and_the_extra(monkeypatch):
+    import sys
+
+    from slimsd.models import runtimes
+
+    monkeypatch.setitem(sys.modules, "openvino", None)  # what Python does for a package that is not there
+    with pytest.raises(SlimsdError, match=r"^openvino is not installed.*slimsd\[deploy\]") as e:
+        runtimes.require_backend("openvino")
+    assert "\n" not in str(e.value)
