@@ -2,7 +2,7 @@ import json
 
 import click
 
-from slimsd.commands.options import prediction_type_option
+from slimsd.commands.options import filter_option, prediction_type_option
 
 
 @click.command()
@@ -19,12 +19,8 @@ from slimsd.commands.options import prediction_type_option
 @click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
 @click.option("--allow-pickle", is_flag=True, help="Allow loading pickle weights: they can run code.")
 @prediction_type_option
-@click.option(
-    "--filter",
-    "rules",
-    multiple=True,
-    metavar="RULE",
-    help="Cache only the rows these rules keep, e.g. 'aesthetic >= 7.5' (repeatable; see `slimsd data`).",
+@filter_option(
+    "Cache only the rows these rules keep, e.g. 'aesthetic >= 7.5' (repeatable; see `slimsd data`)."
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the cache summary as JSON.")
 def cache(

@@ -2,6 +2,8 @@ import json
 
 import click
 
+from slimsd.commands.options import filter_option
+
 
 def _num(v) -> str:
     return f"{v:g}" if isinstance(v, float) else str(v)
@@ -100,13 +102,7 @@ def describe(s: dict) -> list[str]:
     default=None,
     help="A distill / finetune config: its data and data_filter (DATA and --filter add to them).",
 )
-@click.option(
-    "--filter",
-    "rules",
-    multiple=True,
-    metavar="RULE",
-    help="Keep rows by metadata, e.g. 'aesthetic >= 7.5', 'min(width, height) >= 512' (repeatable).",
-)
+@filter_option("Keep rows by metadata, e.g. 'aesthetic >= 7.5', 'min(width, height) >= 512' (repeatable).")
 @click.option("--sample", type=click.IntRange(1), default=64, show_default=True, help="Kept rows to read.")
 @click.option("--full", is_flag=True, help="Read every kept row (unreadable counts for the whole data).")
 @click.option(

@@ -2,6 +2,8 @@ import json
 
 import click
 
+from slimsd.commands.options import filter_option
+
 
 @click.command(context_settings={"ignore_unknown_options": False})
 @click.option(
@@ -25,13 +27,7 @@ import click
     show_default=True,
     help="Processes (GPUs) the --dry-run estimate plans for.",
 )
-@click.option(
-    "--filter",
-    "rules",
-    multiple=True,
-    metavar="RULE",
-    help="Keep rows by metadata, e.g. 'aesthetic >= 7.5' (repeatable; after the config's data_filter).",
-)
+@filter_option()
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary at the end.")
 def distill(config_file, overrides, dry_run, num_processes, rules, as_json):
     """Distill a student U-Net from its frozen teacher: objective=kd (task + output-KD + feature-KD), or

@@ -1,5 +1,7 @@
 import click
 
+from slimsd.commands.options import filter_option
+
 
 @click.command(context_settings={"ignore_unknown_options": False})
 @click.option(
@@ -11,13 +13,7 @@ import click
 )
 @click.argument("overrides", nargs=-1)
 @click.option("--dry-run", is_flag=True, help="Print the resolved config and exit.")
-@click.option(
-    "--filter",
-    "rules",
-    multiple=True,
-    metavar="RULE",
-    help="Keep rows by metadata, e.g. 'aesthetic >= 7.5' (repeatable; after the config's data_filter).",
-)
+@filter_option()
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary at the end.")
 def finetune(config_file, overrides, rules, dry_run, as_json):
     """Fine-tune LoRA adapters on any model (a teacher or a student: preset, micro name or folder) with the

@@ -99,3 +99,15 @@ def runtime_options(f):
     for option in (prediction_type_option, allow_pickle_option, optimize_option, dtype_option, device_option):
         f = option(f)
     return f
+
+
+def filter_option(
+    help_text: str = "Keep rows by metadata, e.g. 'aesthetic >= 7.5' (repeatable; after the config's "
+    "data_filter).",
+):
+    """--filter RULE (repeatable) as ``rules``: rows kept by their metadata (slimsd.train.filters)."""
+
+    def decorate(f):
+        return click.option("--filter", "rules", multiple=True, metavar="RULE", help=help_text)(f)
+
+    return decorate
