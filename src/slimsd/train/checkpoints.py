@@ -16,15 +16,12 @@ import os
 import re
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
 from slimsd.errors import SlimsdError
 from slimsd.train import sharding as S
-
-if TYPE_CHECKING:  # the config names the objectives, whose modules use this one: a type only, no import
-    from slimsd.train.config import DistillConfig
+from slimsd.train.settings import DistillConfig
 
 
 def list_checkpoints(output_dir: Path) -> list[Path]:

@@ -11,12 +11,10 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
-if TYPE_CHECKING:  # the config imports the objectives, which use this module
-    from slimsd.train.config import DistillConfig
+from slimsd.train.settings import DistillConfig
 
 CLASS_DIR = "class_images"
 

@@ -25,12 +25,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, ClassVar
+from typing import ClassVar
 
 import torch
 
-if TYPE_CHECKING:  # the config module imports the registry: objectives only read the config's fields
-    from slimsd.train.config import DistillConfig
+from slimsd.train.settings import DistillConfig
 
 
 @dataclass
