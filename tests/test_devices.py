@@ -12,6 +12,7 @@ from helpers import machine_cpu_dtype, run_cli
 
 
 def test_auto_dtype_follows_the_device_and_the_cpu(monkeypatch):
+    monkeypatch.delenv("SLIMSD_CPU_DTYPE", raising=False)  # the flags' policy, not the switch (tested below)
     monkeypatch.setattr(devices, "cpu_flags", lambda: frozenset({"avx2", "fma"}))
     assert devices.resolve_dtype("auto", "cpu") == torch.float32
     assert devices.resolve_dtype(None, "cpu") == torch.float32
