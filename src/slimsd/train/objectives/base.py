@@ -23,6 +23,7 @@ objectives share (loading a teacher and a student, a micro-batch's noisy latents
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
@@ -30,6 +31,7 @@ from typing import ClassVar
 import torch
 
 from slimsd.train.settings import DistillConfig
+from slimsd.version import __version__
 
 
 @dataclass
@@ -71,6 +73,20 @@ def update_average(average: dict[str, torch.Tensor], online: dict[str, torch.Ten
     """θ_avg ← decay·θ_avg + (1 − decay)·θ, in place, in fp32: the EMA weights and LCM's target network."""
     for k, v in average.items():
         v.mul_(decay).add_(online[k].detach().float(), alpha=1 - decay)
+
+
+def write_provenance(folder: Path, state: dict, fields: dict, extra: dict | None = None) -> None:
+    """final/slimsd.json, one layout for every objective: slimsd's version, FIELDS (what this result is), the
+    run's step, skipped rows and allowed config changes (with their steps), then EXTRA."""
+    info = {
+        "slimsd_version": __version__,
+        **fields,
+        "step": state["step"],
+        "skipped": state["skipped"],
+        "config_changes": state["config_changes"],
+        **(extra or {}),
+    }
+    (folder / "slimsd.json").write_text(json.dumps(info, indent=1) + "\n")
 
 
 class Objective:

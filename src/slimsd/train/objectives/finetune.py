@@ -9,7 +9,6 @@ mean something without a teacher (FINETUNE_KEYS)."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict
 from pathlib import Path
 
@@ -17,7 +16,7 @@ import torch
 
 from slimsd.models.lora import LORA_FILE
 from slimsd.train.adapters import ATTENTION_TARGETS, add_lora, write_adapters
-from slimsd.train.objectives.base import Models, Run
+from slimsd.train.objectives.base import Models, Run, write_provenance
 from slimsd.train.objectives.unet import UNetObjective, freeze
 
 FINETUNE_NAMES = {
@@ -110,21 +109,16 @@ class Finetune(UNetObjective):
 
     def save_final(self, run: Run, weights: dict, state: dict) -> Path:
         from slimsd.atomic import atomic_dir
-        from slimsd.version import __version__
 
         cfg = self.cfg
         out = Path(cfg.output_dir) / "final"
         with atomic_dir(out, overwrite=True) as tmp:
             write_adapters(tmp, type(run.models.pipe), run.models.student, weights)
-            info = {
-                "slimsd_version": __version__,
+            fields = {
                 "kind": "lora",
                 "base_model": cfg.student,
                 "lora": LORA_FILE,
                 "finetune": finetune_view(cfg),
-                "step": state["step"],
-                "skipped": state["skipped"],
-                "config_changes": state["config_changes"],
             }
-            (tmp / "slimsd.json").write_text(json.dumps(info, indent=1) + "\n")
+            write_provenance(tmp, state, fields)
         return out

@@ -4,14 +4,13 @@ as a plain diffusers pipeline folder with slimsd.json provenance."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import ClassVar
 
 import torch
 
-from slimsd.train.objectives.base import Models, Objective, Run
+from slimsd.train.objectives.base import Models, Objective, Run, write_provenance
 
 
 @dataclass
@@ -265,7 +264,6 @@ class UNetObjective(Objective):
 
         from slimsd.atomic import atomic_dir
         from slimsd.models.loading import load
-        from slimsd.version import __version__
 
         cfg, models = self.cfg, run.models
         unet = UNet2DConditionModel.from_config(models.student.config)
@@ -295,19 +293,13 @@ class UNetObjective(Objective):
         with atomic_dir(out, overwrite=True) as tmp:
             pipe.save_pretrained(tmp, safe_serialization=True)
             self.write_extra(run, tmp, type(base), weights)
-            info = {
-                "slimsd_version": __version__,
+            fields = {
                 "teacher": cfg.teacher,
                 "recipe": models.recipe,
                 "weight_map": models.weight_map,
                 "distill": asdict(cfg),
                 "feature_taps": models.taps,
-                "step": state["step"],
-                "skipped": state["skipped"],
-                "config_changes": state["config_changes"],  # allowed changes on resumes, with their steps
             }
             sampling = self.sampling()
-            if sampling:
-                info["sampling"] = sampling
-            (tmp / "slimsd.json").write_text(json.dumps(info, indent=1) + "\n")
+            write_provenance(tmp, state, fields, {"sampling": sampling} if sampling else None)
         return out

@@ -21,7 +21,6 @@ AutoencoderTiny folder with slimsd.json (teacher, family, latent scaling convent
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict
 from pathlib import Path
 
@@ -30,7 +29,7 @@ import torch.nn.functional as F
 
 from slimsd.errors import SlimsdError
 from slimsd.models.decoders import LATENT_SCALING, TINY_DECODERS, is_decoder_folder
-from slimsd.train.objectives.base import Models, Objective, Run
+from slimsd.train.objectives.base import Models, Objective, Run, write_provenance
 
 
 def encoder_features(vae, pixels: torch.Tensor) -> list[torch.Tensor]:
@@ -196,7 +195,6 @@ class VAEDecoder(Objective):
 
         from slimsd.atomic import atomic_dir
         from slimsd.models.loading import model_source
-        from slimsd.version import __version__
 
         cfg = self.cfg
         # block_out_channels: what AutoencoderTiny registers of its own accord, not an argument (diffusers warns)
@@ -206,8 +204,7 @@ class VAEDecoder(Objective):
         out = Path(cfg.output_dir) / "final"
         with atomic_dir(out, overwrite=True) as tmp:
             decoder.save_pretrained(tmp, safe_serialization=True)
-            info = {
-                "slimsd_version": __version__,
+            fields = {
                 "kind": "tiny-decoder",
                 "teacher": cfg.teacher,
                 "teacher_source": model_source(cfg.teacher),
@@ -217,9 +214,6 @@ class VAEDecoder(Objective):
                 "decoder": cfg.student if cfg.student in TINY_DECODERS else None,
                 "encoder": "untrained (seeded random weights): encode with the model's own VAE",
                 "distill": asdict(cfg),
-                "step": state["step"],
-                "skipped": state["skipped"],
-                "config_changes": state["config_changes"],
             }
-            (tmp / "slimsd.json").write_text(json.dumps(info, indent=1) + "\n")
+            write_provenance(tmp, state, fields)
         return out
