@@ -76,6 +76,36 @@ def cfg(tmp_path, name="run", **kw):
     return DistillConfig(**{**FAST_DISTILL, "output_dir": str(tmp_path / name), **kw})
 
 
+def whole_and_resumed(tmp_path, **keys) -> tuple[dict, dict, list[dict]]:
+    """Four optimizer steps (accumulation, EMA, a warm-up schedule, checkpoints every 2) in one run ("whole")
+    and in two ("split": stopped after step 2 as if killed, then ``resume=latest``): (the whole run's result,
+    the resumed run's result, the step-4 checkpoint weights of each). KEYS: the config under test."""
+    from safetensors.torch import load_file
+
+    from slimsd.train.distill import train
+
+    common = {
+        "batch_size": 2,
+        "gradient_accumulation_steps": 2,
+        "ema": True,
+        "ema_decay": 0.9,
+        "lr_scheduler": "linear",
+        "lr_warmup_steps": 2,
+        "checkpoint_every": 2,
+        **keys,
+    }
+    whole = train(cfg(tmp_path, "whole", max_steps=4, **common))
+    first = train(cfg(tmp_path, "split", max_steps=4, stop_at_step=2, **common))  # as if killed after step 2
+    assert first["steps"] == 2 and first["final_dir"] is None
+    resumed = train(cfg(tmp_path, "split", max_steps=4, resume="latest", **common))
+    assert resumed["resumed_from"].endswith("step-00000002")
+    raw = [
+        load_file(str(tmp_path / d / "checkpoints" / "step-00000004" / "student.safetensors"))
+        for d in ("whole", "split")
+    ]
+    return whole, resumed, raw
+
+
 def unet_weights(folder) -> dict:
     from safetensors.torch import load_file
 

@@ -9,14 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from slimsd.errors import SlimsdError
 from slimsd.train.config import finetune_config, load_config, read_values
 from slimsd.train.distill import train
 
 from helpers import FAST_DISTILL as FAST
-from helpers import cfg, launch_distill, max_diff, run_cli, unet_weights
+from helpers import cfg, launch_distill, max_diff, run_cli, unet_weights, whole_and_resumed
 
 
 def test_loss_goes_down_and_the_student_loads_in_diffusers(tmp_path):
@@ -118,30 +117,13 @@ def test_first_step_terms_equal_their_formulas(tmp_path):
 
 
 def test_resume_latest_ends_with_the_same_weights(tmp_path):
-    common = {
-        "batch_size": 2,
-        "gradient_accumulation_steps": 2,
-        "ema": True,
-        "ema_decay": 0.9,
-        "lr_scheduler": "linear",
-        "lr_warmup_steps": 2,
-        "checkpoint_every": 2,
-    }
-    whole = train(cfg(tmp_path, "whole", max_steps=4, **common))
-    first = train(cfg(tmp_path, "split", max_steps=4, stop_at_step=2, **common))  # as if killed after step 2
-    assert first["steps"] == 2
-    resumed = train(cfg(tmp_path, "split", max_steps=4, resume="latest", **common))
-    assert resumed["resumed_from"].endswith("step-00000002")
+    whole, resumed, raw = whole_and_resumed(tmp_path)
     assert [r["loss"] for r in resumed["losses"]] == pytest.approx(
         [r["loss"] for r in whole["losses"]], abs=1e-6
     )
     assert (
         max_diff(unet_weights(whole["final_dir"]), unet_weights(resumed["final_dir"])) <= 1e-6
     )  # EMA weights
-    raw = [
-        load_file(str(tmp_path / d / "checkpoints" / "step-00000004" / "student.safetensors"))
-        for d in ("whole", "split")
-    ]
     assert max_diff(*raw) <= 1e-6
     with pytest.raises(SlimsdError, match="not a checkpoint folder"):
         train(cfg(tmp_path, "split", max_steps=4, resume=str(tmp_path)))

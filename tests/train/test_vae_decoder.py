@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from slimsd.train.distill import train
 
-from helpers import cfg, max_diff, run_cli
+from helpers import cfg, max_diff, run_cli, whole_and_resumed
 
 DECODER = {
     "objective": "vae-decoder",
@@ -92,28 +92,9 @@ def test_trains_with_validation_and_final_is_a_plain_autoencoder_tiny(tmp_path):
 
 @pytest.mark.parametrize("teacher", ["micro-sd", "micro-sdxl"])
 def test_resume_latest_ends_with_the_same_weights(tmp_path, teacher):
-    common = {
-        **DECODER,
-        "teacher": teacher,
-        "batch_size": 2,
-        "gradient_accumulation_steps": 2,
-        "ema": True,
-        "ema_decay": 0.9,
-        "lr_scheduler": "linear",
-        "lr_warmup_steps": 2,
-        "checkpoint_every": 2,
-    }
-    whole = train(cfg(tmp_path, "whole", max_steps=4, **common))
-    first = train(cfg(tmp_path, "split", max_steps=4, stop_at_step=2, **common))  # as if killed after step 2
-    assert first["steps"] == 2 and first["final_dir"] is None
-    resumed = train(cfg(tmp_path, "split", max_steps=4, resume="latest", **common))
-    assert resumed["resumed_from"].endswith("step-00000002")
+    whole, resumed, raw = whole_and_resumed(tmp_path, **DECODER, teacher=teacher)
     assert [r["loss"] for r in resumed["losses"]] == [r["loss"] for r in whole["losses"]]
     assert max_diff(decoder_weights(whole["final_dir"]), decoder_weights(resumed["final_dir"])) == 0  # EMA
-    raw = [
-        load_file(str(tmp_path / d / "checkpoints" / "step-00000004" / "student.safetensors"))
-        for d in ("whole", "split")
-    ]
     assert max_diff(*raw) == 0
     info = json.loads((Path(whole["final_dir"]) / "slimsd.json").read_text())
     assert info["family"] == ("sdxl" if teacher == "micro-sdxl" else "sd")
