@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from slimsd.train.distill import train
 
-from helpers import cfg, max_diff, run_cli, whole_and_resumed
+from helpers import FAST_DISTILL, cfg, launch_distill, max_diff, run_cli, whole_and_resumed
 
 DECODER = {
     "objective": "vae-decoder",
@@ -98,6 +98,31 @@ def test_resume_latest_ends_with_the_same_weights(tmp_path, teacher):
     assert max_diff(*raw) == 0
     info = json.loads((Path(whole["final_dir"]) / "slimsd.json").read_text())
     assert info["family"] == ("sdxl" if teacher == "micro-sdxl" else "sd")
+
+
+@pytest.mark.slow(seconds=30)
+@pytest.mark.xdist_group("processes")  # one multi-process test at a time (tests/conftest.py)
+@pytest.mark.parametrize("teacher", ["micro-sd", "micro-sdxl"])
+def test_two_processes_equal_one_with_the_same_global_batch(tmp_path, teacher):
+    """DDP on CPU (gloo), `accelerate launch --multi_gpu --num_processes 2` with batch 2 each against one
+    process with batch 4: the same examples, the same posterior draws, the same decoder weights, and a
+    validation grid written once. adam_epsilon=1e-3 as in the U-Net objectives' test (Adam's m/sqrt(v) ~ +-1
+    would amplify the rounding of near-zero gradients)."""
+    kw = {**DECODER, "teacher": teacher, "max_steps": 2, "data": "shapes:8", "adam_epsilon": 1e-3}
+    kw |= {"validation_prompts": ["a red circle"], "validation_every": 2, "validation_steps": 1}
+    one = train(cfg(tmp_path, "one", **kw))
+    two = launch_distill({**FAST_DISTILL, **kw, "batch_size": 2, "output_dir": tmp_path / "two"}, tmp_path)
+    assert two["num_processes"] == 2
+    for k in ("loss", "pixel", "feat"):
+        assert two["last"][k] == pytest.approx(one["losses"][-1][k], rel=1e-5)
+    from slimsd.models.decoders import build_tiny_decoder
+    from slimsd.models.presets import MICRO_VAE
+    from slimsd.train.config import DistillConfig
+
+    start = build_tiny_decoder("micro-tiny-decoder", MICRO_VAE, seed=DistillConfig.seed).state_dict()
+    assert max_diff(start, decoder_weights(one["final_dir"])) > 1e-3  # it did train
+    assert max_diff(decoder_weights(one["final_dir"]), decoder_weights(tmp_path / "two" / "final")) <= 1e-5
+    assert (tmp_path / "two" / "validation" / "step-00000002.png").is_file()
 
 
 def test_latent_cache_is_transparent(tmp_path):

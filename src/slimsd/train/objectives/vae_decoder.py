@@ -21,6 +21,7 @@ AutoencoderTiny folder with slimsd.json (teacher, family, latent scaling convent
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
@@ -43,13 +44,19 @@ def encoder_features(vae, pixels: torch.Tensor) -> list[torch.Tensor]:
     return feats
 
 
-def feature_loss(vae, student_img: torch.Tensor, teacher_img: torch.Tensor) -> torch.Tensor:
+def feature_loss(
+    vae, student_img: torch.Tensor, teacher_img: torch.Tensor, batch_mean: Callable | None = None
+) -> torch.Tensor:
+    """BATCH_MEAN: the mean of a per-process scalar over the processes (the teacher features' mean square is
+    then the global micro-batch's, so that P processes compute what one process with their whole batch does)."""
     with torch.no_grad():
         targets = [t.float() for t in encoder_features(vae, teacher_img)]
+        scales = [t.square().mean() for t in targets]
+        scales = [batch_mean(x) for x in scales] if batch_mean else scales
     ours = encoder_features(vae, student_img)
     terms = [
-        F.mse_loss(s.float(), t) / t.square().mean().clamp_min(1e-8)
-        for s, t in zip(ours, targets, strict=True)
+        F.mse_loss(s.float(), t) / scale.clamp_min(1e-8)
+        for s, t, scale in zip(ours, targets, scales, strict=True)
     ]
     return torch.stack(terms).mean()
 
@@ -97,6 +104,9 @@ class VAEDecoder(Objective):
         check_fits(student, vae_config, cfg.student)
         student = student.float().requires_grad_(False)
         student.decoder.requires_grad_(True)  # the encoder is not trained (models/decoders.py)
+        # Its forward is what is trained, decoding: DDP synchronises the gradients of what runs through the
+        # wrapper's forward, and AutoencoderTiny's own forward encodes too. Its state dict is unchanged.
+        student.forward = student.decode
         frozen = freeze(teacher, student)
         self.teacher = teacher
         recipe = {
@@ -114,15 +124,16 @@ class VAEDecoder(Objective):
         )
 
     def validation(self, run: Run, step: int, log_with) -> None:
-        """The validation grid of STEP (main process; one process only, see loss): for each fixed prompt the
-        teacher samples latents (same seeds every time), shown decoded by the teacher's VAE beside the tiny
-        decoder."""
+        """The validation grid of STEP (the main process): for each fixed prompt the teacher samples latents
+        (same seeds every time), shown decoded by the teacher's VAE beside the tiny decoder."""
         import io
 
         from slimsd.atomic import atomic_write_bytes
         from slimsd.images import make_grid
 
-        cfg, tp, decoder = self.cfg, self.teacher, run.student
+        if not run.accelerator.is_main_process:
+            return
+        cfg, tp, decoder = self.cfg, self.teacher, run.accelerator.unwrap_model(run.student)
         images = []
         decoder.eval()
         for i, prompt in enumerate(cfg.validation_prompts):
@@ -156,6 +167,11 @@ class VAEDecoder(Objective):
     def prepare(self, run: Run) -> None:
         from slimsd.models.loading import is_sdxl
 
+        if run.engine not in ("single", "ddp"):
+            raise SlimsdError(
+                f"objective vae-decoder trains on one process or under DDP (`accelerate launch --multi_gpu`), "
+                f"not {run.engine}: a tiny decoder fits every device whole"
+            )
         self.sdxl = is_sdxl(self.teacher)
 
     def latents(self, run: Run, batch: dict) -> torch.Tensor:
@@ -178,15 +194,13 @@ class VAEDecoder(Objective):
         z = self.latents(run, batch)
         with torch.no_grad():
             target = vae.decode(z.to(vae.dtype) / vae.config.scaling_factor).sample.float().clamp(-1, 1)
-        if not hasattr(
-            run.student, "decode"
-        ):  # wrapped: its forward (encode + decode) is not what is trained
-            raise SlimsdError(
-                "objective vae-decoder trains on one process (DDP/FSDP/ZeRO are not supported yet)"
-            )
-        image = run.student.decode(z).sample.float()
+        image = run.student(
+            z
+        ).sample.float()  # its forward decodes (load); through DDP's wrapper when wrapped
         pixel = F.mse_loss(image, target)
-        feat = feature_loss(vae, image, target) if cfg.lambda_feat else torch.zeros((), device=z.device)
+        acc = run.accelerator
+        mean = (lambda x: acc.reduce(x.reshape(1), reduction="mean")[0]) if acc.num_processes > 1 else None
+        feat = feature_loss(vae, image, target, mean) if cfg.lambda_feat else torch.zeros((), device=z.device)
         return {"loss": cfg.lambda_out * pixel + cfg.lambda_feat * feat, "pixel": pixel, "feat": feat}
 
     def save_final(self, run: Run, weights: dict, state: dict) -> Path:
