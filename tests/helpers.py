@@ -117,6 +117,21 @@ def max_diff(a: dict, b: dict) -> float:
     return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
 
 
+def tiny_decoder_folder(tmp_path, model: str, **config):
+    """A micro tiny decoder for MODEL's latent space (seeded weights, untrained) saved as a plain diffusers
+    AutoencoderTiny folder, with CONFIG registered on top (e.g. a wrong scaling_factor)."""
+    from slimsd.models.decoders import build_tiny_decoder
+    from slimsd.models.micro import build_micro
+
+    vae_config = dict(build_micro(model).vae.config)
+    decoder = build_tiny_decoder("micro-tiny-decoder", vae_config, seed=1)
+    if config:
+        decoder.register_to_config(**config)
+    folder = tmp_path / f"decoder-{model}"
+    decoder.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -14,7 +14,7 @@ from slimsd.errors import SlimsdError
 from slimsd.measure import evaluate as ev
 from slimsd.run.pnginfo import settings_from_png
 
-from helpers import html_tables, run_cli
+from helpers import html_tables, run_cli, tiny_decoder_folder
 
 # ---------------------------------------------------------------------------------------------------------------
 # End to end
@@ -197,6 +197,46 @@ def test_eval_cli_end_to_end_on_micro_sd_and_resume(tmp_path, capsys, monkeypatc
     assert again["models"][0]["fid"] == pytest.approx(row["fid"], rel=1e-9)
 
 
+@pytest.mark.slow
+def test_eval_with_a_tiny_decoder_makes_plain_diffusers_images_in_their_own_folder(tmp_path, capsys):
+    """--vae DIR: each image is what a plain diffusers pipeline with ``pipe.vae = AutoencoderTiny(DIR)`` makes
+    (same seed, fp32, no runtime), in a folder of its own (the decoder's sha256 in the identity), recorded in
+    scores.json and the PNG; the same model without it keeps its own images."""
+    import torch
+    from diffusers import AutoencoderTiny, StableDiffusionPipeline
+
+    from slimsd.models.micro import build_micro
+
+    prompts, _ = _prompts_and_reference(tmp_path)
+    folder = tiny_decoder_folder(tmp_path, "micro-sd")
+    sha = hashlib.sha256((folder / "diffusion_pytorch_model.safetensors").read_bytes()).hexdigest()
+    out = tmp_path / "out"
+    runtime = ["--dtype", "fp32", "--no-optimize", "--clip-model", "none"]
+    tiny = _eval([*_smoke_args("micro-sd", prompts, out, "--vae", str(folder)), *runtime], capsys)
+    full = _eval([*_smoke_args("micro-sd", prompts, out), *runtime], capsys)
+    record = {"path": str(folder.resolve()), "sha256": sha}
+    assert tiny["models"][0]["vae"] == tiny["settings"]["vae"] == record
+    assert full["models"][0]["vae"] is None and full["generation"]["micro-sd"]["generated"] == 3
+    images = out / "images" / _folder(f"micro-sd_vae_{sha[:10]}", f"micro-sd+vae:{sha[:10]}")
+    assert settings_from_png(images / "g.png")["vae"] == record
+
+    plain = StableDiffusionPipeline(**build_micro("micro-sd").components)
+    plain.set_progress_bar_config(disable=True)
+    plain.vae = AutoencoderTiny.from_pretrained(folder)
+    theirs = plain(
+        "a green square",  # prompt row 1: seed 0 + 1
+        num_inference_steps=2,
+        guidance_scale=7.5,
+        height=64,
+        width=64,
+        generator=torch.Generator().manual_seed(1),
+    ).images[0]
+    ours = np.asarray(Image.open(images / "g.png").convert("RGB"), dtype=np.int16)
+    assert np.abs(ours - np.asarray(theirs, dtype=np.int16)).max() <= 1
+    own = np.asarray(Image.open(out / "images" / _folder("micro-sd", "micro-sd") / "g.png"), dtype=np.int16)
+    assert np.abs(own - ours).mean() > 5  # the model's own VAE decodes another image
+
+
 def test_eval_cli_errors_are_one_line_and_come_before_any_model_is_loaded(tmp_path, capsys, monkeypatch):
     import slimsd.models.loading
 
@@ -250,6 +290,11 @@ def test_eval_cli_errors_are_one_line_and_come_before_any_model_is_loaded(tmp_pa
         ([*base, "--resolution", "63"], "width 63"),
         (swap("--out", str(tmp_path / "a-file" / "o")), "cannot create folder"),
         ([*base, "--save-reference-stats", str(tmp_path / "a-file" / "r.npz")], "cannot create folder"),
+        (
+            [*base, "--vae", str(tmp_path / "nope")],
+            f"decoder folder {str(tmp_path / 'nope')!r} does not exist",
+        ),
+        ([*base, "--vae", str(tmp_path)], "holds no AutoencoderTiny"),
     ):
         code, _, err = run_cli(args, capsys)
         assert code == 2, (args, err)

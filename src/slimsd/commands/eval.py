@@ -115,6 +115,13 @@ def _models(ctx, param, value):
     help="Write the reference's FID statistics (.npz) to reuse as --reference.",
 )
 @click.option("--grid", type=click.IntRange(0, 256), default=8, help="Prompts shown in the report's grid.")
+@click.option(
+    "--vae",
+    default=None,
+    metavar="DIR",
+    help="A tiny decoder folder (a `vae-decoder` run's final/) every model decodes with instead of its VAE; "
+    "its images get their own folders.",
+)
 @runtime_options
 @random_weights_option
 @lora_option

@@ -49,6 +49,9 @@ class GenSettings:
     dtype: str = "fp32"  # the pipeline's, as slimsd.devices names it
     deep_cache: int = 1  # slimsd.run.deepcache's interval; 1: off
     loras: list = field(default_factory=list)  # [[sha256, scale], ...] of the LoRAs merged into the model
+    vae: str | None = (
+        None  # the sha256 of the tiny decoder's weights the model decodes with (None: its own VAE)
+    )
 
 
 def own_settings(settings: GenSettings, model: str) -> GenSettings:
@@ -93,6 +96,8 @@ def wanted_settings(prompt: Prompt, settings: GenSettings, source: str) -> dict:
         want["scheduler"] = settings.scheduler
     if settings.loras:
         want["eval_loras"] = settings.loras
+    if settings.vae:
+        want["eval_vae"] = settings.vae
     return want
 
 
@@ -164,6 +169,8 @@ def generate_missing(
     asked = {"eval_resolution": settings.resolution, "eval_scheduler": settings.scheduler}
     if settings.loras:
         asked["eval_loras"] = settings.loras
+    if settings.vae:
+        asked["eval_vae"] = settings.vae
     done = 0
     for start in range(0, len(prompts), settings.batch_size):
         batch = prompts[start : start + settings.batch_size]

@@ -80,6 +80,7 @@ class EvalConfig:
     allow_pickle: bool = False
     prediction_type: str | None = None  # None: each model's own
     loras: Sequence = ()  # LoRA files ("FILE[:SCALE]") merged into every model (slimsd.models.lora)
+    vae: str | None = None  # a tiny decoder folder every model decodes with (slimsd.models.decoders)
 
 
 def resolve(config: EvalConfig) -> EvalConfig:
@@ -113,6 +114,7 @@ class _Plan:
     sources: list[str]  # each model's identity (slimsd.models.loading.model_source)
     slugs: list[str]  # each model's image folder under OUT/images
     loras: list  # the LoRA specs merged into every model
+    vae: dict | None  # the tiny decoder every model decodes with: {"path", "sha256"} (None: each model's VAE)
 
 
 def run_eval(config: EvalConfig, log: Callable[[str], None] = print) -> dict:
@@ -152,7 +154,8 @@ def run_eval(config: EvalConfig, log: Callable[[str], None] = print) -> dict:
         if config.save_stats:
             save_stats(out / "stats" / f"{slug}.npz", mu, sigma, model=model, extractor=config.fid_extractor)
         own = {k: generation[model][k] for k in ("steps", "guidance")}  # each model's, when left open
-        rows.append({"model": model, "model_source": source, "images": f"images/{slug}", **own, **scores})
+        row = {"model": model, "model_source": source, "images": f"images/{slug}", "vae": plan.vae}
+        rows.append(row | own | scores)
 
     result = {
         "protocol": config.protocol,
@@ -162,6 +165,7 @@ def run_eval(config: EvalConfig, log: Callable[[str], None] = print) -> dict:
                 {"path": str(Path(spec.path).resolve()), "scale": spec.scale, "sha256": sha}
                 for spec, (sha, _) in zip(plan.loras, plan.settings.loras, strict=True)
             ],
+            "vae": plan.vae,
         },
         "models": rows,
         "generation": generation,
@@ -175,6 +179,7 @@ def run_eval(config: EvalConfig, log: Callable[[str], None] = print) -> dict:
 def _plan(config: EvalConfig) -> _Plan:
     """The prompts, settings, models and LoRAs of a resolved config. Everything that can be checked before hours
     of work is checked here, each with one line."""
+    from slimsd.models.decoders import decoder_record
     from slimsd.models.loading import model_source
     from slimsd.models.lora import as_spec, file_sha256
     from slimsd.run import generate as gen
@@ -218,12 +223,15 @@ def _plan(config: EvalConfig) -> _Plan:
     sources = [model_source(m, config.random_weights) for m in config.models]  # an unknown model: now
     loras = [as_spec(spec, config.allow_pickle) for spec in config.loras]  # a bad LoRA file: now
     settings.loras = [[file_sha256(spec.path), spec.scale] for spec in loras]
-    # A model with LoRAs is another model: its images get their own folder.
+    vae = decoder_record(config.vae) if config.vae is not None else None  # a bad folder: now
+    settings.vae = vae["sha256"] if vae else None
+    # A model with LoRAs, or decoding with a tiny decoder, is another model: its images get their own folder.
     with_loras = "".join(f"+lora:{sha[:10]}x{scale:g}" for sha, scale in settings.loras)
+    with_loras += f"+vae:{settings.vae[:10]}" if settings.vae else ""
     slugs = [model_slug(source + with_loras) for source in sources]
     if config.reference is not None and not Path(config.reference).exists():
         raise SlimsdError(f"reference {config.reference!r} does not exist (a folder of images or an .npz)")
-    return _Plan(prompts, shard, settings, sources, slugs, loras)
+    return _Plan(prompts, shard, settings, sources, slugs, loras, vae)
 
 
 def _scorers(config: EvalConfig, log: Callable[[str], None]) -> tuple:
@@ -291,6 +299,7 @@ def _load(model: str, config: EvalConfig, log: Callable[[str], None]):
         loras=config.loras,
         on_warning=lambda message: log(f"{model}: warning: {message}"),
         prediction_type=config.prediction_type,
+        vae=config.vae,
     )
 
 
