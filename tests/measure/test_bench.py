@@ -15,6 +15,8 @@ from PIL import Image
 from slimsd.cli import main
 from slimsd.measure import bench
 
+from helpers import tiny_decoder_folder
+
 ENV_FIELDS = ("device", "torch", "diffusers", "date", "cpu_model", "cpu_isa", "threads", "process")
 
 
@@ -340,9 +342,41 @@ def test_cli_writes_json_markdown_and_chart(tmp_path, capsys):
     assert "| micro-sd |" in capsys.readouterr().out
 
 
+@pytest.mark.slow(seconds=20)
+def test_cli_vae_decodes_every_row_with_the_tiny_decoder_and_records_it(tmp_path, capsys):
+    """--vae DIR: the slimsd row and plain diffusers' rows all decode with the tiny decoder (the decoder each
+    pipeline ran holds the folder's AutoencoderTiny's parameter count, not the micro VAE decoder's); every row
+    and the table's footnote say which."""
+    import hashlib
+
+    from diffusers import AutoencoderTiny
+
+    from slimsd.models.micro import build_micro
+
+    folder = tiny_decoder_folder(tmp_path, "micro-sd")
+    out = tmp_path / "b.json"
+    args = ["bench", "--models", "micro-sd", "--device", "cpu", "--dtype", "bf16", "--baseline", "diffusers"]
+    args += ["--steps", "1", "--warmup", "0", "--repeats", "1", "--threads", "1", "--vae", str(folder)]
+    main([*args, "--json", str(out), "--markdown", str(tmp_path / "b.md")])
+    rows = json.loads(out.read_text())
+    sha = hashlib.sha256((folder / "diffusion_pytorch_model.safetensors").read_bytes()).hexdigest()
+    tiny = sum(p.numel() for p in AutoencoderTiny.from_pretrained(folder).decoder.parameters())
+    full = sum(p.numel() for p in build_micro("micro-sd").vae.decoder.parameters())
+    assert [r["variant"] for r in rows] == ["slimsd", "diffusers-same-dtype", "diffusers-default-dtype"]
+    for r in rows:
+        assert r["vae"] == {"path": str(folder.resolve()), "sha256": sha}
+        assert r["vae_decoder_params"] == tiny != full
+        assert r["vae_decode_s"] > 0
+    assert f"decoder: tiny decoder {folder.resolve()} (sha256 {sha[:10]})" in (tmp_path / "b.md").read_text()
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
+        (
+            ["--models", "micro-sd", "--device", "cpu", "--vae", "/nonexistent"],
+            "'/nonexistent' does not exist",
+        ),
         (["--models", "micro-sd", "--device", "cpu", "--dtype", "float16"], "float16"),
         (["--models", "not-a-model", "--device", "cpu"], "not-a-model"),
         (["--models", "org/repo", "--random-weights", "--device", "cpu"], "org/repo"),

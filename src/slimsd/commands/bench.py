@@ -91,6 +91,13 @@ from slimsd.commands.options import (
 @allow_pickle_option
 @prediction_type_option
 @click.option(
+    "--vae",
+    default=None,
+    metavar="DIR",
+    help="A tiny decoder folder (a `vae-decoder` run's final/) every row decodes with instead of the model's "
+    "VAE (the diffusers rows too: pipe.vae = AutoencoderTiny); the rows record it.",
+)
+@click.option(
     "--json",
     "json_path",
     type=click.Path(dir_okay=False),
@@ -134,6 +141,7 @@ def bench(
     prompt,
     allow_pickle,
     prediction_type,
+    vae,
     json_path,
     md_path,
     chart_path,
@@ -177,6 +185,7 @@ def bench(
         prompt=prompt or b.DEFAULT_PROMPT,
         allow_pickle=allow_pickle,
         prediction_type=prediction_type,
+        vae=vae,
     )
     rows = b.run(cfg, log=lambda msg: click.echo(msg, err=True))
     table = b.markdown_table(rows)

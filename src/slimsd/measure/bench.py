@@ -46,6 +46,7 @@ import torch
 from slimsd import devices
 from slimsd.errors import SlimsdError
 from slimsd.models import runtime
+from slimsd.models.decoders import check_folder, decoder_record
 from slimsd.run.deepcache import check_interval
 
 DEFAULT_PROMPT = "a photograph of an astronaut riding a horse"
@@ -83,6 +84,7 @@ class BenchConfig:
     seed: int = 0
     allow_pickle: bool = False
     prediction_type: str | None = None  # None: each model's own
+    vae: str | None = None  # a tiny decoder folder every variant decodes with (slimsd.models.decoders)
     extra: dict = field(default_factory=dict)
 
 
@@ -217,12 +219,13 @@ def build_unet(model: str, cfg: BenchConfig, dtype: torch.dtype):
         with torch.random.fork_rng(devices=[]), default_dtype(dtype):
             torch.manual_seed(cfg.seed)
             return UNet2DConditionModel.from_config(preset_architecture(model)[0])
-    return load_variant(model, cfg, Variant("diffusers", dtype, False), "cpu").unet
+    return load_variant(model, replace(cfg, vae=None), Variant("diffusers", dtype, False), "cpu").unet
 
 
 def load_variant(model: str, cfg: BenchConfig, variant: Variant, device: str):
     """The pipeline a variant runs: slimsd.load with the runtime, or the plain diffusers pipeline (the same
-    weights: slimsd's loader with ``optimize=False`` hands over diffusers' own object, untouched)."""
+    weights: slimsd's loader with ``optimize=False`` hands over diffusers' own object, untouched). With
+    ``cfg.vae`` both decode with the tiny decoder (diffusers' rows: ``pipe.vae = AutoencoderTiny(DIR)``)."""
     from slimsd.models.loading import load
 
     return load(
@@ -235,6 +238,7 @@ def load_variant(model: str, cfg: BenchConfig, variant: Variant, device: str):
         seed=cfg.seed,
         allow_pickle=cfg.allow_pickle,
         prediction_type=cfg.prediction_type,
+        vae=cfg.vae,
     )
 
 
@@ -275,6 +279,8 @@ def resolve(cfg: BenchConfig) -> tuple[BenchConfig, runtime.RuntimeConfig]:
         if cfg.random_weights and kind in ("hub", "local", "single-file"):
             raise SlimsdError(f"--random-weights needs preset or micro model names; {m!r} is a {kind} model")
     check_interval(cfg.deep_cache)
+    if cfg.vae is not None:
+        check_folder(cfg.vae)
     if cfg.deep_cache > 1 and cfg.compile:
         raise SlimsdError("--deep-cache does not work with --compile; use one or the other")
     if cfg.baseline not in (None, "diffusers"):
@@ -515,6 +521,7 @@ def measure_end_to_end(
             o["images_per_s"][str(batch)] = batch / t["total_s"]
     for v in kinds:
         out[v.name]["runtime"] = pipes[v.name]._slimsd["runtime"]
+        out[v.name]["vae_decoder_params"] = sum(p.numel() for p in pipes[v.name].vae.decoder.parameters())
     del pipes
     return out
 
@@ -541,6 +548,7 @@ def _run(cfg: BenchConfig, rt: runtime.RuntimeConfig, log: Callable[[str], None]
     kinds = variants(cfg, rt)
     resolutions = {m: model_resolution(m, cfg) for m in cfg.models}
     counts = {m: count(m, resolutions[m]) for m in cfg.models}
+    decoder = decoder_record(cfg.vae) if cfg.vae is not None else None  # every row's: None, each model's VAE
     log(
         f"step latency: {', '.join(cfg.models)} x {', '.join(v.name for v in kinds)} round-robin, "
         f"{cfg.warmup} warm-up + {cfg.repeats} timed forwards"
@@ -561,6 +569,7 @@ def _run(cfg: BenchConfig, rt: runtime.RuntimeConfig, log: Callable[[str], None]
                     "first_call_s": s["first_s"],  # includes torch.compile's warm-up when compiling
                     "max_abs_diff_vs_slimsd": s["max_abs_diff_vs_slimsd"],
                     "step_runtime": s["applied"],
+                    "vae": decoder,
                 }
             )
     if cfg.e2e:
@@ -669,12 +678,20 @@ def markdown_table(rows: list[dict]) -> str:
     lines.append(
         f"{r['date']} · {r['device']} ({r['device_name']}{isa}), {r['threads']} threads"
         f"{', flush-denormal' if proc.get('flush_denormal') else ''} (every row) · "
+        f"decoder: {_decoder(r.get('vae'))} · "
         f"slimsd runtime: {runtime.summary(applied)} · torch {r['torch']}, diffusers {r['diffusers']}{load}. "
         f"Step latency: median of {len(r['step_latency_all_ms'])} forwards at batch 1, all rows round-robin; "
         "speed-up and MAC ratios relative to the first model of the same run; slimsd speed-up: the diffusers "
         "row's time over slimsd's."
     )
     return "\n".join(lines) + "\n"
+
+
+def _decoder(record: dict | None) -> str:
+    """The decoder every row used, for the table's footnote."""
+    if not record:
+        return "each model's VAE"
+    return f"tiny decoder {record['path']} (sha256 {record['sha256'][:10]})"
 
 
 def chart_png(rows: list[dict], title: str | None = None) -> bytes:
