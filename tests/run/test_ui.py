@@ -24,7 +24,7 @@ from slimsd.errors import SlimsdError
 from slimsd.run.pnginfo import settings_from_png
 from slimsd.run.ui import ModelCache, UIConfig, default_models, run_compare, run_generate
 
-from helpers import CHROMIUM, CHROMIUM_FLAGS, machine_cpu_dtype, run_cli
+from helpers import CHROMIUM, CHROMIUM_FLAGS, machine_cpu_dtype, run_cli, tiny_decoder_folder
 
 MAX_QUEUE = 2
 
@@ -205,6 +205,95 @@ def test_png_info_reproduces_an_fp32_image_on_a_bf16_server(monkeypatch, tmp_pat
     other = build_app(UIConfig(models=["micro-sdxl"], out_dir=tmp_path / "ui2"))
     with pytest.raises(Exception, match="model 'micro-sd' is not served here; served: micro-sdxl"):
         next(f for f in other.fns.values() if getattr(f.fn, "__name__", "") == "on_png").fn(first)
+
+
+@pytest.mark.slow(seconds=20)
+def test_the_operators_tiny_decoder_is_a_choice_recorded_in_the_png_and_restored(tmp_path, capsys):
+    """`--vae DIR` served as "tiny": Generate with it makes what a plain diffusers pipeline with
+    ``pipe.vae = AutoencoderTiny(DIR)`` makes (fp32, no runtime, same seed), cached beside the full-VAE model; the
+    PNG records the decoder; PNG info sends "tiny" back and the image comes back pixel for pixel. A PNG decoded by
+    a decoder the server does not serve is sent with the full VAE, and said so."""
+    import numpy as np
+    import torch
+    from diffusers import AutoencoderTiny, StableDiffusionPipeline
+
+    from slimsd.models.micro import build_micro
+    from slimsd.run.ui import build_app
+
+    folder = tiny_decoder_folder(tmp_path, "micro-sd")
+    config = UIConfig(models=["micro-sd"], out_dir=tmp_path / "ui", dtype="fp32", optimize=False)
+    config.vaes = {"tiny": str(folder)}
+    app = build_app(config)
+    cache = app.slimsd_cache
+    (generate,) = [f for f in app.fns.values() if f.api_name == "generate"]
+    asked = {"prompt": "a red circle", "steps": 2, "num-images": 1, "decoder": "tiny"}
+    # "Randomize seed" off: seed 0
+    values = [
+        asked.get(c.elem_id, False if c.label == "Randomize seed" else c.value) for c in generate.inputs
+    ]
+    items, info = generate.fn(*values)
+    assert "decoder: tiny" in info and cache.loaded() == ["micro-sd (tiny)"]
+    stored = settings_from_png(items[0][0])
+    assert stored["vae"]["path"] == str(folder.resolve())
+
+    plain = StableDiffusionPipeline(**build_micro("micro-sd").components)
+    plain.set_progress_bar_config(disable=True)
+    plain.vae = AutoencoderTiny.from_pretrained(folder)
+    theirs = plain(
+        "a red circle",
+        num_inference_steps=2,
+        guidance_scale=stored["guidance"],
+        height=64,
+        width=64,
+        generator=torch.Generator().manual_seed(stored["seed"]),
+    ).images[0]
+    ours = np.asarray(Image.open(items[0][0]).convert("RGB"), dtype=np.int16)
+    assert np.abs(ours - np.asarray(theirs, dtype=np.int16)).max() <= 1
+
+    events = {getattr(f.fn, "__name__", ""): f for f in app.fns.values()}
+    sent, note = events["on_png"].fn(items[0][0])
+    assert "decoder: tiny (the tiny decoder the image records" in note
+    *sent, _tab = events["on_send"].fn(sent)
+    again, _ = generate.fn(*sent)
+    assert np.array_equal(np.asarray(Image.open(items[0][0])), np.asarray(Image.open(again[0][0])))
+    full, info = run_generate(
+        cache, "micro-sd", "a red circle", "", 2, 7.5, 0, 0, stored["seed"], False, 1, ""
+    )
+    assert "decoder:" not in info and sorted(cache.loaded()) == ["micro-sd", "micro-sd (tiny)"]
+    assert np.abs(np.asarray(Image.open(full[0][0]), dtype=np.int16) - ours).mean() > 5
+
+    other = build_app(UIConfig(models=["micro-sd"], out_dir=tmp_path / "ui2"))  # serves no tiny decoder
+    read = next(f for f in other.fns.values() if getattr(f.fn, "__name__", "") == "on_png")
+    sent, note = read.fn(items[0][0])
+    assert "tiny" not in sent and "does not serve" in note and "the image will differ" in note
+
+
+def test_only_the_operators_decoders_are_served_and_bad_ones_are_one_line(tmp_path, monkeypatch, capsys):
+    import slimsd.models.loading
+    from slimsd.run.ui import parse_decoders
+
+    monkeypatch.setattr(slimsd.models.loading, "_diffusers_pipeline", lambda *a, **k: pytest.fail("loaded"))
+    folder = str(tiny_decoder_folder(tmp_path, "micro-sd"))
+    assert parse_decoders([folder]) == {"tiny": folder}
+    assert parse_decoders([f"a={folder}", f"b.2={folder}"]) == {"a": folder, "b.2": folder}
+    cache = ModelCache(UIConfig(models=["micro-sd"], out_dir=tmp_path, vaes={"tiny": folder}))
+    for sent in ("../decoder-micro-sd", "/etc/passwd", "other", 3):
+        with pytest.raises(SlimsdError) as e:
+            run_generate(cache, "micro-sd", "x", "", 2, 7.5, 0, 0, 1, False, 1, "", 1, "", sent)
+        assert str(e.value) == f"decoder {sent!r} is not served here; served: full, tiny"
+    with pytest.raises(SlimsdError, match=r"decoder 'tiny' is not served here; served: full$"):
+        run_generate(ModelCache(UIConfig(models=["micro-sd"], out_dir=tmp_path)), "micro-sd", "x", "", 2, 7.5,
+                     0, 0, 1, False, 1, "", 1, "", "tiny")  # fmt: skip
+    assert cache.loaded() == []
+    for args, message in (
+        (["--vae", str(tmp_path / "nope")], f"decoder folder {str(tmp_path / 'nope')!r} does not exist"),
+        (["--vae", folder, "--vae", folder], "with several decoders, name each: --vae NAME=DIR"),
+        (["--vae", f"full={folder}"], "the name 'full' is taken"),
+        (["--vae", f"a={folder}", "--vae", f"a={folder}"], "the name 'a' is taken"),
+        (["--vae", str(tmp_path)], "holds no AutoencoderTiny"),
+    ):
+        code, _, err = run_cli(["ui", "--models", "micro-sd", *args], capsys)
+        assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
 
 
 class _Pipe:

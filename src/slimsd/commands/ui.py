@@ -31,6 +31,14 @@ from slimsd.commands.options import lora_option, runtime_options, split_models
     "--allow-pickle never applies to a visitor's model.",
 )
 @click.option(
+    "--vae",
+    "vaes",
+    multiple=True,
+    metavar="[NAME=]DIR",
+    help="A tiny decoder folder (a `vae-decoder` run's final/) offered as a decoder choice beside 'full' (the "
+    "model's VAE); named 'tiny' unless NAME is given; repeat with names for several.",
+)
+@click.option(
     "--max-loaded",
     type=click.IntRange(1, 16),
     default=2,
@@ -65,6 +73,7 @@ def ui(
     prediction_type,
     loras,
     allow_custom_models,
+    vaes,
     max_loaded,
     concurrency,
     max_queue,
@@ -73,7 +82,7 @@ def ui(
     from pathlib import Path
 
     from slimsd.devices import resolve_device, resolve_dtype
-    from slimsd.run.ui import UIConfig, default_models, launch
+    from slimsd.run.ui import UIConfig, default_models, launch, parse_decoders
 
     resolve_dtype(dtype, resolve_device(device))  # bad --device/--dtype: one line now, not per request
     from slimsd.cli import require
@@ -86,6 +95,7 @@ def ui(
     for name in names:  # the operator's list: a typo is one line now, not a visitor's error later
         describe_model(name)
     loras = [parse_lora_spec(spec, allow_pickle) for spec in loras]  # a bad file: one line now
+    decoders = parse_decoders(vaes)  # a bad folder: one line now
     config = UIConfig(
         models=names,
         out_dir=Path(out),
@@ -99,8 +109,10 @@ def ui(
         concurrency=concurrency,
         max_queue=max_queue,
         loras=loras,
+        vaes=decoders,
     )
     with_loras = f"; LoRAs: {', '.join(f'{p}:{s:g}' for p, s in loras)}" if loras else ""
+    with_loras += f"; decoders: full, {', '.join(decoders)}" if decoders else ""
     click.echo(
         f"slimsd ui on http://{host}:{port} (models: {', '.join(names)}{with_loras}; images to {out})",
         err=True,

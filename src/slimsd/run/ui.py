@@ -8,6 +8,11 @@ models side by side, each with its time: the source articles' four-model timing 
 a dropped PNG's settings, sent to Generate in the dtype the image records (a model loaded in a dtype other than
 the server's is cached beside it as ``MODEL (fp32)``), so that an image reproduces pixel for pixel.
 
+Decoders: the operator may serve tiny decoders (``UIConfig.vaes``: label -> folder, from ``slimsd ui --vae
+[NAME=]DIR``); Generate's settings then offer "full" (the model's own VAE) and those labels, nothing else. A model
+decoding with one is cached beside the others as ``MODEL (tiny)``; its PNGs record the decoder, and PNG info sends
+the label whose weights' sha256 the PNG records (never a path the PNG names).
+
 Only the operator's models are served: the ``--models`` list, exactly as given. Any other name a visitor types or
 sends to the API is refused with one message that says nothing about the file system, unless the operator
 allows custom models; ``allow_pickle`` applies only to the operator's own list, never to a visitor's name.
@@ -26,6 +31,7 @@ import gc
 import inspect
 import math
 import os
+import re
 import sys
 import threading
 import time
@@ -40,6 +46,7 @@ import torch
 
 from slimsd.devices import dtype_name, resolve_device, resolve_dtype
 from slimsd.errors import SlimsdError
+from slimsd.models.decoders import decoder_record
 from slimsd.models.loading import load
 from slimsd.models.runtime import summary
 from slimsd.models.schedulers import SCHEDULERS
@@ -50,6 +57,7 @@ from slimsd.run.pnginfo import dtype_to_reload, settings_from_png
 
 DEFAULT_SCHEDULER = "model default"
 DEFAULT_DTYPE = "server default"
+FULL_DECODER = "full"  # the model's own VAE
 
 
 def default_models() -> list[str]:
@@ -73,6 +81,26 @@ class UIConfig:
     concurrency: int = 1  # model runs at once, both tabs together
     max_queue: int = 16  # waiting requests beyond this are refused
     loras: list = field(default_factory=list)  # (path, scale): merged into every model served
+    vaes: dict = field(default_factory=dict)  # label -> tiny decoder folder, offered beside FULL_DECODER
+
+
+def parse_decoders(specs) -> dict[str, str]:
+    """``--vae [NAME=]DIR`` values -> {label: folder}, each folder checked (one line each): one unnamed folder
+    is "tiny"; several must each be named, every name its own and none "full"."""
+    from slimsd.models.decoders import check_folder
+
+    out: dict[str, str] = {}
+    for spec in specs:
+        name, sep, folder = spec.partition("=")
+        if not sep or not re.fullmatch(r"[\w.-]+", name):  # no name: the whole value is the folder
+            name, folder, sep = "tiny", spec, ""
+        if not sep and len(specs) > 1:
+            raise SlimsdError(f"--vae {spec!r}: with several decoders, name each: --vae NAME=DIR")
+        name = name.strip()
+        if name == FULL_DECODER or name in out:
+            raise SlimsdError(f"--vae {spec!r}: the name {name!r} is taken; give each decoder its own name")
+        out[name] = str(check_folder(folder))
+    return out
 
 
 class ModelCache:
@@ -87,16 +115,32 @@ class ModelCache:
         self._run_locks: dict[str, threading.Lock] = {}  # a pipeline's scheduler is state: one run at a time
         self.device = resolve_device(config.device)
         self.dtype = dtype_name(resolve_dtype(config.dtype, self.device))  # what the server runs in
+        # the decoders offered, by label; the sha256 of each one's weights (what a PNG records of it)
+        self.decoders = [FULL_DECODER, *config.vaes]
+        self.decoder_sha = {label: decoder_record(f)["sha256"] for label, f in config.vaes.items()}
 
-    def key(self, model: str, dtype=None) -> tuple[str, str | None]:
-        """(cache key, dtype to load in): the server's own dtype under the model's name, another one (a PNG
-        reproduced in the dtype it was made in) beside it as 'MODEL (fp32)'."""
-        if dtype in (None, "", DEFAULT_DTYPE):
-            return model, None
-        if not isinstance(dtype, str):
-            raise SlimsdError(f"dtype {dtype!r} is not a dtype name")
-        name = dtype_name(resolve_dtype(dtype, self.device))  # refuses what this device does not run
-        return (model, None) if name == self.dtype else (f"{model} ({name})", name)
+    def decoder(self, value) -> str | None:
+        """The operator's label a visitor sent (None: the model's own VAE), or one refusal naming the served."""
+        if value in (None, "", FULL_DECODER):
+            return None
+        if isinstance(value, str) and value in self.config.vaes:
+            return value
+        shown = value[:77] + "..." if isinstance(value, str) and len(value) > 80 else value
+        raise SlimsdError(f"decoder {shown!r} is not served here; served: {', '.join(self.decoders)}")
+
+    def key(self, model: str, dtype=None, decoder=None) -> tuple[str, str | None]:
+        """(cache key, dtype to load in): the server's own dtype and the model's own VAE under the model's name,
+        another dtype (a PNG reproduced in the dtype it was made in) or a tiny decoder beside it, as
+        'MODEL (fp32)', 'MODEL (tiny)', 'MODEL (fp32, tiny)'."""
+        label = self.decoder(decoder)
+        name = None
+        if dtype not in (None, "", DEFAULT_DTYPE):
+            if not isinstance(dtype, str):
+                raise SlimsdError(f"dtype {dtype!r} is not a dtype name")
+            name = dtype_name(resolve_dtype(dtype, self.device))  # refuses what this device does not run
+            name = None if name == self.dtype else name
+        tags = [t for t in (name, label) if t]
+        return (f"{model} ({', '.join(tags)})" if tags else model), name
 
     def admit(self, model) -> tuple[str, bool]:
         """(model name, allow_pickle) for a name a visitor sent, or one refusal that does not look at the disk."""
@@ -114,9 +158,10 @@ class ModelCache:
         with self._lock:
             return list(self._pipes)
 
-    def get(self, model, dtype=None):
+    def get(self, model, dtype=None, decoder=None):
         model, allow_pickle = self.admit(model)
-        key, dtype = self.key(model, dtype)
+        key, dtype = self.key(model, dtype, decoder)
+        vae = self.config.vaes.get(self.decoder(decoder))
         model, name = key, model  # the cache and its locks go by key; the load by the model's name
         with self._lock:
             if model in self._pipes:
@@ -141,6 +186,7 @@ class ModelCache:
                 allow_pickle=allow_pickle,
                 prediction_type=self.config.prediction_type,
                 loras=self.config.loras,
+                vae=vae,
                 on_warning=lambda m: print(f"slimsd: warning: {name}: {m}", file=sys.stderr, flush=True),
             )
         except BaseException as e:
@@ -158,13 +204,13 @@ class ModelCache:
         return pipe
 
     @contextmanager
-    def using(self, model, dtype=None) -> Iterator[object]:
-        pipe = self.get(model, dtype)
-        with self._run_locks[self.key(model.strip(), dtype)[0]]:
+    def using(self, model, dtype=None, decoder=None) -> Iterator[object]:
+        pipe = self.get(model, dtype, decoder)
+        with self._run_locks[self.key(model.strip(), dtype, decoder)[0]]:
             yield pipe
 
     def drop(self, model) -> bool:
-        """Unload MODEL, in every dtype it is loaded in."""
+        """Unload MODEL, in every dtype and with every decoder it is loaded with."""
         model, _ = self.admit(model)
         with self._lock:
             keys = [k for k in self._pipes if k == model or k.startswith(f"{model} (")]
@@ -224,11 +270,13 @@ def run_generate(
     scheduler,
     deep_cache=1,
     dtype=DEFAULT_DTYPE,
+    decoder=FULL_DECODER,
     progress=None,
     warn=None,
 ):
     """One Generate click: -> (gallery items [(png path, caption)], markdown summary). Raises SlimsdError.
     ``dtype``: the server's own, or another this device runs (a PNG reproduced in the dtype it was made in).
+    ``decoder``: FULL_DECODER (the model's VAE) or a label of the operator's tiny decoders.
 
     ``progress`` is Gradio-style: called as ``progress((done, total), desc=...)``."""
     return _run(
@@ -248,6 +296,7 @@ def run_generate(
         progress,
         warn,
         dtype=dtype,
+        decoder=decoder,
     )
 
 
@@ -332,9 +381,10 @@ def _run(
     mask=None,
     strength=None,
     dtype=None,
+    decoder=None,
 ):
     model, _ = cache.admit(model)
-    cache.key(model, dtype)  # a dtype this device does not run: refused before anything loads
+    cache.key(model, dtype, decoder)  # a dtype this device does not run, a decoder not served: refused now
     prompt, negative = _text(prompt, "prompt").strip(), _text(negative, "negative prompt")
     guidance = _number(guidance, "guidance")
     if not prompt:
@@ -359,7 +409,7 @@ def _run(
         deep_cache=deep_cache,
         strength=strength,
     )  # before loading anything
-    with cache.using(model, dtype) as pipe:
+    with cache.using(model, dtype, decoder) as pipe:
         results = g.generate(
             pipe,
             prompt,
@@ -394,6 +444,8 @@ def _run(
         f"runtime: {summary(applied)}",
         "",
     ]
+    if cache.decoder(decoder):
+        lines += [f"decoder: {cache.decoder(decoder)} (a tiny decoder in place of the model's VAE)", ""]
     if loras:
         lines += ["LoRA: " + ", ".join(lora_summary(r) for r in loras), ""]
     lines += [
@@ -431,12 +483,28 @@ def from_png(cache: ModelCache, png) -> tuple[list, str]:
         "deep_cache": stored.get("deep_cache") or 1,
         "dtype": DEFAULT_DTYPE if dtype == "auto" else dtype,
     }
+    values["decoder"], decoder_note = _decoder_to_send(cache, stored.get("vae"))
     lines = [f"**{model}** · seed `{values['seed']}` · {values['steps']} steps", ""]
     lines += [f"dtype: {note}" if note else f"dtype: {values['dtype']}", ""]
+    lines += [f"decoder: {decoder_note}", ""]
     if stored.get("init_image") or stored.get("strength") is not None:
         lines += ["made by img2img: the img2img tab takes its init image", ""]
     return [values[name] for name in inspect.signature(run_generate).parameters if name in values], "\n".join(
         lines
+    )
+
+
+def _decoder_to_send(cache: ModelCache, record) -> tuple[str, str]:
+    """(the decoder label Generate gets, a line for people) for a PNG's ``vae`` record: the served decoder with
+    the same weights (sha256), else the model's own VAE, said (the image will not come back the same)."""
+    if not isinstance(record, dict) or not record.get("sha256"):
+        return FULL_DECODER, "full (the model's own VAE)"
+    for label, sha in cache.decoder_sha.items():
+        if sha == record["sha256"]:
+            return label, f"{label} (the tiny decoder the image records, sha256 {sha[:10]})"
+    return FULL_DECODER, (
+        f"the image was decoded by a tiny decoder this server does not serve (sha256 {str(record['sha256'])[:10]}); "
+        "sent with the model's own VAE: the image will differ"
     )
 
 
@@ -573,6 +641,14 @@ def settings_fields(gr, cache: ModelCache, config: UIConfig, models: list[str], 
                 label=f"Precision (server default: {cache.dtype})",
                 elem_id=f"{prefix}dtype",
             )
+            if not prefix:  # img2img encodes the init image: the model's own VAE only
+                f["decoder"] = gr.Dropdown(
+                    cache.decoders,
+                    value=FULL_DECODER,
+                    label="Decoder (full: the model's VAE; tiny: distilled, faster, less detail)",
+                    visible=len(cache.decoders) > 1,
+                    elem_id=f"{prefix}decoder",
+                )
 
     def on_model(name):
         try:
