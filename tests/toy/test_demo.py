@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from slimsd.toy.demo import MODELS, DemoConfig, run_demo
+from slimsd.toy.demo import MODELS, TINY_DECODER_ROW, DemoConfig, run_demo
 from slimsd.toy.teacher import TOY_SAMPLING
 
 from helpers import html_tables, run_cli
@@ -35,18 +35,23 @@ SMALL = [
     "2",
     "--lcm-inference-steps",
     "2",
+    "--decoder-steps",
+    "2",
     "--threads",
     "1",
 ]
 
 
-def plain_samples(folder, captions: list[str], first_seed: int, steps: int) -> list:
-    """The demo's sampling redone with plain diffusers from the folder on disk: caption i, seed first_seed + i."""
-    from diffusers import StableDiffusionPipeline
+def plain_samples(folder, captions: list[str], first_seed: int, steps: int, vae=None) -> list:
+    """The demo's sampling redone with plain diffusers from the folder on disk: caption i, seed first_seed + i;
+    VAE: a tiny decoder folder put in as ``pipe.vae = AutoencoderTiny.from_pretrained(VAE)``."""
+    from diffusers import AutoencoderTiny, StableDiffusionPipeline
 
     pipe = StableDiffusionPipeline.from_pretrained(
         str(folder), local_files_only=True, safety_checker=None, requires_safety_checker=False
     )
+    if vae is not None:
+        pipe.vae = AutoencoderTiny.from_pretrained(str(vae))
     pipe.set_progress_bar_config(disable=True)
     generators = [torch.Generator("cpu").manual_seed(first_seed + i) for i in range(len(captions))]
     return pipe(
@@ -85,6 +90,11 @@ def test_demo_end_to_end_checked_independently_and_rerun(tmp_path, capsys):
     assert json.loads((out / "results.json").read_text()) == summary
     assert summary["kind"] == "slimsd-demo"
     folders = {"teacher": TOY_DIR, **{m: out / m / "final" for m in MODELS[1:]}}
+    rows = [*MODELS, TINY_DECODER_ROW]
+    # the tiny-decoder row: the LCM student's folder, decoding with the demo's tiny decoder
+    decoder = out / "tiny_decoder" / "final"
+    tiny = {TINY_DECODER_ROW: (out / "lcm_student" / "final", decoder)}
+    samplers = {m: (f, None) for m, f in folders.items()} | tiny
 
     # U-Net parameters: the meta-device count of each saved model (bk-small drops ~40% of micro-sd)
     for name, folder in folders.items():
@@ -96,8 +106,8 @@ def test_demo_end_to_end_checked_independently_and_rerun(tmp_path, capsys):
     # the folders on disk and scored from the pixels
     for split, suffix, stream in (("seen", "", 1_000_003), ("held_out", "_held_out", 2_000_003)):
         captions = make_captions(2, seed=stream, split=split)
-        for name, folder in folders.items():
-            r = caption_fidelity(plain_samples(folder, captions, 10_000, steps=2), captions, details=True)
+        for name, (folder, vae) in samplers.items():
+            r = caption_fidelity(plain_samples(folder, captions, 10_000, 2, vae), captions, details=True)
             got = summary[name]
             assert got[f"caption_fidelity{suffix}_per_seed"] == [r["fidelity"]], name
             assert (
@@ -105,14 +115,26 @@ def test_demo_end_to_end_checked_independently_and_rerun(tmp_path, capsys):
                 got[f"colour_accuracy{suffix}"],
                 got[f"shape_accuracy{suffix}"],
             ) == (r["fidelity"], r["colour_accuracy"], r["shape_accuracy"]), name
-    # the rows: the demo's four models, in order, each with its label
-    assert summary["models"] == list(MODELS)
-    assert [summary[m]["label"] for m in MODELS] == [
+    # the rows: the demo's four models and the LCM student with the tiny decoder, in order, each with its label
+    assert summary["models"] == rows
+    assert [summary[m]["label"] for m in rows] == [
         "teacher (toy-sd)",
         "KD student",
         "task-only student",
         "LCM student (KD+LCM)",
+        "LCM student + tiny decoder",
     ]
+    # the tiny decoder: a plain diffusers AutoencoderTiny folder, its decoder's parameters counted by diffusers;
+    # the row's U-Net and steps are the LCM student's
+    from diffusers import AutoencoderTiny
+
+    r = summary[TINY_DECODER_ROW]
+    assert r["decoder_dir"] == str(decoder) and r["decoder_train_steps"] == 2
+    assert r["decoder_params"] == sum(
+        p.numel() for p in AutoencoderTiny.from_pretrained(decoder).decoder.parameters()
+    )
+    assert (r["unet_params"], r["steps"]) == (summary["lcm_student"]["unet_params"], 2)
+    assert summary["tiny_decoder_image_speedup"] == summary["teacher"]["image_ms"] / r["image_ms"]
     # the sheet: 8 captions, the last 2 of held-out combinations, seeds 1234 + i; its images sampled again by
     # plain diffusers and drawn into the sheet (whose layout tests/toy/test_demo_report.py checks) give sheet.png
     from slimsd.toy.report import draw_sheet
@@ -127,14 +149,15 @@ def test_demo_end_to_end_checked_independently_and_rerun(tmp_path, capsys):
     combos = [(s.colour, s.shape) for s in map(parse_caption, sheet["captions"])]
     assert [c in HELD_OUT for c in combos] == sheet["held_out"]
     images = {
-        name: plain_samples(folder, sheet["captions"], 1234, steps=2) for name, folder in folders.items()
+        name: plain_samples(folder, sheet["captions"], 1234, 2, vae)
+        for name, (folder, vae) in samplers.items()
     }
     drawn = np.asarray(Image.open(out / "sheet.png").convert("RGB"))
     assert np.array_equal(drawn, np.asarray(draw_sheet(summary, images)))
     # the page: the table's cells are results.json's values, the sheet beside it by a relative name
     page = html_tables((out / "index.html").read_text())
     assert page.images == ["sheet.png"]
-    for name, cells in zip(MODELS, page.tables["results"], strict=True):
+    for name, cells in zip(rows, page.tables["results"], strict=True):
         r = summary[name]
         assert (cells["label"], cells["steps"], cells["caption_fidelity"], cells["image_ms"]) == (
             r["label"],
@@ -159,7 +182,7 @@ def test_demo_end_to_end_checked_independently_and_rerun(tmp_path, capsys):
     typed = ["--out", str(out), "--seed", "1", *SMALL]
     assert words[:2] == ["slimsd", "demo"] and len(words) == 2 + len(typed)
     assert dict(zip(words[2::2], words[3::2], strict=True)) == dict(zip(typed[::2], typed[1::2], strict=True))
-    for name in MODELS:
+    for name in rows:
         r = again[name]
         want = [
             r["steps"],
@@ -273,6 +296,7 @@ def test_cli_defaults_match_demo_config():
         "lcm_steps",
         "lcm_learning_rate",
         "lcm_inference_steps",
+        "decoder_steps",
         "guidance",
     ):
         assert params[name].default == config[renamed.get(name, name)], name

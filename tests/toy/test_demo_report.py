@@ -226,3 +226,14 @@ def test_the_page_opens_from_the_file_system_and_shows_the_results(tmp_path):
     assert sheet_width == sheet.width  # the sheet loaded from beside the page, no server
     assert command == summary["command"]
     assert legend == [c.title for c in COLUMNS] and len(legend) == 9  # every column of the table explained
+
+
+def test_the_tiny_decoder_finding_states_its_ratios():
+    from slimsd.toy.report import findings
+
+    lines = findings({"tiny_decoder_vs_lcm": 0.5, "tiny_decoder_image_speedup": 12.04})
+    assert lines == [
+        "LCM student + tiny decoder: 50% of the LCM student's fidelity with the full VAE, an image 12.0x faster "
+        "than the teacher's."
+    ]
+    assert findings({"tiny_decoder_vs_lcm": None}) == []  # no LCM fidelity to compare with: nothing said

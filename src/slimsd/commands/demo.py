@@ -82,6 +82,13 @@ KD_WEIGHT = "Weight of this KD term for the KD student (0 for an ablation)."
     type=click.IntRange(min=1),
     help="Steps the LCM student samples with.",
 )
+@click.option(
+    "--decoder-steps",
+    default=200,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Training steps of the tiny VAE decoder (objective=vae-decoder) the LCM student's last row decodes with.",
+)
 @click.option("--guidance", default=2.0, show_default=True, type=click.FloatRange(min=0))
 @click.option(
     "--threads",
@@ -108,13 +115,14 @@ def demo(
     lcm_steps,
     lcm_learning_rate,
     lcm_inference_steps,
+    decoder_steps,
     guidance,
     threads,
     optimize,
     as_json,
 ):
     """Compress the toy teacher (bk-small), distill it with KD, train a task-only twin, step-distil the KD
-    student with LCM to 4 steps, compare the four."""
+    student with LCM to 4 steps, distil a tiny VAE decoder for it, compare the five."""
     from pathlib import Path
 
     from slimsd.toy.demo import DemoConfig, run_demo
@@ -140,6 +148,7 @@ def demo(
         lcm_steps=lcm_steps,
         lcm_learning_rate=lcm_learning_rate,
         lcm_inference_steps=lcm_inference_steps,
+        decoder_steps=decoder_steps,
         guidance_scale=guidance,
         threads=threads,
         optimize=optimize,

@@ -7,6 +7,8 @@
 4. train student B from the same initial weights with the task loss alone, for the same steps and data;
 4b. step-distil the KD student with latent consistency distillation (``objective=lcm``, Luo et al. 2023) into
    a 4-step student: one run goes teacher -> slim student -> few-step slim student;
+4c. distil the teacher's VAE decoder into a tiny one (``objective=vae-decoder``, issue 24) and add a row: the LCM
+   student decoding with it;
 5. measure, for teacher / KD student / task-only student / LCM student: caption fidelity (colour and shape read back from
    the pixels of samples, slimsd.toy.shapes; mean over several seeds) on fresh captions of the colour x shape
    combinations seen in training (``caption_fidelity``) and on combinations no training data contains
@@ -41,10 +43,13 @@ LABELS = {
     "task_only_student": "task-only student",
     "lcm_student": "LCM student (KD+LCM)",
 }
+TINY_DECODER_ROW = "lcm_student_tiny_decoder"  # the LCM student decoding with the tiny decoder (4c)
+TINY_DECODER_DIR = "tiny_decoder"  # its training run; final/ is a plain AutoencoderTiny folder
+LABELS[TINY_DECODER_ROW] = "LCM student + tiny decoder"
 # results.json says which program wrote the folder: a rerun replaces only the demo's own output
 DEMO_KIND = "slimsd-demo"
 # everything the demo writes at the top of its folder
-DEMO_ENTRIES = {"student-init", "cache", *MODELS[1:], "results.json", SHEET_FILE, PAGE_FILE}
+DEMO_ENTRIES = {"student-init", "cache", *MODELS[1:], TINY_DECODER_DIR, "results.json", SHEET_FILE, PAGE_FILE}
 # what demos wrote before the sheet and the page (the folder of such a run is still the demo's to replace)
 OLD_ENTRIES = {*(f"grid-{m}.png" for m in MODELS), "grid-captions.txt"}
 SHEET_SEED = 1234  # caption i of the sheet: seed SHEET_SEED + i, in every row
@@ -87,6 +92,12 @@ class DemoConfig:
     lcm_learning_rate: float = 1e-4
     lcm_guidance_range: tuple[float, float] = (1.5, 3.0)
     lcm_inference_steps: int = 4
+    # The teacher's VAE decoder distilled into a tiny one (objective=vae-decoder): the preset, its training budget
+    # and settings (those of benchmarks/toy_tiny_decoder.py: MSE + lambda x encoder features, AdamW, cosine).
+    decoder: str = "micro-tiny-decoder"
+    decoder_steps: int = 200
+    decoder_learning_rate: float = 1e-3
+    decoder_lambda_feat: float = 0.1
     grid_prompts: int = 8  # captions on the sheet: a quarter of them (rounded down) of held-out combinations
     latency_repeats: int = 30
     image_repeats: int = 5  # whole images timed per model (image_ms)
@@ -110,6 +121,7 @@ def _validate(cfg: DemoConfig) -> None:
         "lcm_steps",
         "lcm_inference_steps",
         "image_repeats",
+        "decoder_steps",
     ):
         if getattr(cfg, name) < 1:
             raise SlimsdError(f"demo {name.replace('_', '-')} {getattr(cfg, name)!r}: must be at least 1")
@@ -337,6 +349,74 @@ def lcm_config(cfg: DemoConfig, student: Path, data: Path, output_dir: Path):
     )
 
 
+def tiny_decoder_config(cfg: DemoConfig, data: Path, output_dir: Path):
+    """The teacher's VAE decoder distilled into ``cfg.decoder`` (objective=vae-decoder) on the demo's cache."""
+    from slimsd.train.distill import DistillConfig
+
+    return DistillConfig(
+        objective="vae-decoder",
+        teacher=cfg.teacher,
+        student=cfg.decoder,
+        data=str(data),
+        output_dir=str(output_dir),
+        max_steps=cfg.decoder_steps,
+        batch_size=cfg.batch_size,
+        learning_rate=cfg.decoder_learning_rate,
+        adam_beta2=0.99,
+        lr_scheduler="cosine",
+        lr_warmup_steps=min(50, cfg.decoder_steps // 10),
+        lambda_task=0.0,
+        lambda_out=1.0,
+        lambda_feat=cfg.decoder_lambda_feat,
+        resolution=64,
+        checkpoint_every=0,
+        keep_last=1,
+        resume=None,
+        mixed_precision="no",
+        seed=cfg.seed,
+        tensorboard=False,
+        progress=cfg.progress,
+    )
+
+
+def tiny_decoder_row(cfg: DemoConfig, tmp: Path, data: Path, lcm_dir: str, timings: dict) -> tuple:
+    """4c: train the tiny decoder into TMP / TINY_DECODER_DIR; -> (the LCM student in LCM_DIR decoding with it, as
+    users load it: ``slimsd.load(vae=DIR)``, what the row records of the decoder)."""
+    from slimsd.models.loading import load
+    from slimsd.train.distill import train
+
+    t0 = time.perf_counter()
+    cfg.log(
+        f"distilling the teacher's VAE decoder into {cfg.decoder} (objective=vae-decoder), {cfg.decoder_steps} "
+        f"steps of batch {cfg.batch_size} ..."
+    )
+    run = train(tiny_decoder_config(cfg, data, tmp / TINY_DECODER_DIR))
+    timings["tiny_decoder_train_s"] = time.perf_counter() - t0
+    cfg.log(f"  done in {timings['tiny_decoder_train_s']:.0f} s")
+    pipe = load(lcm_dir, device="cpu", dtype="fp32", optimize=cfg.optimize, vae=run["final_dir"])
+    last = run["losses"][-10:]
+    return pipe, {
+        "final_dir": str(Path(cfg.out) / "lcm_student" / "final"),
+        "decoder_dir": str(Path(cfg.out) / TINY_DECODER_DIR / "final"),
+        "decoder": cfg.decoder,
+        "decoder_params": sum(p.numel() for p in pipe.vae.decoder.parameters()),
+        "decoder_train_steps": cfg.decoder_steps,
+        "final_decoder_pixel_loss": statistics.fmean(r["pixel"] for r in last),
+    }
+
+
+def tiny_decoder_ratios(results: dict) -> dict:
+    """The tiny-decoder row against the LCM student's (the same latents, decoded by the full VAE) and the
+    teacher's image time."""
+    tiny, lcm, teacher = results[TINY_DECODER_ROW], results["lcm_student"], results["teacher"]
+    return {
+        "tiny_decoder_vs_lcm": tiny["caption_fidelity"] / lcm["caption_fidelity"]
+        if lcm["caption_fidelity"]
+        else None,
+        "tiny_decoder_image_speedup": teacher["image_ms"] / tiny["image_ms"],
+    }
+
+
 def run_demo(cfg: DemoConfig) -> dict:
     """Compress, distill (KD and task-only), measure and write everything under ``cfg.out``."""
     from slimsd.atomic import atomic_dir, atomic_write_text
@@ -394,6 +474,8 @@ def run_demo(cfg: DemoConfig) -> dict:
         pipes = {
             name: load(m, device="cpu", dtype="fp32", optimize=cfg.optimize) for name, m in models.items()
         }
+        lcm_dir = runs["lcm_student"]["final_dir"]
+        pipes[TINY_DECODER_ROW], tiny = tiny_decoder_row(cfg, tmp, cache, lcm_dir, timings)
 
         # Counted on the models as compressed: the fast runtime's fused QKV projections are not extra weights.
         unet_params = {
@@ -402,8 +484,10 @@ def run_demo(cfg: DemoConfig) -> dict:
             "task_only_student": init.student_unet_params,
             # plus the guidance embedding's projection (time_cond_proj_dim -> time embedding)
             "lcm_student": runs["lcm_student"]["student_unet_params"],
+            TINY_DECODER_ROW: runs["lcm_student"]["student_unet_params"],
         }
-        steps = {name: cfg.inference_steps for name in pipes} | {"lcm_student": cfg.lcm_inference_steps}
+        steps = {name: cfg.inference_steps for name in pipes}
+        steps |= {"lcm_student": cfg.lcm_inference_steps, TINY_DECODER_ROW: cfg.lcm_inference_steps}
         t0 = time.perf_counter()
         results = {}
         for name, pipe in pipes.items():
@@ -427,6 +511,7 @@ def run_demo(cfg: DemoConfig) -> dict:
             last = runs[name]["losses"][-10:]
             key = "lcm" if name == "lcm_student" else "task"
             results[name][f"final_{key}_loss"] = statistics.fmean(r[key] for r in last)
+        results[TINY_DECODER_ROW] |= tiny
 
         captions, held_out = sheet_captions(cfg)
         sheet_images = {
@@ -465,6 +550,7 @@ def run_demo(cfg: DemoConfig) -> dict:
             "threads": torch.get_num_threads(),
             "timings_s": {k: round(v, 1) for k, v in timings.items()},
         }
+        summary |= tiny_decoder_ratios(results)
         summary["timings_s"]["total_s"] = round(time.perf_counter() - start, 1)
         atomic_write_text(tmp / "results.json", json.dumps(summary, indent=2) + "\n")
         save_png(draw_sheet(summary, sheet_images), tmp / SHEET_FILE)

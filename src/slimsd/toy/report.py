@@ -90,6 +90,11 @@ def findings(summary: Mapping) -> list[str]:
             f"{summary['lcm_student']['steps']} steps, an image {summary['lcm_image_speedup']:.1f}x faster "
             "(image ms: end to end, each model at its own steps and guidance)."
         )
+    if summary.get("tiny_decoder_vs_lcm") is not None:
+        lines.append(
+            f"LCM student + tiny decoder: {summary['tiny_decoder_vs_lcm']:.0%} of the LCM student's fidelity with "
+            f"the full VAE, an image {summary['tiny_decoder_image_speedup']:.1f}x faster than the teacher's."
+        )
     return lines
 
 
