@@ -471,6 +471,13 @@ def resident_memory(device: str) -> int | None:
         return None
 
 
+def decoder_params(pipe) -> int | None:
+    """Parameters of the decoder PIPE decodes with (the model's VAE decoder or a tiny one); None where it is not
+    a torch module (an exported runtime's session)."""
+    decoder = getattr(getattr(pipe, "vae", None), "decoder", None)
+    return sum(p.numel() for p in decoder.parameters()) if isinstance(decoder, torch.nn.Module) else None
+
+
 def weights_bytes(pipe) -> int:
     """Bytes of the pipeline's parameters and buffers (every component)."""
     total = 0
@@ -521,7 +528,7 @@ def measure_end_to_end(
             o["images_per_s"][str(batch)] = batch / t["total_s"]
     for v in kinds:
         out[v.name]["runtime"] = pipes[v.name]._slimsd["runtime"]
-        out[v.name]["vae_decoder_params"] = sum(p.numel() for p in pipes[v.name].vae.decoder.parameters())
+        out[v.name]["vae_decoder_params"] = decoder_params(pipes[v.name])
     del pipes
     return out
 
