@@ -125,6 +125,19 @@ def test_two_processes_equal_one_with_the_same_global_batch(tmp_path, teacher):
     assert (tmp_path / "two" / "validation" / "step-00000002.png").is_file()
 
 
+@pytest.mark.parametrize("engine", ["fsdp", "deepspeed"])
+def test_sharded_engines_are_refused_with_one_line(tmp_path, engine):
+    from types import SimpleNamespace
+
+    from slimsd.errors import SlimsdError
+    from slimsd.train.objectives.vae_decoder import VAEDecoder
+
+    with pytest.raises(
+        SlimsdError, match=f"trains on one process or under DDP .*, not {engine}: a tiny decoder"
+    ):
+        VAEDecoder(cfg(tmp_path, **DECODER)).prepare(SimpleNamespace(engine=engine))
+
+
 def test_latent_cache_is_transparent(tmp_path):
     from test_data import make_imagefolder
 
