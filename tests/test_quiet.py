@@ -128,6 +128,8 @@ CASES = {
             "2",
             "--lcm-inference-steps",
             "2",
+            "--decoder-steps",
+            "2",
             "--threads",
             "1",
         ],
@@ -135,18 +137,24 @@ CASES = {
             r"compressed toy-sd with bk-small: U-Net [\d,]+ -> [\d,]+ parameters",
             r"step-distilling the KD student with LCM \(objective=lcm\), 2 steps, to sample in 2 steps \.\.\.",
             r"  done in \d+ s",
+            r"distilling the teacher's VAE decoder into micro-tiny-decoder \(objective=vae-decoder\), 2 steps of "
+            r"batch 4 \.\.\.",
             r"training (KD student|task-only student) \(.*\), 2 steps of batch 4 \.\.\.",
             r"  done in \d+ s; task loss over the last 2 steps [\d.]+",
-            r"sampling (teacher \(toy-sd\)|KD student|task-only student|LCM student \(KD\+LCM\)): 1 seeds x 2 "
+            r"sampling (teacher \(toy-sd\)|KD student|task-only student|LCM student \(KD\+LCM\)|LCM student \+ "
+            r"tiny decoder): 1 seeds x 2 "
             r"captions of seen and of held-out combinations",
             r"model +steps +fidelity seen +held-out +colour +shape +U-Net params +step ms +image ms",
             r"-+",
-            r"(teacher \(toy-sd\)|KD student|task-only student|LCM student \(KD\+LCM\)) +\d+ +[\d.]+ +[\d.]+ "
+            r"(teacher \(toy-sd\)|KD student|task-only student|LCM student \(KD\+LCM\)|LCM student \+ tiny "
+            r"decoder) +\d+ +[\d.]+ +[\d.]+ "
             r"+[\d.]+ +[\d.]+ +[\d,]+ +[\d.]+ +[\d.]+",
             r"KD student keeps \d+% of the teacher's caption fidelity \(seen combinations\); the task-only "
             r"student \d+%\. colour, shape: accuracy on seen combinations\.",
             r"LCM student: \d+% of the teacher's fidelity in 2 steps, an image [\d.]+x faster \(image ms: end to "
             r"end, each model at its own steps and guidance\)\.",
+            r"LCM student \+ tiny decoder: \d+% of the LCM student's fidelity with the full VAE, an image [\d.]+x "
+            r"faster than the teacher's\.",
             r"results.json and the sample sheet \(sheet.png\) in \S+/d",
             r"the table, the sample sheet and what each column means: \S+/d/index.html",
         ],
