@@ -250,6 +250,25 @@ def test_the_operators_tiny_decoder_is_a_choice_recorded_in_the_png_and_restored
     ours = np.asarray(Image.open(items[0][0]).convert("RGB"), dtype=np.int16)
     assert np.abs(ours - np.asarray(theirs, dtype=np.int16)).max() <= 1
 
+    # Compare: the same seed's latents decoded by each decoder, side by side
+    gallery, table = run_compare(
+        cache,
+        ["micro-sd"],
+        "a red circle",
+        "",
+        2,
+        stored["guidance"],
+        stored["seed"],
+        "",
+        True,
+        ["full", "tiny"],
+    )
+    assert [row[-1] for row in table] == ["full", "tiny"] and gallery[1][1].startswith("micro-sd · tiny · ")
+    compared = np.asarray(Image.open(gallery[1][0]).convert("RGB"), dtype=np.int16)
+    assert np.abs(compared - np.asarray(theirs, dtype=np.int16)).max() <= 1
+    with pytest.raises(SlimsdError, match="decoder 'huge' is not served here"):
+        run_compare(cache, ["micro-sd"], "a red circle", "", 2, 7.5, 1, "", True, ["full", "huge"])
+
     events = {getattr(f.fn, "__name__", ""): f for f in app.fns.values()}
     sent, note = events["on_png"].fn(items[0][0])
     assert "decoder: tiny (the tiny decoder the image records" in note

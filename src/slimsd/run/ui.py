@@ -11,7 +11,8 @@ the server's is cached beside it as ``MODEL (fp32)``), so that an image reproduc
 Decoders: the operator may serve tiny decoders (``UIConfig.vaes``: label -> folder, from ``slimsd ui --vae
 [NAME=]DIR``); Generate's settings then offer "full" (the model's own VAE) and those labels, nothing else. A model
 decoding with one is cached beside the others as ``MODEL (tiny)``; its PNGs record the decoder, and PNG info sends
-the label whose weights' sha256 the PNG records (never a path the PNG names).
+the label whose weights' sha256 the PNG records (never a path the PNG names). Compare runs each model with each
+ticked decoder: the same latents decoded by each, side by side.
 
 Only the operator's models are served: the ``--models`` list, exactly as given. Any other name a visitor types or
 sends to the API is refused with one message that says nothing about the file system, unless the operator
@@ -534,16 +535,22 @@ def run_compare(
     seed,
     scheduler,
     own_steps=True,
+    decoders=None,
     progress=None,
     warn=None,
 ):
-    """The same prompt and seed on each model in turn -> (gallery items, table rows). With ``own_steps``, a
-    step-distilled model samples at its own steps and guidance (an LCM student: 4 steps, its guidance embedding)
-    and every other model at ``steps`` and ``guidance``: a comparison as each is meant to be used."""
+    """The same prompt and seed on each model in turn, with each of ``decoders`` (default: the model's own VAE;
+    the same latents decoded by each) -> (gallery items, table rows). With ``own_steps``, a step-distilled model
+    samples at its own steps and guidance (an LCM student: 4 steps, its guidance embedding) and every other model
+    at ``steps`` and ``guidance``: a comparison as each is meant to be used."""
     models = [models] if isinstance(models, str) else list(models or [])
     if not models:
         raise SlimsdError("no model selected; tick at least one model to compare")
     models = [cache.admit(m)[0] for m in models]  # every one, before the first is run
+    decoders = [decoders] if isinstance(decoders, str) else list(decoders or [FULL_DECODER])
+    for d in decoders:
+        cache.decoder(d)  # a decoder not served: refused before anything runs
+    runs = [(m, d) for m in models for d in decoders]
     prompt, negative = _text(prompt, "prompt").strip(), _text(negative, "negative prompt")
     guidance = _number(guidance, "guidance")
     if not prompt:
@@ -554,15 +561,15 @@ def run_compare(
     scheduler = None if scheduler in (None, "", DEFAULT_SCHEDULER) else scheduler
     g.validate(steps=steps, guidance=guidance, width=64, height=64, seed=seed, scheduler=scheduler)
     items, rows = [], []
-    for k, model in enumerate(models):
+    for k, (model, decoder) in enumerate(runs):
         start = time.perf_counter()
-        with cache.using(model) as pipe:
+        with cache.using(model, None, decoder) as pipe:
             load_s = time.perf_counter() - start
             unet_m = sum(p.numel() for p in pipe.unet.parameters()) / 1e6
 
             def step(done, total, _k=k, _m=model):
                 if progress is not None:
-                    progress((_k * total + done, len(models) * total), desc=_m)
+                    progress((_k * total + done, len(runs) * total), desc=_m)
 
             distilled = bool(own_steps) and bool(pipe._slimsd.get("sampling"))
             (r,) = g.generate(
@@ -577,8 +584,10 @@ def run_compare(
                 on_warning=warn,
             )
         save_images([r], cache.config.out_dir)
-        items.append((str(r.path), f"{model} · {r.settings.steps} steps · {r.time_s:.2f} s"))
-        rows.append([model, r.settings.steps, round(r.time_s, 3), round(load_s, 2), round(unet_m, 2), r.seed])
+        label = f"{model} · {decoder}" if cache.decoder(decoder) else model
+        items.append((str(r.path), f"{label} · {r.settings.steps} steps · {r.time_s:.2f} s"))
+        row = [model, r.settings.steps, round(r.time_s, 3), round(load_s, 2), round(unet_m, 2), r.seed]
+        rows.append([*row, cache.decoder(decoder) or FULL_DECODER])
     return items, rows
 
 
@@ -812,16 +821,32 @@ def build_app(config: UIConfig | None = None, cache: ModelCache | None = None):
                     value=True,
                     label="Step-distilled models at their own steps and guidance (others: the sliders)",
                 )
+                c_decoders = gr.CheckboxGroup(
+                    cache.decoders,
+                    value=[FULL_DECODER],
+                    label="Decoders (each model with each: the same latents decoded by each)",
+                    visible=len(cache.decoders) > 1,
+                )
                 c_run = gr.Button("Compare", variant="primary")
                 c_gallery = gr.Gallery(label="Side by side", format="png", type="filepath", columns=4)
                 c_table = gr.Dataframe(
-                    headers=["model", "steps", "generate s", "load s", "U-Net params (M)", "seed"],
+                    headers=["model", "steps", "generate s", "load s", "U-Net params (M)", "seed", "decoder"],
                     label="Times (generation excludes loading)",
                     interactive=False,
                 )
                 c_run.click(
                     on_compare,
-                    [c_models, c_prompt, c_negative, c_steps, c_guidance, c_seed, c_scheduler, c_own],
+                    [
+                        c_models,
+                        c_prompt,
+                        c_negative,
+                        c_steps,
+                        c_guidance,
+                        c_seed,
+                        c_scheduler,
+                        c_own,
+                        c_decoders,
+                    ],
                     [c_gallery, c_table],
                     api_name="compare",
                     concurrency_id="device",
