@@ -13,10 +13,16 @@ Every score is slimsd.toy.demo.fidelity (3 eval seeds x 24 captions of seen and 
 combinations, guidance 2), written as [seen, held-out]. kd300 is also scored at 25 PNDM steps (its own sampler),
 4 PNDM steps and 4 DPM-Solver++ 2M steps (plain few-step sampling, no training).
 
-Run (about an hour on 2 shared cores; a rerun keeps finished trainings in --work and scores again):
+Run (about an hour on 2 shared cores):
     .venv/bin/python benchmarks/toy_step_sweeps.py
-Writes benchmarks/results/toy_step_distillation_sweeps.json (rewritten after every score, so a stopped run leaves
-what it measured; "complete": false until the end).
+or the runs in parallel processes, then once more to assemble the file from what they measured:
+    .venv/bin/python benchmarks/toy_step_sweeps.py --runs lcm/lr1e-4 lcm/lr3e-4 &
+    .venv/bin/python benchmarks/toy_step_sweeps.py --runs progressive/lr1e-4 progressive/lr3e-4 &
+    .venv/bin/python benchmarks/toy_step_sweeps.py --runs progressive/lr1e-4-r250 &
+    wait; .venv/bin/python benchmarks/toy_step_sweeps.py
+Finished trainings stay in --work, and every score and training time is kept there (scores-PID.json, one file per
+process), so a rerun measures only what is missing. An invocation with every run (the default) writes
+benchmarks/results/toy_step_distillation_sweeps.json.
 """
 
 from __future__ import annotations
@@ -48,6 +54,7 @@ PROGRESSIVE = {  # name: (words, steps per round)
 }
 ROUNDS = [16, 8, 4]
 CHECKPOINTED = "lr1e-4"  # the progressive run also scored after each round
+RUNS = [f"lcm/{k}" for k in LCM] + [f"progressive/{k}" for k in PROGRESSIVE]
 
 
 def log(msg: str) -> None:
@@ -61,19 +68,22 @@ def words(text: str) -> list[str]:
 class Sweep:
     """The results file, rewritten after every score."""
 
-    def __init__(self, out: Path, command: str):
+    def __init__(self, out: Path, work: Path, command: str):
         from slimsd.devices import cpu_isa, cpu_model
 
-        self.out = out
+        self.out, self.work = out, work
+        # what earlier or parallel invocations measured: key -> value (scores, training seconds)
+        self.known: dict = {}
+        for path in sorted(work.glob("scores-*.json")):
+            self.known |= json.loads(path.read_text())
+        self.mine: dict = {}
         self.data: dict = {
             "name": "toy_step_distillation_sweeps",
             "machine": f"{cpu_model()} ({' '.join(cpu_isa())}), {os.cpu_count()} cores shared with other jobs, "
-            "1 torch thread",
+            "1 torch thread per process (the runs may run in parallel processes)",
             "torch": __import__("torch").__version__,
             "date": datetime.date.today().isoformat(),
             "command": command,
-            "load_average_start": [round(x, 2) for x in os.getloadavg()],
-            "complete": False,
             "what": "Settings sweeps behind the demo's LCM defaults and the progressive-distillation paragraph: one "
             "training seed (0), scored with slimsd.toy.demo.fidelity (3 eval seeds x 24 captions of seen and of "
             "held-out combinations, guidance 2), each as [seen, held-out]. train_s_under_load: wall time of the "
@@ -87,10 +97,35 @@ class Sweep:
             "progressive": {},
         }
 
+    def keep(self, key: str, value) -> None:
+        """A measurement, kept in this process's file in --work for later invocations."""
+        from slimsd.atomic import atomic_write_text
+
+        self.known[key] = self.mine[key] = value
+        atomic_write_text(self.work / f"scores-{os.getpid()}.json", json.dumps(self.mine, indent=1) + "\n")
+
+    def score(self, model: Path, steps: int, scheduler: str | None = None) -> list[float]:
+        """[seen, held-out] caption fidelity of MODEL at STEPS (measured once per model folder)."""
+        key = f"score {model.relative_to(self.work)} {steps} {scheduler}"
+        if key not in self.known:
+            self.keep(key, score(model, steps, scheduler))
+        return self.known[key]
+
+    def trained(self, overrides: list[str], out: Path) -> float | None:
+        """Trains the run unless its final/ is there; the training's wall seconds (None: not known)."""
+        key = f"train_s {out.relative_to(self.work)}"
+        if not (out / "final").is_dir():
+            load = [round(os.getloadavg()[0], 2)]
+            self.keep(key, trained(overrides, out))
+            self.keep(f"load_average {out.relative_to(self.work)}", [*load, round(os.getloadavg()[0], 2)])
+        self.data.setdefault("load_average_1min_at_start_and_end_of_each_training", {})[out.name] = (
+            self.known.get(f"load_average {out.relative_to(self.work)}")
+        )
+        return self.known.get(key)
+
     def save(self) -> None:
         from slimsd.atomic import atomic_write_text
 
-        self.data["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
         atomic_write_text(self.out, json.dumps(self.data, indent=1) + "\n")
 
 
@@ -103,13 +138,11 @@ def score(model: str | Path, steps: int, scheduler: str | None = None) -> list[f
     return [round(r["caption_fidelity"], 3), round(r["caption_fidelity_held_out"], 3)]
 
 
-def trained(overrides: list[str], out: Path) -> float | None:
-    """Trains the run unless its final/ is there; the training's seconds (None: found finished)."""
+def trained(overrides: list[str], out: Path) -> int:
+    """Trains the run (from the start); its wall seconds."""
     from slimsd.train.config import load_config
     from slimsd.train.distill import train
 
-    if (out / "final").is_dir():
-        return None
     t0 = time.perf_counter()
     cfg = load_config(None, [*overrides, f"output_dir={out}", "tensorboard=false", "progress=false"])
     cfg.overwrite = True
@@ -134,17 +167,19 @@ def kd_student(work: Path, sweep: Sweep) -> Path:
         cfg = distill_config(DemoConfig(steps=300, seed=0, progress=False), init, cache, kd, kd=True)
         cfg.tensorboard, cfg.overwrite = False, True
         train(cfg)
-        sweep.data["kd300"]["train_s_under_load"] = round(time.perf_counter() - t0)
-    final = kd / "final"
+        sweep.keep("train_s kd300", round(time.perf_counter() - t0))
+    return kd / "final"
+
+
+def kd_scores(sweep: Sweep, final: Path) -> None:
+    sweep.data["kd300"]["train_s_under_load"] = sweep.known.get("train_s kd300")
     for key, steps, scheduler in (
         ("at_25_steps_pndm", 25, None),
         ("at_4_steps_pndm", 4, None),
         ("at_4_steps_dpm++2m", 4, "dpm++2m"),
     ):
-        sweep.data["kd300"][key] = score(final, steps, scheduler)
+        sweep.data["kd300"][key] = sweep.score(final, steps, scheduler)
         log(f"kd300 {key}: {sweep.data['kd300'][key]}")
-        sweep.save()
-    return final
 
 
 def checkpoint_model(run: Path, step: int, into: Path) -> Path:
@@ -166,72 +201,86 @@ def checkpoint_model(run: Path, step: int, into: Path) -> Path:
     return into
 
 
+def lcm_run(sweep: Sweep, name: str, teacher: list[str], shown: list[str]) -> None:
+    what, run = LCM[name], sweep.work / f"lcm-{name}"
+    entry = {"command": "slimsd distill " + " ".join([*shown, *words(what), *words(BASE)])}
+    log(f"lcm {name}: training")
+    entry["train_s_under_load"] = sweep.trained(
+        [*teacher, *words(what), *words(BASE), "checkpoint_every=0"], run
+    )
+    entry["fidelity_by_steps"] = {}
+    sweep.data["lcm"][name] = entry
+    for steps in (1, 2, 4, 8):
+        entry["fidelity_by_steps"][str(steps)] = sweep.score(run / "final", steps)
+        log(f"lcm {name} {steps} steps: {entry['fidelity_by_steps'][str(steps)]}")
+
+
+def progressive_run(sweep: Sweep, name: str, teacher: list[str], shown: list[str]) -> None:
+    (what, per_round), run = PROGRESSIVE[name], sweep.work / f"progressive-{name}"
+    schedule = f"progressive_steps={ROUNDS}"
+    entry = {
+        "command": "slimsd distill "
+        + " ".join([*shown, "objective=progressive", f'"{schedule}"', *words(what), *words(BASE)])
+    }
+    keep = (
+        [f"checkpoint_every={per_round}", "keep_last=3"] if name == CHECKPOINTED else ["checkpoint_every=0"]
+    )
+    log(f"progressive {name}: training")
+    entry["train_s_under_load"] = sweep.trained(
+        [*teacher, "objective=progressive", schedule, *words(what), *words(BASE), *keep], run
+    )
+    entry["fidelity_by_steps"] = {}
+    sweep.data["progressive"][name] = entry
+    for steps in (2, 4, 8):
+        entry["fidelity_by_steps"][str(steps)] = sweep.score(run / "final", steps)
+        log(f"progressive {name} {steps} steps: {entry['fidelity_by_steps'][str(steps)]}")
+    if name != CHECKPOINTED:
+        return
+    rounds = {}
+    sweep.data["progressive"][f"{name}_per_round_checkpoints"] = rounds
+    for r, count in enumerate(ROUNDS):
+        step = (r + 1) * per_round
+        model = checkpoint_model(run, step, sweep.work / f"progressive-{name}-step{step}")
+        for steps in sorted({count, ROUNDS[-1]}, reverse=True):
+            rounds[f"step{step}_{steps}"] = sweep.score(model, steps)
+            log(
+                f"progressive {name} after round {r} (step {step}), {steps} steps: {rounds[f'step{step}_{steps}']}"
+            )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--work", type=Path, default=ROOT / "runs" / "toy_step_sweeps")
     ap.add_argument(
         "--out", type=Path, default=ROOT / "benchmarks" / "results" / "toy_step_distillation_sweeps.json"
     )
+    ap.add_argument(
+        "--runs",
+        nargs="+",
+        choices=RUNS,
+        default=RUNS,
+        help="these runs only (the results file: all of them)",
+    )
     args = ap.parse_args()
     import torch
 
     torch.set_num_threads(1)
-    sweep = Sweep(args.out, "python benchmarks/toy_step_sweeps.py " + " ".join(sys.argv[1:]))
-    kd = kd_student(args.work, sweep)
-    teacher = ["teacher=toy-sd", f"student={kd}", f"data={args.work / 'cache'}"]
+    args.work.mkdir(parents=True, exist_ok=True)
+    sweep = Sweep(
+        args.out, args.work.resolve(), "python benchmarks/toy_step_sweeps.py " + " ".join(sys.argv[1:])
+    )
+    kd = kd_student(sweep.work, sweep)
+    teacher = ["teacher=toy-sd", f"student={kd}", f"data={sweep.work / 'cache'}"]
     shown = ["teacher=toy-sd", "student=kd300/final", "data=cache"]
-
-    for name, what in LCM.items():
-        run = args.work / f"lcm-{name}"
-        entry = {"command": "slimsd distill " + " ".join([*shown, *words(what), *words(BASE)])}
-        log(f"lcm {name}: training")
-        entry["train_s_under_load"] = trained(
-            [*teacher, *words(what), *words(BASE), "checkpoint_every=0"], run
-        )
-        entry["fidelity_by_steps"] = {}
-        sweep.data["lcm"][name] = entry
-        for steps in (1, 2, 4, 8):
-            entry["fidelity_by_steps"][str(steps)] = score(run / "final", steps)
-            log(f"lcm {name} {steps} steps: {entry['fidelity_by_steps'][str(steps)]}")
-            sweep.save()
-
-    for name, (what, per_round) in PROGRESSIVE.items():
-        run = args.work / f"progressive-{name}"
-        schedule = f"progressive_steps={ROUNDS}"
-        entry = {
-            "command": "slimsd distill "
-            + " ".join([*shown, "objective=progressive", f'"{schedule}"', *words(what), *words(BASE)])
-        }
-        keep = (
-            [f"checkpoint_every={per_round}", "keep_last=3"]
-            if name == CHECKPOINTED
-            else ["checkpoint_every=0"]
-        )
-        log(f"progressive {name}: training")
-        entry["train_s_under_load"] = trained(
-            [*teacher, "objective=progressive", schedule, *words(what), *words(BASE), *keep], run
-        )
-        entry["fidelity_by_steps"] = {}
-        sweep.data["progressive"][name] = entry
-        for steps in (2, 4, 8):
-            entry["fidelity_by_steps"][str(steps)] = score(run / "final", steps)
-            log(f"progressive {name} {steps} steps: {entry['fidelity_by_steps'][str(steps)]}")
-            sweep.save()
-        if name == CHECKPOINTED:
-            rounds = {}
-            sweep.data["progressive"][f"{name}_per_round_checkpoints"] = rounds
-            for r, count in enumerate(ROUNDS):
-                step = (r + 1) * per_round
-                model = checkpoint_model(run, step, args.work / f"progressive-{name}-step{step}")
-                for steps in sorted({count, ROUNDS[-1]}, reverse=True):
-                    rounds[f"step{step}_{steps}"] = score(model, steps)
-                    log(
-                        f"progressive {name} after round {r} (step {step}), {steps} steps: {rounds[f'step{step}_{steps}']}"
-                    )
-                    sweep.save()
-    sweep.data["complete"] = True
-    sweep.save()
-    log(f"wrote {args.out}")
+    for run in args.runs:
+        kind, name = run.split("/")
+        (lcm_run if kind == "lcm" else progressive_run)(sweep, name, teacher, shown)
+    if set(args.runs) == set(RUNS):
+        kd_scores(sweep, kd)
+        sweep.save()
+        log(f"wrote {args.out}")
+    else:
+        log(f"measured {', '.join(args.runs)}; the results file is written by an invocation with every run")
 
 
 if __name__ == "__main__":
