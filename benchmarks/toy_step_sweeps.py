@@ -16,7 +16,9 @@ combinations, guidance 2), written as [seen, held-out]. kd300 is also scored at 
 Run (about an hour on 2 shared cores):
     .venv/bin/python benchmarks/toy_step_sweeps.py
 or the runs in parallel processes, then once more to assemble the file from what they measured:
-    .venv/bin/python benchmarks/toy_step_sweeps.py --runs lcm/lr1e-4 lcm/lr3e-4 &
+    .venv/bin/python benchmarks/toy_step_sweeps.py --runs kd300   # first: trains the student the others start from
+    .venv/bin/python benchmarks/toy_step_sweeps.py --runs lcm/lr1e-4 &
+    .venv/bin/python benchmarks/toy_step_sweeps.py --runs lcm/lr3e-4 &
     .venv/bin/python benchmarks/toy_step_sweeps.py --runs progressive/lr1e-4 progressive/lr3e-4 &
     .venv/bin/python benchmarks/toy_step_sweeps.py --runs progressive/lr1e-4-r250 &
     wait; .venv/bin/python benchmarks/toy_step_sweeps.py
@@ -54,7 +56,7 @@ PROGRESSIVE = {  # name: (words, steps per round)
 }
 ROUNDS = [16, 8, 4]
 CHECKPOINTED = "lr1e-4"  # the progressive run also scored after each round
-RUNS = [f"lcm/{k}" for k in LCM] + [f"progressive/{k}" for k in PROGRESSIVE]
+RUNS = ["kd300", *(f"lcm/{k}" for k in LCM), *(f"progressive/{k}" for k in PROGRESSIVE)]
 
 
 def log(msg: str) -> None:
@@ -273,10 +275,12 @@ def main() -> None:
     teacher = ["teacher=toy-sd", f"student={kd}", f"data={sweep.work / 'cache'}"]
     shown = ["teacher=toy-sd", "student=kd300/final", "data=cache"]
     for run in args.runs:
+        if run == "kd300":
+            kd_scores(sweep, kd)
+            continue
         kind, name = run.split("/")
         (lcm_run if kind == "lcm" else progressive_run)(sweep, name, teacher, shown)
     if set(args.runs) == set(RUNS):
-        kd_scores(sweep, kd)
         sweep.save()
         log(f"wrote {args.out}")
     else:
