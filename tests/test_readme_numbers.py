@@ -77,3 +77,23 @@ def test_the_toy_samplers_table_is_its_results_file():
             held = r["caption_fidelity_held_out"]
             cells.append(f"{r['caption_fidelity']:.3f}" + ("" if held is None else f" ({held:.3f})"))
         assert f"| {label} | " + " | ".join(cells) + " |" in rows, label
+
+
+def readme_text() -> str:
+    """The README with its line breaks and runs of spaces made single spaces (figures inside sentences)."""
+    return " ".join((ROOT / "README.md").read_text().split())
+
+
+def test_the_sdxl_step_latency_sentence_is_its_results_file():
+    rows = {r["model"]: r for r in json.loads((RESULTS / "cpu_step_latency_sdxl.json").read_text())}
+    text, base = readme_text(), rows["sdxl-base-1.0"]
+    assert f"median step sdxl-base-1.0 {base['step_latency_ms'] / 1000:.1f} s" in text
+    for name in ("ssd-1b", "segmind-vega"):
+        r = rows[name]
+        times = r["step_latency_all_ms"]
+        assert len(times) >= 5 and f"{name} {statistics.median(times) / 1000:.1f} s" in text
+        ratios = [a / b for a, b in zip(base["step_latency_all_ms"], times, strict=True)]
+        spread = f"{statistics.median(ratios):.2f} ± {statistics.stdev(ratios):.2f}x for {name}"
+        assert f"{spread} (MAC ratio {base['unet_macs'] / r['unet_macs']:.2f})" in text, spread
+        assert f"{min(ratios):.2f}-{max(ratios):.2f}x" in text
+    assert f"from {base['load_average'][0]:.1f} to {base['load_average_end'][0]:.1f}" in text
