@@ -89,7 +89,8 @@ class Sweep:
             "what": "Settings sweeps behind the demo's LCM defaults and the progressive-distillation paragraph: one "
             "training seed (0), scored with slimsd.toy.demo.fidelity (3 eval seeds x 24 captions of seen and of "
             "held-out combinations, guidance 2), each as [seen, held-out]. train_s_under_load: wall time of the "
-            "training on the shared machine, not a benchmark.",
+            "training on the shared machine, not a benchmark (null: trained by an invocation that was stopped before it "
+            "kept the time).",
             "kd_student": "kd300: slimsd distill teacher=toy-sd student=<slimsd compress toy-sd bk-small> "
             "data=<slimsd cache of shapes:2048, seed 0, 64 px> max_steps=300 batch_size=16 learning_rate=5e-4 "
             "lr_scheduler=constant_with_warmup lr_warmup_steps=20 caption_dropout=0.1 (the demo's settings at "
@@ -117,6 +118,7 @@ class Sweep:
         """Trains the run unless its final/ is there; the training's wall seconds (None: not known)."""
         key = f"train_s {out.relative_to(self.work)}"
         if not (out / "final").is_dir():
+            log(f"training {out.name}")
             load = [round(os.getloadavg()[0], 2)]
             self.keep(key, trained(overrides, out))
             self.keep(f"load_average {out.relative_to(self.work)}", [*load, round(os.getloadavg()[0], 2)])
@@ -206,7 +208,6 @@ def checkpoint_model(run: Path, step: int, into: Path) -> Path:
 def lcm_run(sweep: Sweep, name: str, teacher: list[str], shown: list[str]) -> None:
     what, run = LCM[name], sweep.work / f"lcm-{name}"
     entry = {"command": "slimsd distill " + " ".join([*shown, *words(what), *words(BASE)])}
-    log(f"lcm {name}: training")
     entry["train_s_under_load"] = sweep.trained(
         [*teacher, *words(what), *words(BASE), "checkpoint_every=0"], run
     )
@@ -227,7 +228,6 @@ def progressive_run(sweep: Sweep, name: str, teacher: list[str], shown: list[str
     keep = (
         [f"checkpoint_every={per_round}", "keep_last=3"] if name == CHECKPOINTED else ["checkpoint_every=0"]
     )
-    log(f"progressive {name}: training")
     entry["train_s_under_load"] = sweep.trained(
         [*teacher, "objective=progressive", schedule, *words(what), *words(BASE), *keep], run
     )
