@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
+import statistics
 import sys
 from pathlib import Path
 
@@ -61,13 +63,49 @@ def main(argv: list[str] | None = None) -> None:
             baseline=None if baseline == "none" else baseline,
         )
         rows = bench.run(cfg, log=lambda m: print(m, file=sys.stderr, flush=True))
-        table = bench.markdown_table(rows)
+        load_end = [round(x, 2) for x in os.getloadavg()]
+        for row in rows:
+            row["load_average_end"] = load_end
+        spread = add_spread(rows)
+        table = bench.markdown_table(rows) + spread
         print(table, flush=True)
         stem = args.out / f"cpu_step_latency_{cls}{args.tag}"
         md = f"# CPU per-step U-Net latency: {cls} class\n\nCommand: `{command}`\n\n{table}"
         atomic_write_text(stem.with_suffix(".md"), md)
         atomic_write_text(stem.with_suffix(".json"), json.dumps(rows, indent=1) + "\n")
         atomic_write_bytes(stem.with_suffix(".png"), bench.chart_png(rows))
+
+
+def add_spread(rows: list[dict]) -> str:
+    """Per row: the sample std of its timed forwards, and the speed-up over the first model of the same variant
+    forward by forward (round-robin: forward i of every model ran in the same round), as median and sample std.
+    Returns the markdown lines that show them."""
+    lines = [
+        "",
+        "Spread (sample std, n - 1) over the timed forwards; speed-up per round: the first model's forward i over "
+        "this model's forward i.",
+        "",
+        "| model | variant | forwards | step ms median | step ms std | speed-up per round: median | std | min-max |",
+        "|---|---|---:|---:|---:|---:|---:|---|",
+    ]
+    for row in rows:
+        times = row["step_latency_all_ms"]
+        first = next(r for r in rows if r["variant"] == row["variant"])
+        ratios = [a / b for a, b in zip(first["step_latency_all_ms"], times, strict=True)]
+        row["step_latency_std_ms"] = statistics.stdev(times) if len(times) > 1 else None
+        row["speedup_per_round"] = ratios
+        row["speedup_per_round_median"] = statistics.median(ratios)
+        row["speedup_per_round_std"] = statistics.stdev(ratios) if len(ratios) > 1 else None
+        std = row["step_latency_std_ms"]
+        rstd = row["speedup_per_round_std"]
+        lines.append(
+            f"| {row['model']} | {row['variant']} | {len(times)} | {statistics.median(times):,.1f} | "
+            f"{'–' if std is None else f'{std:,.1f}'} | {row['speedup_per_round_median']:.2f} | "
+            f"{'–' if rstd is None else f'{rstd:.2f}'} | {min(ratios):.2f}-{max(ratios):.2f} |"
+        )
+    r = rows[0]
+    lines += ["", f"Load average at the start {r.get('load_average')}, at the end {r['load_average_end']}."]
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

@@ -10,10 +10,13 @@ import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from slimsd.cli import COMMANDS
+
+ROOT = Path(__file__).resolve().parents[1]
 
 CHATTER = (
     "Loading pipeline components",
@@ -212,15 +215,22 @@ def test_help_and_presets_do_not_import_torch(args):
 
 
 API = """
+import sys
 import tempfile
 
 import slimsd
 from slimsd.run.generate import generate
+from slimsd.train.config import load_config
+from slimsd.train.distill import train
 
 with tempfile.TemporaryDirectory() as tmp:
     generate(slimsd.load("micro-sd"), "a red circle", steps=2, seed=1)
     generate(slimsd.load("toy-sd"), "a red circle", steps=2, seed=1)  # a committed folder: from_pretrained
     slimsd.compress("micro-sd", "bk-small", tmp + "/c")
+    # the trainer's final/ (a pipeline folder; a tiny decoder), without its own progress bar
+    run = ["data=shapes:4", "batch_size=2", "max_steps=1", "resolution=64", "progress=false", "tensorboard=false"]
+    train(load_config(None, ["teacher=micro-sd", "student=bk-small", "output_dir=" + tmp + "/kd", *run]))
+    train(load_config(sys.argv[1], ["output_dir=" + tmp + "/vae", *run]))
 """
 
 
@@ -228,10 +238,15 @@ with tempfile.TemporaryDirectory() as tmp:
 def test_the_python_api_is_as_quiet_as_the_commands():
     """What a notebook user sees: every warning shown (-W always), stdout and stderr captured. diffusers'
     FutureWarning about torch_dtype, its "modules ... should be kept in float32" lines, transformers' torchvision
-    fallback notes and "Writing model shards" bars used to appear."""
+    fallback notes and "Writing model shards" bars used to appear (the bars from the trainer's final/ until
+    late)."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     r = subprocess.run(
-        [sys.executable, "-W", "always", "-c", API], capture_output=True, text=True, env=env, timeout=300
+        [sys.executable, "-W", "always", "-c", API, str(ROOT / "configs" / "micro-sd-tiny-decoder.yaml")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
     )
     assert r.returncode == 0, r.stderr
     assert r.stdout + r.stderr == ""

@@ -77,3 +77,49 @@ def test_the_toy_samplers_table_is_its_results_file():
             held = r["caption_fidelity_held_out"]
             cells.append(f"{r['caption_fidelity']:.3f}" + ("" if held is None else f" ({held:.3f})"))
         assert f"| {label} | " + " | ".join(cells) + " |" in rows, label
+
+
+def readme_text() -> str:
+    """The README with its line breaks and runs of spaces made single spaces (figures inside sentences)."""
+    return " ".join((ROOT / "README.md").read_text().split())
+
+
+def test_the_sdxl_step_latency_sentence_is_its_results_file():
+    rows = {r["model"]: r for r in json.loads((RESULTS / "cpu_step_latency_sdxl.json").read_text())}
+    text, base = readme_text(), rows["sdxl-base-1.0"]
+    assert f"median step sdxl-base-1.0 {base['step_latency_ms'] / 1000:.1f} s" in text
+    for name in ("ssd-1b", "segmind-vega"):
+        r = rows[name]
+        times = r["step_latency_all_ms"]
+        assert len(times) >= 5 and f"{name} {statistics.median(times) / 1000:.1f} s" in text
+        ratios = [a / b for a, b in zip(base["step_latency_all_ms"], times, strict=True)]
+        spread = f"{statistics.median(ratios):.2f} ± {statistics.stdev(ratios):.2f}x for {name}"
+        assert f"{spread} (MAC ratio {base['unet_macs'] / r['unet_macs']:.2f})" in text, spread
+        assert f"{min(ratios):.2f}-{max(ratios):.2f}x" in text
+    assert f"from {base['load_average'][0]:.1f} to {base['load_average_end'][0]:.1f}" in text
+
+
+def test_the_progressive_paragraph_and_row_are_the_sweeps_file():
+    """benchmarks/results/toy_step_distillation_sweeps.json (benchmarks/toy_step_sweeps.py): the README's
+    progressive-distillation paragraph and its row in the fewer-steps table."""
+    data = json.loads((RESULTS / "toy_step_distillation_sweeps.json").read_text())
+    prog, lcm = data["progressive"], data["lcm"]
+    p = prog["lr1e-4"]["fidelity_by_steps"]
+    text = readme_text()
+    for phrase in (
+        f"480 steps, {prog['lr1e-4']['train_s_under_load'] / 60:.1f} min",
+        f"the 4-step student scores caption fidelity {p['4'][0]:.3f} (held out {p['4'][1]:.3f})",
+        f"the LCM student of the same KD student {lcm['lr1e-4']['fidelity_by_steps']['4'][0]:.3f} at 4 steps",
+        f"stage 1 alone already gives {prog['lr1e-4_per_round_checkpoints']['step160_4'][0]:.3f} at 4 DDIM steps",
+        f"{p['4'][0]:.3f} ({p['2'][0]:.3f} at 2 steps)",
+        f"(3e-4: {prog['lr3e-4']['fidelity_by_steps']['4'][0]:.3f})",
+        f"(250 steps: {prog['lr1e-4-r250']['fidelity_by_steps']['4'][0]:.3f})",
+    ):
+        assert phrase in text, phrase
+    teacher = next(
+        r for r in json.loads((RESULTS / "toy_steps.json").read_text())["rows"] if r["row"] == "teacher"
+    )
+    row = (
+        f"| 4 | 2 | {p['4'][0]:.3f} ({p['4'][1]:.3f}) | {p['4'][0] / teacher['caption_fidelity_mean']:.0%} |"
+    )
+    assert any(line.startswith("| progressive, [16, 8, 4]") and row in line for line in readme_rows()), row

@@ -84,6 +84,17 @@ def test_inception_score_of_uniform_prediction_is_one():
     assert mean == pytest.approx(1.0) and std == pytest.approx(0.0, abs=1e-12)
 
 
+def test_inception_score_spread_is_the_sample_std_over_splits():
+    """Split 1 predicts uniformly (IS 1), split 2 confidently and evenly over 4 classes (IS 4): mean 2.5, and
+    the spread the sample std of (1, 4), 3 / sqrt(2), as every spread in slimsd (the population std is 1.5)."""
+    logits = np.zeros((8, 4))
+    logits[4:] = -50.0
+    logits[np.arange(4, 8), np.arange(4)] = 50.0
+    mean, std = scores.inception_score(logits, splits=2)
+    assert mean == pytest.approx(2.5, rel=1e-6) and std == pytest.approx(3 / 2**0.5, rel=1e-6)
+    assert scores.inception_score(logits, splits=1)[1] == 0.0  # one split: no spread
+
+
 def test_inception_score_of_confident_evenly_spread_predictions_is_number_of_classes():
     logits = np.full((100, 10), -50.0)
     logits[np.arange(100), np.arange(100) % 10] = 50.0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import signal
 import tarfile
 from contextlib import contextmanager
@@ -13,7 +14,7 @@ import torch
 from PIL import Image
 
 from slimsd.errors import SlimsdError
-from slimsd.train.data import BatchPlan, Examples, check_rows, collate, epoch_order, open_source, preprocess
+from slimsd.train.data import BatchPlan, Examples, check_rows, collate, open_source, preprocess
 
 from helpers import run_cli
 
@@ -84,7 +85,8 @@ def make_parquet(root):
 def test_each_format_skips_and_counts_bad_rows(tmp_path, make):
     source = open_source(make(tmp_path))
     assert source.skipped == {"missing_caption": 1}
-    examples = Examples(source, resolution=32)
+    # as a latent cache reads them (replace=False): the corrupt row is counted and left out
+    examples = Examples(source, resolution=32, replace=False)
     batch = collate([examples[(i, 0)] for i in range(len(examples))])
     assert batch["skipped"] == ["unreadable_image"]
     assert batch["size"] == 3 and batch["pixels"].shape == (3, 3, 32, 32)
@@ -92,6 +94,10 @@ def test_each_format_skips_and_counts_bad_rows(tmp_path, make):
     # the colours come through: a red image is red after decoding, resizing and scaling to [-1, 1]
     red = batch["pixels"][batch["caption"].index("a red square")]
     assert red[0].mean() > 0.9 and red[1].mean() < -0.9
+    # as the trainer reads them: counted, and its slot filled by one of the good rows, so the batch is full
+    trained = collate([Examples(source, resolution=32)[(i, 0)] for i in range(len(examples))])
+    assert trained["skipped"] == ["unreadable_image"] and trained["size"] == 4
+    assert set(trained["caption"]) == {c for _, c in GOOD}
 
 
 def test_unknown_data_is_one_line_error(tmp_path):
@@ -220,7 +226,35 @@ def test_distill_on_data_with_no_readable_row_ends_with_one_line(make, tmp_path,
     assert not list((tmp_path / "run").glob("checkpoints/step-*"))
 
 
-def test_a_few_readable_rows_are_trained_on_and_the_rest_counted(tmp_path):
+def recorded_reads(monkeypatch) -> list[tuple[int, bool]]:
+    """Every row the trainer reads, as (row, read without error), in order: the sources' `read` wrapped."""
+    import slimsd.train.data as D
+
+    reads, opened = [], D.open_source
+
+    def open_source(*args, **kw):
+        source = opened(*args, **kw)
+        read = source.read
+
+        def recorded(row):
+            try:
+                out = read(row)
+            except D.BadRow:
+                reads.append((source.rows.index(row), False))
+                raise
+            reads.append((source.rows.index(row), True))
+            return out
+
+        source.read = recorded
+        return source
+
+    monkeypatch.setattr(D, "open_source", open_source)
+    return reads
+
+
+def test_a_few_readable_rows_are_trained_on_and_the_rest_counted(tmp_path, monkeypatch):
+    """1 readable row of 6, batch 1: every micro-batch is filled (by the readable row), none is skipped, and the
+    count of unreadable rows is the number of reads that failed."""
     from slimsd.train.distill import train
 
     from helpers import cfg
@@ -230,14 +264,51 @@ def test_a_few_readable_rows_are_trained_on_and_the_rest_counted(tmp_path):
     for i in range(1, 6):
         (tmp_path / f"{i}.png").write_bytes(CORRUPT)
         (tmp_path / f"{i}.txt").write_text("a broken image")
+    reads = recorded_reads(monkeypatch)
     with no_hang():
         result = train(
             cfg(tmp_path, batch_size=1, max_steps=3, data=str(tmp_path), seed=2, max_skipped_fraction=1)
         )
-    # batch 1: micro-batches walk the epoch orders row by row; the one good row is sorted first ("0.png")
-    order = [i for e in range(10) for i in epoch_order(6, 2, e)]
-    third_good = [k for k, i in enumerate(order) if i == 0][2]
-    assert result["steps"] == 3 and result["skipped"] == {"unreadable_image": third_good + 1 - 3}
+    good = [row for row, ok in reads if ok]
+    assert result["steps"] == 3 and good == [0, 0, 0]  # one good read per micro-batch
+    state = json.loads((tmp_path / "run" / "checkpoints" / "step-00000003" / "state.json").read_text())
+    assert state["micro_batches"] == 3  # none was skipped for holding no readable row
+    failed = len(reads) - len(good)
+    assert failed > 0 and result["skipped"] == {"unreadable_image": failed}
+
+
+def test_a_replacement_depends_on_the_seed_epoch_and_row_alone(tmp_path):
+    """An unreadable row's replacement is a readable row with its own preprocessing, the same in another
+    Python process (string hashing is randomised per process), and spread over the readable rows."""
+    import subprocess
+    import sys
+
+    colours = ["red", "blue", "green", "yellow", "white", "black"]
+    for i in range(10):  # rows 0-5 readable, 6-9 corrupt (sidecar rows sort by name)
+        (tmp_path / f"{i}.png").write_bytes(png(colours[i]) if i < 6 else CORRUPT)
+        (tmp_path / f"{i}.txt").write_text(f"a {colours[i]} square" if i < 6 else "a broken image")
+    examples = Examples(open_source(str(tmp_path)), resolution=32, random_flip=True, seed=4)
+    keys = [(row, epoch) for epoch in range(40) for row in range(6, 10)]
+    chosen = []
+    for key in keys:
+        item = examples[key]
+        assert item["failed"][0] == (key[0], "unreadable_image") and 0 <= item["index"] < 6
+        own = examples.example(item["index"], key[1])  # the row read as if drawn in that epoch
+        assert torch.equal(item["pixels"], own["pixels"]) and item["caption"] == own["caption"]
+        chosen.append(item["index"])
+    assert set(chosen) == set(range(6))
+    code = (
+        "import json, sys; from slimsd.train.data import Examples, open_source; "
+        "e = Examples(open_source(sys.argv[1]), resolution=32, random_flip=True, seed=4); "
+        "print(json.dumps([e[(r, ep)]['index'] for ep in range(40) for r in range(6, 10)]))"
+    )
+    for hash_seed in ("1", "2"):
+        env = {**os.environ, "PYTHONHASHSEED": hash_seed}
+        out = subprocess.run(
+            [sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, env=env
+        )
+        assert out.returncode == 0, out.stderr
+        assert json.loads(out.stdout) == chosen
 
 
 def test_data_that_goes_away_in_the_middle_of_a_run_ends_with_one_line(tmp_path, capsys):

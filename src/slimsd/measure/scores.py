@@ -63,7 +63,8 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
 
 
 def inception_score(logits: np.ndarray, splits: int = 10) -> tuple[float, float]:
-    """Mean and standard deviation over ``splits`` of exp(E_x KL(p(y|x) || p(y)))."""
+    """Mean and sample standard deviation (n - 1, as every spread in slimsd; the reference IS code reports the
+    population std) over ``splits`` of exp(E_x KL(p(y|x) || p(y))); 0 for one split."""
     logits = np.asarray(logits, dtype=np.float64)
     if len(logits) < splits:
         raise SlimsdError(f"IS with {splits} splits needs at least {splits} images; got {len(logits)}")
@@ -75,7 +76,7 @@ def inception_score(logits: np.ndarray, splits: int = 10) -> tuple[float, float]
         log_marginal = np.log(p.mean(axis=0) + 1e-30)
         kl = (p * (part - log_marginal)).sum(axis=1)
         scores.append(float(np.exp(kl.mean())))
-    return float(np.mean(scores)), float(np.std(scores))
+    return float(np.mean(scores)), float(np.std(scores, ddof=1)) if splits > 1 else 0.0
 
 
 def clip_score(image_embeds, text_embeds) -> float:

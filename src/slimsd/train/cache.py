@@ -58,7 +58,7 @@ def write_cache(
         prediction_type=prediction_type,
     )
     sdxl = is_sdxl(pipe)
-    examples = Examples(source, resolution, center_crop=center_crop, seed=seed)
+    examples = Examples(source, resolution, center_crop=center_crop, seed=seed, replace=False)
     skipped = Counter(source.skipped)
     shards, pending = [], []
     with atomic_dir(out, overwrite) as tmp:

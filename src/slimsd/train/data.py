@@ -2,15 +2,18 @@
 
 The sources (formats, metadata, row filters) are ``slimsd.train.sources``, whose names are also importable from
 here. Sources are map-style so that the trainer owns the order (exact resume, and the same examples whether one
-process or several read them). A row whose image cannot be decoded is dropped when it is read and counted by
-reason (``skipped``), never a crash; data whose every row has failed to read (``ReadGuard``) ends the run with
-one line that names what was skipped and why.
+process or several read them). A row whose image cannot be decoded is counted by reason (``skipped``) when it is
+read, never a crash, and its slot is filled by a replacement row chosen from (seed, epoch, row) alone
+(``Examples``): every micro-batch stays full, and P processes read and train on what one process with P x the
+batch does, corrupt rows included. Data whose every row has failed to read (``ReadGuard``) ends the run with one
+line that names what was skipped and why.
 """
 
 from __future__ import annotations
 
 import random
 from collections import Counter
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -71,7 +74,13 @@ def preprocess(
 
 
 class Examples(torch.utils.data.Dataset):
-    """Map-style dataset over a source. Indexed by (row, epoch); returns a dict, or {"bad": reason}."""
+    """Map-style dataset over a source. Indexed by (row, epoch); returns a dict with "failed": the (row, reason)
+    of every read that failed on the way (counted by the trainer), and "bad" when no row of the data reads (or,
+    with ``replace=False``, when the row itself fails).
+
+    A row that fails to read is replaced by the first row that reads on a walk over the data's rows from a start
+    drawn from (seed, epoch, row) (``replacement_start``): the same replacement whichever process reads the slot,
+    and after a resume. The replacement is read with its own per-example randomness, as if it had been drawn."""
 
     def __init__(
         self,
@@ -80,21 +89,42 @@ class Examples(torch.utils.data.Dataset):
         center_crop: bool = True,
         random_flip: bool = False,
         seed: int = 0,
+        replace: bool = True,
     ):
         self.source, self.resolution = source, resolution
         self.center_crop, self.random_flip, self.seed = center_crop, random_flip, seed
+        # False: a row that fails stays out (a latent cache holds each readable row once)
+        self.replace = replace
 
     def __len__(self) -> int:
         return len(self.source)
 
     def __getitem__(self, key: tuple[int, int]) -> dict:
         index, epoch = key
+        failed: list[tuple[int, str]] = []
+        for row in self.walk(index, epoch):
+            try:
+                return self.example(row, epoch) | {"failed": failed}
+            except BadRow as e:
+                failed.append((row, e.args[0]))
+        return {"bad": failed[0][1], "index": index, "failed": failed}
+
+    def walk(self, index: int, epoch: int) -> Iterator[int]:
+        """Row ``index``, then (when replacing) every other row once, from the start the slot draws."""
+        yield index
+        if not self.replace:
+            return
+        n = len(self.source)
+        start = replacement_start(self.seed, epoch, index, n)
+        for j in range(n):
+            if (row := (start + j) % n) != index:
+                yield row
+
+    def example(self, index: int, epoch: int) -> dict:
+        """Row ``index`` read and preprocessed with the randomness of (seed, epoch, row); raises BadRow."""
         rng = _rng(self.seed, epoch, index)
         flip = self.random_flip and rng.random() < 0.5
-        try:
-            row = self.source.read(self.source.rows[index])
-        except BadRow as e:
-            return {"bad": e.args[0], "index": index}
+        row = self.source.read(self.source.rows[index])
         if isinstance(row, dict):  # latent cache
             if flip and "latent_mean_flip" in row:
                 row["latent_mean"], row["latent_std"] = row["latent_mean_flip"], row["latent_std_flip"]
@@ -104,19 +134,28 @@ class Examples(torch.utils.data.Dataset):
         return {**out, "caption": caption, "index": index}
 
 
+def replacement_start(seed: int, epoch: int, index: int, n: int) -> int:
+    """Where the walk for a replacement of row ``index`` (epoch ``epoch``) starts: a row drawn from a generator
+    seeded by (seed, epoch, row) only (a string seed is hashed with SHA-512: the same in every process)."""
+    return random.Random(f"replacement {seed} {epoch} {index}").randrange(n)
+
+
 def collate(items: list[dict]) -> dict:
-    """Stack the good examples; bad ones are listed under "skipped" (their reasons) and "bad_index" (their rows)
-    for the trainer to count."""
+    """Stack the good examples; every failed read (replaced or not) is listed under "skipped" (its reason) and
+    "bad_index" (its row) for the trainer to count."""
     good = [it for it in items if "bad" not in it]
+    failed = [f for it in items for f in it["failed"]]
     batch: dict = {
-        "skipped": [it["bad"] for it in items if "bad" in it],
-        "bad_index": [it["index"] for it in items if "bad" in it],
+        "skipped": [reason for _, reason in failed],
+        "bad_index": [row for row, _ in failed],
         "size": len(good),
         "slot": torch.tensor([s for s, it in enumerate(items) if "bad" not in it], dtype=torch.long),
     }
     if not good:
         return batch
     for k in good[0]:
+        if k == "failed":
+            continue
         if k == "caption":
             batch[k] = [it[k] for it in good]
         elif k == "index":

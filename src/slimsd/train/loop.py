@@ -305,8 +305,8 @@ class Unreadable:
 
 
 def batches(run: Run, source, state: dict, skipped: Counter, torch_rng, unreadable: Unreadable):
-    """``next_batch()``: this process's next micro-batch with a readable row (a micro-batch whose rows are all
-    unreadable is counted and skipped), from the position STATE saved."""
+    """``next_batch()``: this process's next micro-batch, from the position STATE saved. Unreadable rows are
+    counted and replaced (data.Examples), so it is full unless no row of the data reads (ReadGuard ends that)."""
     cfg, accelerator = run.cfg, run.accelerator
     if run.cached and source.info.get("resolution") != run.resolution:
         raise SlimsdError(

@@ -264,6 +264,7 @@ class UNetObjective(Objective):
 
         from slimsd.atomic import atomic_dir
         from slimsd.models.loading import load
+        from slimsd.models.sources import quiet_libraries
 
         cfg, models = self.cfg, run.models
         unet = UNet2DConditionModel.from_config(models.student.config)
@@ -290,7 +291,8 @@ class UNetObjective(Objective):
         else:
             pipe = type(base)(**components)
         out = Path(cfg.output_dir) / "final"
-        with atomic_dir(out, overwrite=True) as tmp:
+        # quiet: transformers' "Writing model shards" bar and the libraries' notes stay off the user's terminal
+        with atomic_dir(out, overwrite=True) as tmp, quiet_libraries():
             pipe.save_pretrained(tmp, safe_serialization=True)
             self.write_extra(run, tmp, type(base), weights)
             fields = {

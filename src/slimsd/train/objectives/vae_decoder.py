@@ -209,6 +209,7 @@ class VAEDecoder(Objective):
 
         from slimsd.atomic import atomic_dir
         from slimsd.models.loading import model_source
+        from slimsd.models.sources import quiet_libraries
 
         cfg = self.cfg
         # block_out_channels: what AutoencoderTiny registers of its own accord, not an argument (diffusers warns)
@@ -216,7 +217,7 @@ class VAEDecoder(Objective):
         decoder = AutoencoderTiny.from_config(config)
         decoder.load_state_dict({k: v.float() for k, v in weights.items()})
         out = Path(cfg.output_dir) / "final"
-        with atomic_dir(out, overwrite=True) as tmp:
+        with atomic_dir(out, overwrite=True) as tmp, quiet_libraries():  # the libraries' bars and notes
             decoder.save_pretrained(tmp, safe_serialization=True)
             fields = {
                 "kind": "tiny-decoder",
