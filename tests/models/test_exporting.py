@@ -132,11 +132,19 @@ def check_layout(folder: Path, to: str, sdxl: bool) -> None:
     assert graph_inputs(folder, "text_encoder", to) == {"input_ids"}
 
 
-@pytest.mark.slow(seconds=25)
-def test_lcm_student_without_mid_block_exports_with_its_guidance_input(lcm_folder, tmp_path):
-    out = tmp_path / "lcm-onnx"
-    export_runtime(str(lcm_folder), out, "onnx")
-    assert graph_inputs(out, "unet", "onnx") == {
+@pytest.mark.parametrize(
+    "to",
+    [
+        pytest.param("onnx", marks=pytest.mark.slow(seconds=25)),
+        pytest.param("openvino", marks=pytest.mark.slow(seconds=45)),
+    ],
+)
+def test_lcm_student_without_mid_block_exports_with_its_guidance_input(lcm_folder, to, tmp_path):
+    """The guidance embedding (timestep_cond) is a graph input of both runtimes' U-Net, and the fp32 export
+    gives the torch student's image (plain diffusers, at its own 4 steps and guidance) to float rounding."""
+    out = tmp_path / f"lcm-{to}"
+    export_runtime(str(lcm_folder), out, to)
+    assert graph_inputs(out, "unet", to) == {
         "sample",
         "timestep",
         "encoder_hidden_states",
@@ -215,3 +223,56 @@ def test_a_missing_runtime_package_is_one_line_naming_it_and_the_extra(monkeypat
     with pytest.raises(SlimsdError, match=r"^openvino is not installed.*slimsd\[deploy\]") as e:
         runtimes.require_backend("openvino")
     assert "\n" not in str(e.value)
+
+
+def img2img(pipe, init) -> np.ndarray:
+    """Plain diffusers img2img on PIPE's own components (torch or exported), float image, seed fixed."""
+    import diffusers
+
+    task = diffusers.StableDiffusionXLImg2ImgPipeline(**pipe.components)
+    task.set_progress_bar_config(disable=True)
+    g = torch.Generator().manual_seed(5)
+    return task(
+        "a red circle", image=init, strength=0.6, num_inference_steps=4, generator=g, output_type="np"
+    ).images
+
+
+@pytest.mark.parametrize(
+    ("recipe", "to"),
+    [
+        pytest.param("ssd-1b", "onnx", marks=pytest.mark.slow(seconds=40)),
+        pytest.param("vega", "openvino", marks=pytest.mark.slow(seconds=70)),
+    ],
+)
+def test_sdxl_students_export_static_and_img2img_gives_the_torch_image(recipe, to, tmp_path, capsys):
+    """micro-sdxl compressed with SSD-1B's and Vega's recipes (the students openvino#26545 failed to convert)
+    exported with static shapes: text-to-image and img2img (through the exported VAE encoder) give the torch
+    student's images (plain diffusers on its own components) to float rounding; an init image of another size
+    than the fixed one is refused by `slimsd generate` with one line, exit 2."""
+    from PIL import Image
+
+    from slimsd.models.compress import compress
+
+    student = tmp_path / recipe
+    compress("micro-sdxl", recipe, student)
+    out = tmp_path / f"{recipe}-{to}"
+    code, _, err = run_cli(
+        ["export", str(student), "--to", to, "--out", str(out), "--resolution", "64"], capsys
+    )
+    assert code == 0, err
+    check_layout(out, to, sdxl=True)
+    exported, reference = load(str(out)), load(str(student), dtype="fp32", optimize=False)
+    assert exported.unet.config["down_block_types"] == list(reference.unet.config.down_block_types)
+    np.testing.assert_allclose(images(exported), images(reference), atol=ROUNDING, rtol=0)
+    rng = np.random.default_rng(0)
+    init = Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    ours, theirs = img2img(exported, init), img2img(reference, init)
+    assert np.abs(theirs - img2img(reference, init.rotate(90))).max() > 0.05  # the init image matters
+    np.testing.assert_allclose(ours, theirs, atol=ROUNDING, rtol=0)
+    # an init image of another size: the output size defaults to it, and this export takes 64x64 only
+    big = tmp_path / "big.png"
+    init.resize((96, 96)).save(big)
+    args = ["generate", str(out), "a red circle", "--init-image", str(big), "--steps", "2"]
+    code, _, err = run_cli([*args, "--out", str(tmp_path / "gen")], capsys)
+    assert code == 2 and "fixed shapes: 64x64 px only, 96x96" in err, err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
