@@ -23,6 +23,20 @@ def benchmark_module(name: str):
     return module
 
 
+def decoder_folder(tmp_path, model: str, **config):
+    """A micro tiny decoder for MODEL's latent space (seeded weights) saved as a plain diffusers folder."""
+    from slimsd.models.decoders import build_tiny_decoder
+    from slimsd.models.micro import build_micro
+
+    vae_config = dict(build_micro(model).vae.config)
+    decoder = build_tiny_decoder("micro-tiny-decoder", vae_config, seed=1)
+    if config:
+        decoder.register_to_config(**config)
+    folder = tmp_path / f"decoder-{model}"
+    decoder.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
 def machine_cpu_dtype() -> str:
     """What slimsd's CPU ``auto`` dtype should be on this machine, read here from /proc/cpuinfo, not through
     slimsd: SLIMSD_CPU_DTYPE where set, else bf16 where the CPU lists avx512_bf16 or amx_bf16 (and oneDNN is

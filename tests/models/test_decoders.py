@@ -19,7 +19,7 @@ from slimsd.models.presets import MICRO_VAE
 from slimsd.run import generate as g
 from slimsd.run import pnginfo
 
-from helpers import run_cli
+from helpers import decoder_folder, run_cli
 
 PROMPT = "a red circle"
 PIPELINES = {"micro-sd": "StableDiffusionPipeline", "micro-sdxl": "StableDiffusionXLPipeline"}
@@ -27,19 +27,6 @@ PIPELINES = {"micro-sd": "StableDiffusionPipeline", "micro-sdxl": "StableDiffusi
 
 def as_int(image) -> np.ndarray:
     return np.asarray(image, dtype=np.int16)
-
-
-def decoder_folder(tmp_path, model: str, **config):
-    """A micro tiny decoder for MODEL's latent space (seeded weights) saved as a plain diffusers folder."""
-    from slimsd.models.micro import build_micro
-
-    vae_config = dict(build_micro(model).vae.config)
-    decoder = build_tiny_decoder("micro-tiny-decoder", vae_config, seed=1)
-    if config:
-        decoder.register_to_config(**config)
-    folder = tmp_path / f"decoder-{model}"
-    decoder.save_pretrained(folder, safe_serialization=True)
-    return folder
 
 
 @pytest.mark.parametrize("model", ["micro-sd", "micro-sdxl"])

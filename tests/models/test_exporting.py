@@ -16,7 +16,7 @@ from slimsd.errors import SlimsdError
 from slimsd.models.exporting import export_runtime, parse_resolution
 from slimsd.models.loading import load
 
-from helpers import run_cli
+from helpers import decoder_folder, run_cli
 
 # fp32 through another runtime's kernels: a different summation order per op. Measured on these micro models:
 # at most ~2e-6 per U-Net call (ORT and OpenVINO against torch), so over a few steps and a VAE decode 1e-4 is
@@ -276,3 +276,79 @@ def test_sdxl_students_export_static_and_img2img_gives_the_torch_image(recipe, t
     code, _, err = run_cli([*args, "--out", str(tmp_path / "gen")], capsys)
     assert code == 2 and "fixed shapes: 64x64 px only, 96x96" in err, err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("model", "to"),
+    [
+        pytest.param("micro-sd", "openvino", marks=pytest.mark.slow(seconds=45)),
+        pytest.param("micro-sdxl", "onnx", marks=pytest.mark.slow(seconds=30)),
+    ],
+)
+def test_export_with_a_tiny_decoder_gives_plain_diffusers_image_with_it(model, to, tmp_path, capsys):
+    """`slimsd export --vae DIR`: vae_decoder/ is the tiny decoder (its config, its weights: the graph's weight
+    count is torch's count of the decoder's parameters), the metadata names it, and the folder's image equals a
+    plain diffusers pipeline with `pipe.vae = AutoencoderTiny.from_pretrained(DIR)` to float rounding, not the
+    full VAE's image; the export decodes only: img2img is one line, exit 2."""
+    import hashlib
+
+    import diffusers
+    from diffusers import AutoencoderTiny
+    from PIL import Image
+
+    from slimsd.models.micro import build_micro
+
+    tiny = decoder_folder(tmp_path, model)
+    out = tmp_path / "exported"
+    code, stdout, err = run_cli(["export", model, "--to", to, "--out", str(out), "--vae", str(tiny)], capsys)
+    assert code == 0 and "tiny decoder" in stdout, err
+    record = json.loads((out / "slimsd.json").read_text())["export"]["vae"]
+    weights = tiny / "diffusion_pytorch_model.safetensors"
+    assert record == {
+        "kind": "tiny-decoder",
+        "path": str(tiny.resolve()),
+        "sha256": hashlib.sha256(weights.read_bytes()).hexdigest(),
+    }
+    config = json.loads((out / "vae_decoder" / "config.json").read_text())
+    assert config["_class_name"] == "AutoencoderTiny" and config["scaling_factor"] == 1.0
+    assert not (out / "vae_encoder").exists()
+    reference = AutoencoderTiny.from_pretrained(tiny)
+    assert graph_weights(out, "vae_decoder", to) == sum(p.numel() for p in reference.decoder.parameters())
+
+    plain = getattr(
+        diffusers, "StableDiffusionXLPipeline" if model == "micro-sdxl" else "StableDiffusionPipeline"
+    )(**build_micro(model).components)
+    plain.set_progress_bar_config(disable=True)
+    full = images(plain)
+    plain.vae = reference
+    ours, theirs = images(load(str(out))), images(plain)
+    np.testing.assert_allclose(ours, theirs, atol=ROUNDING, rtol=0)
+    assert np.abs(theirs - full).mean() > 0.01  # the tiny decoder's image, not the full VAE's
+
+    init = tmp_path / "init.png"
+    Image.fromarray(np.zeros((64, 64, 3), dtype=np.uint8)).save(init)
+    args = ["generate", str(out), "a red circle", "--init-image", str(init), "--steps", "2"]
+    code, _, err = run_cli([*args, "--out", str(tmp_path / "gen")], capsys)
+    assert code == 2 and "no VAE encoder" in err and "--vae" in err, err
+    assert len(err.strip().splitlines()) == 1
+
+
+def graph_weights(folder: Path, part: str, to: str) -> int:
+    """Elements of a part's weights (float constants / initializers of more than one element), read by onnx /
+    openvino."""
+    if to == "onnx":
+        import onnx
+
+        dims = [i.dims for i in onnx.load(str(folder / part / "model.onnx")).graph.initializer]
+    else:
+        import openvino as ov
+
+        model = ov.Core().read_model(str(folder / part / "openvino_model.xml"))
+        dims = [  # float constants but the upsampling's scales
+            op.get_output_shape(0)
+            for op in model.get_ops()
+            if op.get_type_name() == "Constant"
+            and op.get_element_type().is_real()
+            and all(t.get_node().get_type_name() != "Interpolate" for t in op.output(0).get_target_inputs())
+        ]
+    return sum(int(np.prod(d)) for d in dims if int(np.prod(d)) > 1)

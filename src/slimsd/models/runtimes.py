@@ -260,7 +260,10 @@ class VaePart(Part):
         from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
         if self.encoder_session is None:
-            raise SlimsdError("this export has no VAE encoder (vae_encoder/): img2img needs one")
+            raise SlimsdError(
+                "this export has no VAE encoder (vae_encoder/): img2img needs one (an export with a tiny decoder, "
+                "--vae, only decodes: export without --vae for img2img)"
+            )
         check_size(self.shapes, x.shape[-2], x.shape[-1])
         params = torch.from_numpy(self.encoder_session(sample=x)["latent_parameters"])
         dist = DiagonalGaussianDistribution(params)
