@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from slimsd.toy.demo import MODELS, DemoConfig, run_demo
+from slimsd.toy.demo import MODELS, QUANTISED, DemoConfig, run_demo
 from slimsd.toy.teacher import TOY_SAMPLING
 
 from helpers import html_tables, run_cli
@@ -59,6 +59,50 @@ def plain_samples(folder, captions: list[str], first_seed: int, steps: int) -> l
     ).images
 
 
+def exported_samples(folder, captions: list[str], first_seed: int, steps: int) -> list:
+    """The same for an exported folder: its pipeline (slimsd.load: diffusers' pipeline on OpenVINO sessions)
+    called directly, not through slimsd's generate()."""
+    from slimsd.models.loading import load
+
+    pipe = load(str(folder))
+    generators = [torch.Generator("cpu").manual_seed(first_seed + i) for i in range(len(captions))]
+    return pipe(
+        captions,
+        generator=generators,
+        num_inference_steps=steps,
+        guidance_scale=TOY_SAMPLING["guidance_scale"],
+        height=64,
+        width=64,
+    ).images
+
+
+def check_int8_row(out, summary: dict) -> None:
+    """The quantised row is the LCM student in int8: slimsd.json says so, calibrated on the 16 toy captions of
+    seed stream 5_000_003 along the student's own trajectory, and most of its U-Net's weights are 8-bit in the
+    saved graph (read by openvino itself, against torch's count of the LCM student's U-Net parameters)."""
+    import openvino as ov
+
+    from slimsd.toy.shapes import make_captions
+
+    folder = out / QUANTISED
+    assert summary[QUANTISED]["folder"] == str(folder)
+    record = json.loads((folder / "slimsd.json").read_text())
+    q = record["export"]["quantization"]
+    assert record["export"]["backend"] == "openvino" and q["method"] == "int8"
+    assert q["calibration"]["kind"] == "trajectory" and q["calibration"]["prompts"] == make_captions(
+        16, seed=5_000_003
+    )
+    assert "conv_in" in q["kept_layers"] and record["sampling"]["steps"] == summary["lcm_student"]["steps"]
+    eight = sum(
+        int(np.prod(op.get_output_shape(0)))
+        for op in ov.Core().read_model(str(folder / "unet" / "openvino_model.xml")).get_ops()
+        if op.get_type_name() == "Constant" and op.get_element_type().get_type_name() in ("i8", "u8")
+    )
+    assert eight >= 0.8 * summary["lcm_student"]["unet_params"], eight
+    assert summary[QUANTISED]["unet_params"] == summary["lcm_student"]["unet_params"]
+    assert summary[QUANTISED]["steps"] == summary["lcm_student"]["steps"]
+
+
 def table_numbers(table: str, summary: dict) -> dict[str, list[float]]:
     """The numbers of each model's row of the printed table, found by the model's label in results.json."""
     rows = {}
@@ -69,10 +113,11 @@ def table_numbers(table: str, summary: dict) -> dict[str, list[float]]:
     return rows
 
 
-@pytest.mark.slow(seconds=60)
+@pytest.mark.slow(seconds=90)
 def test_demo_end_to_end_checked_independently_and_rerun(tmp_path, capsys):
-    """Two small demo runs into one folder (~1 min); the numbers checked against plain diffusers, the meta-device
-    parameter count and the printed table; the second run replaces the first."""
+    """Two small demo runs into one folder (~1.5 min); the numbers checked against plain diffusers (the int8 row:
+    its exported pipeline called directly, and its graph read by openvino), the meta-device parameter count and
+    the printed table; the second run replaces the first."""
     from slimsd.models.counting import summarize
     from slimsd.toy.shapes import caption_fidelity, make_captions
     from slimsd.toy.teacher import TOY_DIR
@@ -84,7 +129,9 @@ def test_demo_end_to_end_checked_independently_and_rerun(tmp_path, capsys):
     summary = json.loads(stdout)  # stdout holds the JSON object alone
     assert json.loads((out / "results.json").read_text()) == summary
     assert summary["kind"] == "slimsd-demo"
-    folders = {"teacher": TOY_DIR, **{m: out / m / "final" for m in MODELS[1:]}}
+    torch_models = [m for m in MODELS if m != QUANTISED]
+    folders = {"teacher": TOY_DIR, **{m: out / m / "final" for m in torch_models[1:]}}
+    check_int8_row(out, summary)
 
     # U-Net parameters: the meta-device count of each saved model (bk-small drops ~40% of micro-sd)
     for name, folder in folders.items():
@@ -96,8 +143,9 @@ def test_demo_end_to_end_checked_independently_and_rerun(tmp_path, capsys):
     # the folders on disk and scored from the pixels
     for split, suffix, stream in (("seen", "", 1_000_003), ("held_out", "_held_out", 2_000_003)):
         captions = make_captions(2, seed=stream, split=split)
-        for name, folder in folders.items():
-            r = caption_fidelity(plain_samples(folder, captions, 10_000, steps=2), captions, details=True)
+        for name, folder in [*folders.items(), (QUANTISED, out / QUANTISED)]:
+            sampler = exported_samples if name == QUANTISED else plain_samples
+            r = caption_fidelity(sampler(folder, captions, 10_000, steps=2), captions, details=True)
             got = summary[name]
             assert got[f"caption_fidelity{suffix}_per_seed"] == [r["fidelity"]], name
             assert (
@@ -112,6 +160,7 @@ def test_demo_end_to_end_checked_independently_and_rerun(tmp_path, capsys):
         "KD student",
         "task-only student",
         "LCM student (KD+LCM)",
+        "LCM student int8 (OpenVINO)",
     ]
     # the sheet: 8 captions, the last 2 of held-out combinations, seeds 1234 + i; its images sampled again by
     # plain diffusers and drawn into the sheet (whose layout tests/toy/test_demo_report.py checks) give sheet.png
@@ -128,7 +177,7 @@ def test_demo_end_to_end_checked_independently_and_rerun(tmp_path, capsys):
     assert [c in HELD_OUT for c in combos] == sheet["held_out"]
     images = {
         name: plain_samples(folder, sheet["captions"], 1234, steps=2) for name, folder in folders.items()
-    }
+    } | {QUANTISED: exported_samples(out / QUANTISED, sheet["captions"], 1234, steps=2)}
     drawn = np.asarray(Image.open(out / "sheet.png").convert("RGB"))
     assert np.array_equal(drawn, np.asarray(draw_sheet(summary, images)))
     # the page: the table's cells are results.json's values, the sheet beside it by a relative name
@@ -142,7 +191,7 @@ def test_demo_end_to_end_checked_independently_and_rerun(tmp_path, capsys):
             f"{r['caption_fidelity']:.3f}",
             f"{r['image_ms']:.1f}",
         )
-    for name in MODELS[1:]:
+    for name in torch_models[1:]:
         assert list((out / name / "final" / "unet").glob("*.safetensors"))
 
     # a rerun into the same folder replaces the demo's own output (here with another seed), printing the table
@@ -230,7 +279,7 @@ def test_kd_student_follows_captions_better_than_task_only(tmp_path):
         log=lambda _msg: None,
     )
     summary = run_demo(cfg)
-    teacher, kd, task_only, lcm = (summary[m] for m in MODELS)
+    teacher, kd, task_only, lcm, int8 = (summary[m] for m in MODELS)
     print({m: (summary[m]["caption_fidelity"], summary[m]["caption_fidelity_held_out"]) for m in MODELS})
     assert teacher["caption_fidelity"] >= 0.8, summary
     assert kd["caption_fidelity"] >= task_only["caption_fidelity"] + 0.05, summary

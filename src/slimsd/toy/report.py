@@ -90,6 +90,11 @@ def findings(summary: Mapping) -> list[str]:
             f"{summary['lcm_student']['steps']} steps, an image {summary['lcm_image_speedup']:.1f}x faster "
             "(image ms: end to end, each model at its own steps and guidance)."
         )
+    if summary.get("int8_vs_lcm") is not None:
+        lines.append(
+            f"int8 LCM student (OpenVINO, slimsd quantize): {summary['int8_vs_lcm']:.0%} of the fp32 LCM student's "
+            f"fidelity, an image {summary['int8_image_speedup']:.2f}x as fast at the same steps."
+        )
     return lines
 
 
