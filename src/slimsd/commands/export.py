@@ -76,8 +76,11 @@ def export(source, target, out, dtype, resolution, batch, vae, overwrite, allow_
         return
     if resolution is not None or batch is not None:
         raise SlimsdError(f"--resolution and --batch apply to --to onnx / openvino, not {target}")
-    if vae is not None and target != "single-file":
-        raise SlimsdError(f"--vae applies to --to single-file / onnx / openvino, not {target}")
+    if vae is not None:
+        raise SlimsdError(
+            f"--vae applies to --to onnx / openvino, not {target} (its original layout holds the model's own VAE "
+            "only; load a tiny decoder beside it with --vae at generate time)"
+        )
     dtype = dtype or "fp16"
     if target == "single-file":
         from slimsd.models.single_file_export import export_single_file
