@@ -17,7 +17,9 @@ from helpers import html_tables, run_cli
 
 KD_VS_TEACHER = 0.7  # seed 3 keeps about 70% (69% on 3 x 24 captions: toy_settings/toy_fresh_seeds.md)
 LCM_VS_TEACHER = 0.8  # measured at seed 3: 0.854 / 0.896 = 95%
-INT8_VS_LCM = 0.9  # provisional
+# the issue's target for the int8 student; measured at seed 3: 0.854 / 0.854 = 100% (held-out 0.500 / 0.542),
+# its image 1.31x faster than the fp32 student's on the loaded 2-core dev machine
+INT8_VS_LCM = 0.97
 
 SMALL = [
     "--steps",
@@ -266,7 +268,7 @@ def test_demo_rejects_bad_options(tmp_path, capsys):
     assert not (tmp_path / "x").exists()
 
 
-@pytest.mark.slow(seconds=340)
+@pytest.mark.slow(seconds=380)
 def test_kd_student_follows_captions_better_than_task_only(tmp_path):
     """The demo's claim at its default training settings, on a training seed no setting was chosen with (3; the
     ablation and the settings were chosen on 0, 1, 2), scored on 2 x 24 captions of seen and of held-out
@@ -297,7 +299,6 @@ def test_kd_student_follows_captions_better_than_task_only(tmp_path):
     # text encoding and VAE decode, ~45 ms, are a third of it); 4 steps with a doubled CFG batch would be ~5x
     assert summary["lcm_image_speedup"] >= 7, summary
     # the LCM student in int8 (OpenVINO, slimsd quantize's defaults) keeps the fp32 student's caption fidelity
-    print("int8 vs lcm", summary["int8_vs_lcm"], summary["int8_image_speedup"])
     assert int8["steps"] == lcm["steps"] and summary["int8_vs_lcm"] >= INT8_VS_LCM, summary
 
 
