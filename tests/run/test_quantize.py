@@ -13,7 +13,7 @@ import torch
 
 from slimsd.run import quantize as Q
 
-from helpers import run_cli
+from helpers import decoder_folder, run_cli
 
 
 def test_prompt_file_rules(tmp_path):
@@ -46,6 +46,7 @@ def test_bad_prompt_files_are_one_line_exit_2_and_write_nothing(content, message
         (["--weight-only", "unet"], "unknown part 'unet'"),
         (["--keep", "conv_in("], "not a regular expression"),
         (["--calibration-prompts", "0"], "calibration-prompts 0"),
+        (["--vae", "nowhere"], "decoder folder 'nowhere' does not exist"),
     ],
 )
 def test_bad_quantize_options_are_one_line_exit_2(args, message, tmp_path, capsys):
@@ -222,3 +223,31 @@ def test_int8_weights_with_weight_only_parts_are_int8_on_disk_and_close_to_fp32(
     ours, fp32, other_seed = image(load(str(out)), 7), image(reference, 7), image(reference, 8)
     error, scale = np.abs(ours - fp32).mean(), np.abs(other_seed - fp32).mean()
     assert 1e-4 < error < 0.1 * scale, (error, scale)  # measured: error 0.003 (openvino) / 0.007 (onnx)
+
+
+@pytest.mark.slow(seconds=40)
+def test_int8_with_a_tiny_decoder_decodes_as_plain_diffusers_does(tmp_path, capsys):
+    """`slimsd quantize --vae DIR` (ONNX): the int8 folder's vae_decoder/ is the tiny decoder: on random U-Net
+    latents its session gives what diffusers' AutoencoderTiny.from_pretrained(DIR).decode gives, to rounding;
+    the record names it, and the folder generates through `slimsd generate`."""
+    from diffusers import AutoencoderTiny
+
+    from slimsd.models.loading import load
+
+    tiny = decoder_folder(tmp_path, "micro-sd")
+    out = tmp_path / "int8-tiny"
+    args = ["quantize", "micro-sd", "--out", str(out), "--to", "onnx", "--vae", str(tiny)]
+    code, _, err = run_cli([*args, "--calibration-prompts", "1", "--sensitivity-layers", "2"], capsys)
+    assert code == 0, err
+    record = json.loads((out / "slimsd.json").read_text())["export"]
+    assert record["precision"] == "int8" and record["vae"]["path"] == str(tiny.resolve())
+    assert not (out / "vae_encoder").exists()
+    latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        theirs = AutoencoderTiny.from_pretrained(tiny).decode(latents).sample
+    ours = load(str(out)).vae.decode(latents).sample
+    np.testing.assert_allclose(ours.numpy(), theirs.numpy(), atol=1e-5, rtol=0)
+    code, _, err = run_cli(
+        ["generate", str(out), "a red circle", "--steps", "2", "--out", str(tmp_path / "g")], capsys
+    )
+    assert code == 0, err
