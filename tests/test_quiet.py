@@ -110,6 +110,30 @@ CASES = {
         ["export", "micro-sdxl", "--to", "single-file", "--out", "{tmp}/m.safetensors"],
         [r"wrote \S+/m\.safetensors \(fp16, single-file original layout\)"],
     ),
+    "export-openvino": (
+        ["export", "micro-sd", "--to", "openvino", "--out", "{tmp}/ov", "--resolution", "64"],
+        [
+            r"loading micro-sd",
+            r"exporting (unet|text_encoder|vae_decoder|vae_encoder) to openvino",
+            r"wrote \S+/ov \(openvino, fp32, sd, shapes 64x64\)",
+        ],
+    ),
+    "quantize": (
+        [
+            *("quantize", "micro-sd", "--out", "{tmp}/q", "--calibration-prompts", "1"),
+            *("--sensitivity-layers", "2", "--weight-only", "vae_decoder"),
+        ],
+        [
+            r"loading micro-sd",
+            r"calibrating on 1 prompts along the model's own sampling trajectory",
+            r"exporting (unet|text_encoder|vae_decoder|vae_encoder) to openvino",
+            r"quantising the U-Net \(int8, openvino\)",
+            r"int8 weights for vae_decoder",
+            r"measuring per-layer sensitivity",
+            r"wrote \S+/q \(openvino, int8; calibrated on 1 prompts x \d+ steps, \d+ U-Net inputs; \d+ layers "
+            r"kept; U-Net [\d.]+x smaller on disk\)",
+        ],
+    ),
     "demo": (
         [
             "demo",
@@ -144,20 +168,22 @@ CASES = {
             r"batch 4 \.\.\.",
             r"training (KD student|task-only student) \(.*\), 2 steps of batch 4 \.\.\.",
             r"  done in \d+ s; task loss over the last 2 steps [\d.]+",
+            r"quantising LCM student \(KD\+LCM\) to int8 for OpenVINO, calibrated on 16 captions along its own "
+            r"sampling trajectory \.\.\.",
             r"sampling (teacher \(toy-sd\)|KD student|task-only student|LCM student \(KD\+LCM\)|LCM student \+ "
-            r"tiny decoder): 1 seeds x 2 "
-            r"captions of seen and of held-out combinations",
+            r"tiny decoder|LCM student int8 \(OpenVINO\)): 1 seeds x 2 captions of seen and of held-out combinations",
             r"model +steps +fidelity seen +held-out +colour +shape +U-Net params +step ms +image ms",
             r"-+",
             r"(teacher \(toy-sd\)|KD student|task-only student|LCM student \(KD\+LCM\)|LCM student \+ tiny "
-            r"decoder) +\d+ +[\d.]+ +[\d.]+ "
-            r"+[\d.]+ +[\d.]+ +[\d,]+ +[\d.]+ +[\d.]+",
+            r"decoder|LCM student int8 \(OpenVINO\)) +\d+ +[\d.]+ +[\d.]+ +[\d.]+ +[\d.]+ +[\d,]+ +[\d.]+ +[\d.]+",
             r"KD student keeps \d+% of the teacher's caption fidelity \(seen combinations\); the task-only "
             r"student \d+%\. colour, shape: accuracy on seen combinations\.",
             r"LCM student: \d+% of the teacher's fidelity in 2 steps, an image [\d.]+x faster \(image ms: end to "
             r"end, each model at its own steps and guidance\)\.",
             r"LCM student \+ tiny decoder: \d+% of the LCM student's fidelity with the full VAE, an image [\d.]+x "
             r"faster than the teacher's\.",
+            r"int8 LCM student \(OpenVINO, slimsd quantize\): \d+% of the fp32 LCM student's fidelity, an image "
+            r"[\d.]+x as fast at the same steps\.",
             r"results.json and the sample sheet \(sheet.png\) in \S+/d",
             r"the table, the sample sheet and what each column means: \S+/d/index.html",
         ],
@@ -173,7 +199,7 @@ def slimsd(args: list[str], cwd=None) -> subprocess.CompletedProcess:
         text=True,
         env=env,
         cwd=cwd,
-        timeout=300,
+        timeout=600,  # the small demo: ~2 min alone, > 5 min beside other jobs on the 2-core machine
     )
 
 

@@ -16,7 +16,7 @@ from slimsd.errors import SlimsdError
 from slimsd.models.exporting import export_runtime, parse_resolution
 from slimsd.models.loading import load
 
-from helpers import run_cli
+from helpers import tiny_decoder_folder, run_cli
 
 # fp32 through another runtime's kernels: a different summation order per op. Measured on these micro models:
 # at most ~2e-6 per U-Net call (ORT and OpenVINO against torch), so over a few steps and a VAE decode 1e-4 is
@@ -132,11 +132,19 @@ def check_layout(folder: Path, to: str, sdxl: bool) -> None:
     assert graph_inputs(folder, "text_encoder", to) == {"input_ids"}
 
 
-@pytest.mark.slow(seconds=25)
-def test_lcm_student_without_mid_block_exports_with_its_guidance_input(lcm_folder, tmp_path):
-    out = tmp_path / "lcm-onnx"
-    export_runtime(str(lcm_folder), out, "onnx")
-    assert graph_inputs(out, "unet", "onnx") == {
+@pytest.mark.parametrize(
+    "to",
+    [
+        pytest.param("onnx", marks=pytest.mark.slow(seconds=25)),
+        pytest.param("openvino", marks=pytest.mark.slow(seconds=45)),
+    ],
+)
+def test_lcm_student_without_mid_block_exports_with_its_guidance_input(lcm_folder, to, tmp_path):
+    """The guidance embedding (timestep_cond) is a graph input of both runtimes' U-Net, and the fp32 export
+    gives the torch student's image (plain diffusers, at its own 4 steps and guidance) to float rounding."""
+    out = tmp_path / f"lcm-{to}"
+    export_runtime(str(lcm_folder), out, to)
+    assert graph_inputs(out, "unet", to) == {
         "sample",
         "timestep",
         "encoder_hidden_states",
@@ -188,6 +196,8 @@ def test_static_export_through_generate_with_png_info_and_from_png(tmp_path, cap
         (["--to", "onnx", "--dtype", "bf16"], "ONNX exports are fp32"),
         (["--to", "onnx", "--batch", "0"], "batch 0"),
         (["--to", "single-file", "--resolution", "64"], "--resolution and --batch apply to"),
+        (["--to", "single-file", "--vae", "."], "--vae applies to --to onnx / openvino, not single-file"),
+        (["--to", "onnx", "--vae", "nowhere"], "decoder folder 'nowhere' does not exist"),
     ],
 )
 def test_bad_export_options_are_one_line_and_write_nothing(args, message, tmp_path, capsys):
@@ -215,3 +225,132 @@ def test_a_missing_runtime_package_is_one_line_naming_it_and_the_extra(monkeypat
     with pytest.raises(SlimsdError, match=r"^openvino is not installed.*slimsd\[deploy\]") as e:
         runtimes.require_backend("openvino")
     assert "\n" not in str(e.value)
+
+
+def img2img(pipe, init) -> np.ndarray:
+    """Plain diffusers img2img on PIPE's own components (torch or exported), float image, seed fixed."""
+    import diffusers
+
+    task = diffusers.StableDiffusionXLImg2ImgPipeline(**pipe.components)
+    task.set_progress_bar_config(disable=True)
+    g = torch.Generator().manual_seed(5)
+    return task(
+        "a red circle", image=init, strength=0.6, num_inference_steps=4, generator=g, output_type="np"
+    ).images
+
+
+@pytest.mark.parametrize(
+    ("recipe", "to"),
+    [
+        pytest.param("ssd-1b", "onnx", marks=pytest.mark.slow(seconds=40)),
+        pytest.param("vega", "openvino", marks=pytest.mark.slow(seconds=70)),
+    ],
+)
+def test_sdxl_students_export_static_and_img2img_gives_the_torch_image(recipe, to, tmp_path, capsys):
+    """micro-sdxl compressed with SSD-1B's and Vega's recipes (the students openvino#26545 failed to convert)
+    exported with static shapes: text-to-image and img2img (through the exported VAE encoder) give the torch
+    student's images (plain diffusers on its own components) to float rounding; an init image of another size
+    than the fixed one is refused by `slimsd generate` with one line, exit 2."""
+    from PIL import Image
+
+    from slimsd.models.compress import compress
+
+    student = tmp_path / recipe
+    compress("micro-sdxl", recipe, student)
+    out = tmp_path / f"{recipe}-{to}"
+    code, _, err = run_cli(
+        ["export", str(student), "--to", to, "--out", str(out), "--resolution", "64"], capsys
+    )
+    assert code == 0, err
+    check_layout(out, to, sdxl=True)
+    exported, reference = load(str(out)), load(str(student), dtype="fp32", optimize=False)
+    assert exported.unet.config["down_block_types"] == list(reference.unet.config.down_block_types)
+    np.testing.assert_allclose(images(exported), images(reference), atol=ROUNDING, rtol=0)
+    rng = np.random.default_rng(0)
+    init = Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    ours, theirs = img2img(exported, init), img2img(reference, init)
+    assert np.abs(theirs - img2img(reference, init.rotate(90))).max() > 0.05  # the init image matters
+    np.testing.assert_allclose(ours, theirs, atol=ROUNDING, rtol=0)
+    # an init image of another size: the output size defaults to it, and this export takes 64x64 only
+    big = tmp_path / "big.png"
+    init.resize((96, 96)).save(big)
+    args = ["generate", str(out), "a red circle", "--init-image", str(big), "--steps", "2"]
+    code, _, err = run_cli([*args, "--out", str(tmp_path / "gen")], capsys)
+    assert code == 2 and "fixed shapes: 64x64 px only, 96x96" in err, err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("model", "to"),
+    [
+        pytest.param("micro-sd", "openvino", marks=pytest.mark.slow(seconds=45)),
+        pytest.param("micro-sdxl", "onnx", marks=pytest.mark.slow(seconds=30)),
+    ],
+)
+def test_export_with_a_tiny_decoder_gives_plain_diffusers_image_with_it(model, to, tmp_path, capsys):
+    """`slimsd export --vae DIR`: vae_decoder/ is the tiny decoder (its config, its weights: the graph's weight
+    count is torch's count of the decoder's parameters), the metadata names it, and the folder's image equals a
+    plain diffusers pipeline with `pipe.vae = AutoencoderTiny.from_pretrained(DIR)` to float rounding, not the
+    full VAE's image; the export decodes only: img2img is one line, exit 2."""
+    import hashlib
+
+    import diffusers
+    from diffusers import AutoencoderTiny
+    from PIL import Image
+
+    from slimsd.models.micro import build_micro
+
+    tiny = tiny_decoder_folder(tmp_path, model)
+    out = tmp_path / "exported"
+    code, stdout, err = run_cli(["export", model, "--to", to, "--out", str(out), "--vae", str(tiny)], capsys)
+    assert code == 0 and "tiny decoder" in stdout, err
+    record = json.loads((out / "slimsd.json").read_text())["export"]["vae"]
+    weights = tiny / "diffusion_pytorch_model.safetensors"
+    assert record == {
+        "kind": "tiny-decoder",
+        "path": str(tiny.resolve()),
+        "sha256": hashlib.sha256(weights.read_bytes()).hexdigest(),
+    }
+    config = json.loads((out / "vae_decoder" / "config.json").read_text())
+    assert config["_class_name"] == "AutoencoderTiny" and config["scaling_factor"] == 1.0
+    assert not (out / "vae_encoder").exists()
+    reference = AutoencoderTiny.from_pretrained(tiny)
+    assert graph_weights(out, "vae_decoder", to) == sum(p.numel() for p in reference.decoder.parameters())
+
+    plain = getattr(
+        diffusers, "StableDiffusionXLPipeline" if model == "micro-sdxl" else "StableDiffusionPipeline"
+    )(**build_micro(model).components)
+    plain.set_progress_bar_config(disable=True)
+    full = images(plain)
+    plain.vae = reference
+    ours, theirs = images(load(str(out))), images(plain)
+    np.testing.assert_allclose(ours, theirs, atol=ROUNDING, rtol=0)
+    assert np.abs(theirs - full).mean() > 0.01  # the tiny decoder's image, not the full VAE's
+
+    init = tmp_path / "init.png"
+    Image.fromarray(np.zeros((64, 64, 3), dtype=np.uint8)).save(init)
+    args = ["generate", str(out), "a red circle", "--init-image", str(init), "--steps", "2"]
+    code, _, err = run_cli([*args, "--out", str(tmp_path / "gen")], capsys)
+    assert code == 2 and "no VAE encoder" in err and "--vae" in err, err
+    assert len(err.strip().splitlines()) == 1
+
+
+def graph_weights(folder: Path, part: str, to: str) -> int:
+    """Elements of a part's weights (float constants / initializers of more than one element), read by onnx /
+    openvino."""
+    if to == "onnx":
+        import onnx
+
+        dims = [i.dims for i in onnx.load(str(folder / part / "model.onnx")).graph.initializer]
+    else:
+        import openvino as ov
+
+        model = ov.Core().read_model(str(folder / part / "openvino_model.xml"))
+        dims = [  # float constants but the upsampling's scales
+            op.get_output_shape(0)
+            for op in model.get_ops()
+            if op.get_type_name() == "Constant"
+            and op.get_element_type().is_real()
+            and all(t.get_node().get_type_name() != "Interpolate" for t in op.output(0).get_target_inputs())
+        ]
+    return sum(int(np.prod(d)) for d in dims if int(np.prod(d)) > 1)

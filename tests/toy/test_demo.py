@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from functools import partial
 import shlex
 
 import numpy as np
@@ -10,13 +11,16 @@ import pytest
 import torch
 from PIL import Image
 
-from slimsd.toy.demo import MODELS, TINY_DECODER_ROW, DemoConfig, run_demo
+from slimsd.toy.demo import MODELS, QUANTISED, TINY_DECODER_ROW, DemoConfig, run_demo
 from slimsd.toy.teacher import TOY_SAMPLING
 
 from helpers import html_tables, run_cli
 
 KD_VS_TEACHER = 0.7  # seed 3 keeps about 70% (69% on 3 x 24 captions: toy_settings/toy_fresh_seeds.md)
 LCM_VS_TEACHER = 0.8  # measured at seed 3: 0.854 / 0.896 = 95%
+# the issue's target for the int8 student; measured at seed 3: 0.854 / 0.854 = 100% (held-out 0.500 / 0.542),
+# its image 1.31x faster than the fp32 student's on the loaded 2-core dev machine
+INT8_VS_LCM = 0.97
 
 SMALL = [
     "--steps",
@@ -64,6 +68,50 @@ def plain_samples(folder, captions: list[str], first_seed: int, steps: int, vae=
     ).images
 
 
+def exported_samples(folder, captions: list[str], first_seed: int, steps: int) -> list:
+    """The same for an exported folder: its pipeline (slimsd.load: diffusers' pipeline on OpenVINO sessions)
+    called directly, not through slimsd's generate()."""
+    from slimsd.models.loading import load
+
+    pipe = load(str(folder))
+    generators = [torch.Generator("cpu").manual_seed(first_seed + i) for i in range(len(captions))]
+    return pipe(
+        captions,
+        generator=generators,
+        num_inference_steps=steps,
+        guidance_scale=TOY_SAMPLING["guidance_scale"],
+        height=64,
+        width=64,
+    ).images
+
+
+def check_int8_row(out, summary: dict) -> None:
+    """The quantised row is the LCM student in int8: slimsd.json says so, calibrated on the 16 toy captions of
+    seed stream 5_000_003 along the student's own trajectory, and most of its U-Net's weights are 8-bit in the
+    saved graph (read by openvino itself, against torch's count of the LCM student's U-Net parameters)."""
+    import openvino as ov
+
+    from slimsd.toy.shapes import make_captions
+
+    folder = out / QUANTISED
+    assert summary[QUANTISED]["folder"] == str(folder)
+    record = json.loads((folder / "slimsd.json").read_text())
+    q = record["export"]["quantization"]
+    assert record["export"]["backend"] == "openvino" and q["method"] == "int8"
+    assert q["calibration"]["kind"] == "trajectory" and q["calibration"]["prompts"] == make_captions(
+        16, seed=5_000_003
+    )
+    assert "conv_in" in q["kept_layers"] and record["sampling"]["steps"] == summary["lcm_student"]["steps"]
+    eight = sum(
+        int(np.prod(op.get_output_shape(0)))
+        for op in ov.Core().read_model(str(folder / "unet" / "openvino_model.xml")).get_ops()
+        if op.get_type_name() == "Constant" and op.get_element_type().get_type_name() in ("i8", "u8")
+    )
+    assert eight >= 0.8 * summary["lcm_student"]["unet_params"], eight
+    assert summary[QUANTISED]["unet_params"] == summary["lcm_student"]["unet_params"]
+    assert summary[QUANTISED]["steps"] == summary["lcm_student"]["steps"]
+
+
 def table_numbers(table: str, summary: dict) -> dict[str, list[float]]:
     """The numbers of each model's row of the printed table, found by the model's label in results.json."""
     rows = {}
@@ -74,10 +122,11 @@ def table_numbers(table: str, summary: dict) -> dict[str, list[float]]:
     return rows
 
 
-@pytest.mark.slow(seconds=60)
+@pytest.mark.slow(seconds=90)
 def test_demo_end_to_end_checked_independently_and_rerun(tmp_path, capsys):
-    """Two small demo runs into one folder (~1 min); the numbers checked against plain diffusers, the meta-device
-    parameter count and the printed table; the second run replaces the first."""
+    """Two small demo runs into one folder (~1.5 min); the numbers checked against plain diffusers (the int8 row:
+    its exported pipeline called directly, and its graph read by openvino), the meta-device parameter count and
+    the printed table; the second run replaces the first."""
     from slimsd.models.counting import summarize
     from slimsd.toy.shapes import caption_fidelity, make_captions
     from slimsd.toy.teacher import TOY_DIR
@@ -89,12 +138,16 @@ def test_demo_end_to_end_checked_independently_and_rerun(tmp_path, capsys):
     summary = json.loads(stdout)  # stdout holds the JSON object alone
     assert json.loads((out / "results.json").read_text()) == summary
     assert summary["kind"] == "slimsd-demo"
-    folders = {"teacher": TOY_DIR, **{m: out / m / "final" for m in MODELS[1:]}}
-    rows = [*MODELS, TINY_DECODER_ROW]
-    # the tiny-decoder row: the LCM student's folder, decoding with the demo's tiny decoder
+    torch_models = [m for m in MODELS if m != QUANTISED]
+    folders = {"teacher": TOY_DIR, **{m: out / m / "final" for m in torch_models[1:]}}
+    check_int8_row(out, summary)
+    rows = [*torch_models, TINY_DECODER_ROW, QUANTISED]
+    # each row sampled again outside slimsd: plain diffusers from its folder; the tiny-decoder row: the LCM
+    # student's folder decoding with the demo's tiny decoder; the int8 row: its exported pipeline called directly
     decoder = out / "tiny_decoder" / "final"
-    tiny = {TINY_DECODER_ROW: (out / "lcm_student" / "final", decoder)}
-    samplers = {m: (f, None) for m, f in folders.items()} | tiny
+    samplers = {m: partial(plain_samples, f) for m, f in folders.items()}
+    samplers[TINY_DECODER_ROW] = partial(plain_samples, out / "lcm_student" / "final", vae=decoder)
+    samplers[QUANTISED] = partial(exported_samples, out / QUANTISED)
 
     # U-Net parameters: the meta-device count of each saved model (bk-small drops ~40% of micro-sd)
     for name, folder in folders.items():
@@ -106,8 +159,8 @@ def test_demo_end_to_end_checked_independently_and_rerun(tmp_path, capsys):
     # the folders on disk and scored from the pixels
     for split, suffix, stream in (("seen", "", 1_000_003), ("held_out", "_held_out", 2_000_003)):
         captions = make_captions(2, seed=stream, split=split)
-        for name, (folder, vae) in samplers.items():
-            r = caption_fidelity(plain_samples(folder, captions, 10_000, 2, vae), captions, details=True)
+        for name, sampler in samplers.items():
+            r = caption_fidelity(sampler(captions, 10_000, 2), captions, details=True)
             got = summary[name]
             assert got[f"caption_fidelity{suffix}_per_seed"] == [r["fidelity"]], name
             assert (
@@ -115,7 +168,7 @@ def test_demo_end_to_end_checked_independently_and_rerun(tmp_path, capsys):
                 got[f"colour_accuracy{suffix}"],
                 got[f"shape_accuracy{suffix}"],
             ) == (r["fidelity"], r["colour_accuracy"], r["shape_accuracy"]), name
-    # the rows: the demo's four models and the LCM student with the tiny decoder, in order, each with its label
+    # the rows: the demo's four torch models, the LCM student with the tiny decoder, the int8 LCM student, in order, each with its label
     assert summary["models"] == rows
     assert [summary[m]["label"] for m in rows] == [
         "teacher (toy-sd)",
@@ -123,6 +176,7 @@ def test_demo_end_to_end_checked_independently_and_rerun(tmp_path, capsys):
         "task-only student",
         "LCM student (KD+LCM)",
         "LCM student + tiny decoder",
+        "LCM student int8 (OpenVINO)",
     ]
     # the tiny decoder: a plain diffusers AutoencoderTiny folder, its decoder's parameters counted by diffusers;
     # the row's U-Net and steps are the LCM student's
@@ -148,10 +202,7 @@ def test_demo_end_to_end_checked_independently_and_rerun(tmp_path, capsys):
     )
     combos = [(s.colour, s.shape) for s in map(parse_caption, sheet["captions"])]
     assert [c in HELD_OUT for c in combos] == sheet["held_out"]
-    images = {
-        name: plain_samples(folder, sheet["captions"], 1234, 2, vae)
-        for name, (folder, vae) in samplers.items()
-    }
+    images = {name: sampler(sheet["captions"], 1234, 2) for name, sampler in samplers.items()}
     drawn = np.asarray(Image.open(out / "sheet.png").convert("RGB"))
     assert np.array_equal(drawn, np.asarray(draw_sheet(summary, images)))
     # the page: the table's cells are results.json's values, the sheet beside it by a relative name
@@ -165,7 +216,7 @@ def test_demo_end_to_end_checked_independently_and_rerun(tmp_path, capsys):
             f"{r['caption_fidelity']:.3f}",
             f"{r['image_ms']:.1f}",
         )
-    for name in MODELS[1:]:
+    for name in torch_models[1:]:
         assert list((out / name / "final" / "unet").glob("*.safetensors"))
 
     # a rerun into the same folder replaces the demo's own output (here with another seed), printing the table
@@ -239,7 +290,7 @@ def test_demo_rejects_bad_options(tmp_path, capsys):
     assert not (tmp_path / "x").exists()
 
 
-@pytest.mark.slow(seconds=340)
+@pytest.mark.slow(seconds=380)
 def test_kd_student_follows_captions_better_than_task_only(tmp_path):
     """The demo's claim at its default training settings, on a training seed no setting was chosen with (3; the
     ablation and the settings were chosen on 0, 1, 2), scored on 2 x 24 captions of seen and of held-out
@@ -254,7 +305,7 @@ def test_kd_student_follows_captions_better_than_task_only(tmp_path):
         log=lambda _msg: None,
     )
     summary = run_demo(cfg)
-    teacher, kd, task_only, lcm = (summary[m] for m in MODELS)
+    teacher, kd, task_only, lcm, int8 = (summary[m] for m in MODELS)
     print({m: (summary[m]["caption_fidelity"], summary[m]["caption_fidelity_held_out"]) for m in MODELS})
     assert teacher["caption_fidelity"] >= 0.8, summary
     assert kd["caption_fidelity"] >= task_only["caption_fidelity"] + 0.05, summary
@@ -270,6 +321,8 @@ def test_kd_student_follows_captions_better_than_task_only(tmp_path):
     # measured 9.1x-9.5x on the 2-core dev machine under load (the issue's goal is 10x: the 4-step image's
     # text encoding and VAE decode, ~45 ms, are a third of it); 4 steps with a doubled CFG batch would be ~5x
     assert summary["lcm_image_speedup"] >= 7, summary
+    # the LCM student in int8 (OpenVINO, slimsd quantize's defaults) keeps the fp32 student's caption fidelity
+    assert int8["steps"] == lcm["steps"] and summary["int8_vs_lcm"] >= INT8_VS_LCM, summary
 
 
 def test_cli_defaults_match_demo_config():

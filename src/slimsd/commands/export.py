@@ -39,10 +39,17 @@ TARGETS = ("single-file", "a1111-lora", "onnx", "openvino")
 @click.option(
     "--batch", type=int, default=None, help="onnx / openvino: fix the images per call (static batch)."
 )
+@click.option(
+    "--vae",
+    default=None,
+    metavar="DIR",
+    help="onnx / openvino: a tiny decoder folder (a `vae-decoder` run's final/, AutoencoderTiny) exported as "
+    "vae_decoder/ in place of the model's VAE decoder (such an export decodes only: no vae_encoder/, no img2img).",
+)
 @click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
 @allow_pickle_option
 @prediction_type_option
-def export(source, target, out, dtype, resolution, batch, overwrite, allow_pickle, prediction_type):
+def export(source, target, out, dtype, resolution, batch, vae, overwrite, allow_pickle, prediction_type):
     """Write SOURCE (single-file: a preset, micro model, folder, single file or hub id; a1111-lora: a LoRA file
     or a folder holding pytorch_lora_weights.safetensors) for use in other tools."""
     if target in ("onnx", "openvino"):
@@ -58,13 +65,22 @@ def export(source, target, out, dtype, resolution, batch, overwrite, allow_pickl
             overwrite=overwrite,
             allow_pickle=allow_pickle,
             prediction_type=prediction_type,
+            vae=vae,
             on_phase=lambda m: click.echo(m, err=True),
         )
         shapes = "x".join(map(str, record["resolution"])) if record["resolution"] else "dynamic"
-        click.echo(f"wrote {out} ({target}, {record['precision']}, {record['family']}, shapes {shapes})")
+        tiny = ", tiny decoder" if record.get("vae") else ""
+        click.echo(
+            f"wrote {out} ({target}, {record['precision']}, {record['family']}, shapes {shapes}{tiny})"
+        )
         return
     if resolution is not None or batch is not None:
         raise SlimsdError(f"--resolution and --batch apply to --to onnx / openvino, not {target}")
+    if vae is not None:
+        raise SlimsdError(
+            f"--vae applies to --to onnx / openvino, not {target} (its original layout holds the model's own VAE "
+            "only; load a tiny decoder beside it with --vae at generate time)"
+        )
     dtype = dtype or "fp16"
     if target == "single-file":
         from slimsd.models.single_file_export import export_single_file

@@ -70,6 +70,13 @@ from slimsd.commands.options import allow_pickle_option
     show_default=True,
     help="Seed of the calibration images (prompt i: seed + i).",
 )
+@click.option(
+    "--vae",
+    default=None,
+    metavar="DIR",
+    help="A tiny decoder folder (AutoencoderTiny) exported as vae_decoder/ in place of the model's VAE decoder "
+    "(as slimsd export --vae: decodes only, no img2img).",
+)
 @click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
 @allow_pickle_option
 def quantize(
@@ -86,6 +93,7 @@ def quantize(
     sensitivity_layers,
     report,
     seed,
+    vae,
     overwrite,
     allow_pickle,
 ):
@@ -106,6 +114,7 @@ def quantize(
         batch=batch,
         sensitivity_layers=sensitivity_layers,
         seed=seed,
+        vae=vae,
         overwrite=overwrite,
         allow_pickle=allow_pickle,
         on_phase=lambda m: click.echo(m, err=True),

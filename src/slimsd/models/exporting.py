@@ -11,6 +11,11 @@ encoder), and for SDXL every ``hidden_states.N``; VAE decoder ``latent_sample`` 
 ``resolution`` fixes the image size (and ``batch`` the images per call): static shapes, which the runtimes
 plan for once (dynamic shapes are several times slower in OpenVINO's published measurements); without them
 the shapes are dynamic. The folder is written whole or not at all (:mod:`slimsd.atomic`).
+
+``vae``: a tiny decoder folder (:mod:`slimsd.models.decoders`, AutoencoderTiny) exported as ``vae_decoder/`` in
+place of the model's VAE decoder (its config.json is the tiny decoder's: ``scaling_factor`` 1.0, the U-Net's
+latents decoded as they are); it only decodes, so such an export has no ``vae_encoder/`` (img2img needs the
+model's own VAE, as with ``--vae`` in torch). ``slimsd.json`` records it (``export.vae``: path, sha256).
 """
 
 from __future__ import annotations
@@ -113,8 +118,11 @@ class EncoderGraph(torch.nn.Module):
 # ---------------------------------------------------------------- export
 
 
-def _graphs(pipe, size: tuple[int, int], batch: int | None, unet_batch: int | None, static: bool):
-    """(name, module, example inputs, input names, output names, dynamic axes) for each part."""
+def _graphs(
+    pipe, size: tuple[int, int], batch: int | None, unet_batch: int | None, static: bool, decoder=None
+):
+    """(name, module, example inputs, input names, output names, dynamic axes) for each part; ``decoder``: a
+    tiny decoder exported in place of the VAE's decoder (and no VAE encoder)."""
     from slimsd.models.loading import is_sdxl
 
     sdxl = is_sdxl(pipe)
@@ -189,13 +197,15 @@ def _graphs(pipe, size: tuple[int, int], batch: int | None, unet_batch: int | No
     graphs.append(
         (
             "vae_decoder",
-            DecoderGraph(pipe.vae),
+            DecoderGraph(pipe.vae if decoder is None else decoder),
             (lat,),
             ["latent_sample"],
             ["sample"],
             axes({"latent_sample": spatial, "sample": spatial}, batch),
         )
     )
+    if decoder is not None:
+        return graphs
     graphs.append(
         (
             "vae_encoder",
@@ -245,13 +255,17 @@ def write_part(tmp: Path, name: str, graph, to: str, dtype: str) -> None:
     scratch.unlink()
 
 
-def write_configs(pipe, tmp: Path, sdxl: bool) -> None:
-    """Scheduler, tokenizers and each part's config.json, as optimum's exporter writes them."""
+def write_configs(pipe, tmp: Path, sdxl: bool, decoder=None) -> None:
+    """Scheduler, tokenizers and each part's config.json, as optimum's exporter writes them (``decoder``: the
+    tiny decoder's config for vae_decoder/, and no vae_encoder/)."""
     pipe.scheduler.save_pretrained(tmp / "scheduler")
     pipe.tokenizer.save_pretrained(tmp / "tokenizer")
     pipe.unet.save_config(tmp / "unet")
-    for part in ("vae_decoder", "vae_encoder"):
-        pipe.vae.save_config(tmp / part)
+    if decoder is None:
+        for part in ("vae_decoder", "vae_encoder"):
+            pipe.vae.save_config(tmp / part)
+    else:
+        decoder.save_config(tmp / "vae_decoder")
     pipe.text_encoder.config.save_pretrained(tmp / "text_encoder")
     if sdxl:
         pipe.tokenizer_2.save_pretrained(tmp / "tokenizer_2")
@@ -294,13 +308,16 @@ def export_runtime(
     overwrite: bool = False,
     allow_pickle: bool = False,
     prediction_type: str | None = None,
+    vae: str | None = None,
     pipe=None,
     on_phase=None,
 ) -> dict:
     """Export MODEL (anything :func:`slimsd.load` takes, LoRAs and a student's sampling included) to OUT for
     ``to`` (onnx | openvino). Returns the folder's ``export`` record. ``pipe``: an already-loaded plain fp32
-    pipeline of MODEL (quantize passes its own)."""
+    pipeline of MODEL (quantize passes its own); ``vae``: a tiny decoder folder in place of the VAE (module
+    docstring)."""
     from slimsd import __version__
+    from slimsd.models import decoders
     from slimsd.models.loading import load, model_sampling, model_source, read_slimsd_info
 
     check_options(to, dtype, batch)
@@ -309,6 +326,8 @@ def export_runtime(
     check_output_dir(out, overwrite)
     if Path(model).is_dir() and is_exported(model):
         raise SlimsdError(f"{model!r} is already an exported folder; export the model it came from")
+    if vae is not None:
+        decoders.check_folder(vae)
     say = on_phase or (lambda _m: None)
     if pipe is None:
         say(f"loading {model}")
@@ -322,6 +341,10 @@ def export_runtime(
         )
     family = check_family(pipe)
     sdxl = family == "sdxl"
+    decoder = None
+    if vae is not None:
+        decoder = decoders.load_decoder(vae)
+        decoders.check_fits(decoder, dict(pipe.vae.config), str(vae))
     # an LCM-LoRA student's adapters are merged by load(): the export has them in its weights
     sampling = {k: v for k, v in (model_sampling(model) or {}).items() if k != "lora"}
     own_guidance = float(sampling.get("guidance", 7.5))
@@ -341,14 +364,16 @@ def export_runtime(
         "opset": OPSET,
         "slimsd_version": __version__,
     }
+    if decoder is not None:  # vae_decoder/ is this tiny decoder; there is no vae_encoder/
+        record["vae"] = {"kind": "tiny-decoder", **decoders.decoder_record(vae)}
     provenance = {
         k: v for k, v in (read_slimsd_info(model) or {}).items() if k not in ("weight_map", "export")
     }
     if sampling:
         provenance["sampling"] = sampling
     with atomic_dir(out, overwrite) as tmp:
-        write_configs(pipe, tmp, sdxl)
-        for graph in _graphs(pipe, trace_size, batch, unet_batch, static=size is not None):
+        write_configs(pipe, tmp, sdxl, decoder)
+        for graph in _graphs(pipe, trace_size, batch, unet_batch, static=size is not None, decoder=decoder):
             say(f"exporting {graph[0]} to {to}")
             write_part(tmp, graph[0], graph, to, dtype)
         (tmp / "slimsd.json").write_text(json.dumps({**provenance, "export": record}, indent=1) + "\n")

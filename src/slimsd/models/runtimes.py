@@ -202,19 +202,25 @@ class UNetPart(Part):
         return SimpleNamespace(sample=out) if return_dict else (out,)
 
     def check_shape(self, sample) -> None:
-        want_hw, want_batch = self.shapes.get("latent_hw"), self.shapes.get("unet_batch")
-        h, w = sample.shape[-2:]
-        if want_hw and (h, w) != tuple(want_hw):
-            f = self.shapes["vae_scale"]
-            raise SlimsdError(
-                f"this export has fixed shapes: {want_hw[1] * f}x{want_hw[0] * f} px only, {w * f}x{h * f} was "
-                "asked; export again without --resolution (dynamic) or with this size"
-            )
+        want_batch = self.shapes.get("unet_batch")
+        f = self.shapes["vae_scale"]
+        check_size(self.shapes, sample.shape[-2] * f, sample.shape[-1] * f)
         if want_batch and sample.shape[0] != want_batch:
             raise SlimsdError(
                 f"this export has a fixed batch: the U-Net takes {want_batch} latents per call, this run needs "
                 f"{sample.shape[0]} (batch size x 2 with guidance); export with another --batch or none"
             )
+
+
+def check_size(shapes: dict, height: int, width: int) -> None:
+    """Refuse (one line) an image size other than the one a static export was fixed to."""
+    want_hw = shapes.get("latent_hw")
+    f = shapes["vae_scale"]
+    if want_hw and (height, width) != (want_hw[0] * f, want_hw[1] * f):
+        raise SlimsdError(
+            f"this export has fixed shapes: {want_hw[1] * f}x{want_hw[0] * f} px only, {width}x{height} was "
+            "asked; export again without --resolution (dynamic) or with this size"
+        )
 
 
 class TextOutput(tuple):
@@ -241,9 +247,10 @@ class TextEncoderPart(Part):
 class VaePart(Part):
     """Decoder and (img2img) encoder, as ``AutoencoderKL``'s ``decode`` / ``encode``."""
 
-    def __init__(self, decoder: Session, encoder: Session | None, config: dict):
+    def __init__(self, decoder: Session, encoder: Session | None, config: dict, shapes: dict):
         super().__init__(decoder, config)
         self.encoder_session = encoder
+        self.shapes = shapes  # an img2img image of another size than a static export's: refused, not run
 
     def decode(self, z, return_dict=True, **_ignored):
         out = torch.from_numpy(self.session(latent_sample=z)["sample"])
@@ -253,7 +260,11 @@ class VaePart(Part):
         from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
         if self.encoder_session is None:
-            raise SlimsdError("this export has no VAE encoder (vae_encoder/): img2img needs one")
+            raise SlimsdError(
+                "this export has no VAE encoder (vae_encoder/): img2img needs one (an export with a tiny decoder, "
+                "--vae, only decodes: export without --vae for img2img)"
+            )
+        check_size(self.shapes, x.shape[-2], x.shape[-1])
         params = torch.from_numpy(self.encoder_session(sample=x)["latent_parameters"])
         dist = DiagonalGaussianDistribution(params)
         return SimpleNamespace(latent_dist=dist) if return_dict else (dist,)
@@ -306,7 +317,7 @@ def load_exported(folder: str | Path):
     encoder = session("vae_encoder") if (folder / "vae_encoder").is_dir() else None
     parts = {
         "unet": UNetPart(session("unet"), unet_cfg, shapes),
-        "vae": VaePart(session("vae_decoder"), encoder, vae_cfg),
+        "vae": VaePart(session("vae_decoder"), encoder, vae_cfg, shapes),
         "text_encoder": TextEncoderPart(
             session("text_encoder"), read_json(folder / "text_encoder" / "config.json")
         ),

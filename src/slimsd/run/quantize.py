@@ -32,6 +32,7 @@ import torch
 
 from slimsd.atomic import atomic_dir, check_output_dir
 from slimsd.errors import SlimsdError
+from slimsd.models.decoders import check_folder
 from slimsd.models.runtimes import BACKENDS, PART_FILES, require
 
 METHODS = ("int8", "int8-weights")
@@ -372,10 +373,13 @@ def quantize(
     overwrite: bool = False,
     allow_pickle: bool = False,
     seed: int = 0,
+    vae: str | None = None,
     on_phase=None,
 ) -> dict:
     """Export MODEL to ``to`` and quantise its U-Net (see the module docstring); returns the folder's
-    ``export`` record. ``naive``: the ablation baseline (min-max ranges, the first timestep only)."""
+    ``export`` record. ``naive``: the ablation baseline (min-max ranges, the first timestep only); ``vae``: a
+    tiny decoder exported as vae_decoder/ (:func:`slimsd.models.exporting.export_runtime`; the U-Net's
+    calibration inputs do not depend on the decoder)."""
     from slimsd.models.exporting import export_runtime, parse_resolution
     from slimsd.models.loading import load, native_resolution
     from slimsd.models.runtimes import require_backend
@@ -394,6 +398,8 @@ def quantize(
     size = parse_resolution(resolution)
     require_backend(to)
     require("nncf") if to == "openvino" else require("onnxruntime.quantization", "onnxruntime")
+    if vae is not None:  # a wrong folder is one line before minutes of calibration
+        check_folder(vae)
     check_output_dir(out, overwrite)
     say = on_phase or (lambda _m: None)
     say(f"loading {model}")
@@ -403,7 +409,9 @@ def quantize(
     calls, calibration = collect_unet_inputs(pipe, prompts, width, height, seed, first_only=naive)
     with atomic_dir(out, overwrite) as tmp:
         stage = tmp / "fp32"
-        record = export_runtime(model, stage, to, resolution=resolution, batch=batch, pipe=pipe, on_phase=say)
+        record = export_runtime(
+            model, stage, to, resolution=resolution, batch=batch, vae=vae, pipe=pipe, on_phase=say
+        )
         for entry in stage.iterdir():
             shutil.move(str(entry), str(tmp / entry.name))
         stage.rmdir()

@@ -9,6 +9,8 @@
    a 4-step student: one run goes teacher -> slim student -> few-step slim student;
 4c. distil the teacher's VAE decoder into a tiny one (``objective=vae-decoder``, issue 24) and add a row: the LCM
    student decoding with it;
+4d. quantise the LCM student to int8 for OpenVINO (``slimsd quantize``: calibrated on its own 4-step trajectory
+   over toy captions, the sensitive layers kept in float) and sample it like the others (its own row);
 5. measure, for teacher / KD student / task-only student / LCM student: caption fidelity (colour and shape read back from
    the pixels of samples, slimsd.toy.shapes; mean over several seeds) on fresh captions of the colour x shape
    combinations seen in training (``caption_fidelity``) and on combinations no training data contains
@@ -36,12 +38,16 @@ from slimsd.errors import SlimsdError
 from slimsd.toy.report import PAGE_FILE, SHEET_FILE, draw_sheet, render_page
 from slimsd.toy.teacher import TOY_SAMPLING
 
-MODELS = ("teacher", "kd_student", "task_only_student", "lcm_student")
+QUANTISED = (
+    "lcm_student_int8"  # the LCM student through slimsd quantize (an OpenVINO folder, not a torch model)
+)
+MODELS = ("teacher", "kd_student", "task_only_student", "lcm_student", QUANTISED)
 LABELS = {
     "teacher": "teacher (toy-sd)",
     "kd_student": "KD student",
     "task_only_student": "task-only student",
     "lcm_student": "LCM student (KD+LCM)",
+    QUANTISED: "LCM student int8 (OpenVINO)",
 }
 TINY_DECODER_ROW = "lcm_student_tiny_decoder"  # the LCM student decoding with the tiny decoder (4c)
 TINY_DECODER_DIR = "tiny_decoder"  # its training run; final/ is a plain AutoencoderTiny folder
@@ -260,12 +266,16 @@ def fidelity(
 
 def step_latencies(unets: dict, repeats: int) -> dict[str, float]:
     """Median ms of one U-Net forward at batch 2 (a classifier-free-guidance step) per model, timed
-    round-robin (A B C A B C ...) so that load from other processes hits each model alike."""
+    round-robin (A B C A B C ...) so that load from other processes hits each model alike. An LCM student's
+    U-Net gets its guidance embedding (``timestep_cond``), as in sampling."""
     from slimsd.measure.bench import time_round_robin, unet_inputs
 
     fns = {}
     for name, unet in unets.items():
         inputs = unet_inputs(unet, 64, 2, str(unet.device), unet.dtype)
+        cond = unet.config.get("time_cond_proj_dim")
+        if cond:
+            inputs["timestep_cond"] = torch.zeros(2, cond, device=unet.device, dtype=unet.dtype)
         fns[name] = lambda u=unet, x=inputs: u(**x)
     timings = time_round_robin(fns, "cpu", warmup=3, repeats=repeats)
     return {name: t["median_ms"] for name, t in timings.items()}
@@ -417,6 +427,32 @@ def tiny_decoder_ratios(results: dict) -> dict:
     }
 
 
+# Calibration captions of the int8 row: as benchmarks/toy_quantisation.py draws them (their own seed stream)
+CALIBRATION_PROMPTS, CALIBRATION_CAPTION_SEED = 16, 5_000_003
+
+
+def quantise_lcm(cfg: DemoConfig, lcm_dir: Path, out: Path) -> Path:
+    """The LCM student as `slimsd quantize` makes it by default (OpenVINO, NNCF int8 weights and activations,
+    trajectory calibration, the sensitive layers kept), calibrated on toy captions; written to OUT."""
+    import tempfile
+
+    from slimsd.run.quantize import quantize
+    from slimsd.toy.shapes import make_captions
+
+    cfg.log(
+        f"quantising {LABELS['lcm_student']} to int8 for OpenVINO, calibrated on {CALIBRATION_PROMPTS} captions "
+        "along its own sampling trajectory ..."
+    )
+    with tempfile.TemporaryDirectory() as scratch:
+        prompts = Path(scratch) / "calibration.txt"
+        captions = make_captions(CALIBRATION_PROMPTS, seed=CALIBRATION_CAPTION_SEED)
+        prompts.write_text("\n".join(captions) + "\n", encoding="utf-8")
+        quantize(
+            str(lcm_dir), out, to="openvino", prompts_file=str(prompts), sensitivity_layers=16, seed=cfg.seed
+        )
+    return out
+
+
 def run_demo(cfg: DemoConfig) -> dict:
     """Compress, distill (KD and task-only), measure and write everything under ``cfg.out``."""
     from slimsd.atomic import atomic_dir, atomic_write_text
@@ -476,6 +512,9 @@ def run_demo(cfg: DemoConfig) -> dict:
         }
         lcm_dir = runs["lcm_student"]["final_dir"]
         pipes[TINY_DECODER_ROW], tiny = tiny_decoder_row(cfg, tmp, cache, lcm_dir, timings)
+        t0 = time.perf_counter()
+        pipes[QUANTISED] = load(str(quantise_lcm(cfg, Path(models["lcm_student"]), tmp / QUANTISED)))
+        timings["quantise_s"] = time.perf_counter() - t0
 
         # Counted on the models as compressed: the fast runtime's fused QKV projections are not extra weights.
         unet_params = {
@@ -485,9 +524,10 @@ def run_demo(cfg: DemoConfig) -> dict:
             # plus the guidance embedding's projection (time_cond_proj_dim -> time embedding)
             "lcm_student": runs["lcm_student"]["student_unet_params"],
             TINY_DECODER_ROW: runs["lcm_student"]["student_unet_params"],
+            QUANTISED: runs["lcm_student"]["student_unet_params"],
         }
         steps = {name: cfg.inference_steps for name in pipes}
-        steps |= {"lcm_student": cfg.lcm_inference_steps, TINY_DECODER_ROW: cfg.lcm_inference_steps}
+        steps |= {name: cfg.lcm_inference_steps for name in ("lcm_student", TINY_DECODER_ROW, QUANTISED)}
         t0 = time.perf_counter()
         results = {}
         for name, pipe in pipes.items():
@@ -512,6 +552,7 @@ def run_demo(cfg: DemoConfig) -> dict:
             key = "lcm" if name == "lcm_student" else "task"
             results[name][f"final_{key}_loss"] = statistics.fmean(r[key] for r in last)
         results[TINY_DECODER_ROW] |= tiny
+        results[QUANTISED]["folder"] = str(out / QUANTISED)
 
         captions, held_out = sheet_captions(cfg)
         sheet_images = {
@@ -533,6 +574,13 @@ def run_demo(cfg: DemoConfig) -> dict:
                 results["lcm_student"]["caption_fidelity"] / teacher_fid if teacher_fid else None
             ),
             "lcm_image_speedup": results["teacher"]["image_ms"] / results["lcm_student"]["image_ms"],
+            # the issue's target: the int8 student keeps >= 97% of the fp32 student's caption fidelity
+            "int8_vs_lcm": (
+                results[QUANTISED]["caption_fidelity"] / results["lcm_student"]["caption_fidelity"]
+                if results["lcm_student"]["caption_fidelity"]
+                else None
+            ),
+            "int8_image_speedup": results["lcm_student"]["image_ms"] / results[QUANTISED]["image_ms"],
             "sheet": {
                 "file": SHEET_FILE,
                 "captions": captions,

@@ -95,6 +95,11 @@ def findings(summary: Mapping) -> list[str]:
             f"LCM student + tiny decoder: {summary['tiny_decoder_vs_lcm']:.0%} of the LCM student's fidelity with "
             f"the full VAE, an image {summary['tiny_decoder_image_speedup']:.1f}x faster than the teacher's."
         )
+    if summary.get("int8_vs_lcm") is not None:
+        lines.append(
+            f"int8 LCM student (OpenVINO, slimsd quantize): {summary['int8_vs_lcm']:.0%} of the fp32 LCM student's "
+            f"fidelity, an image {summary['int8_image_speedup']:.2f}x as fast at the same steps."
+        )
     return lines
 
 
