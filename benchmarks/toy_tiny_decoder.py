@@ -22,6 +22,9 @@ a step's time). The results file of 2026-12-06 was made with the earlier recipe:
     python benchmarks/toy_tiny_decoder.py --work runs/toy-tiny-decoder --seeds 0 1 2 \
         [--out benchmarks/results/toy_tiny_decoder.json]
 
+--timing-only (another --out): no training and no quality, the times and MACs with the preset in seeded random
+weights (the time of a decode does not depend on its weights).
+
 Training resumes (or skips) what --work already holds (--train-only: train and stop, e.g. one process per seed
 in parallel after the cache is written); the results file is written whole at the end.
 """
@@ -65,6 +68,11 @@ def parse_args(argv=None):
     p.add_argument("--image-repeats", type=int, default=5, help="whole images timed per row (image_ms)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--train-only", action="store_true", help="train (or finish) the seeds' decoders and stop")
+    p.add_argument(
+        "--timing-only",
+        action="store_true",
+        help="no training: MACs and times with the preset's decoder in seeded random weights (another --out)",
+    )
     p.add_argument("--out", default="benchmarks/results/toy_tiny_decoder.json")
     return p.parse_args(argv)
 
@@ -283,9 +291,58 @@ def fidelity(images: np.ndarray, captions: list[str]) -> dict:
     return {k: r[k] for k in ("fidelity", "colour_accuracy", "shape_accuracy")}
 
 
+def header(args, argv, load_start: tuple) -> dict:
+    """What every results file of this script starts with: command, date, machine (load at start and end)."""
+    from slimsd.devices import cpu_isa, cpu_model
+
+    return {
+        "command": "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": {
+            "cpu_model": cpu_model(),
+            "cpu_isa": cpu_isa(),
+            "threads": args.threads,
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "niceness": os.nice(0),
+            "loadavg_start": load_start,
+            "loadavg_end": os.getloadavg(),
+            "note": "a machine shared with other jobs: compare ratios within one run, not ms across runs",
+        },
+        "settings": {k: v for k, v in vars(args).items() if k not in ("out",)},
+        "teacher": TEACHER,
+    }
+
+
+def timing_only(args, argv, load_start: tuple, work: Path, cache: Path) -> dict:
+    """--timing-only: no training, no quality: decoder MACs, ms per decode and ms per whole image with the
+    preset's decoder in seeded random weights (time does not depend on the weights)."""
+    from slimsd.atomic import atomic_write_text
+    from slimsd.models.counting import decoder_counts
+    from slimsd.models.decoders import build_tiny_decoder
+    from slimsd.models.loading import load
+
+    pipe = load(TEACHER, device="cpu", dtype="fp32", optimize=False)
+    decoder = build_tiny_decoder(args.decoder, dict(pipe.vae.config)).eval()
+    folder = work / f"untrained-{args.decoder}"
+    decoder.save_pretrained(folder, safe_serialization=True)
+    per_image = image_ms(lcm_student(work, cache), folder, args.image_repeats)
+    full_params, full_macs = decoder_counts(pipe.vae, 64)
+    tiny_params, tiny_macs = decoder_counts(decoder, 64)
+    result = header(args, argv, load_start) | {
+        "weights": f"{args.decoder} in seeded random weights: timing only",
+        "decoder_params": {"full": full_params, "tiny": tiny_params},
+        "decoder_macs_64px": {"full": full_macs, "tiny": tiny_macs, "ratio": full_macs / tiny_macs},
+        "decode_ms": decode_ms(pipe, decoder, args.repeats),
+        "per_image": per_image,
+    }
+    atomic_write_text(Path(args.out), json.dumps(result, indent=1) + "\n")
+    print(json.dumps(result["per_image"]), flush=True)
+    return result
+
+
 def main(argv=None) -> dict:
     from slimsd.atomic import atomic_write_text
-    from slimsd.devices import cpu_isa, cpu_model
     from slimsd.models.counting import decoder_counts
     from slimsd.models.decoders import load_decoder
     from slimsd.models.loading import load
@@ -298,6 +355,8 @@ def main(argv=None) -> dict:
     cache = work / "cache"
     if not (cache / "cache.json").exists():
         write_cache(TEACHER, f"shapes:{args.data_images}", cache, resolution=64, seed=0)
+    if args.timing_only:
+        return timing_only(args, argv, load_start, work, cache)
     finals = {}
     for seed in args.seeds:
         t0 = time.perf_counter()
@@ -347,22 +406,7 @@ def main(argv=None) -> dict:
     summary["fidelity_tiny"] = mean_sd(tf)
     summary["fidelity_ratio"] = mean_sd([f / full_fid["fidelity"] for f in tf])
     summary["decode_speedup"] = mean_sd([r["full_ms"] / r["tiny_ms"] for r in per_seed])
-    result = {
-        "command": "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
-        "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "machine": {
-            "cpu_model": cpu_model(),
-            "cpu_isa": cpu_isa(),
-            "threads": args.threads,
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "niceness": os.nice(0),
-            "loadavg_start": load_start,
-            "loadavg_end": os.getloadavg(),
-            "note": "a machine shared with other jobs: compare ratios within one run, not ms across runs",
-        },
-        "settings": {k: v for k, v in vars(args).items() if k not in ("out",)},
-        "teacher": TEACHER,
+    result = header(args, argv, load_start) | {
         "decoder_params": {"full": full_params, "tiny": tiny_params},
         "decoder_macs_64px": {"full": full_macs, "tiny": tiny_macs, "ratio": full_macs / tiny_macs},
         "full_decoder_fidelity": full_fid,
