@@ -61,6 +61,11 @@ def parse_args(argv=None):
     p.add_argument("--learning-rate", type=float, default=3e-3)
     p.add_argument("--adam-betas", type=float, nargs=2, default=[0.9, 0.9], help="TAESD's (0.9, 0.9)")
     p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument(
+        "--mixed-precision",
+        default="bf16",
+        help="training's: bf16 (the teacher decodes in bf16, the student under autocast) or no (fp32)",
+    )
     p.add_argument("--lambda-feat", type=float, default=0.0)
     p.add_argument("--data-images", type=int, default=1024)
     p.add_argument("--eval-images", type=int, default=256)
@@ -100,6 +105,7 @@ def train_seed(args, cache: Path, seed: int) -> Path:
             "lambda_out": 1.0,
             "lambda_feat": args.lambda_feat,
             "resolution": 64,
+            "mixed_precision": args.mixed_precision,
             "checkpoint_every": 200,
             "resume": "latest",
             "seed": seed,
