@@ -16,8 +16,9 @@ the demo's shape with the full and with the tiny decoder (image_ms).
 
 The recipe (defaults): --steps 1000 of batch 16, AdamW 3e-3 with TAESD's betas (0.9, 0.9), no weight decay, cosine
 decay after a 50-step warm-up, pixel loss only (--lambda-feat adds the teacher-encoder feature term, which doubles
-a step's time). The results file of 2026-12-06 was made with the earlier recipe: --steps 400 --learning-rate 1e-3
---adam-betas 0.9 0.99 --weight-decay 0.01 --lambda-feat 0.1.
+a step's time), bf16 (the teacher's decode in bf16, the student under autocast; --mixed-precision no: fp32). The
+results file of 2026-12-06 was made with the earlier recipe: --steps 400 --learning-rate 1e-3 --adam-betas 0.9 0.99
+--weight-decay 0.01 --lambda-feat 0.1 --mixed-precision no.
 
     python benchmarks/toy_tiny_decoder.py --work runs/toy-tiny-decoder --seeds 0 1 2 \
         [--out benchmarks/results/toy_tiny_decoder.json]
