@@ -1,20 +1,24 @@
-"""Full-size decoders with random weights (issue 24): the SD VAE decoder against a tiny decoder (TAESD's size, the
-`tiny-decoder` preset, diffusers' AutoencoderTiny) at 512 px (SD 1.x: 64x64 latents) and the SDXL VAE decoder
-against the same tiny decoder at 1024 px (128x128 latents), in one run.
+"""Full-size decoders with random weights (issue 24): the SD VAE decoder against tiny decoders (diffusers'
+AutoencoderTiny; --decoders: the `tiny-decoder` preset, TAESD's size, and `lite-decoder`, TAESD's without its
+full-resolution block) at 512 px (SD 1.x: 64x64 latents) and the SDXL VAE decoder against the same tiny decoders
+at 1024 px (128x128 latents), in one run.
 
 Per (resolution, dtype): one decode of batch 1 under torch.inference_mode(), in channels_last as slimsd's runtime
 runs a pipeline's VAE (--no-channels-last: not), full and tiny interleaved round by round after --warmup rounds,
-median and sample std over --repeats; peak tensor memory of one decode (the live bytes of the tensors its
+median and sample std over --repeats (each tiny decoder's speedup: the full decoder's median over its own);
+peak tensor memory of one decode (the live bytes of the tensors its
 operators create, slimsd.train.estimate.LiveBytes: activations, not the weights) and the weights' bytes; parameters and MACs (convolutions and linear layers, slimsd.models.counting) of each decoder.
 Random weights: speed and memory only (no quality: no real weights offline).
 
     python benchmarks/decoder_speed.py --threads 2 [--cases 512:bf16 512:fp32 1024:bf16 1024:fp32] [--repeats 3]
+        [--decoders tiny-decoder lite-decoder]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
@@ -23,6 +27,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
+
+from slimsd.models.decoders import TINY_DECODERS
 
 CASES = {512: "SD_VAE", 1024: "SDXL_VAE"}  # resolution -> the presets' VAE config it is decoded with
 
@@ -36,6 +42,12 @@ def parse_args(argv=None):
         default=["512:bf16", "512:fp32", "1024:bf16", "1024:fp32"],
         help="RESOLUTION:DTYPE pairs (512 or 1024; fp32 or bf16)",
     )
+    p.add_argument(
+        "--decoders",
+        nargs="+",
+        default=["tiny-decoder", "lite-decoder"],
+        help="tiny decoder presets (slimsd.models.decoders.TINY_DECODERS) measured against the full decoder",
+    )
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument(
@@ -48,15 +60,16 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def decoders(vae_config: dict, dtype: torch.dtype, channels_last: bool) -> dict:
+def decoders(vae_config: dict, dtype: torch.dtype, channels_last: bool, tiny: list[str]) -> dict:
     from diffusers import AutoencoderKL
 
     from slimsd.models.decoders import build_tiny_decoder
 
     torch.manual_seed(0)
     full = AutoencoderKL.from_config(vae_config).eval()
-    tiny = build_tiny_decoder("tiny-decoder", vae_config, seed=0).eval()
-    models = {"full": full.to(dtype), "tiny": tiny.to(dtype)}
+    models = {"full": full.to(dtype)}
+    for name in tiny:
+        models[name] = build_tiny_decoder(name, vae_config, seed=0).eval().to(dtype)
     if channels_last:  # what slimsd's runtime does to a pipeline's VAE (models/runtime.optimize_pipeline)
         models = {k: m.to(memory_format=torch.channels_last) for k, m in models.items()}
     return models
@@ -77,12 +90,13 @@ def measure(resolution: int, dtype_name: str, args) -> dict:
 
     dtype = DTYPES[dtype_name]
     vae_config = getattr(presets, CASES[resolution])
-    models = decoders(vae_config, dtype, args.channels_last)
+    models = decoders(vae_config, dtype, args.channels_last, args.decoders)
     side = resolution // 8
     z = torch.randn(1, 4, side, side, generator=torch.Generator().manual_seed(0)).to(dtype)
     if args.channels_last:
         z = z.to(memory_format=torch.channels_last)
-    inputs = {"full": z / vae_config["scaling_factor"], "tiny": z}  # each as its pipeline hands it over
+    # each as its pipeline hands it over: the full VAE's scaling factor, a tiny decoder's 1.0
+    inputs = {name: z / vae_config["scaling_factor"] if name == "full" else z for name in models}
     times: dict[str, list[float]] = {k: [] for k in models}
     with torch.inference_mode():
         for r in range(args.warmup + args.repeats):
@@ -104,14 +118,20 @@ def measure(resolution: int, dtype_name: str, args) -> dict:
             "params": params,
             "macs": macs,
         }
-    row["speedup"] = row["full"]["decode_s"] / row["tiny"]["decode_s"]
-    row["macs_ratio"] = row["full"]["macs"] / row["tiny"]["macs"]
-    row["activation_ratio"] = row["full"]["peak_activation_bytes"] / row["tiny"]["peak_activation_bytes"]
-    print(
-        f"{resolution} px {dtype_name}: full {row['full']['decode_s']:.2f} s, tiny {row['tiny']['decode_s']:.3f} s "
-        f"({row['speedup']:.1f}x faster, {row['macs_ratio']:.1f}x fewer MACs)",
-        flush=True,
-    )
+    full = row["full"]
+    for name in args.decoders:
+        tiny = row[name]
+        row[f"{name}_vs_full"] = {
+            "speedup": full["decode_s"] / tiny["decode_s"],
+            "macs_ratio": full["macs"] / tiny["macs"],
+            "activation_ratio": full["peak_activation_bytes"] / tiny["peak_activation_bytes"],
+        }
+        r = row[f"{name}_vs_full"]
+        print(
+            f"{resolution} px {dtype_name}: full {full['decode_s']:.2f} s, {name} {tiny['decode_s']:.3f} s "
+            f"({r['speedup']:.1f}x faster, {r['macs_ratio']:.1f}x fewer MACs)",
+            flush=True,
+        )
     return row
 
 
@@ -133,6 +153,10 @@ def main(argv=None) -> dict:
     ]
     if bad:
         raise SystemExit(f"--cases {bad[0]!r}: expected 512 or 1024, a colon, fp32 or bf16")
+    unknown = [d for d in args.decoders if d not in TINY_DECODERS]
+    if unknown:
+        raise SystemExit(f"--decoders {unknown[0]!r}: expected one of {', '.join(TINY_DECODERS)}")
+    load_start = os.getloadavg()
     rows = [measure(res, dtype, args) for res, dtype in cases]
     result = {
         "command": "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
@@ -143,6 +167,10 @@ def main(argv=None) -> dict:
             "threads": args.threads,
             "python": platform.python_version(),
             "torch": torch.__version__,
+            "niceness": os.nice(0),
+            "loadavg_start": load_start,
+            "loadavg_end": os.getloadavg(),
+            "note": "a machine shared with other jobs: compare ratios within one run, not seconds across runs",
         },
         "settings": {k: v for k, v in vars(args).items() if k != "out"},
         "rows": rows,

@@ -103,6 +103,29 @@ def test_decoder_counts_against_published_and_hand_counted_figures():
     assert tiny_macs == macs
 
 
+def test_lite_decoder_drops_the_full_resolution_block():
+    """lite-decoder is TAESD's without the 512 px stage's block: its MACs written out are TAESD's less three
+    64->64 convolutions at 512 px, 20x or more fewer than SD's VAE decoder (the issue's target); it is a plain
+    AutoencoderTiny that decodes a latent to an image of the VAE's size."""
+    from diffusers import AutoencoderTiny
+
+    from slimsd.models.counting import decoder_counts
+    from slimsd.models.decoders import meta_decoders, tiny_decoder_config
+    from slimsd.models.presets import SD_VAE
+
+    full, lite = meta_decoders(SD_VAE, "lite-decoder")
+    _, full_macs = decoder_counts(full, 512)
+    _, lite_macs = decoder_counts(lite, 512)
+    macs = conv_macs(64, 4, 64)
+    for side in (64, 128, 256):
+        macs += 3 * 3 * conv_macs(side, 64, 64) + conv_macs(side * 2, 64, 64)
+    assert lite_macs == macs + conv_macs(512, 64, 3)
+    assert full_macs / lite_macs >= 20
+    small = AutoencoderTiny(**tiny_decoder_config("lite-decoder", MICRO_VAE)).eval()
+    with torch.no_grad():
+        assert small.decode(torch.zeros(1, 4, 8, 8)).sample.shape == (1, 3, 64, 64)
+
+
 def test_png_records_the_decoder_and_from_png_restores_it(tmp_path, capsys):
     folder = decoder_folder(tmp_path, "micro-sd")
     out = tmp_path / "out"

@@ -186,7 +186,7 @@ def test_dry_run_estimates_the_decoder(capsys):
     assert est["macs_per_sample"]["student_forward"] == macs
     assert est["memory_per_process"]["ddp"]["total"] > 0
     code, out, _ = run_cli(args[:-1], capsys)
-    assert code == 0 and "# estimate: 1 processes, batch 8 per process at 64 px" in out
+    assert code == 0 and "# estimate: 1 processes, batch 16 per process at 64 px" in out
 
 
 @pytest.mark.parametrize(

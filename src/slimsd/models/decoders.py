@@ -33,6 +33,16 @@ TINY_DECODERS: dict[str, dict] = {
         "encoder_block_out_channels": [64, 64, 64, 64],
         "num_encoder_blocks": [1, 3, 3, 3],
     },
+    # TAESD's without its full-resolution residual block (the last stage keeps only the convolution to RGB, after
+    # one 3x3 convolution on the upsampled features): 1.11 M decoder parameters, 29.7x fewer MACs than the SD VAE
+    # decoder at 512 px (TAESD's: 17.5x). That block is three 64-channel convolutions over the full image: 41% of
+    # TAESD's MACs and more of its time, bound by memory on a CPU (benchmarks/results/decoder_speed.json).
+    "lite-decoder": {
+        "decoder_block_out_channels": [64, 64, 64, 64],
+        "num_decoder_blocks": [3, 3, 3, 0],
+        "encoder_block_out_channels": [64, 64, 64, 64],
+        "num_encoder_blocks": [1, 3, 3, 3],
+    },
     # The toy world's size: the micro VAE's decoder (32-64 channels, one block per stage) shrunk the way TAESD
     # shrinks SD's: a third of its channels and no attention or normalisation.
     "micro-tiny-decoder": {
