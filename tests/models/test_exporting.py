@@ -16,7 +16,7 @@ from slimsd.errors import SlimsdError
 from slimsd.models.exporting import export_runtime, parse_resolution
 from slimsd.models.loading import load
 
-from helpers import tiny_decoder_folder, run_cli
+from helpers import run_cli, tiny_decoder_folder
 
 # fp32 through another runtime's kernels: a different summation order per op. Measured on these micro models:
 # at most ~2e-6 per U-Net call (ORT and OpenVINO against torch), so over a few steps and a VAE decode 1e-4 is

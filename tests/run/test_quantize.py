@@ -13,7 +13,7 @@ import torch
 
 from slimsd.run import quantize as Q
 
-from helpers import tiny_decoder_folder, run_cli
+from helpers import run_cli, tiny_decoder_folder
 
 
 def test_prompt_file_rules(tmp_path):
