@@ -122,7 +122,7 @@ def demo(
     as_json,
 ):
     """Compress the toy teacher (bk-small), distill it with KD, train a task-only twin, step-distil the KD
-    student with LCM to 4 steps, distil a tiny VAE decoder for it, compare the five."""
+    student with LCM to 4 steps, distil a tiny VAE decoder for it, quantise it to int8, compare the six."""
     from pathlib import Path
 
     from slimsd.toy.demo import DemoConfig, run_demo
