@@ -7,7 +7,7 @@ Rows, each at the model's own steps, guidance and scheduler, one image per call,
   own virtualenv (benchmarks/make_peer_env.sh) in a subprocess.
 The rows are timed round-robin (one image of each row, then the next round), so that a load change on a shared
 machine hits every row alike; the figure is the median per image with the sample std. Every row's image is
-compared with slimsd torch fp32's on the same seed (PSNR, dB).
+compared with diffusers eager fp32's on the same seed (PSNR, dB).
 
   python benchmarks/deploy_runtimes.py --model DIR_OR_NAME --resolution 64 --threads 2 --repeats 5 \
       --prompts FILE --out benchmarks/results/deploy_toy.json [--peer-python benchmarks/.peer-venv/bin/python]
@@ -38,16 +38,22 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
     return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
 
 
+# the exported folder each row runs (the peers run the OpenVINO fp32 one; the int8 one is always made: its record
+# holds the calibration and the disk sizes)
+ROW_FOLDERS = {"onnx-fp32": "onnx-fp32", "onnx-int8": "onnx-int8", "ov-fp32": "openvino-fp32"}
+
+
 def prepare(
-    model: str, work: Path, size: str, prompts: str | None, calib: int, layers: int, onnx: bool, log
+    model: str, work: Path, size: str, prompts: str | None, calib: int, layers: int, skip: set[str], log
 ) -> dict[str, Path]:
-    """The exported folders (static shapes, batch 1), made once per work folder (ONNX ones when ``onnx``)."""
+    """The exported folders (static shapes, batch 1) the rows not in ``skip`` need, made once per work folder."""
+    needed = {"openvino-fp32", "openvino-int8"} | {f for k, f in ROW_FOLDERS.items() if k not in skip}
     from slimsd.models.exporting import export_runtime
     from slimsd.run.quantize import quantize
 
     folders = {}
     for name, to in (("onnx-fp32", "onnx"), ("openvino-fp32", "openvino")):
-        if to == "onnx" and not onnx:
+        if name not in needed:
             continue
         folders[name] = work / name
         if not (work / name / "slimsd.json").is_file():
@@ -55,7 +61,7 @@ def prepare(
             export_runtime(model, work / name, to, resolution=size, batch=1, overwrite=True)
             log(f"exported {name} in {time.perf_counter() - t:.0f} s")
     for name, to in (("openvino-int8", "openvino"), ("onnx-int8", "onnx")):
-        if to == "onnx" and not onnx:
+        if name not in needed:
             continue
         folders[name] = work / name
         if not (work / name / "slimsd.json").is_file():
@@ -211,9 +217,10 @@ def build_rows(args, folders: dict[str, Path], own: dict, skip: set[str], log) -
     return rows
 
 
-def time_rows(rows: dict, args, own: dict, log) -> tuple[dict, dict]:
+def time_rows(rows: dict, args, own: dict, log, on_round) -> tuple[dict, dict]:
     """Round-robin: one image of each row, then the next round; round 0 (compilation, first-call allocation)
-    is not counted. Returns the times (ms) and round 1's images (slimsd and diffusers rows)."""
+    is not counted. Returns the times (ms) and round 1's images (slimsd and diffusers rows); ``on_round(times,
+    images)`` after every counted round (the results file so far: a long run stopped early keeps its rounds)."""
     from slimsd.run.generate import generate
 
     times = {k: [] for k in rows}
@@ -245,6 +252,8 @@ def time_rows(rows: dict, args, own: dict, log) -> tuple[dict, dict]:
             if r == 1 and img is not None:
                 images[label] = np.asarray(img)
         log(f"round {r} done, load {os.getloadavg()[0]:.1f}")
+        if r > 0:
+            on_round(times, images)
     return times, images
 
 
@@ -277,7 +286,6 @@ def main() -> None:
     ap.add_argument("--model", help="a model (folder or name); or --preset")
     ap.add_argument("--preset", help="a preset name: its full-size shape with random weights (time, memory)")
     ap.add_argument("--lcm", action="store_true", help="with --preset: the LCM student of that shape")
-    ap.add_argument("--no-onnx", action="store_true", help="leave out the ONNX Runtime rows")
     ap.add_argument("--sensitivity-layers", type=int, default=16)
     ap.add_argument("--prepare-only", action="store_true", help="make the exported folders, time nothing")
     ap.add_argument("--resolution", type=int, default=64)
@@ -292,7 +300,6 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    from slimsd.devices import cpu_isa, cpu_model
     from slimsd.models.loading import load, model_info
     from slimsd.run.generate import sampling_defaults
 
@@ -307,21 +314,38 @@ def main() -> None:
         ap.error("give --model, or --preset with --lcm")
     if args.preset:
         args.model = lcm_student(args.preset, work / "model", log) if args.lcm else args.preset
-    onnx = not args.no_onnx
+    skip = set(filter(None, args.skip.split(",")))
     folders = prepare(
-        args.model, work, size, args.prompts, args.calibration_prompts, args.sensitivity_layers, onnx, log
+        args.model, work, size, args.prompts, args.calibration_prompts, args.sensitivity_layers, skip, log
     )
     if args.prepare_only:
         return
     own = sampling_defaults(model_info(load(args.model, dtype="fp32", optimize=False)).get("sampling"))
     load_start = os.getloadavg()
-    rows = build_rows(args, folders, own, set(filter(None, args.skip.split(","))), log)
-    times, images = time_rows(rows, args, own, log)
-    load_end = os.getloadavg()
+    rows = build_rows(args, folders, own, skip, log)
+
+    def write(times: dict, images: dict) -> list[dict]:
+        return write_result(args, rows, times, images, own, folders, load_start)
+
+    table = write(*time_rows(rows, args, own, log, write))
     for _kind, runner, _record in rows.values():
         if isinstance(runner, Peer):
             runner.close()
-    reference = images.get("slimsd torch fp32")
+    for row in table:
+        log(
+            f"{row['row']:<55} {row['image_ms_median']:>10.1f} ms  ±{row.get('image_ms_std') or 0:.1f}  "
+            f"x{row['speedup_vs_diffusers_eager_fp32']:.2f}  PSNR {row.get('psnr_vs_diffusers_eager_fp32_db')}"
+        )
+
+
+def write_result(
+    args, rows: dict, times: dict, images: dict, own: dict, folders: dict, load_start
+) -> list[dict]:
+    """The results file of the rounds so far; returns its table."""
+    from slimsd.atomic import atomic_write_text
+    from slimsd.devices import cpu_isa, cpu_model
+
+    reference = images.get("diffusers eager fp32")  # plain diffusers, fp32: the independent reference
     table = []
     for label, (_kind, _runner, record) in rows.items():
         ms = times[label]
@@ -330,7 +354,7 @@ def main() -> None:
             "image_ms_median": round(statistics.median(ms), 2),
             "image_ms_std": round(statistics.stdev(ms), 2) if len(ms) > 1 else None,
             "n": len(ms),
-            "psnr_vs_slimsd_torch_fp32_db": round(psnr(images[label], reference), 2)
+            "psnr_vs_diffusers_eager_fp32_db": round(psnr(images[label], reference), 2)
             if label in images and reference is not None
             else None,
             **record,
@@ -363,7 +387,8 @@ def main() -> None:
         "command": "python " + " ".join(sys.argv),
         "rows": table,
         "loadavg_start": [round(x, 2) for x in load_start],
-        "loadavg_end": [round(x, 2) for x in load_end],
+        "loadavg_end": [round(x, 2) for x in os.getloadavg()],
+        "rounds_counted": min(len(v) for v in times.values()),
         "shared_machine": "other sessions share these cores; every row was timed round-robin so a load change "
         "hits all rows alike, and loadavg is recorded at start and end",
         "targets": targets(table),
@@ -381,12 +406,8 @@ def main() -> None:
             "noise, so the PSNR column says only whether two runtimes compute the same function"
         )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
-    for row in table:
-        log(
-            f"{row['row']:<55} {row['image_ms_median']:>10.1f} ms  ±{row.get('image_ms_std') or 0:.1f}  "
-            f"x{row['speedup_vs_diffusers_eager_fp32']:.2f}  PSNR {row.get('psnr_vs_slimsd_torch_fp32_db')}"
-        )
+    atomic_write_text(Path(args.out), json.dumps(result, indent=1) + "\n")
+    return table
 
 
 if __name__ == "__main__":

@@ -40,6 +40,7 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    from slimsd.atomic import atomic_write_text
     from slimsd.devices import cpu_isa, cpu_model
     from slimsd.models.exporting import export_runtime
     from slimsd.models.loading import load
@@ -128,7 +129,7 @@ def main() -> None:
             },
         },
     }
-    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    atomic_write_text(Path(args.out), json.dumps(result, indent=1) + "\n")
 
 
 if __name__ == "__main__":
