@@ -16,7 +16,9 @@ compared with diffusers eager fp32's on the same seed (PSNR, dB).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
+import fcntl
 import json
 import os
 import platform
@@ -257,6 +259,22 @@ def time_rows(rows: dict, args, own: dict, log, on_round) -> tuple[dict, dict]:
     return times, images
 
 
+@contextlib.contextmanager
+def bench_lock(path: str | None, log):
+    """flock(PATH) held while the rows are timed (as `flock PATH CMD` would hold it, for the timing alone)."""
+    if path is None:
+        yield
+        return
+    with open(path, "a") as f:
+        log(f"waiting for {path}")
+        fcntl.flock(f, fcntl.LOCK_EX)
+        log(f"holding {path}")
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def rss_mb(pid: int | str = "self") -> int:
     """The process's resident memory now (MB)."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -298,6 +316,9 @@ def main() -> None:
     ap.add_argument("--peer-python", default=None)
     ap.add_argument("--skip", default="", help="rows left out, by key (e.g. onnx-fp32,peer-f32)")
     ap.add_argument("--out", required=True)
+    ap.add_argument(
+        "--lock", default=None, help="a file to flock around the timing (e.g. /tmp/slimsd-bench.lock)"
+    )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     from slimsd.models.loading import load, model_info
@@ -327,7 +348,8 @@ def main() -> None:
     def write(times: dict, images: dict) -> list[dict]:
         return write_result(args, rows, times, images, own, folders, load_start)
 
-    table = write(*time_rows(rows, args, own, log, write))
+    with bench_lock(args.lock, log):  # the timing only: loading and compiling need no quiet machine
+        table = write(*time_rows(rows, args, own, log, write))
     for _kind, runner, _record in rows.values():
         if isinstance(runner, Peer):
             runner.close()
