@@ -356,7 +356,7 @@ def main() -> None:
     for row in table:
         log(
             f"{row['row']:<55} {row['image_ms_median']:>10.1f} ms  ±{row.get('image_ms_std') or 0:.1f}  "
-            f"x{row['speedup_vs_diffusers_eager_fp32']:.2f}  PSNR {row.get('psnr_vs_diffusers_eager_fp32_db')}"
+            f"x{row['speedup_vs_diffusers_eager_fp32'] or 0:.2f}  PSNR {row.get('psnr_vs_diffusers_eager_fp32_db')}"
         )
 
 
@@ -382,9 +382,9 @@ def write_result(
             **record,
         }
         table.append(row)
-    base = table[0]["image_ms_median"]
+    base = next((r["image_ms_median"] for r in table if r["row"] == "diffusers eager fp32"), None)
     for row in table:
-        row["speedup_vs_diffusers_eager_fp32"] = round(base / row["image_ms_median"], 3)
+        row["speedup_vs_diffusers_eager_fp32"] = round(base / row["image_ms_median"], 3) if base else None
     q = json.loads((folders["openvino-int8"] / "slimsd.json").read_text())["export"]["quantization"]
     disk = {"openvino_fp32": q["unet_bytes_fp32"], "openvino_int8": q["unet_bytes"]}
     if "onnx-int8" in folders:
