@@ -92,8 +92,10 @@ def main() -> None:
         for s, (caps, ref) in refs.items():
             imgs = sample(pipe, caps, 10_000 * (s + 1), cfg, cfg.lcm_inference_steps)
             psnrs += [psnr(a, b) for a, b in zip(imgs, ref, strict=True)]
-        row["psnr_vs_torch_fp32_db_mean"] = statistics.fmean(psnrs)
-        row["psnr_vs_torch_fp32_db_std"] = statistics.stdev(psnrs)
+        finite = [p for p in psnrs if np.isfinite(p)]  # an image identical to fp32's has no finite PSNR
+        row["images_identical_to_torch_fp32"] = len(psnrs) - len(finite)
+        row["psnr_vs_torch_fp32_db_mean"] = statistics.fmean(finite) if finite else None
+        row["psnr_vs_torch_fp32_db_std"] = statistics.stdev(finite) if len(finite) > 1 else None
         info = json.loads((folder / "slimsd.json").read_text())["export"]
         if "quantization" in info:
             q = info["quantization"]
@@ -102,7 +104,7 @@ def main() -> None:
             }
             row["kept_layers"] = len(q["kept_layers"])
         rows[label] = row
-        log(f"{label}: fidelity {row['caption_fidelity']:.3f} PSNR {row['psnr_vs_torch_fp32_db_mean']:.1f}")
+        log(f"{label}: fidelity {row['caption_fidelity']:.3f} PSNR {row['psnr_vs_torch_fp32_db_mean']}")
     base = rows["torch fp32"]["caption_fidelity"]
     for row in rows.values():
         row["fidelity_vs_fp32"] = row["caption_fidelity"] / base if base else None
