@@ -354,3 +354,19 @@ def graph_weights(folder: Path, part: str, to: str) -> int:
             and all(t.get_node().get_type_name() != "Interpolate" for t in op.output(0).get_target_inputs())
         ]
     return sum(int(np.prod(d)) for d in dims if int(np.prod(d)) > 1)
+
+
+@pytest.mark.slow(seconds=30)
+def test_openvino_ports_carry_only_their_own_names_for_optimum(lcm_folder, tmp_path):
+    """optimum-intel names each input by get_any_name() (its static reshape); with static batch 1 conversion merges
+    an LCM student's timestep with an internal tensor (/unet/Expand_output_0), which optimum then cannot place."""
+    import openvino as ov
+
+    export_runtime(str(lcm_folder), tmp_path / "ov", "openvino", resolution="64x64", batch=1)
+    for part in ("unet", "text_encoder", "vae_decoder"):
+        model = ov.Core().read_model(str(tmp_path / "ov" / part / "openvino_model.xml"))
+        for port in (*model.inputs, *model.outputs):
+            assert not any(n.startswith("/") for n in port.get_names()), (part, port.get_names())
+    unet = ov.Core().read_model(str(tmp_path / "ov" / "unet" / "openvino_model.xml"))
+    names = {"sample", "timestep", "encoder_hidden_states", "timestep_cond"}
+    assert {i.get_any_name() for i in unet.inputs} == names

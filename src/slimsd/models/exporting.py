@@ -239,7 +239,18 @@ def to_onnx(module, example, path: Path, input_names, output_names, dynamic_axes
 def onnx_to_openvino(onnx_path: Path, xml_path: Path, compress_to_fp16: bool) -> None:
     ov = require("openvino")
     model = ov.convert_model(str(onnx_path))
+    own_names_only(model)
     ov.save_model(model, str(xml_path), compress_to_fp16=compress_to_fp16)
+
+
+def own_names_only(model) -> None:
+    """Each input and output keeps only its own names: conversion can merge a graph-internal tensor into an input
+    (with static batch 1 the U-Net's ``timestep`` is also ``/unet/Expand_output_0``), and optimum-intel reads
+    ``get_any_name()``, which may then return the internal one (its static reshape fails on it)."""
+    for port in (*model.inputs, *model.outputs):
+        own = {n for n in port.get_names() if not n.startswith("/")}
+        if own and own != port.get_names():
+            port.get_tensor().set_names(own)
 
 
 def write_part(tmp: Path, name: str, graph, to: str, dtype: str) -> None:

@@ -207,7 +207,7 @@ def load(
             )
     with quiet_loading():
         pipe = (
-            runtimes.load_exported(model)
+            runtimes.load_exported(model, dtype)
             if exported
             else _diffusers_pipeline(ref, torch_dtype, allow_pickle, random_weights, seed, prediction_type)
         )
@@ -221,7 +221,7 @@ def load(
     applied_loras = lora.apply_loras(pipe, loras, allow_pickle, weight_map, on_warning)
     vae_record = decoders.swap_decoder(pipe, vae) if vae is not None else None
     if exported:
-        pass  # the sessions run as they were exported (their precision is the export's)
+        pass  # the sessions run as load_exported compiled them (runtimes.kernel_dtype)
     elif optimize:
         runtime.optimize_pipeline(
             pipe, runtime.RuntimeConfig(device=device, dtype=torch_dtype, compile=compile)
@@ -244,7 +244,7 @@ def load(
         "random_weights": random_weights,
         "base_scheduler": dict(pipe.scheduler.config),
         "default_scheduler": scheduler_name(pipe.scheduler),
-        "runtime": runtimes.runtime_record(model)
+        "runtime": runtimes.runtime_record(model, pipe)
         if exported
         else runtime.applied(pipe.unet, optimized=optimize),
         # A step-distilled student says how it samples (scheduler, steps, guidance): generate's defaults.

@@ -21,6 +21,7 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
+from slimsd.devices import cpu_default_dtype, dtype_name
 from slimsd.errors import SlimsdError
 
 BACKENDS = ("onnx", "openvino")
@@ -84,24 +85,52 @@ def threads() -> int:
     return max(1, torch.get_num_threads())
 
 
-class Session:
-    """One network in a runtime: numpy inputs by name -> numpy outputs by name."""
+KERNEL_DTYPES = ("fp32", "bf16")  # what an exported folder's float kernels may run in (OpenVINO's hint)
+OV_HINT = {"fp32": "f32", "bf16": "bf16"}
 
-    def __init__(self, path: Path, backend: str, precision: str):
+
+def kernel_dtype(backend: str, precision: str, dtype: str | torch.dtype | None = None) -> str:
+    """The dtype an exported folder's float kernels run in: OpenVINO's ``INFERENCE_PRECISION_HINT`` (its CPU
+    plugin's own default on bf16 hardware is bf16, on others f32), set by slimsd's policy, not left to it.
+
+    ``dtype`` given (``fp32`` | ``bf16``): that. Else (``None``/``auto``): an fp32 or fp16 export runs fp32 (the
+    exact path: the torch image to float rounding), a bf16 export bf16, and an int8 one (``int8`` |
+    ``int8-weights``) its non-quantised layers (kept layers, VAE, text encoder) in the CPU's auto dtype, as
+    slimsd's torch side does (:func:`slimsd.devices.cpu_default_dtype`: bf16 with native bf16). ONNX Runtime
+    runs fp32 only."""
+    if dtype is not None and dtype != "auto":
+        name = dtype_name(dtype) if isinstance(dtype, torch.dtype) else str(dtype)
+        allowed = KERNEL_DTYPES if backend == "openvino" else ("fp32",)
+        if name not in allowed:
+            raise SlimsdError(
+                f"dtype {name!r} is not supported for a {backend} export; allowed: {', '.join(allowed)}, auto"
+            )
+        return name
+    if backend != "openvino":
+        return "fp32"
+    if precision.startswith("int8"):
+        return cpu_default_dtype()
+    return "bf16" if precision == "bf16" else "fp32"
+
+
+class Session:
+    """One network in a runtime: numpy inputs by name -> numpy outputs by name. ``kernels`` (fp32 | bf16,
+    :func:`kernel_dtype`) is read back from the compiled model."""
+
+    def __init__(self, path: Path, backend: str, kernels: str = "fp32"):
         self.backend = backend
         if backend == "openvino":
             ov = require("openvino")
             core = ov.Core()
             model = core.read_model(str(path))
-            # fp32 export: exact f32 kernels (OpenVINO's CPU default on bf16 hardware is bf16); bf16: its hint.
-            # int8: the quantised layers run in int8, the kept ones at f32.
-            hint = "bf16" if precision == "bf16" else "f32"
-            config = {"INFERENCE_PRECISION_HINT": hint, "INFERENCE_NUM_THREADS": threads()}
+            config = {"INFERENCE_PRECISION_HINT": OV_HINT[kernels], "INFERENCE_NUM_THREADS": threads()}
             config["PERFORMANCE_HINT"] = "LATENCY"
             self._compiled = core.compile_model(model, "CPU", config)
             self._request = self._compiled.create_infer_request()
             self.inputs = {_ov_name(i): _ov_dtype(i) for i in self._compiled.inputs}
             self.outputs = [_ov_name(o) for o in self._compiled.outputs]
+            hint = self._compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
+            self.kernels = {"f32": "fp32", "bf16": "bf16", "f16": "fp16"}.get(hint, hint)
         else:
             ort = require("onnxruntime")
             options = ort.SessionOptions()
@@ -111,6 +140,7 @@ class Session:
             self._session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
             self.inputs = {i.name: _ort_dtype(i.type) for i in self._session.get_inputs()}
             self.outputs = [o.name for o in self._session.get_outputs()]
+            self.kernels = "fp32"
 
     def __call__(self, **inputs) -> dict[str, np.ndarray]:
         feed = {
@@ -119,7 +149,9 @@ class Session:
             if k in self.inputs
         }
         if self.backend == "openvino":
-            result = self._request.infer(feed)
+            # the request reads the inputs in place and its output buffers are copied once (the next call
+            # overwrites them); as optimum-intel's parts do (share_inputs)
+            result = self._request.infer(feed, share_inputs=True, share_outputs=True)
             return {name: np.array(result[i]) for i, name in enumerate(self.outputs)}
         return dict(zip(self.outputs, self._session.run(None, feed), strict=True))
 
@@ -168,6 +200,11 @@ class Part(torch.nn.Module):
     @property
     def device(self) -> torch.device:
         return torch.device("cpu")
+
+    @property
+    def kernels(self) -> str:
+        """The dtype its float kernels run in (fp32 | bf16); its inputs and outputs are float32 (``dtype``)."""
+        return self.session.kernels
 
     def to(self, *args, **kwargs):  # the sessions stay where they are (diffusers casts a VAE, moves parts)
         return self
@@ -289,20 +326,22 @@ def part_file(folder: Path, part: str, backend: str) -> Path:
     return path
 
 
-def load_exported(folder: str | Path):
-    """The diffusers pipeline of an exported folder, its networks run by the folder's backend."""
+def load_exported(folder: str | Path, dtype: str | torch.dtype | None = None):
+    """The diffusers pipeline of an exported folder, its networks run by the folder's backend, their float
+    kernels in :func:`kernel_dtype` of ``dtype``."""
     import diffusers
     from transformers import CLIPTokenizer
 
     folder = Path(folder)
     info = exported_info(folder)
     backend, precision = info["backend"], info["precision"]
+    kernels = kernel_dtype(backend, precision, dtype)
     require_backend(backend)
     index = read_json(folder / "model_index.json")
     sdxl = "text_encoder_2" in index and index["text_encoder_2"][0] is not None
 
     def session(part: str) -> Session:
-        return Session(part_file(folder, part, backend), backend, precision)
+        return Session(part_file(folder, part, backend), backend, kernels)
 
     sched_cfg = read_json(folder / "scheduler" / "scheduler_config.json")
     scheduler = getattr(diffusers, sched_cfg["_class_name"]).from_config(sched_cfg)
@@ -339,15 +378,16 @@ def load_exported(folder: str | Path):
     return pipe
 
 
-def runtime_record(folder: str | Path) -> dict:
-    """The ``runtime`` object of an exported model: backend and precision, and the shapes it was fixed to."""
+def runtime_record(folder: str | Path, pipe) -> dict:
+    """The ``runtime`` object of an exported model: backend, the folder's precision, the dtype its float
+    kernels run in (``dtype``, as the compiled networks report it), and the shapes it was fixed to."""
     info = exported_info(folder)
     return {
         "optimized": False,
         "backend": info["backend"],
         "precision": info["precision"],
         "device": "cpu",
-        "dtype": info["precision"],
+        "dtype": pipe.unet.kernels,
         "resolution": info.get("resolution"),
         "batch": info.get("batch"),
         "threads": threads(),

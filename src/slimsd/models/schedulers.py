@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 from slimsd.errors import unknown
 
 # name -> (diffusers class, overrides on top of the model's own scheduler config, A1111 sampler name)
@@ -53,16 +55,28 @@ def set_scheduler(pipe, name: str) -> None:
 
     Every named scheduler is built from the scheduler config the model was loaded with (kept by
     :func:`slimsd.load`), so switching back and forth never carries one scheduler's options (e.g. Karras
-    sigmas) into another.
+    sigmas) into another. A loaded model keeps each one it has built (built once: diffusers' ``from_config``
+    inspects signatures, milliseconds per image) and gets a fresh copy of it per call.
     """
+    info = getattr(pipe, "_slimsd", None)
+    if info is None:
+        pipe.scheduler = build_scheduler(dict(pipe.scheduler.config), name)
+        return
+    built = pipe.__dict__.setdefault("_slimsd_schedulers", {})
+    base = info["base_scheduler"]
+    if name not in built or built[name][0] is not base:
+        built[name] = (base, build_scheduler(base, name))
+    pipe.scheduler = copy.deepcopy(built[name][1])
+
+
+def build_scheduler(base: dict, name: str):
+    """Scheduler NAME from the scheduler config BASE (a model's own noise schedule)."""
     import diffusers
 
     check_scheduler(name)
     cls_name, overrides, _ = SCHEDULERS[name]
-    info = getattr(pipe, "_slimsd", None)
-    base = info["base_scheduler"] if info else dict(pipe.scheduler.config)
     base = {k: v for k, v in base.items() if k != "use_karras_sigmas"}
     # DDIM's class default clips x̂₀ to [-1, 1], which suits pixels, not latents: a latent model whose config never
     # says (the toy teacher's PNDM config) sampled to noise with it
     base.setdefault("clip_sample", False)
-    pipe.scheduler = getattr(diffusers, cls_name).from_config(base, **overrides)
+    return getattr(diffusers, cls_name).from_config(base, **overrides)

@@ -305,7 +305,8 @@ def generate(
         "model_source": info["source"],
         "batch_size": batch_size,
         "deep_cache": deep_cache,
-        "dtype": dtype_name(pipe.unet.dtype),
+        # an exported model's float kernels (its networks take and give float32)
+        "dtype": getattr(pipe.unet, "kernels", None) or dtype_name(pipe.unet.dtype),
         "device": str(pipe.device),
         "slimsd_version": __version__,
         "loras": list(info.get("loras", [])),
