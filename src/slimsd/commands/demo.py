@@ -84,7 +84,7 @@ KD_WEIGHT = "Weight of this KD term for the KD student (0 for an ablation)."
 )
 @click.option(
     "--decoder-steps",
-    default=200,
+    default=1000,
     show_default=True,
     type=click.IntRange(min=1),
     help="Training steps of the tiny VAE decoder (objective=vae-decoder) the LCM student's last row decodes with.",
