@@ -75,8 +75,12 @@ def test_calibration_follows_the_models_own_trajectory(micro_sd):
     with torch.no_grad():
         embeds = pipe.text_encoder(ids)[0].numpy()
     np.testing.assert_allclose(calls[0]["encoder_hidden_states"], embeds, atol=1e-5)
-    naive, _ = Q.collect_unet_inputs(pipe, ["a red circle"], 64, 64, first_only=True)
+    assert record["timesteps"] == sorted(set(map(float, expected)), reverse=True)  # PNDM repeats one
+    naive, naive_record = Q.collect_unet_inputs(pipe, ["a red circle"], 64, 64, first_only=True)
     assert len(naive) == 1 and float(naive[0]["timestep"][0]) == float(expected[0])
+    # the record names the timestep the naive inputs were taken at, not every one the model sampled at
+    assert naive_record["timesteps"] == [float(expected[0])]
+    assert naive_record["sampled_timesteps"] == len(set(expected)) > 1
 
 
 def test_fake_quantisers_known_values():

@@ -104,7 +104,7 @@ def collect_unet_inputs(
     from slimsd.run.generate import generate, sampling_defaults
 
     calls: list[dict] = []
-    seen = {"image": 0, "t": []}
+    seen = {"image": 0, "t": [], "used": []}  # every call's timestep; those calibrated on
 
     def grab(_module, args, kwargs):
         names = ("sample", "timestep", "encoder_hidden_states")
@@ -113,6 +113,7 @@ def collect_unet_inputs(
         seen["t"].append(float(t))
         if first_only and len(seen["t"]) > 1 + seen["image"]:
             return
+        seen["used"].append(float(t))
         item = {
             "sample": values["sample"],
             "timestep": t,
@@ -135,7 +136,9 @@ def collect_unet_inputs(
         "steps": own["steps"],
         "guidance": own["guidance"],
         "scheduler": pipe._slimsd["default_scheduler"],
-        "timesteps": sorted(set(seen["t"]), reverse=True),
+        # the timesteps the inputs were taken at (naive: the first only), not every one the model sampled at
+        "timesteps": sorted(set(seen["used"]), reverse=True),
+        "sampled_timesteps": len(set(seen["t"])),
         "unet_inputs": len(calls),
         "batch_per_call": int(calls[0]["sample"].shape[0]) if calls else 0,
         "seeds": [seed, seed + len(prompts) - 1],
