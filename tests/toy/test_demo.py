@@ -57,6 +57,11 @@ def plain_samples(folder, captions: list[str], first_seed: int, steps: int, vae=
     if vae is not None:
         pipe.vae = AutoencoderTiny.from_pretrained(str(vae))
     pipe.set_progress_bar_config(disable=True)
+    return toy_images(pipe, captions, first_seed, steps)
+
+
+def toy_images(pipe, captions: list[str], first_seed: int, steps: int) -> list:
+    """PIPE called as the demo samples: caption i with seed first_seed + i, the toy's guidance, 64 px."""
     generators = [torch.Generator("cpu").manual_seed(first_seed + i) for i in range(len(captions))]
     return pipe(
         captions,
@@ -73,16 +78,7 @@ def exported_samples(folder, captions: list[str], first_seed: int, steps: int) -
     called directly, not through slimsd's generate()."""
     from slimsd.models.loading import load
 
-    pipe = load(str(folder))
-    generators = [torch.Generator("cpu").manual_seed(first_seed + i) for i in range(len(captions))]
-    return pipe(
-        captions,
-        generator=generators,
-        num_inference_steps=steps,
-        guidance_scale=TOY_SAMPLING["guidance_scale"],
-        height=64,
-        width=64,
-    ).images
+    return toy_images(load(str(folder)), captions, first_seed, steps)
 
 
 def check_int8_row(out, summary: dict) -> None:
