@@ -292,7 +292,7 @@ def test_eval_cli_errors_are_one_line_and_come_before_any_model_is_loaded(tmp_pa
         ([*base, "--save-reference-stats", str(tmp_path / "a-file" / "r.npz")], "cannot create folder"),
         (
             [*base, "--vae", str(tmp_path / "nope")],
-            f"decoder folder {str(tmp_path / 'nope')!r} does not exist",
+            f"decoder {str(tmp_path / 'nope')!r} does not exist",
         ),
         ([*base, "--vae", str(tmp_path)], "holds no AutoencoderTiny"),
     ):

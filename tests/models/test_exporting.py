@@ -196,8 +196,11 @@ def test_static_export_through_generate_with_png_info_and_from_png(tmp_path, cap
         (["--to", "onnx", "--dtype", "bf16"], "ONNX exports are fp32"),
         (["--to", "onnx", "--batch", "0"], "batch 0"),
         (["--to", "single-file", "--resolution", "64"], "--resolution and --batch apply to"),
-        (["--to", "single-file", "--vae", "."], "--vae applies to --to onnx / openvino, not single-file"),
-        (["--to", "onnx", "--vae", "nowhere"], "decoder folder 'nowhere' does not exist"),
+        (
+            ["--to", "a1111-lora", "--vae", "."],
+            "--vae applies to --to single-file / onnx / openvino, not a1111",
+        ),
+        (["--to", "onnx", "--vae", "nowhere"], "decoder 'nowhere' does not exist"),
     ],
 )
 def test_bad_export_options_are_one_line_and_write_nothing(args, message, tmp_path, capsys):

@@ -46,7 +46,7 @@ def test_bad_prompt_files_are_one_line_exit_2_and_write_nothing(content, message
         (["--weight-only", "unet"], "unknown part 'unet'"),
         (["--keep", "conv_in("], "not a regular expression"),
         (["--calibration-prompts", "0"], "calibration-prompts 0"),
-        (["--vae", "nowhere"], "decoder folder 'nowhere' does not exist"),
+        (["--vae", "nowhere"], "decoder 'nowhere' does not exist"),
     ],
 )
 def test_bad_quantize_options_are_one_line_exit_2(args, message, tmp_path, capsys):

@@ -305,8 +305,8 @@ def test_only_the_operators_decoders_are_served_and_bad_ones_are_one_line(tmp_pa
                      0, 0, 1, False, 1, "", 1, "", "tiny")  # fmt: skip
     assert cache.loaded() == []
     for args, message in (
-        (["--vae", str(tmp_path / "nope")], f"decoder folder {str(tmp_path / 'nope')!r} does not exist"),
-        (["--vae", folder, "--vae", folder], "with several decoders, name each: --vae NAME=DIR"),
+        (["--vae", str(tmp_path / "nope")], f"decoder {str(tmp_path / 'nope')!r} does not exist"),
+        (["--vae", folder, "--vae", folder], "with several decoders, name each: --vae NAME=PATH"),
         (["--vae", f"full={folder}"], "the name 'full' is taken"),
         (["--vae", f"a={folder}", "--vae", f"a={folder}"], "the name 'a' is taken"),
         (["--vae", str(tmp_path)], "holds no AutoencoderTiny"),

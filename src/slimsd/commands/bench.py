@@ -93,8 +93,8 @@ from slimsd.commands.options import (
 @click.option(
     "--vae",
     default=None,
-    metavar="DIR",
-    help="A tiny decoder folder (a `vae-decoder` run's final/) every row decodes with instead of the model's "
+    metavar="PATH",
+    help="A tiny decoder (a `vae-decoder` run's final/ folder, or a TAESD-layout .safetensors file) every row decodes with instead of the model's "
     "VAE (the diffusers rows too: pipe.vae = AutoencoderTiny); the rows record it.",
 )
 @click.option(

@@ -118,8 +118,8 @@ def _models(ctx, param, value):
 @click.option(
     "--vae",
     default=None,
-    metavar="DIR",
-    help="A tiny decoder folder (a `vae-decoder` run's final/) every model decodes with instead of its VAE; "
+    metavar="PATH",
+    help="A tiny decoder (a `vae-decoder` run's final/ folder, or a TAESD-layout .safetensors file) every model decodes with instead of its VAE; "
     "its images get their own folders.",
 )
 @runtime_options

@@ -16,7 +16,8 @@ TARGETS = ("single-file", "a1111-lora", "onnx", "openvino")
     required=True,
     type=click.Choice(TARGETS),
     help="single-file: the whole pipeline as one .safetensors in the original layout (A1111, ComfyUI, "
-    "Fooocus, SD.Next, diffusers' from_single_file). a1111-lora: a LoRA file or a `slimsd finetune` output "
+    "Fooocus, SD.Next, diffusers' from_single_file); a tiny decoder folder as one .safetensors in TAESD's "
+    "layout (taesd_decoder.safetensors: ComfyUI's models/vae_approx). a1111-lora: a LoRA file or a `slimsd finetune` output "
     "as a kohya/A1111 LoRA (lora_unet_..., lora_down/lora_up/alpha). onnx / openvino: a folder that ONNX "
     "Runtime / OpenVINO run (optimum's layout; slimsd generate, ui, eval and bench load it).",
 )
@@ -42,16 +43,18 @@ TARGETS = ("single-file", "a1111-lora", "onnx", "openvino")
 @click.option(
     "--vae",
     default=None,
-    metavar="DIR",
-    help="onnx / openvino: a tiny decoder folder (a `vae-decoder` run's final/, AutoencoderTiny) exported as "
-    "vae_decoder/ in place of the model's VAE decoder (such an export decodes only: no vae_encoder/, no img2img).",
+    metavar="PATH",
+    help="A tiny decoder (a `vae-decoder` run's final/ folder, or a TAESD-layout .safetensors file). onnx / "
+    "openvino: exported as vae_decoder/ in place of the model's VAE decoder (such an export decodes only: no "
+    "vae_encoder/, no img2img). single-file: written beside --out as NAME.taesd_decoder.safetensors (TAESD's "
+    "layout); the model file keeps its own VAE and records the companion's name and sha256.",
 )
 @click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
 @allow_pickle_option
 @prediction_type_option
 def export(source, target, out, dtype, resolution, batch, vae, overwrite, allow_pickle, prediction_type):
-    """Write SOURCE (single-file: a preset, micro model, folder, single file or hub id; a1111-lora: a LoRA file
-    or a folder holding pytorch_lora_weights.safetensors) for use in other tools."""
+    """Write SOURCE (single-file: a preset, micro model, folder, single file or hub id, or a tiny decoder folder;
+    a1111-lora: a LoRA file or a folder holding pytorch_lora_weights.safetensors) for use in other tools."""
     if target in ("onnx", "openvino"):
         from slimsd.models.exporting import export_runtime
 
@@ -76,26 +79,41 @@ def export(source, target, out, dtype, resolution, batch, vae, overwrite, allow_
         return
     if resolution is not None or batch is not None:
         raise SlimsdError(f"--resolution and --batch apply to --to onnx / openvino, not {target}")
-    if vae is not None:
-        raise SlimsdError(
-            f"--vae applies to --to onnx / openvino, not {target} (its original layout holds the model's own VAE "
-            "only; load a tiny decoder beside it with --vae at generate time)"
-        )
+    if vae is not None and target != "single-file":
+        raise SlimsdError(f"--vae applies to --to single-file / onnx / openvino, not {target}")
     dtype = dtype or "fp16"
     if target == "single-file":
-        from slimsd.models.single_file_export import export_single_file
-
-        path = export_single_file(
-            source,
-            out,
-            dtype=dtype,
-            allow_pickle=allow_pickle,
-            overwrite=overwrite,
-            prediction_type=prediction_type,
-        )
-        click.echo(f"wrote {path} ({dtype}, single-file original layout)")
+        _single_file(source, out, dtype, vae, overwrite, allow_pickle, prediction_type)
     else:
         from slimsd.models.lora import export_a1111_lora
 
         result = export_a1111_lora(source, out, overwrite=overwrite)
         click.echo(f"wrote {result['out']} ({result['layers']} layers, kohya/A1111 LoRA layout)")
+
+
+def _single_file(source, out, dtype, vae, overwrite, allow_pickle, prediction_type) -> None:
+    """A model as one file in the original layout (with a tiny decoder beside it: --vae), or a tiny decoder
+    folder as one file in TAESD's layout; one line per file written."""
+    from slimsd.models.decoders import is_decoder_folder
+    from slimsd.models.single_file_export import companion_path, export_decoder_file, export_single_file
+
+    if is_decoder_folder(source):
+        if vae is not None:
+            raise SlimsdError(
+                f"{source!r} is a tiny decoder folder, exported by itself; --vae goes with a model"
+            )
+        path = export_decoder_file(source, out, dtype=dtype, overwrite=overwrite)
+        click.echo(f"wrote {path} ({dtype}, tiny decoder, TAESD layout)")
+        return
+    path = export_single_file(
+        source,
+        out,
+        dtype=dtype,
+        allow_pickle=allow_pickle,
+        overwrite=overwrite,
+        prediction_type=prediction_type,
+        vae=vae,
+    )
+    if vae is not None:
+        click.echo(f"wrote {companion_path(path)} ({dtype}, tiny decoder, TAESD layout)")
+    click.echo(f"wrote {path} ({dtype}, single-file original layout)")

@@ -117,9 +117,9 @@ def _check_out(out: str) -> None:
 @click.option(
     "--vae",
     default=None,
-    metavar="DIR",
-    help="A tiny decoder folder (a `vae-decoder` run's final/, AutoencoderTiny) to decode with instead of the "
-    "model's VAE.",
+    metavar="PATH",
+    help="A tiny decoder to decode with instead of the model's VAE: a `vae-decoder` run's final/ folder "
+    "(AutoencoderTiny) or a TAESD-layout .safetensors file (slimsd export's, or a published taesd_decoder).",
 )
 @deep_cache_option
 @click.option("--no-grid", is_flag=True, help="Do not write a grid image.")

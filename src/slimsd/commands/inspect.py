@@ -18,8 +18,8 @@ def _g(n: float) -> str:
 @click.option(
     "--vae",
     default=None,
-    metavar="DIR",
-    help="A tiny decoder folder to compare with the model's VAE decoder (default: the tiny-decoder preset).",
+    metavar="PATH",
+    help="A tiny decoder (folder or TAESD-layout .safetensors file) to compare with the model's VAE decoder (default: the tiny-decoder preset).",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def inspect(model: str, resolution: int | None, vae: str | None, as_json: bool):

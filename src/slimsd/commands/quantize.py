@@ -73,8 +73,8 @@ from slimsd.commands.options import allow_pickle_option
 @click.option(
     "--vae",
     default=None,
-    metavar="DIR",
-    help="A tiny decoder folder (AutoencoderTiny) exported as vae_decoder/ in place of the model's VAE decoder "
+    metavar="PATH",
+    help="A tiny decoder (AutoencoderTiny folder, or a TAESD-layout .safetensors file) exported as vae_decoder/ in place of the model's VAE decoder "
     "(as slimsd export --vae: decodes only, no img2img).",
 )
 @click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")

@@ -34,8 +34,8 @@ from slimsd.commands.options import lora_option, runtime_options, split_models
     "--vae",
     "vaes",
     multiple=True,
-    metavar="[NAME=]DIR",
-    help="A tiny decoder folder (a `vae-decoder` run's final/) offered as a decoder choice beside 'full' (the "
+    metavar="[NAME=]PATH",
+    help="A tiny decoder (a `vae-decoder` run's final/ folder, or a TAESD-layout .safetensors file) offered as a decoder choice beside 'full' (the "
     "model's VAE); named 'tiny' unless NAME is given; repeat with names for several.",
 )
 @click.option(

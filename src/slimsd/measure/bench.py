@@ -46,7 +46,7 @@ import torch
 from slimsd import devices
 from slimsd.errors import SlimsdError
 from slimsd.models import runtime
-from slimsd.models.decoders import check_folder, decoder_record
+from slimsd.models.decoders import check_decoder, decoder_record
 from slimsd.run.deepcache import check_interval
 
 DEFAULT_PROMPT = "a photograph of an astronaut riding a horse"
@@ -280,7 +280,7 @@ def resolve(cfg: BenchConfig) -> tuple[BenchConfig, runtime.RuntimeConfig]:
             raise SlimsdError(f"--random-weights needs preset or micro model names; {m!r} is a {kind} model")
     check_interval(cfg.deep_cache)
     if cfg.vae is not None:
-        check_folder(cfg.vae)
+        check_decoder(cfg.vae)
     if cfg.deep_cache > 1 and cfg.compile:
         raise SlimsdError("--deep-cache does not work with --compile; use one or the other")
     if cfg.baseline not in (None, "diffusers"):

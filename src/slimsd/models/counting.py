@@ -254,7 +254,7 @@ def decoder_summary(model: str, resolution: int | None = None, vae: str | None =
     models), parameters and MACs of one decode."""
     from diffusers import AutoencoderTiny
 
-    from slimsd.models.decoders import check_folder, meta_decoders
+    from slimsd.models.decoders import decoder_config, meta_decoders
     from slimsd.models.presets import PRESETS
 
     _, _, vae_cfg, default_res = model_architecture(model)
@@ -263,7 +263,7 @@ def decoder_summary(model: str, resolution: int | None = None, vae: str | None =
     full, tiny = meta_decoders(vae_cfg, preset)
     if vae is not None:
         with torch.device("meta"):
-            tiny = AutoencoderTiny.from_config(AutoencoderTiny.load_config(str(check_folder(vae))))
+            tiny = AutoencoderTiny.from_config(decoder_config(vae))
     full_params, full_macs = decoder_counts(full, resolution)
     tiny_params, tiny_macs = decoder_counts(tiny, resolution)
     return {

@@ -11,6 +11,10 @@ recorded in the folder's slimsd.json (``latent_scaling``) and checked when a dec
 
 Only the decoder is trained (objective ``vae-decoder``); ``AutoencoderTiny`` always holds an encoder too, which
 is left as diffusers builds it (the preset's sizes, seeded random weights): encode with the model's own VAE.
+
+A decoder is a folder (a plain diffusers AutoencoderTiny, slimsd.json beside it) or one .safetensors file in
+TAESD's layout (taesd_layout.py: ``slimsd export DIR --to single-file``, or a published ``taesd_decoder``);
+:func:`load_decoder` makes the same AutoencoderTiny of either, and everything that takes ``--vae`` goes through it.
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ from pathlib import Path
 import torch
 
 from slimsd.errors import SlimsdError, unknown
+from slimsd.models import taesd_layout
+from slimsd.models.taesd_layout import EXPECTED
 
 # name -> AutoencoderTiny config keys (those that differ from diffusers' defaults). The number of decoder stages
 # is the teacher VAE's (one 2x upsampling between stages, 8x for SD 1.x/2.x/SDXL's four); the latent channels are
@@ -82,17 +88,22 @@ def _stretch(values: list[int], stages: int) -> list[int]:
     return [values[0]] * (stages - len(values)) + list(values)
 
 
+def _seeded(build, seed: int):
+    """BUILD() with torch's global generator seeded by SEED, and that generator left as it was."""
+    state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        return build()
+    finally:
+        torch.random.set_rng_state(state)
+
+
 def build_tiny_decoder(name: str, vae_config: dict, seed: int = 0):
     """A fresh AutoencoderTiny of preset NAME for VAE_CONFIG's latent space (fp32, weights seeded by SEED)."""
     from diffusers import AutoencoderTiny
 
     config = tiny_decoder_config(name, vae_config)
-    state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
-    try:
-        return AutoencoderTiny(**config)
-    finally:
-        torch.random.set_rng_state(state)
+    return _seeded(lambda: AutoencoderTiny(**config), seed)
 
 
 def is_decoder_folder(path: str | Path) -> bool:
@@ -105,47 +116,123 @@ def is_decoder_folder(path: str | Path) -> bool:
         return False
 
 
-def read_decoder_info(folder: str | Path) -> dict:
-    path = Path(folder) / INFO_FILE
+def check_decoder(path: str | Path) -> Path:
+    """PATH as a tiny decoder, or one line: a folder (a plain diffusers AutoencoderTiny, safetensors; a
+    `vae-decoder` run's final/) or a .safetensors file in TAESD's layout (taesd_layout; slimsd's own or a
+    published one)."""
+    path = Path(path)
+    if path.is_file():
+        _file_config(path)
+        return path
+    if not path.is_dir():
+        raise SlimsdError(f"decoder {str(path)!r} does not exist; {EXPECTED}")
+    if not is_decoder_folder(path):
+        raise SlimsdError(
+            f"decoder folder {str(path)!r} holds no AutoencoderTiny (config.json with _class_name "
+            "AutoencoderTiny); allowed: the final/ folder of a `vae-decoder` run, a diffusers AutoencoderTiny or a "
+            "TAESD-layout .safetensors file"
+        )
+    if not (path / WEIGHTS).is_file():
+        raise SlimsdError(f"decoder folder {str(path)!r} has no {WEIGHTS}")
+    return path
+
+
+def _file_config(path: Path) -> tuple[dict, dict]:
+    """(AutoencoderTiny config, slimsd.json record) of a TAESD-layout decoder file: the config slimsd wrote in its
+    header, checked against its tensors; else, for a published TAESD decoder, the decoder's sizes read from its
+    tensors and TAESD's published encoder sizes, taking the U-Net's latents (LATENT_SCALING)."""
+    if path.suffix.lower() != ".safetensors":
+        raise SlimsdError(f"decoder file {str(path)!r} is not a .safetensors file; {EXPECTED}")
+    shapes, meta = taesd_layout.read_header(path)
     try:
-        return json.loads(path.read_text()) if path.is_file() else {}
+        fields = taesd_layout.decoder_fields(shapes)
+    except SlimsdError as e:
+        raise SlimsdError(f"decoder file {str(path)!r}: {e}; {EXPECTED}") from None
+    config = taesd_layout.header_json(meta, "decoder_config", path)
+    if config is None:
+        stages = len(fields["num_decoder_blocks"])
+        vae = {"block_out_channels": [0] * stages, "latent_channels": fields["latent_channels"]}
+        config = tiny_decoder_config("tiny-decoder", vae | {"out_channels": fields["out_channels"]}) | fields
+    else:
+        said = {k: json.loads(json.dumps(config.get(k))) for k in fields}
+        if said != fields:
+            raise SlimsdError(
+                f"decoder file {str(path)!r}: its header's config says {said}, its tensors {fields}; {EXPECTED}"
+            )
+    # block_out_channels: what AutoencoderTiny registers of its own accord, not an argument (diffusers warns)
+    config = {k: v for k, v in config.items() if k != "block_out_channels" and not k.startswith("_")}
+    return config, taesd_layout.header_json(meta, "info", path) or {}
+
+
+def decoder_config(path: str | Path) -> dict:
+    """The AutoencoderTiny config of the tiny decoder at PATH (check_decoder), as ``from_config`` takes it."""
+    path = check_decoder(path)
+    if path.is_file():
+        return _file_config(path)[0]
+    from diffusers import AutoencoderTiny
+
+    return dict(AutoencoderTiny.load_config(str(path)))
+
+
+def read_decoder_info(path: str | Path) -> dict:
+    """What slimsd recorded of the tiny decoder at PATH: its folder's slimsd.json, or the record a file's header
+    carries of it ({}: none)."""
+    path = Path(path)
+    if path.is_file():
+        return _file_config(path)[1]
+    try:
+        return json.loads((path / INFO_FILE).read_text()) if (path / INFO_FILE).is_file() else {}
     except (OSError, ValueError):
         return {}
 
 
-def check_folder(folder: str | Path) -> Path:
-    """FOLDER as a tiny decoder folder (a plain diffusers AutoencoderTiny folder, safetensors), or one line."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise SlimsdError(f"decoder folder {str(folder)!r} does not exist")
-    if not is_decoder_folder(folder):
-        raise SlimsdError(
-            f"decoder folder {str(folder)!r} holds no AutoencoderTiny (config.json with _class_name "
-            "AutoencoderTiny); allowed: the final/ folder of a `vae-decoder` run or a diffusers AutoencoderTiny"
-        )
-    if not (folder / WEIGHTS).is_file():
-        raise SlimsdError(f"decoder folder {str(folder)!r} has no {WEIGHTS}")
-    return folder
-
-
-def load_decoder(folder: str | Path, dtype: torch.dtype = torch.float32, device="cpu"):
-    """The tiny decoder in FOLDER (check_folder), in DTYPE on DEVICE, for inference."""
+def load_decoder(path: str | Path, dtype: torch.dtype = torch.float32, device="cpu"):
+    """The tiny decoder at PATH (check_decoder: a folder or a TAESD-layout file), in DTYPE on DEVICE, for
+    inference. A file becomes the AutoencoderTiny its folder would: its config, its decoder's weights, the
+    encoder seeded as ``build_tiny_decoder`` seeds it (the file has none)."""
     from diffusers import AutoencoderTiny
 
-    from slimsd.models.sources import quiet_loading
+    from slimsd.models.sources import quiet_libraries, quiet_loading
 
-    folder = check_folder(folder)
-    with quiet_loading():
-        decoder = AutoencoderTiny.from_pretrained(str(folder), torch_dtype=dtype, use_safetensors=True)
+    path = check_decoder(path)
+    if path.is_dir():
+        with quiet_loading():
+            decoder = AutoencoderTiny.from_pretrained(str(path), torch_dtype=dtype, use_safetensors=True)
+    else:
+        from safetensors.torch import load_file
+
+        config = _file_config(path)[0]
+        decoder = _seeded(lambda: AutoencoderTiny.from_config(config), 0)
+        layers = decoder.decoder.layers
+        try:
+            state = taesd_layout.from_original(load_file(str(path)), decoder)
+        except SlimsdError as e:
+            raise SlimsdError(f"decoder file {str(path)!r}: {e}; {EXPECTED}") from None
+        want = {k: tuple(v.shape) for k, v in layers.state_dict().items()}
+        got = {k: tuple(v.shape) for k, v in state.items()}
+        if got != want:
+            first = next(k for k in sorted(want.keys() | got.keys()) if want.get(k) != got.get(k))
+            raise SlimsdError(
+                f"decoder file {str(path)!r}: decoder.layers.{first} is {got.get(first, 'missing')}, its "
+                f"config makes it {want.get(first, 'absent')}; {EXPECTED}"
+            )
+        layers.load_state_dict(state, strict=True)
+        with quiet_libraries():  # diffusers' note on casting a model with to(): nothing here stays fp32
+            decoder = decoder.to(dtype)
     return decoder.to(device).eval().requires_grad_(False)
 
 
-def decoder_record(folder: str | Path) -> dict:
-    """What a PNG records of the decoder in FOLDER: its resolved path and its weights' sha256."""
+def weights_file(path: str | Path) -> Path:
+    """The file holding the weights of the tiny decoder at PATH: a folder's WEIGHTS, or the file itself."""
+    path = check_decoder(path)
+    return path / WEIGHTS if path.is_dir() else path
+
+
+def decoder_record(path: str | Path) -> dict:
+    """What a PNG records of the decoder at PATH: its resolved path and its weights' sha256."""
     from slimsd.files import file_sha256
 
-    path = check_folder(folder).resolve()
-    return {"path": str(path), "sha256": file_sha256(path / WEIGHTS)}
+    return {"path": str(Path(path).resolve()), "sha256": file_sha256(weights_file(path))}
 
 
 def check_fits(decoder, vae_config: dict, where: str) -> None:
@@ -166,14 +253,14 @@ def check_fits(decoder, vae_config: dict, where: str) -> None:
         )
 
 
-def swap_decoder(pipe, folder: str | Path) -> dict:
-    """Put the tiny decoder in FOLDER into PIPE as its VAE (in the pipeline's device and dtype). Returns what a
-    PNG records of it: {"path", "sha256"}."""
+def swap_decoder(pipe, path: str | Path) -> dict:
+    """Put the tiny decoder at PATH (a folder or a TAESD-layout file) into PIPE as its VAE (in the pipeline's
+    device and dtype). Returns what a PNG records of it: {"path", "sha256"}."""
     vae = pipe.vae
-    decoder = load_decoder(folder, dtype=vae.dtype, device=vae.device)
-    check_fits(decoder, dict(vae.config), str(folder))
+    decoder = load_decoder(path, dtype=vae.dtype, device=vae.device)
+    check_fits(decoder, dict(vae.config), str(path))
     pipe.vae = decoder
-    return decoder_record(folder)
+    return decoder_record(path)
 
 
 # --- counting (counting.decoder_counts) ----------------------------------------------------------------------

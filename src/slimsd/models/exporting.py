@@ -338,7 +338,7 @@ def export_runtime(
     if Path(model).is_dir() and is_exported(model):
         raise SlimsdError(f"{model!r} is already an exported folder; export the model it came from")
     if vae is not None:
-        decoders.check_folder(vae)
+        decoders.check_decoder(vae)
     say = on_phase or (lambda _m: None)
     if pipe is None:
         say(f"loading {model}")

@@ -193,7 +193,7 @@ def load(
     model, kind, sampling = ref.name, ref.kind, ref.sampling
     loras = [lora.as_spec(s, allow_pickle) for s in loras]  # a bad file fails before minutes of loading
     if vae is not None:
-        decoders.check_folder(vae)
+        decoders.check_decoder(vae)
     if sampling and sampling.get("lora"):
         # An LCM-LoRA student's adapters come with it, merged first and once (--from-png lists them again).
         own = lora.as_spec((str(Path(model) / sampling["lora"]), 1.0), allow_pickle)

@@ -292,10 +292,10 @@ def loras_to_reload(settings: dict) -> list[tuple[str, float, str]]:
 
 
 def vae_to_reload(settings: dict) -> str | None:
-    """The tiny decoder folder a PNG records (None: the model's own VAE), when it is still at its recorded path
-    with its recorded weights (pixel-equal regeneration needs the very same decoder)."""
+    """The tiny decoder (folder or TAESD-layout file) a PNG records (None: the model's own VAE), when it is still
+    at its recorded path with its recorded weights (pixel-equal regeneration needs the very same decoder)."""
     from slimsd.files import file_sha256
-    from slimsd.models.decoders import WEIGHTS, is_decoder_folder
+    from slimsd.models.decoders import weights_file
 
     record = settings.get("vae")
     if record is None:
@@ -303,16 +303,18 @@ def vae_to_reload(settings: dict) -> str | None:
     if not (isinstance(record.get("path"), str) and isinstance(record.get("sha256"), str)):
         raise SlimsdError(f"the PNG's {PNG_JSON_KEY!r} chunk has vae = {record!r}; expected path and sha256")
     path = Path(record["path"])
-    if not is_decoder_folder(path) or not (path / WEIGHTS).is_file():
+    try:
+        weights = weights_file(path)
+    except SlimsdError:
         raise SlimsdError(
             f"the image was decoded by the tiny decoder {str(path)!r}, which is not there any more; restore it, "
-            "or give one with --vae DIR"
-        )
-    found = file_sha256(path / WEIGHTS)
+            "or give one with --vae PATH"
+        ) from None
+    found = file_sha256(weights)
     if found != record["sha256"]:
         raise SlimsdError(
             f"decoder {str(path)!r} has changed: its weights' sha256 is {found[:10]}..., the image was decoded "
-            f"with {record['sha256'][:10]}...; restore it, or give one with --vae DIR"
+            f"with {record['sha256'][:10]}...; restore it, or give one with --vae PATH"
         )
     return str(path)
 

@@ -32,7 +32,7 @@ import torch
 
 from slimsd.atomic import atomic_dir, check_output_dir
 from slimsd.errors import SlimsdError
-from slimsd.models.decoders import check_folder
+from slimsd.models.decoders import check_decoder
 from slimsd.models.runtimes import BACKENDS, PART_FILES, require
 
 METHODS = ("int8", "int8-weights")
@@ -402,7 +402,7 @@ def quantize(
     require_backend(to)
     require("nncf") if to == "openvino" else require("onnxruntime.quantization", "onnxruntime")
     if vae is not None:  # a wrong folder is one line before minutes of calibration
-        check_folder(vae)
+        check_decoder(vae)
     check_output_dir(out, overwrite)
     say = on_phase or (lambda _m: None)
     say(f"loading {model}")

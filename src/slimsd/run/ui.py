@@ -88,7 +88,7 @@ class UIConfig:
 def parse_decoders(specs) -> dict[str, str]:
     """``--vae [NAME=]DIR`` values -> {label: folder}, each folder checked (one line each): one unnamed folder
     is "tiny"; several must each be named, every name its own and none "full"."""
-    from slimsd.models.decoders import check_folder
+    from slimsd.models.decoders import check_decoder
 
     out: dict[str, str] = {}
     for spec in specs:
@@ -96,11 +96,11 @@ def parse_decoders(specs) -> dict[str, str]:
         if not sep or not re.fullmatch(r"[\w.-]+", name):  # no name: the whole value is the folder
             name, folder, sep = "tiny", spec, ""
         if not sep and len(specs) > 1:
-            raise SlimsdError(f"--vae {spec!r}: with several decoders, name each: --vae NAME=DIR")
+            raise SlimsdError(f"--vae {spec!r}: with several decoders, name each: --vae NAME=PATH")
         name = name.strip()
         if name == FULL_DECODER or name in out:
             raise SlimsdError(f"--vae {spec!r}: the name {name!r} is taken; give each decoder its own name")
-        out[name] = str(check_folder(folder))
+        out[name] = str(check_decoder(folder))
     return out
 
 
