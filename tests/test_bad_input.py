@@ -39,6 +39,7 @@ def bad_files(tmp) -> None:
     (tmp / "badjson" / "model_index.json").write_text("{ not json")
     (tmp / "bad.yaml").write_text("teacher: [unclosed\n")
     (tmp / "bad.tar").write_bytes(b"not a tar file at all" * 40)
+    (tmp / "junk.safetensors").write_bytes(b"not a safetensors file" * 4)
     (tmp / "ref").mkdir()
     Image.new("RGB", (64, 64), "red").save(tmp / "ref" / "good.png")
     (tmp / "ref" / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 20)
@@ -203,6 +204,9 @@ ROWS = [
     row([*GEN, "--deep-cache", "x"], "--deep-cache", "'x'"),
     row(["generate", "--from-png", "{tmp}/deep-cache-0.png"], "deep-cache 0", "1 to 50"),
     row(["generate", "--from-png", "{tmp}/deep-cache-x.png"], "deep-cache-x.png", "deep_cache", "'x'"),
+    row([*GEN, "--vae", "{tmp}/junk.safetensors"], "junk.safetensors", "not a readable safetensors", "TAESD"),
+    row([*GEN, "--vae", "{tmp}/photo.jpg"], "photo.jpg", "not a .safetensors file", "TAESD"),
+    row([*GEN, "--vae", "{tmp}/prompts.csv"], "prompts.csv", "not a .safetensors file"),
     row([*GEN, "--out", "{tmp}/a-file"], "--out", "a-file"),
     row([*GEN, "--out", "{tmp}/a-file/images"], "a-file"),
     row(["generate", "{tmp}/other", "a red circle", "--random-weights"], "other", "--random-weights"),

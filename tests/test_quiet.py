@@ -16,6 +16,8 @@ import pytest
 
 from slimsd.cli import COMMANDS
 
+from helpers import tiny_decoder_folder
+
 ROOT = Path(__file__).resolve().parents[1]
 
 CHATTER = (
@@ -106,9 +108,21 @@ CASES = {
         ],
         [r"micro-sd: (generating|scoring) .*", r"micro-sd: FID .*\(2 images\)", r"wrote \S+ and \S+"],
     ),
-    "export": (
-        ["export", "micro-sdxl", "--to", "single-file", "--out", "{tmp}/m.safetensors"],
-        [r"wrote \S+/m\.safetensors \(fp16, single-file original layout\)"],
+    "export": (  # with a tiny decoder written beside the model (test_command_prints_only_its_own_lines makes it)
+        [
+            "export",
+            "micro-sdxl",
+            "--to",
+            "single-file",
+            "--vae",
+            "{tmp}/decoder-micro-sdxl",
+            "--out",
+            "{tmp}/m.safetensors",
+        ],
+        [
+            r"wrote \S+/m\.safetensors \(fp16, single-file original layout\)",
+            r"wrote \S+/m\.taesd_decoder\.safetensors \(fp16, tiny decoder, TAESD layout\)",
+        ],
     ),
     "export-openvino": (
         ["export", "micro-sd", "--to", "openvino", "--out", "{tmp}/ov", "--resolution", "64"],
@@ -216,6 +230,8 @@ def assert_quiet(output: str, allowed: list[str]) -> None:
 def test_command_prints_only_its_own_lines(name, tmp_path):
     args, allowed = CASES[name]
     (tmp_path / "p.csv").write_text("caption\na red circle\na blue square\n")
+    if "{tmp}/decoder-micro-sdxl" in args:
+        tiny_decoder_folder(tmp_path, "micro-sdxl")
     r = slimsd([a.replace("{tmp}", str(tmp_path)) for a in args], cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert_quiet(r.stdout + r.stderr, allowed)

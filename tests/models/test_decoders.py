@@ -291,7 +291,7 @@ def test_exported_file_loads_into_taesd_and_decodes_as_diffusers(tmp_path, capsy
         ["export", str(folder), "--to", "single-file", "--dtype", "fp32", "--out", str(out)], capsys
     )
     assert code == 0, err
-    assert text.strip() == f"wrote {out} (fp32, tiny decoder, TAESD layout)"
+    assert text.splitlines() == [f"wrote {out} (fp32, tiny decoder, TAESD layout)"]
     blocks, n, _ = SIZES[name]
     taesd = taesd_decoder(blocks, n)
     taesd.load_state_dict(load_file(out), strict=True)

@@ -3,6 +3,7 @@ architecture is read from the tensor names, and bad files are one line."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import numpy as np
@@ -336,3 +337,51 @@ def test_incomplete_file_is_one_error(exported, tmp_path, drop):
     save_file(state, bad)
     with pytest.raises(SlimsdError, match="incomplete or inconsistent sd1 checkpoint"):
         load_single_file(str(bad))
+
+
+def test_export_with_a_tiny_decoder_writes_it_beside_the_model(tmp_path, capsys):
+    """export MODEL --vae DIR: the model file holds the very tensors of the export without --vae (its own VAE
+    under first_stage_model: every tool loads it, img2img still works); the decoder is written beside it as
+    NAME.taesd_decoder.safetensors, the file `export DIR` writes (TAESD's layout; tests/models/test_decoders.py);
+    the model's header names it with its sha256; the model file alone decodes with its own VAE."""
+    from diffusers import AutoencoderKL
+
+    from slimsd.models.decoders import build_tiny_decoder
+
+    from helpers import tiny_decoder_folder
+
+    folder = tiny_decoder_folder(tmp_path, "micro-sd")
+    plain, model = tmp_path / "plain.safetensors", tmp_path / "m.safetensors"
+    companion = tmp_path / "m.taesd_decoder.safetensors"
+    alone = tmp_path / "alone.safetensors"
+    assert run_cli(["export", "micro-sd", "--to", "single-file", "--out", str(plain)], capsys)[0] == 0
+    assert run_cli(["export", str(folder), "--to", "single-file", "--out", str(alone)], capsys)[0] == 0
+    args = ["export", "micro-sd", "--to", "single-file", "--vae", str(folder), "--out", str(model)]
+    code, out, err = run_cli(args, capsys)
+    assert code == 0, err
+    assert out.splitlines() == [
+        f"wrote {companion} (fp16, tiny decoder, TAESD layout)",
+        f"wrote {model} (fp16, single-file original layout)",
+    ]
+    a, b = load_file(plain), load_file(model)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    c, d = load_file(companion), load_file(alone)
+    assert c.keys() == d.keys() and all(torch.equal(c[k], d[k]) for k in c)
+    with safe_open(str(model), framework="pt") as f:
+        record = json.loads(f.metadata()["slimsd.tiny_decoder"])
+    assert record == {"file": companion.name, "sha256": hashlib.sha256(companion.read_bytes()).hexdigest()}
+    assert isinstance(load(str(model), device="cpu", dtype="fp32", optimize=False).vae, AutoencoderKL)
+
+    code, _, err = run_cli(args, capsys)  # both exist
+    assert code == 2 and "exists; pass --overwrite" in err
+    six = tmp_path / "six"
+    vae = dict(load("micro-sd", device="cpu", dtype="fp32", optimize=False).vae.config)
+    build_tiny_decoder("micro-tiny-decoder", vae | {"latent_channels": 6}).save_pretrained(six)
+    other = tmp_path / "other.safetensors"
+    code, _, err = run_cli([*args[:5], str(six), "--out", str(other)], capsys)
+    assert code == 2 and "decodes 6-channel latents 8x up" in err and len(err.strip().splitlines()) == 1
+    assert not other.exists() and not (tmp_path / "other.taesd_decoder.safetensors").exists()
+    code, _, err = run_cli(
+        ["export", str(folder), "--to", "single-file", "--vae", str(folder), "--out", str(other)], capsys
+    )
+    assert code == 2 and "is a tiny decoder folder, exported by itself" in err

@@ -84,7 +84,7 @@ class BenchConfig:
     seed: int = 0
     allow_pickle: bool = False
     prediction_type: str | None = None  # None: each model's own
-    vae: str | None = None  # a tiny decoder folder every variant decodes with (slimsd.models.decoders)
+    vae: str | None = None  # a tiny decoder (folder or file) every variant decodes with (models.decoders)
     extra: dict = field(default_factory=dict)
 
 

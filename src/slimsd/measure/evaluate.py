@@ -80,7 +80,7 @@ class EvalConfig:
     allow_pickle: bool = False
     prediction_type: str | None = None  # None: each model's own
     loras: Sequence = ()  # LoRA files ("FILE[:SCALE]") merged into every model (slimsd.models.lora)
-    vae: str | None = None  # a tiny decoder folder every model decodes with (slimsd.models.decoders)
+    vae: str | None = None  # a tiny decoder (folder or file) every model decodes with (models.decoders)
 
 
 def resolve(config: EvalConfig) -> EvalConfig:

@@ -12,7 +12,7 @@ encoder), and for SDXL every ``hidden_states.N``; VAE decoder ``latent_sample`` 
 plan for once (dynamic shapes are several times slower in OpenVINO's published measurements); without them
 the shapes are dynamic. The folder is written whole or not at all (:mod:`slimsd.atomic`).
 
-``vae``: a tiny decoder folder (:mod:`slimsd.models.decoders`, AutoencoderTiny) exported as ``vae_decoder/`` in
+``vae``: a tiny decoder, folder or file (:mod:`slimsd.models.decoders`) exported as ``vae_decoder/`` in
 place of the model's VAE decoder (its config.json is the tiny decoder's: ``scaling_factor`` 1.0, the U-Net's
 latents decoded as they are); it only decodes, so such an export has no ``vae_encoder/`` (img2img needs the
 model's own VAE, as with ``--vae`` in torch). ``slimsd.json`` records it (``export.vae``: path, sha256).

@@ -175,7 +175,7 @@ def load(
     ``prediction_type`` (``epsilon`` | ``v_prediction``) overrides what the model says it predicts: a single
     file written by another tool may not say (an SD 2.x one must be told).
 
-    ``vae``: a tiny decoder folder (:mod:`slimsd.models.decoders`, AutoencoderTiny) put in place of the model's
+    ``vae``: a tiny decoder, folder or TAESD-layout file (:mod:`slimsd.models.decoders`) in place of the model's
     VAE: a pipeline with it decodes, not encodes (img2img and inpainting need the model's own VAE).
     """
     from slimsd.models import decoders, lora, runtime, runtimes

@@ -82,7 +82,7 @@ class UIConfig:
     concurrency: int = 1  # model runs at once, both tabs together
     max_queue: int = 16  # waiting requests beyond this are refused
     loras: list = field(default_factory=list)  # (path, scale): merged into every model served
-    vaes: dict = field(default_factory=dict)  # label -> tiny decoder folder, offered beside FULL_DECODER
+    vaes: dict = field(default_factory=dict)  # label -> tiny decoder (folder, file) beside FULL_DECODER
 
 
 def parse_decoders(specs) -> dict[str, str]:
