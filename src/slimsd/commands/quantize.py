@@ -74,7 +74,8 @@ from slimsd.commands.options import allow_pickle_option
     "--vae",
     default=None,
     metavar="PATH",
-    help="A tiny decoder (AutoencoderTiny folder, or a TAESD-layout .safetensors file) exported as vae_decoder/ in place of the model's VAE decoder "
+    help="A tiny decoder (AutoencoderTiny folder, or a TAESD-layout .safetensors file) exported as vae_decoder/ "
+    "in place of the model's VAE decoder "
     "(as slimsd export --vae: decodes only, no img2img).",
 )
 @click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")

@@ -196,7 +196,8 @@ def load_decoder(path: str | Path, dtype: torch.dtype = torch.float32, device="c
 
     path = check_decoder(path)
     if path.is_dir():
-        with quiet_loading():
+        # quiet: diffusers' note on the block_out_channels every saved AutoencoderTiny config holds
+        with quiet_loading(), quiet_libraries():
             decoder = AutoencoderTiny.from_pretrained(str(path), torch_dtype=dtype, use_safetensors=True)
     else:
         from safetensors.torch import load_file
