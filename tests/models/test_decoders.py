@@ -295,6 +295,11 @@ def test_exported_file_loads_into_taesd_and_decodes_as_diffusers(tmp_path, capsy
     blocks, n, _ = SIZES[name]
     taesd = taesd_decoder(blocks, n)
     taesd.load_state_dict(load_file(out), strict=True)
+    if name == "tiny-decoder":  # TAESD's own sizes: the file the tools' fixed TAESD decoder loads
+        published_taesd_decoder().load_state_dict(load_file(out), strict=True)
+    else:  # other sizes do not fit it (README: only tiny-decoder files go to ComfyUI, A1111, SD.Next)
+        with pytest.raises(RuntimeError):
+            published_taesd_decoder().load_state_dict(load_file(out), strict=True)
     theirs = AutoencoderTiny.from_pretrained(folder).eval()
     z = torch.randn(2, 4, 6, 5, generator=torch.Generator().manual_seed(0)) * 2
     with torch.no_grad():
