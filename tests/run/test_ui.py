@@ -4,6 +4,7 @@ and a real headless Chromium (Playwright)."""
 from __future__ import annotations
 
 import gc
+import hashlib
 import json
 import os
 import shutil
@@ -289,12 +290,17 @@ def test_the_operators_tiny_decoder_is_a_choice_recorded_in_the_png_and_restored
 
 def test_only_the_operators_decoders_are_served_and_bad_ones_are_one_line(tmp_path, monkeypatch, capsys):
     import slimsd.models.loading
+    from slimsd.models.single_file_export import export_decoder_file
     from slimsd.run.ui import parse_decoders
 
     monkeypatch.setattr(slimsd.models.loading, "_diffusers_pipeline", lambda *a, **k: pytest.fail("loaded"))
     folder = str(tiny_decoder_folder(tmp_path, "micro-sd"))
     assert parse_decoders([folder]) == {"tiny": folder}
     assert parse_decoders([f"a={folder}", f"b.2={folder}"]) == {"a": folder, "b.2": folder}
+    file = str(export_decoder_file(folder, tmp_path / "d.safetensors"))  # a TAESD-layout file is served too
+    assert parse_decoders([f"f={file}"]) == {"f": file}
+    sha = ModelCache(UIConfig(models=["micro-sd"], out_dir=tmp_path, vaes={"f": file})).decoder_sha["f"]
+    assert sha == hashlib.sha256(Path(file).read_bytes()).hexdigest()
     cache = ModelCache(UIConfig(models=["micro-sd"], out_dir=tmp_path, vaes={"tiny": folder}))
     for sent in ("../decoder-micro-sd", "/etc/passwd", "other", 3):
         with pytest.raises(SlimsdError) as e:
