@@ -12,7 +12,8 @@ slimsd.toy.shapes.caption_fidelity: 24 seen + 24 held-out captions of the demo's
 student's images: that student is made by the demo, not kept). Decoder parameters and MACs at 64 px, and ms per
 decode of one 64 px latent (full and tiny interleaved, median and sample std over --repeats, --threads threads);
 ms per whole image (`slimsd generate`'s path) of the teacher at 25 steps with guidance against a 4-step student of
-the demo's shape with the full and with the tiny decoder (image_ms).
+the demo's shape with the full and with the tiny decoder (image_ms), and the parts of an image timed alone (one
+U-Net evaluation of each, one text encoding, one decode of each: parts_ms).
 
 The recipe (defaults): --steps 1000 of batch 16, AdamW 3e-3 with TAESD's betas (0.9, 0.9), no weight decay, cosine
 decay after a 50-step warm-up, pixel loss only (--lambda-feat adds the teacher-encoder feature term, which doubles
@@ -290,6 +291,35 @@ def image_ms(student: Path, decoder: Path, repeats: int) -> dict:
         "image_ms_std": spread,
         "speedup_vs_teacher": {name: teacher / v for name, v in ms.items() if name != "teacher_25_steps"},
         "student": "bk-small of toy-sd after 1 LCM step (timing only; the demo's student has this shape)",
+        "parts_ms": parts_ms(rows["teacher_25_steps"][0], rows["student_4_steps_tiny_decoder"][0], repeats),
+    }
+
+
+def parts_ms(teacher, student, repeats: int) -> dict:
+    """Median ms of the parts of an image, each called alone with the shapes generate gives it: one U-Net
+    evaluation (the teacher's doubled batch for guidance, the student's single one with its guidance embedding),
+    one text encoding, one decode through each decoder. What is left of an image is the pipeline's own work."""
+    from slimsd.measure.bench import time_round_robin
+
+    with torch.no_grad():
+        cond = teacher.text_encoder(
+            teacher.tokenizer("a red circle", padding="max_length", return_tensors="pt").input_ids
+        )[0]
+    z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor(500)
+    w = torch.zeros(1, student.unet.config.time_cond_proj_dim)
+    fns = {
+        "teacher_unet_call_batch_2": lambda: teacher.unet(torch.cat([z, z]), t, torch.cat([cond, cond])),
+        "student_unet_call_batch_1": lambda: student.unet(z, t, cond, timestep_cond=w),
+        "text_encoding": lambda: student.text_encoder(
+            student.tokenizer("a red circle", padding="max_length", return_tensors="pt").input_ids
+        ),
+        "full_decode": lambda: teacher.vae.decode(z),
+        "tiny_decode": lambda: student.vae.decode(z),
+    }
+    return {
+        name: r["median_ms"]
+        for name, r in time_round_robin(fns, "cpu", warmup=2, repeats=repeats * 4).items()
     }
 
 

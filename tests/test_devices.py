@@ -110,3 +110,22 @@ def test_a_bad_slimsd_cpu_dtype_is_one_line_from_the_cli(monkeypatch, capsys):
         code == 2
         and err.strip() == "slimsd: error: unknown SLIMSD_CPU_DTYPE value 'int8'; allowed: bf16, fp32"
     )
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_weights_place_is_what_diffusers_reports(dtype):
+    """generate records the U-Net's device and dtype without diffusers' module walks; same answer as theirs."""
+    from slimsd.models.loading import load
+
+    pipe = load("micro-sd", device="cpu", dtype=dtype)
+    assert devices.weights_place(pipe.unet) == (pipe.device, pipe.unet.dtype)
+    assert devices.weights_place(pipe.unet)[1] == devices.DTYPES[dtype]
+    assert devices.weights_place(pipe.text_encoder) == (pipe.text_encoder.device, pipe.text_encoder.dtype)
+
+
+def test_weights_place_of_a_network_without_parameters():
+    class Exported:  # what slimsd.models.runtimes puts where diffusers expects a module
+        device = "cpu"
+        dtype = torch.float32
+
+    assert devices.weights_place(Exported()) == (torch.device("cpu"), torch.float32)

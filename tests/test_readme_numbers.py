@@ -123,3 +123,33 @@ def test_the_progressive_paragraph_and_row_are_the_sweeps_file():
         f"| 4 | 2 | {p['4'][0]:.3f} ({p['4'][1]:.3f}) | {p['4'][0] / teacher['caption_fidelity_mean']:.0%} |"
     )
     assert any(line.startswith("| progressive, [16, 8, 4]") and row in line for line in readme_rows()), row
+
+
+def test_the_fullsize_bf16_table_is_its_results_file():
+    data = json.loads((RESULTS / "fullsize_steps_bf16.json").read_text())
+    rows = readme_rows()
+    for r in data["rows"]:
+        assert r["image_s_std"] == pytest.approx(statistics.stdev(r["image_s_all"]), abs=1e-12), r["row"]
+        want = f"| {r['decoder_params']:,} | {r['image_s_median']:.2f} ± {r['image_s_std']:.2f} |"
+        assert any(want in line for line in rows), (r["row"], want)
+    tiny = data["rows"][-1]
+    assert any(f"**{tiny['speedup_vs_sd']:.1f}x** |" in line for line in rows)
+
+
+def test_the_toy_per_image_paragraph_is_its_timing_file():
+    per_image = json.loads((RESULTS / "toy_tiny_decoder_timing.json").read_text())["per_image"]
+    text = " ".join((ROOT / "README.md").read_text().split())
+    ms, parts = per_image["image_ms"], per_image["parts_ms"]
+    speedup = per_image["speedup_vs_teacher"]
+    unet_only = 25 * parts["teacher_unet_call_batch_2"] / (4 * parts["student_unet_call_batch_1"])
+    for figure in (
+        f"guidance {ms['teacher_25_steps']:.0f} ms",
+        f"{ms['student_4_steps_full_decoder']:.1f} ms with the full decoder ({speedup['student_4_steps_full_decoder']:.1f}x)",
+        f"{ms['student_4_steps_tiny_decoder']:.1f} ms with the tiny one (**{speedup['student_4_steps_tiny_decoder']:.1f}x**",
+        f"four U-Net evaluations of {parts['student_unet_call_batch_1']:.1f} ms",
+        f"text encoding {parts['text_encoding']:.1f} ms",
+        f"tiny decode {parts['tiny_decode']:.1f} ms (the full one: {parts['full_decode']:.1f} ms)",
+        f"doubled batch costs {parts['teacher_unet_call_batch_2']:.1f} ms",
+        f"give {unet_only:.1f}x",
+    ):
+        assert figure in text, figure

@@ -49,6 +49,19 @@ def dtype_name(dtype: torch.dtype) -> str:
     )
 
 
+def weights_place(network) -> tuple[torch.device, torch.dtype]:
+    """Where NETWORK computes: the device and dtype of its first floating-point parameter. diffusers'
+    ``pipe.device`` and ``ModelMixin.dtype`` walk every submodule looking for offloading hooks, about a
+    millisecond each on a small U-Net, on every image; this reads one tensor. A network that is not a torch
+    module (an exported one, :mod:`slimsd.models.runtimes`) says its own ``device`` and ``dtype``."""
+    if not isinstance(network, torch.nn.Module):
+        return torch.device(network.device), network.dtype
+    for p in network.parameters():
+        if p.is_floating_point():
+            return p.device, p.dtype
+    return torch.device("cpu"), torch.float32
+
+
 def resolve_device(device: str | torch.device | None) -> str:
     """``None``/``auto`` -> cuda when available, else cpu. Refuses devices this machine lacks. A
     ``torch.device`` (from accelerate, say) is taken as it is."""

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from slimsd.devices import dtype_name
+from slimsd.devices import dtype_name, weights_place
 from slimsd.errors import SlimsdError
 from slimsd.images import InputImage, as_input_image, fit
 from slimsd.models.loading import is_sdxl, model_info, native_resolution, quiet_libraries
@@ -148,9 +148,10 @@ def task_pipeline(pipe, init: InputImage | None, mask: InputImage | None, contro
         if init is not None:
             raise SlimsdError("--controlnet with --init-image is not supported yet; use one or the other")
         name, extra = f"StableDiffusion{xl}ControlNetPipeline", {"controlnet": controlnet}
-        if (controlnet.device, controlnet.dtype) != (pipe.device, pipe.unet.dtype):
+        device, dtype = weights_place(pipe.unet)
+        if weights_place(controlnet) != (device, dtype):
             with quiet_libraries():  # diffusers warns on every cast
-                controlnet.to(device=pipe.device, dtype=pipe.unet.dtype)
+                controlnet.to(device=device, dtype=dtype)
     elif init is None:
         return pipe
     else:
@@ -293,6 +294,7 @@ def generate(
         task_kwargs["strength"] = strength
     if controlnet is not None:
         task_kwargs["controlnet_conditioning_scale"] = float(control_scale)
+    unet_device, unet_dtype = weights_place(pipe.unet)
     # what every image's PNG records beside its prompt, seed and time
     recorded = {
         "negative_prompt": negative,
@@ -306,8 +308,8 @@ def generate(
         "batch_size": batch_size,
         "deep_cache": deep_cache,
         # an exported model's float kernels (its networks take and give float32)
-        "dtype": getattr(pipe.unet, "kernels", None) or dtype_name(pipe.unet.dtype),
-        "device": str(pipe.device),
+        "dtype": getattr(pipe.unet, "kernels", None) or dtype_name(unet_dtype),
+        "device": str(unet_device),
         "slimsd_version": __version__,
         "loras": list(info.get("loras", [])),
         "vae": info.get("vae"),
