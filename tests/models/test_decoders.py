@@ -126,10 +126,9 @@ def test_lite_decoder_drops_the_full_resolution_block():
         assert small.decode(torch.zeros(1, 4, 8, 8)).sample.shape == (1, 3, 64, 64)
 
 
-def test_png_records_the_decoder_and_from_png_restores_it(tmp_path, capsys):
-    folder = decoder_folder(tmp_path, "micro-sd")
-    out = tmp_path / "out"
-    args = [
+def generate_with(vae) -> list[str]:
+    """`slimsd generate` of one fixed micro-sd image decoded by VAE (a folder or a file)."""
+    return [
         "generate",
         "micro-sd",
         PROMPT,
@@ -140,8 +139,14 @@ def test_png_records_the_decoder_and_from_png_restores_it(tmp_path, capsys):
         "--dtype",
         "fp32",
         "--vae",
-        str(folder),
+        str(vae),
     ]
+
+
+def test_png_records_the_decoder_and_from_png_restores_it(tmp_path, capsys):
+    folder = decoder_folder(tmp_path, "micro-sd")
+    out = tmp_path / "out"
+    args = generate_with(folder)
     code, _, err = run_cli([*args, "--out", str(out)], capsys)
     assert code == 0, err
     png = next(out.glob("*.png"))
@@ -386,19 +391,7 @@ def test_png_records_a_decoder_file_and_from_png_restores_it(tmp_path, capsys):
     from slimsd.models.single_file_export import export_decoder_file
 
     file = export_decoder_file(decoder_folder(tmp_path, "micro-sd"), tmp_path / "d.safetensors")
-    args = [
-        "generate",
-        "micro-sd",
-        PROMPT,
-        "--steps",
-        "2",
-        "--seed",
-        "4",
-        "--dtype",
-        "fp32",
-        "--vae",
-        str(file),
-    ]
+    args = generate_with(file)
     code, _, err = run_cli([*args, "--out", str(tmp_path / "out")], capsys)
     assert code == 0, err
     png = next((tmp_path / "out").glob("*.png"))
