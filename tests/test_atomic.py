@@ -13,8 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from slimsd.atomic import atomic_dir, atomic_write_bytes, clean_leftovers, remove_dir
-from slimsd.run.outputs import write_new_file
+from slimsd.atomic import atomic_dir, atomic_write_bytes, clean_leftovers, remove_dir, write_new_file
 
 
 @pytest.fixture

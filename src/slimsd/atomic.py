@@ -216,10 +216,9 @@ def atomic_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
-    """Write ``data`` to ``path`` through a temporary file in the same folder and a rename (file and folder
-    fsynced)."""
-    path = Path(path)
+def _durable_temp(path: Path, data: bytes) -> str:
+    """DATA in a fsynced temporary sibling of PATH (``.NAME.tmp-PID-XXXX``: a killed writer's leftover is
+    recognised as such); returns the temporary file's path."""
     make_dirs(path.parent)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-{os.getpid()}-", dir=path.parent)
     usual_mode(tmp, folder=False)
@@ -228,12 +227,46 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return tmp
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    """Write ``data`` to ``path`` through a temporary file in the same folder and a rename (file and folder
+    fsynced)."""
+    path = Path(path)
+    tmp = _durable_temp(path, data)
+    try:
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     fsync_path(path.parent)
     return path
+
+
+def write_new_file(folder: str | Path, stem: str, suffix: str, data: bytes) -> Path:
+    """Write DATA durably under a name that did not exist: ``stem.suffix``, else ``stem-1.suffix``, ...
+
+    The bytes go to a fsynced temporary file first and are then hard-linked to the final name; ``link`` fails
+    rather than replace an existing file, so two writers (e.g. concurrent UI requests) never overwrite each other.
+    """
+    folder = Path(folder)
+    tmp = _durable_temp(folder / f"{stem}{suffix}", data)
+    try:
+        for n in range(10_000):
+            path = folder / (f"{stem}{suffix}" if n == 0 else f"{stem}-{n}{suffix}")
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                continue
+            fsync_path(folder)
+            return path
+        raise SlimsdError(f"could not find a free file name for {stem!r} in {str(folder)!r}")
+    finally:
+        Path(tmp).unlink(missing_ok=True)
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:

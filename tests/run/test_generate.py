@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
+from slimsd.atomic import write_new_file
 from slimsd.cli import main
 from slimsd.errors import SlimsdError
 from slimsd.images import make_grid
@@ -282,8 +283,8 @@ def test_safe_stem(text, expected):
 
 def test_safe_stem_is_length_limited_and_files_never_overwritten(tmp_path):
     assert len(outputs.safe_stem("word " * 100)) <= 60
-    a = outputs.write_new_file(tmp_path, "00000-1-x", ".png", b"first")
-    b = outputs.write_new_file(tmp_path, "00000-1-x", ".png", b"second")
+    a = write_new_file(tmp_path, "00000-1-x", ".png", b"first")
+    b = write_new_file(tmp_path, "00000-1-x", ".png", b"second")
     assert a != b and a.read_bytes() == b"first" and b.read_bytes() == b"second"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["00000-1-x-1.png", "00000-1-x.png"]  # no temp files
     assert outputs.next_index(tmp_path) == 1

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import re
-import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict
 from io import BytesIO
@@ -13,7 +11,7 @@ from pathlib import Path
 
 from PIL.PngImagePlugin import PngInfo
 
-from slimsd.atomic import usual_mode
+from slimsd.atomic import write_new_file
 from slimsd.errors import SlimsdError
 from slimsd.files import safe_stem
 from slimsd.images import make_grid
@@ -24,32 +22,6 @@ def next_index(folder: Path) -> int:
     """One more than the largest ``NNNNN-`` prefix in FOLDER (A1111's running counter)."""
     numbers = [int(m.group(1)) for p in folder.glob("*.png") if (m := re.match(r"(?:grid-)?(\d+)-", p.name))]
     return max(numbers, default=-1) + 1
-
-
-def write_new_file(folder: Path, stem: str, suffix: str, data: bytes) -> Path:
-    """Write DATA atomically under a name that did not exist: ``stem.suffix``, else ``stem-1.suffix``, ...
-
-    The bytes go to a temporary file first and are then hard-linked to the final name; ``link`` fails rather
-    than replace an existing file, so two writers (e.g. concurrent UI requests) never overwrite each other.
-    """
-    folder.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".slimsd-", suffix=".tmp", dir=folder)
-    usual_mode(tmp, folder=False)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        for n in range(10_000):
-            path = folder / (f"{stem}{suffix}" if n == 0 else f"{stem}-{n}{suffix}")
-            try:
-                os.link(tmp, path)
-                return path
-            except FileExistsError:
-                continue
-        raise SlimsdError(f"could not find a free file name for {stem!r} in {str(folder)!r}")
-    finally:
-        Path(tmp).unlink(missing_ok=True)
 
 
 def save_images(results: Sequence, out_dir: str | Path) -> list[Path]:
