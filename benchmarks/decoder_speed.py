@@ -19,11 +19,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
-import sys
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
@@ -141,7 +138,7 @@ def decoder_parts(vae) -> list:
 
 def main(argv=None) -> dict:
     from slimsd.atomic import atomic_write_text
-    from slimsd.devices import cpu_isa, cpu_model
+    from slimsd.measure.machine import run_record
 
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -158,20 +155,7 @@ def main(argv=None) -> dict:
         raise SystemExit(f"--decoders {unknown[0]!r}: expected one of {', '.join(TINY_DECODERS)}")
     load_start = os.getloadavg()
     rows = [measure(res, dtype, args) for res, dtype in cases]
-    result = {
-        "command": "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
-        "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "machine": {
-            "cpu_model": cpu_model(),
-            "cpu_isa": cpu_isa(),
-            "threads": args.threads,
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "niceness": os.nice(0),
-            "loadavg_start": load_start,
-            "loadavg_end": os.getloadavg(),
-            "note": "a machine shared with other jobs: compare ratios within one run, not seconds across runs",
-        },
+    result = run_record(argv, args.threads, load_start) | {
         "settings": {k: v for k, v in vars(args).items() if k != "out"},
         "rows": rows,
     }

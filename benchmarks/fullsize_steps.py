@@ -17,12 +17,9 @@ Run:  .venv/bin/python benchmarks/fullsize_steps.py --threads 2 --dtype bf16 --r
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -133,7 +130,7 @@ def main() -> None:
     import torch
 
     from slimsd.atomic import atomic_write_text
-    from slimsd.devices import cpu_isa, cpu_model
+    from slimsd.measure.machine import run_record
 
     load_start = os.getloadavg()
     torch.set_num_threads(args.threads)
@@ -158,20 +155,7 @@ def main() -> None:
     base = table[0]["image_s_median"]
     for r in table:
         r["speedup_vs_sd"] = base / r["image_s_median"]
-    meta = {
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "command": "python benchmarks/fullsize_steps.py " + " ".join(sys.argv[1:]),
-        "machine": {
-            "cpu_model": cpu_model(),
-            "cpu_isa": cpu_isa(),
-            "cores": os.cpu_count(),
-            "threads": args.threads,
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "loadavg_start": load_start,
-            "loadavg_end": os.getloadavg(),
-            "note": "compare ratios within one run, not seconds across runs",
-        },
+    meta = run_record(None, args.threads, load_start) | {
         "resolution": 512,
         "dtype": args.dtype,
         "weights": "random (slimsd presets; the tiny decoder seeded random)",
