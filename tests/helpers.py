@@ -11,6 +11,30 @@ import sys
 from html.parser import HTMLParser
 from pathlib import Path
 
+# `slimsd demo` in seconds: every phase and row runs, on a few images and steps (the tests of its output)
+SMALL_DEMO = [
+    "--steps",
+    "2",
+    "--data-images",
+    "8",
+    "--batch-size",
+    "4",
+    "--eval-seeds",
+    "1",
+    "--eval-prompts",
+    "2",
+    "--inference-steps",
+    "2",
+    "--lcm-steps",
+    "2",
+    "--lcm-inference-steps",
+    "2",
+    "--decoder-steps",
+    "2",
+    "--threads",
+    "1",
+]
+
 
 def benchmark_module(name: str):
     """benchmarks/NAME.py imported as a module (the benchmarks are scripts, not a package)."""

@@ -16,7 +16,7 @@ import pytest
 
 from slimsd.cli import COMMANDS
 
-from helpers import tiny_decoder_folder
+from helpers import SMALL_DEMO, tiny_decoder_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -149,31 +149,7 @@ CASES = {
         ],
     ),
     "demo": (
-        [
-            "demo",
-            "--out",
-            "{tmp}/d",
-            "--steps",
-            "2",
-            "--data-images",
-            "8",
-            "--batch-size",
-            "4",
-            "--eval-seeds",
-            "1",
-            "--eval-prompts",
-            "2",
-            "--inference-steps",
-            "2",
-            "--lcm-steps",
-            "2",
-            "--lcm-inference-steps",
-            "2",
-            "--decoder-steps",
-            "2",
-            "--threads",
-            "1",
-        ],
+        ["demo", "--out", "{tmp}/d", *SMALL_DEMO],
         [
             r"compressed toy-sd with bk-small: U-Net [\d,]+ -> [\d,]+ parameters",
             r"step-distilling the KD student with LCM \(objective=lcm\), 2 steps, to sample in 2 steps \.\.\.",

@@ -14,36 +14,13 @@ from PIL import Image
 from slimsd.toy.demo import MODELS, QUANTISED, TINY_DECODER_ROW, DemoConfig, run_demo
 from slimsd.toy.teacher import TOY_SAMPLING
 
-from helpers import html_tables, run_cli
+from helpers import SMALL_DEMO, html_tables, run_cli
 
 KD_VS_TEACHER = 0.7  # seed 3 keeps about 70% (69% on 3 x 24 captions: toy_settings/toy_fresh_seeds.md)
 LCM_VS_TEACHER = 0.8  # measured at seed 3: 0.854 / 0.896 = 95%
 # the target for the int8 student; measured at seed 3: 0.854 / 0.854 = 100% (held-out 0.500 / 0.542),
 # its image 1.31x faster than the fp32 student's on the loaded 2-core dev machine
 INT8_VS_LCM = 0.97
-
-SMALL = [
-    "--steps",
-    "2",
-    "--data-images",
-    "8",
-    "--batch-size",
-    "4",
-    "--eval-seeds",
-    "1",
-    "--eval-prompts",
-    "2",
-    "--inference-steps",
-    "2",
-    "--lcm-steps",
-    "2",
-    "--lcm-inference-steps",
-    "2",
-    "--decoder-steps",
-    "2",
-    "--threads",
-    "1",
-]
 
 
 def plain_samples(folder, captions: list[str], first_seed: int, steps: int, vae=None) -> list:
@@ -129,7 +106,9 @@ def test_demo_end_to_end_checked_independently_and_rerun(tmp_path, capsys):
 
     out = tmp_path / "demo"
     # --no-optimize: the demo samples with plain diffusers modules, so plain diffusers must give the same pixels
-    code, stdout, stderr = run_cli(["demo", "--out", str(out), "--json", "--no-optimize", *SMALL], capsys)
+    code, stdout, stderr = run_cli(
+        ["demo", "--out", str(out), "--json", "--no-optimize", *SMALL_DEMO], capsys
+    )
     assert code == 0, stderr
     summary = json.loads(stdout)  # stdout holds the JSON object alone
     assert json.loads((out / "results.json").read_text()) == summary
@@ -216,7 +195,7 @@ def test_demo_end_to_end_checked_independently_and_rerun(tmp_path, capsys):
         assert list((out / name / "final" / "unet").glob("*.safetensors"))
 
     # a rerun into the same folder replaces the demo's own output (here with another seed), printing the table
-    code, stdout, stderr = run_cli(["demo", "--out", str(out), "--seed", "1", *SMALL], capsys)
+    code, stdout, stderr = run_cli(["demo", "--out", str(out), "--seed", "1", *SMALL_DEMO], capsys)
     assert code == 0, stderr
     again = json.loads((out / "results.json").read_text())
     assert again["config"]["seed"] == 1 and summary["config"]["seed"] == 0
@@ -226,7 +205,7 @@ def test_demo_end_to_end_checked_independently_and_rerun(tmp_path, capsys):
     numbers = table_numbers(stdout, again)
     assert stdout.strip().splitlines()[-1].endswith(str(out / "index.html"))  # the last line names the page
     words = shlex.split(again["command"])  # the options as typed, in the command's own order
-    typed = ["--out", str(out), "--seed", "1", *SMALL]
+    typed = ["--out", str(out), "--seed", "1", *SMALL_DEMO]
     assert words[:2] == ["slimsd", "demo"] and len(words) == 2 + len(typed)
     assert dict(zip(words[2::2], words[3::2], strict=True)) == dict(zip(typed[::2], typed[1::2], strict=True))
     for name in rows:
@@ -245,7 +224,7 @@ def test_demo_end_to_end_checked_independently_and_rerun(tmp_path, capsys):
 
     # a folder the demo did not write is refused (one line, exit 2) and left alone, even with demo files in it
     (out / "notes.txt").write_text("mine\n")
-    code, _, stderr = run_cli(["demo", "--out", str(out), *SMALL], capsys)
+    code, _, stderr = run_cli(["demo", "--out", str(out), *SMALL_DEMO], capsys)
     assert code == 2 and len(stderr.strip().splitlines()) == 1, stderr
     assert str(out) in stderr and "--overwrite" in stderr
     assert (out / "notes.txt").read_text() == "mine\n" and json.loads(
