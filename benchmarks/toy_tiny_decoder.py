@@ -386,7 +386,8 @@ def latent_sets(args, pipe, student, which: str) -> dict[str, tuple[torch.Tensor
         "all" if which == "evaluation" else "seen",
         {digest(im) for im, _ in training_images(args)},
     )
-    tensors = {"reconstructions": reconstruction_latents(pipe, images)} | load_file(str(tensors_file))
+    sampled = {k: v for k, v in load_file(str(tensors_file)).items() if k != "reconstructions"}
+    tensors = {"reconstructions": reconstruction_latents(pipe, images)} | sampled
     named = json.loads(captions_file.read_text(encoding="utf-8"))
     return {k: (tensors[k], named.get(k)) for k in tensors}
 
