@@ -23,7 +23,7 @@ interleaved, median and sample std over --repeats, --threads threads) and ms per
 path) of the teacher at 25 steps with guidance against a 4-step student of the demo's shape with the full and with
 the tiny decoder (image_ms).
 
-The recipe (defaults): --steps 4000 of batch 16 (chosen over 1000 and 2000 by --sweep on the validation sets:
+The recipe (defaults): --steps 4000 of batch 16 (chosen by --sweep on the validation sets over the other CANDIDATES:
 benchmarks/results/toy_tiny_decoder_sweep.json), AdamW 3e-3 with TAESD's betas (0.9, 0.9), no weight decay, cosine
 decay after a 50-step warm-up, pixel loss only (--lambda-feat adds the teacher-encoder feature term, which doubles
 a step's time), bf16 (the teacher's decode in bf16, the student under autocast; --mixed-precision no: fp32). The
@@ -33,7 +33,8 @@ results file of 2026-12-06 was made with the earlier recipe: --steps 400 --learn
     python benchmarks/toy_tiny_decoder.py --work runs/toy-tiny-decoder --seeds 0 1 2 \
         [--out benchmarks/results/toy_tiny_decoder.json]
     python benchmarks/toy_tiny_decoder.py --work runs/toy-tiny-decoder --seeds 0 --threads 1 \
-        --sweep base-1000 steps-2000 steps-4000 --out benchmarks/results/toy_tiny_decoder_sweep.json
+        --sweep base-1000 steps-2000 feat-0.1-1000 batch-32-1000 steps-4000 \
+        --out benchmarks/results/toy_tiny_decoder_sweep.json
 
 --timing-only (another --out): no training and no quality, the times and MACs with the preset in seeded random
 weights (the time of a decode does not depend on its weights).
@@ -124,8 +125,7 @@ def parse_args(argv=None):
 
 # Recipes the sweep (--sweep) compares on the validation sets: overrides of the command line's recipe (batch 16,
 # pixel loss by default). Three ways to spend twice the base's compute (more steps, the feature term, which
-# doubles a step's time, or twice the batch) against the base of 1000 steps, and four times the steps. The sweep
-# of 2026-12-07 ran base-1000, steps-2000 and steps-4000 (the CPU time went to them).
+# doubles a step's time, or twice the batch) against the base of 1000 steps, and four times the steps.
 CANDIDATES: dict[str, dict] = {
     "base-1000": {"steps": 1000},
     "steps-2000": {"steps": 2000},
