@@ -153,3 +153,107 @@ def test_the_toy_per_image_paragraph_is_its_timing_file():
         f"give {unet_only:.1f}x",
     ):
         assert figure in text, figure
+
+
+TINY_SETS = ("reconstructions", "teacher_seen", "teacher_held_out", "student_seen", "student_held_out")
+
+
+def tiny_decoder_rows(summary: dict) -> dict[str, list[str]]:
+    """The tiny decoder's table (README, "A tiny decoder"): a row per figure, a column per set of latents."""
+    s = [summary[name] for name in TINY_SETS]
+
+    def sampled(fmt):
+        return [""] + [fmt(x) for x in s[1:]]
+
+    return {
+        "PSNR (dB; target >= 28)": [f"{x['psnr_db']['mean']:.1f} ± {x['psnr_db']['std']:.1f}" for x in s],
+        "SSIM": [f"{x['ssim']['mean']:.3f} ± {x['ssim']['std']:.3f}" for x in s],
+        "worst channel's mean shift, worst seed (grey levels; target <= 2)": [
+            f"{x['colour_shift_max_abs']:.2f}" for x in s
+        ],
+        "worst channel's mean absolute shift per image, worst seed": [
+            f"{x['colour_shift_per_image_abs_max']:.1f}" for x in s
+        ],
+        "caption fidelity, full decoder": sampled(lambda x: f"{x['fidelity_full']:.3f}"),
+        "caption fidelity, tiny decoder": sampled(
+            lambda x: f"{x['fidelity_tiny']['mean']:.3f} ± {x['fidelity_tiny']['std']:.3f}"
+        ),
+        "tiny / full (target >= 97%)": sampled(
+            lambda x: f"{x['fidelity_ratio']['mean']:.1%} ± {x['fidelity_ratio']['std']:.1%}"
+        ),
+    }
+
+
+@pytest.mark.parametrize("name", ["toy_tiny_decoder.json", "toy_tiny_decoder_1000.json"])
+def test_the_tiny_decoder_tables_are_their_results_files(name):
+    """benchmarks/toy_tiny_decoder.py's evaluation (the config's 4000 steps; the demo's 1000): every cell of its
+    README table, the table headed by the file's name."""
+    data = json.loads((RESULTS / name).read_text())
+    lines = (ROOT / "README.md").read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("|") and f"`{name}`" in line)
+    want = tiny_decoder_rows(data["summary"])
+    table = [line for line in lines[start:] if line.startswith("|")][: 2 + len(want)]
+    for label, cells in want.items():
+        assert f"| {label} | " + " | ".join(cells) + " |" in table, (name, label)
+    for r in data["per_seed"]:
+        for name_ in TINY_SETS:
+            assert r[name_]["images"] == data["summary"][name_]["images"]
+
+
+def test_the_tiny_decoder_sweep_table_is_its_results_file():
+    data = json.loads((RESULTS / "toy_tiny_decoder_sweep.json").read_text())
+    rows = readme_rows()
+    for name, c in data["candidates"].items():
+        s = c["summary"]
+        cells = [
+            f"{s['reconstructions']['psnr_db']['mean']:.1f}",
+            f"{s['teacher_seen']['psnr_db']['mean']:.1f}",
+            f"{s['student_seen']['psnr_db']['mean']:.1f}",
+            f"{max(s[k]['colour_shift_max_abs'] for k in s):.2f}",
+            f"{s['teacher_seen']['fidelity_ratio']['mean']:.1%}",
+            f"{s['student_seen']['fidelity_ratio']['mean']:.1%}",
+        ]
+        chosen = " (chosen)" if name == data["chosen"] else ""
+        assert f"| {name}{chosen} | " + " | ".join(cells) + " |" in rows, name
+
+
+def test_the_tiny_decoder_sentences_are_their_results_files():
+    """The figures of the toy tiny-decoder paragraph's sentences, from its results files."""
+    new = json.loads((RESULTS / "toy_tiny_decoder.json").read_text())
+    old = json.loads((RESULTS / "toy_tiny_decoder_1000.json").read_text())
+    demo = json.loads((RESULTS / "toy_demo_run.json").read_text())
+    s, o = new["summary"], old["summary"]
+    student = [r["student_seen"]["colour_shift_max_abs"] for r in new["per_seed"]]
+    held = [r["student_held_out"]["colour_shift_rgb"] for r in new["per_seed"]]
+    worst = max(held, key=lambda rgb: max(abs(v) for v in rgb))
+    text = readme_text()
+
+    def only_full(data):
+        return ", ".join(str(r["teacher_held_out"]["only_full_right"]) for r in data["per_seed"][:-1]) + (
+            f" and {data['per_seed'][-1]['teacher_held_out']['only_full_right']}"
+        )
+
+    def ratio(x):
+        return f"{x['fidelity_ratio']['mean']:.1%} ± {x['fidelity_ratio']['std']:.1%}"
+
+    for phrase in (
+        f"load average {new['machine']['loadavg_start'][0]:.1f} to {new['machine']['loadavg_end'][0]:.1f}",
+        f"({new['data_checks']['evaluation_reconstructions_skipped_as_training_images']} draws pixel-identical",
+        f"PSNR on reconstructions ({s['reconstructions']['psnr_db']['mean']:.1f} dB)",
+        f"on the teacher's seen samples ({s['teacher_seen']['psnr_db']['mean']:.1f})",
+        f"the student's seen ones ({s['student_seen']['psnr_db']['mean']:.1f})",
+        f"(teacher {s['teacher_held_out']['psnr_db']['mean']:.1f} dB, {28 - s['teacher_held_out']['psnr_db']['mean']:.1f}"
+        " short",
+        f"student {s['student_held_out']['psnr_db']['mean']:.1f}, {28 - s['student_held_out']['psnr_db']['mean']:.1f}"
+        " short",
+        f"({max(student):.2f} grey levels seen, {max(abs(v) for v in worst):.2f} held-out: red",
+        f"teacher's held-out images ({ratio(s['teacher_held_out'])})",
+        f"({ratio(o['teacher_held_out'])} at 1000 steps, {ratio(s['teacher_held_out'])} at 4000:",
+        f"{only_full(new)} images only the full decoder reads right at 4000 against {only_full(old)} at 1000",
+        f"({o['teacher_held_out']['psnr_db']['mean']:.1f} and {o['student_held_out']['psnr_db']['mean']:.1f} dB held"
+        f" out, {o['student_seen']['psnr_db']['mean']:.1f} seen student) nor the student's held-out colour shift"
+        f" ({o['student_held_out']['colour_shift_max_abs']:.2f})",
+        f"three times the decoder's {demo['timings_s']['tiny_decoder_train_s']:.0f} s",
+    ):
+        assert phrase in text, phrase
+    assert max(abs(v) for v in worst) == abs(worst[0]) and worst[0] > 0  # red, redder than the full decode

@@ -14,7 +14,9 @@ import torch
 
 from slimsd.devices import cpu_isa, cpu_model
 
-NOTE = "compare ratios within one run, not times across runs: the machine may be shared (see the load average)"
+NOTE = (
+    "compare ratios within one run, not times across runs: the machine may be shared (see the load average)"
+)
 
 
 def run_record(argv: list[str] | None, threads: int, loadavg_start: tuple[float, ...]) -> dict:

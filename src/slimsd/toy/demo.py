@@ -103,7 +103,9 @@ class DemoConfig:
     # and settings (configs/micro-sd-tiny-decoder.yaml's, as measured by benchmarks/toy_tiny_decoder.py: pixel
     # MSE, Adam betas (0.9, 0.9) as TAESD, 3e-3 with a cosine decay; the feature term off, it doubles a step).
     decoder: str = "micro-tiny-decoder"
-    decoder_steps: int = 1000  # 200 steps leave it unreadable (fidelity 0.01 in a demo run); 1000: 0.83 there
+    # 200 steps leave it unreadable (fidelity 0.01 in a demo run); the config's 4000 (chosen on validation sets,
+    # benchmarks/results/toy_tiny_decoder_sweep.json) would add about 4 min to a demo of 4.5 min: 1000 here
+    decoder_steps: int = 1000
     decoder_learning_rate: float = 3e-3
     decoder_lambda_feat: float = 0.0
     grid_prompts: int = 8  # captions on the sheet: a quarter of them (rounded down) of held-out combinations
