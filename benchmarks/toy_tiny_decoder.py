@@ -83,6 +83,12 @@ def parse_args(argv=None):
         help="training's: bf16 (the teacher decodes in bf16, the student under autocast) or no (fp32)",
     )
     p.add_argument("--lambda-feat", type=float, default=0.0)
+    p.add_argument(
+        "--latent-noise",
+        type=float,
+        default=0.0,
+        help="config key latent_noise: sigma x N(0, 1) added to the training latents (U-Net latent units)",
+    )
     p.add_argument("--data-images", type=int, default=1024)
     p.add_argument("--eval-images", type=int, default=256)
     p.add_argument("--repeats", type=int, default=30)
@@ -131,6 +137,10 @@ CANDIDATES: dict[str, dict] = {
     "feat-0.1-1000": {"steps": 1000, "lambda_feat": 0.1},
     "batch-32-1000": {"steps": 1000, "batch_size": 32},
     "steps-4000": {"steps": 4000},
+    # latent noise augmentation (config key latent_noise): the decoder also trains off the posterior's manifold,
+    # where the student's latents lie; against steps-2000, the same compute
+    "noise-0.1-2000": {"steps": 2000, "latent_noise": 0.1},
+    "noise-0.3-2000": {"steps": 2000, "latent_noise": 0.3},
 }
 RECIPE_KEYS = (
     "steps",
@@ -140,6 +150,7 @@ RECIPE_KEYS = (
     "weight_decay",
     "mixed_precision",
     "lambda_feat",
+    "latent_noise",
 )
 
 
@@ -160,6 +171,7 @@ def recipe_dir(work: Path, recipe: dict, seed: int) -> Path:
             f"feat{recipe['lambda_feat']:g}",
             recipe["mixed_precision"],
         ]
+        + ([f"noise{recipe['latent_noise']:g}"] if recipe["latent_noise"] else [])
     )
     return work / "decoders" / tag / f"seed-{seed}"
 
@@ -189,6 +201,7 @@ def train_seed(args, cache: Path, seed: int, recipe: dict) -> Path:
             "lambda_task": 0.0,
             "lambda_out": 1.0,
             "lambda_feat": recipe["lambda_feat"],
+            "latent_noise": recipe["latent_noise"],
             "resolution": 64,
             "mixed_precision": recipe["mixed_precision"],
             "checkpoint_every": 200,

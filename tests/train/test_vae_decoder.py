@@ -1,6 +1,7 @@
 """The vae-decoder objective on the micro models: step 1's terms are their formulas (plain diffusers modules),
 the loss goes down, resume is bit-exact on micro-sd and micro-sdxl, the latent cache is transparent, final/ is a
-plain AutoencoderTiny folder, --dry-run estimates it, bad configs are one line."""
+plain AutoencoderTiny folder, --dry-run estimates it, bad configs are one line; latent_noise adds its draw to the
+latents both decoders decode."""
 
 from __future__ import annotations
 
@@ -29,8 +30,10 @@ def decoder_weights(folder) -> dict:
     return load_file(str(Path(folder) / "diffusion_pytorch_model.safetensors"))
 
 
-def test_first_step_terms_equal_their_formulas(tmp_path):
-    """Step 1 by hand: the same examples and posterior draw; the teacher's decode clipped to [-1, 1]; the
+@pytest.mark.parametrize("noise", [0.0, 0.3])
+def test_first_step_terms_equal_their_formulas(tmp_path, noise):
+    """Step 1 by hand: the same examples and posterior draw; with latent_noise, NOISE times the generator's next
+    draw added to the U-Net latents, which both decoders decode; the teacher's decode clipped to [-1, 1]; the
     teacher encoder's down-block outputs (forward hooks on the whole encoder) for the feature term."""
     from diffusers import AutoencoderTiny
 
@@ -38,7 +41,7 @@ def test_first_step_terms_equal_their_formulas(tmp_path):
     from slimsd.models.micro import build_micro
     from slimsd.train.data import Examples, collate, epoch_order, open_source
 
-    got = train(cfg(tmp_path, max_steps=1, seed=5, **DECODER))["losses"][0]
+    got = train(cfg(tmp_path, max_steps=1, seed=5, latent_noise=noise, **DECODER))["losses"][0]
     vae = build_micro("micro-sd").vae
     torch.manual_seed(5)  # the preset's seeded initial weights
     student = AutoencoderTiny(**tiny_decoder_config("micro-tiny-decoder", dict(vae.config)))
@@ -52,6 +55,7 @@ def test_first_step_terms_equal_their_formulas(tmp_path):
     with torch.no_grad():
         dist = vae.encode(batch["pixels"]).latent_dist
         z = (dist.mean + dist.std * torch.randn(dist.mean.shape, generator=gen)) * 0.18215
+        z = z + noise * torch.randn(z.shape, generator=gen)
         target = vae.decode(z / 0.18215).sample.clamp(-1, 1)
         image = student.decode(z).sample
         feats["now"] = []
@@ -92,7 +96,7 @@ def test_trains_with_validation_and_final_is_a_plain_autoencoder_tiny(tmp_path):
 
 @pytest.mark.parametrize("teacher", ["micro-sd", "micro-sdxl"])
 def test_resume_latest_ends_with_the_same_weights(tmp_path, teacher):
-    whole, resumed, raw = whole_and_resumed(tmp_path, **DECODER, teacher=teacher)
+    whole, resumed, raw = whole_and_resumed(tmp_path, **DECODER, teacher=teacher, latent_noise=0.2)
     assert [r["loss"] for r in resumed["losses"]] == [r["loss"] for r in whole["losses"]]
     assert max_diff(decoder_weights(whole["final_dir"]), decoder_weights(resumed["final_dir"])) == 0  # EMA
     assert max_diff(*raw) == 0
@@ -105,10 +109,11 @@ def test_resume_latest_ends_with_the_same_weights(tmp_path, teacher):
 @pytest.mark.parametrize("teacher", ["micro-sd", "micro-sdxl"])
 def test_two_processes_equal_one_with_the_same_global_batch(tmp_path, teacher):
     """DDP on CPU (gloo), `accelerate launch --multi_gpu --num_processes 2` with batch 2 each against one
-    process with batch 4: the same examples, the same posterior draws, the same decoder weights, and a
+    process with batch 4: the same examples, the same posterior and noise draws, the same decoder weights, and a
     validation grid written once. adam_epsilon=1e-3 as in the U-Net objectives' test (Adam's m/sqrt(v) ~ +-1
     would amplify the rounding of near-zero gradients)."""
     kw = {**DECODER, "teacher": teacher, "max_steps": 2, "data": "shapes:8", "adam_epsilon": 1e-3}
+    kw |= {"latent_noise": 0.2}  # its draws too are the global micro-batch's
     kw |= {"validation_prompts": ["a red circle"], "validation_every": 2, "validation_steps": 1}
     one = train(cfg(tmp_path, "one", **kw))
     two = launch_distill({**FAST_DISTILL, **kw, "batch_size": 2, "output_dir": tmp_path / "two"}, tmp_path)
@@ -195,11 +200,15 @@ def test_dry_run_estimates_the_decoder(capsys):
         ("student=bk-small", "config key 'student': 'bk-small' is not a tiny decoder"),
         ("lambda_task=1", "config key 'lambda_task': 1 is not allowed for objective vae-decoder"),
         ("lambda_feat=0", "config keys lambda_out and lambda_feat are both 0"),
+        ("latent_noise=-0.1", "config key 'latent_noise': -0.1 is out of range; allowed: >= 0"),
+        ("latent_noise=inf", "config key 'latent_noise': inf is not a finite number"),
+        ("kd:latent_noise=0.1", "config key 'latent_noise': 0.1 is for objective vae-decoder, not 'kd'"),
     ],
 )
 def test_bad_configs_are_one_line(capsys, override, message):
     extra = ["lambda_out=0"] if "lambda_feat" in override else []
-    code, _, err = run_cli(
-        ["distill", "--config", "configs/micro-sd-tiny-decoder.yaml", override, *extra], capsys
-    )
+    config = "configs/micro-sd-tiny-decoder.yaml"
+    if override.startswith("kd:"):  # a key of this objective in another objective's config
+        config, override = "configs/micro-sd.yaml", override[3:]
+    code, _, err = run_cli(["distill", "--config", config, override, *extra], capsys)
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1

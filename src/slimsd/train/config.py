@@ -44,7 +44,7 @@ RANGES: dict[str, tuple[float | None, float | None, bool, bool]] = {
     **dict.fromkeys(("stop_at_step", "steps_per_round"), AT_LEAST_1),
     **dict.fromkeys(("solver_steps", "cond_proj_dim", "lora_rank", "sample_steps"), AT_LEAST_1),
     **dict.fromkeys(("num_class_images", "class_steps"), AT_LEAST_1),
-    "prior_loss_weight": AT_LEAST_0,
+    **dict.fromkeys(("prior_loss_weight", "latent_noise"), AT_LEAST_0),
     **dict.fromkeys(("guidance_min", "guidance_max", "sample_guidance"), (1, 50, True, True)),
     **dict.fromkeys(("huber_c", "timestep_scaling", "lora_alpha"), (0, None, False, True)),
     "target_decay": (0, 1, True, True),
@@ -192,6 +192,11 @@ def validate(cfg: DistillConfig) -> DistillConfig:
         )
     if cfg.class_prompt is not None and cfg.objective != "finetune":
         raise SlimsdError(f"config key 'class_prompt' is for objective finetune, not {cfg.objective!r}")
+    if cfg.latent_noise and cfg.objective != "vae-decoder":
+        raise SlimsdError(
+            f"config key 'latent_noise': {cfg.latent_noise:g} is for objective vae-decoder, not {cfg.objective!r}; "
+            "allowed: 0"
+        )
     if cfg.feature_taps is not None:
         from slimsd.train.losses import parse_taps
 

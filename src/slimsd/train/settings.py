@@ -97,6 +97,12 @@ class DistillConfig:
     num_class_images: int = 100  # generated once (seeded) into OUTPUT/class_images, reused on resume
     class_steps: int = 25  # sampling steps of each class image
     prior_loss_weight: float = 1.0  # the class images' task loss, added with this weight
+    # --- vae-decoder ---
+    # sigma of Gaussian noise added to each training latent after its posterior draw, in units of the U-Net
+    # latents (the VAE's latents x scaling_factor, whose spread is about 1): the teacher decodes the same noised
+    # latents, so the tiny decoder also learns the full decoder off the posterior's manifold (a few-step
+    # student's latents); 0: the posterior's latents alone
+    latent_noise: float = 0.0
     # --- staged plans (stages.py): [{recipe, max_steps, per-stage overrides...}, ...], each stage shorter ---
     stages: list | None = None
 

@@ -6,6 +6,9 @@ to decode what the teacher's VAE decoder decodes, so that a few-step image is no
 - data: the same sources and latent cache as kd; a micro-batch's latents are drawn from the teacher VAE's
   posterior (its encoder, or the cache's mean and std) and scaled as the U-Net sees them (× scaling_factor): the
   tiny decoder decodes U-Net latents (models/decoders.py: the scaling convention);
+- latent_noise (σ, default 0): σ · N(0, 1) added to those U-Net latents, drawn after the posterior's draw; the
+  teacher decodes the same noised latents (the target), so the decoder learns the full decoder off the posterior's
+  manifold, where a few-step student's latents lie;
 - pixel: mean squared error against the teacher's decode of the same latents, clipped to [-1, 1] as a pipeline
   clips it into an image (PSNR is what is measured against the full decode);
 - feature: the teacher VAE's own encoder as the perceptual network, which needs no downloaded weights (LPIPS
@@ -176,7 +179,8 @@ class VAEDecoder(Objective):
 
     def latents(self, run: Run, batch: dict) -> torch.Tensor:
         """The micro-batch's U-Net latents: a draw from the teacher VAE's posterior for the whole global
-        micro-batch (identical on every process, each takes its rows), × the VAE's scaling factor."""
+        micro-batch (identical on every process, each takes its rows), × the VAE's scaling factor, plus
+        latent_noise × N(0, 1) drawn next from the same generator (the same on every process too)."""
         from slimsd.train.encoders import encode_images
 
         vae = self.teacher.vae
@@ -186,8 +190,12 @@ class VAEDecoder(Objective):
         else:
             with torch.no_grad():
                 mean, std = encode_images(vae, batch["pixels"].to(run.device))
-        eps = torch.randn((run.global_batch, *mean.shape[1:]), generator=run.gen)[rows].to(run.device)
-        return (mean.float() + std.float() * eps) * vae.config.scaling_factor
+        shape = (run.global_batch, *mean.shape[1:])
+        eps = torch.randn(shape, generator=run.gen)[rows].to(run.device)
+        z = (mean.float() + std.float() * eps) * vae.config.scaling_factor
+        if self.cfg.latent_noise:  # drawn after the posterior's, for the global micro-batch like it
+            z = z + self.cfg.latent_noise * torch.randn(shape, generator=run.gen)[rows].to(run.device)
+        return z
 
     def loss(self, run: Run, batch: dict, step: int) -> dict[str, torch.Tensor]:
         cfg, vae = self.cfg, self.teacher.vae
