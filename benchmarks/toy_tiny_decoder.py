@@ -27,14 +27,14 @@ encoding, one decode of each: parts_ms).
 The recipe (defaults): --steps 4000 of batch 16 (chosen by --sweep on the validation sets over the other CANDIDATES:
 benchmarks/results/toy_tiny_decoder_sweep.json), AdamW 3e-3 with TAESD's betas (0.9, 0.9), no weight decay, cosine
 decay after a 50-step warm-up, pixel loss only (--lambda-feat adds the teacher-encoder feature term, which doubles
-a step's time), bf16 (the teacher's decode in bf16, the student under autocast; --mixed-precision no: fp32). The
+a step's time), no latent noise (--latent-noise: config key latent_noise), bf16 (the teacher's decode in bf16, the student under autocast; --mixed-precision no: fp32). The
 results file of 2026-12-06 was made with the earlier recipe: --steps 400 --learning-rate 1e-3 --adam-betas 0.9 0.99
 --weight-decay 0.01 --lambda-feat 0.1 --mixed-precision no.
 
     python benchmarks/toy_tiny_decoder.py --work runs/toy-tiny-decoder --seeds 0 1 2 \
         [--out benchmarks/results/toy_tiny_decoder.json]
     python benchmarks/toy_tiny_decoder.py --work runs/toy-tiny-decoder --seeds 0 --threads 1 \
-        --sweep base-1000 steps-2000 feat-0.1-1000 batch-32-1000 steps-4000 \
+        --sweep base-1000 steps-2000 feat-0.1-1000 batch-32-1000 steps-4000 noise-0.1-2000 noise-0.3-2000 \
         --out benchmarks/results/toy_tiny_decoder_sweep.json
 
 --timing-only (another --out): no training and no quality, the times and MACs with the preset in seeded random

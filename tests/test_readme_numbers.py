@@ -217,6 +217,34 @@ def test_the_tiny_decoder_sweep_table_is_its_results_file():
         assert f"| {name}{chosen} | " + " | ".join(cells) + " |" in rows, name
 
 
+def test_the_latent_noise_sentence_is_the_sweeps_file():
+    """The latent-noise sentence under the sweep's table (README, "A tiny decoder"): its figures from the file."""
+    data = json.loads((RESULTS / "toy_tiny_decoder_sweep.json").read_text())
+    c = {k: v["summary"] for k, v in data["candidates"].items()}
+    m = data["machine"]
+    full = c["steps-4000"]["teacher_seen"]
+    seen = round(full["fidelity_full"] * full["images"])
+
+    def psnr(name):
+        return f"{c[name]['student_seen']['psnr_db']['mean']:.1f}"
+
+    def fid(name):
+        return f"{c[name]['teacher_seen']['fidelity_ratio']['mean']:.1%}"
+
+    text = readme_text()
+    for phrase in (
+        f"load average {m['loadavg_start'][0]:.1f} to {m['loadavg_end'][0]:.1f}",
+        f"({psnr('noise-0.1-2000')} and {psnr('noise-0.3-2000')} dB at σ 0.1 and 0.3, against "
+        f"{psnr('steps-2000')} at 2000 steps and",
+        f"{psnr('steps-4000')} at 4000)",
+        f"({fid('noise-0.1-2000')} and {fid('noise-0.3-2000')}, against {fid('steps-2000')} and",
+        f"{fid('steps-4000')}): no clear win",
+        f"{seen} teacher images the full decoder reads right: one image is {1 / seen:.1%} of that ratio",
+    ):
+        assert phrase in text, phrase
+    assert data["date"].startswith("2026-12-07") and data["chosen"] == "steps-4000"
+
+
 def test_the_tiny_decoder_sentences_are_their_results_files():
     """The figures of the toy tiny-decoder paragraph's sentences, from its results files."""
     new = json.loads((RESULTS / "toy_tiny_decoder.json").read_text())
