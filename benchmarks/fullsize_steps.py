@@ -35,22 +35,20 @@ def lcm_student(dtype: str, vae: str | None = None):
 
     from slimsd.devices import resolve_dtype
     from slimsd.models import runtime
-    from slimsd.models.decoders import swap_decoder
     from slimsd.models.loading import load
     from slimsd.train.config import DistillConfig
     from slimsd.train.consistency import with_guidance_embedding
     from slimsd.train.objectives.lcm import LCM
 
     torch_dtype = resolve_dtype(dtype, "cpu")
-    lcm = load("bk-sdm-tiny", device="cpu", dtype=dtype, random_weights=True, optimize=False)
+    # vae= as `slimsd generate --vae` swaps it: before the runtime, which then prepares the decoder too
+    lcm = load("bk-sdm-tiny", device="cpu", dtype=dtype, random_weights=True, optimize=False, vae=vae)
     lcm.unet = with_guidance_embedding(lcm.unet, 256)
     lcm.scheduler = LCM(DistillConfig(objective="lcm")).final_scheduler(lcm.scheduler.config)
     lcm._slimsd["default_scheduler"] = "lcm"
     lcm._slimsd["base_scheduler"] = dict(lcm.scheduler.config)
     runtime.optimize_pipeline(lcm, runtime.RuntimeConfig(device="cpu", dtype=torch_dtype))
     lcm._slimsd["runtime"] = runtime.applied(lcm.unet, optimized=True)
-    if vae is not None:
-        lcm._slimsd["vae"] = swap_decoder(lcm, vae)
     return lcm
 
 
