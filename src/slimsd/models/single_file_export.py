@@ -43,9 +43,16 @@ def export_decoder_file(source: str | Path, out: str | Path, *, dtype: str = "fp
     from slimsd.atomic import atomic_write_bytes
 
     out = _check_out(out, overwrite, dtype)
+    return atomic_write_bytes(out, decoder_file_bytes(source, EXPORT_DTYPES[dtype]))
+
+
+def decoder_file_bytes(source: str | Path, dtype: torch.dtype, vae_config: dict | None = None) -> bytes:
+    """The tiny decoder SOURCE as TAESD-layout file bytes in DTYPE, its config and slimsd.json record in the
+    header; checked against the latent space of VAE_CONFIG when given (a companion of a model's file)."""
     decoder = decoders.load_decoder(source)
-    data = file_bytes(decoder, decoders.read_decoder_info(source), EXPORT_DTYPES[dtype])
-    return atomic_write_bytes(out, data)
+    if vae_config is not None:
+        decoders.check_fits(decoder, vae_config, str(source))
+    return file_bytes(decoder, decoders.read_decoder_info(source), dtype)
 
 
 def export_single_file(
@@ -87,9 +94,7 @@ def export_single_file(
     if meta["slimsd.prediction_type"] == "v_prediction":
         tensors[V_PRED] = torch.zeros(0)
     if vae is not None:
-        decoder = decoders.load_decoder(vae)
-        decoders.check_fits(decoder, dict(pipe.vae.config), str(vae))
-        data = file_bytes(decoder, decoders.read_decoder_info(vae), torch_dtype)
+        data = decoder_file_bytes(vae, torch_dtype, dict(pipe.vae.config))
         companion = atomic_write_bytes(companion_path(out), data)
         record = {"file": companion.name, "sha256": hashlib.sha256(data).hexdigest()}
         meta["slimsd.tiny_decoder"] = json.dumps(record)
